@@ -1,0 +1,449 @@
+//! The configuration tree (SPEC section 2): one TOML file, every key defaulted in one place, unknown keys
+//! rejected, every key overridable by `CISTERN_<SECTION>__<KEY>`. Validated once at start; the rest of the
+//! code receives typed values. This module calls no other cistern module.
+
+mod env;
+mod units;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+pub use units::{ByteSize, Span};
+
+/// What can be wrong with a configuration; each message names the file, key or value at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: {source}")]
+    Read { path: String, source: std::io::Error },
+    #[error("{path}: {msg}")]
+    Parse { path: String, msg: String },
+    #[error("environment variable {var}: {msg}")]
+    Env { var: String, msg: String },
+    #[error("{key}: {msg}")]
+    Invalid { key: String, msg: String },
+}
+
+fn invalid(key: &str, msg: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid { key: key.to_string(), msg: msg.into() }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub node: Node,
+    pub server: Server,
+    pub store: Store,
+    pub upstream: Upstream,
+    pub origins: Vec<Origin>,
+    pub status: Status,
+    pub log: Log,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct Node {
+    /// Names this node in `Via` and in the relay; empty means "derive from the environment".
+    pub id: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Server {
+    pub listen: String,
+    pub tls_listen: String,
+    pub tls_cert: String,
+    pub tls_key: String,
+    pub client_ca: String,
+    pub allowed_clients: Vec<ipnet::IpNet>,
+    pub admin_token: String,
+    pub admin_token_file: String,
+    pub max_connections: usize,
+    pub allow_connect: bool,
+    pub shutdown_grace: Span,
+}
+
+impl Default for Server {
+    fn default() -> Self {
+        Server {
+            listen: "0.0.0.0:8080".into(),
+            tls_listen: String::new(),
+            tls_cert: String::new(),
+            tls_key: String::new(),
+            client_ca: String::new(),
+            allowed_clients: Vec::new(),
+            admin_token: String::new(),
+            admin_token_file: String::new(),
+            max_connections: 10_000,
+            allow_connect: false,
+            shutdown_grace: Span::secs(10),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Store {
+    pub dir: PathBuf,
+    pub max_size: ByteSize,
+    pub min_free: ByteSize,
+    pub max_object_size: ByteSize,
+}
+
+impl Default for Store {
+    fn default() -> Self {
+        Store {
+            dir: PathBuf::from("./cistern-data"),
+            max_size: ByteSize(0),
+            min_free: ByteSize(1 << 30),
+            max_object_size: ByteSize(0),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Upstream {
+    pub parents: Vec<String>,
+    pub allow_direct: bool,
+    pub allowed_origins: Vec<String>,
+    pub origin_scheme: String,
+    pub ca_file: String,
+    pub client_cert: String,
+    pub client_key: String,
+    pub proxy: String,
+    pub connect_timeout: Span,
+    pub idle_timeout: Span,
+    pub retries: u32,
+    pub strip_query: Vec<String>,
+    pub require_digest: bool,
+}
+
+impl Default for Upstream {
+    fn default() -> Self {
+        let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect();
+        Upstream {
+            parents: Vec::new(),
+            allow_direct: false,
+            allowed_origins: s(&[
+                "*.adu.microsoft.com",
+                "*.blob.core.windows.net",
+                "*.azureedge.net",
+                "*.delivery.mp.microsoft.com",
+                "*.download.windowsupdate.com",
+            ]),
+            origin_scheme: "http".into(),
+            ca_file: String::new(),
+            client_cert: String::new(),
+            client_key: String::new(),
+            proxy: String::new(),
+            connect_timeout: Span::secs(10),
+            idle_timeout: Span::secs(60),
+            retries: 5,
+            strip_query: s(&[
+                "sig", "se", "st", "sp", "sv", "sr", "spr", "skoid", "sktid", "skt", "ske", "sks", "skv", "ss",
+                "srt",
+            ]),
+            require_digest: false,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Origin {
+    pub name: String,
+    pub url: String,
+    #[serde(default)]
+    pub immutable: bool,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Status {
+    pub forward_to: String,
+    pub forward_token: String,
+    pub forward_token_file: String,
+    pub batch_size: usize,
+    pub max_queue: ByteSize,
+    pub history_per_device: usize,
+    pub max_backoff: Span,
+    pub dedup_entries: usize,
+}
+
+impl Default for Status {
+    fn default() -> Self {
+        Status {
+            forward_to: String::new(),
+            forward_token: String::new(),
+            forward_token_file: String::new(),
+            batch_size: 500,
+            max_queue: ByteSize(1 << 30),
+            history_per_device: 100,
+            max_backoff: Span::secs(60),
+            dedup_entries: 1_000_000,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Log {
+    pub format: String,
+    pub level: String,
+}
+
+impl Default for Log {
+    fn default() -> Self {
+        Log { format: "text".into(), level: "info".into() }
+    }
+}
+
+/// Where `serve` looks for its configuration when `--config` is not given (SPEC 1).
+pub fn default_path() -> Option<PathBuf> {
+    if let Ok(p) = std::env::var("CISTERN_CONFIG") {
+        if !p.is_empty() {
+            return Some(PathBuf::from(p));
+        }
+    }
+    let etc = PathBuf::from("/etc/cistern/cistern.toml");
+    etc.exists().then_some(etc)
+}
+
+impl Config {
+    /// Loads the file (or the defaults when `path` is None), applies the process environment and validates.
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        let vars: Vec<(String, String)> = std::env::vars().collect();
+        Self::load_with_env(path, &vars)
+    }
+
+    pub fn load_with_env(path: Option<&Path>, vars: &[(String, String)]) -> Result<Config, ConfigError> {
+        let (text, name) = match path {
+            Some(p) => (
+                std::fs::read_to_string(p)
+                    .map_err(|e| ConfigError::Read { path: p.display().to_string(), source: e })?,
+                p.display().to_string(),
+            ),
+            None => (String::new(), "built-in defaults".to_string()),
+        };
+        Self::from_toml_str(&text, &name, vars)
+    }
+
+    pub fn from_toml_str(text: &str, name: &str, vars: &[(String, String)]) -> Result<Config, ConfigError> {
+        let mut tree: toml::Table = text
+            .parse()
+            .map_err(|e: toml::de::Error| ConfigError::Parse { path: name.into(), msg: one_line(&e.to_string()) })?;
+        env::apply(&mut tree, vars)?;
+        let mut cfg: Config = Config::deserialize(tree)
+            .map_err(|e| ConfigError::Parse { path: name.into(), msg: one_line(&e.to_string()) })?;
+        cfg.fill_derived();
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Fills the defaults that come from the environment rather than from constants (SPEC 2, SPEC 8).
+    fn fill_derived(&mut self) {
+        if self.node.id.is_empty() {
+            let raw = std::env::var("IOTEDGE_DEVICEID")
+                .ok()
+                .filter(|s| !s.is_empty())
+                .or_else(|| std::fs::read_to_string("/etc/hostname").ok().map(|s| s.trim().to_string()))
+                .filter(|s| !s.is_empty())
+                .unwrap_or_else(|| "cistern".to_string());
+            self.node.id = raw.chars().map(|c| if is_tchar(c) { c } else { '-' }).collect();
+        }
+        if self.upstream.parents.is_empty() {
+            if let Ok(parent) = std::env::var("IOTEDGE_PARENTHOSTNAME") {
+                if !parent.is_empty() {
+                    self.upstream.parents.push(format!("https://{parent}:8443"));
+                }
+            }
+        }
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.node.id.is_empty() || !self.node.id.chars().all(is_tchar) {
+            return Err(invalid("node.id", format!("`{}` is not an HTTP token", self.node.id)));
+        }
+        for (key, v) in [("server.listen", &self.server.listen), ("server.tls_listen", &self.server.tls_listen)] {
+            if !v.is_empty() && v.parse::<SocketAddr>().is_err() {
+                return Err(invalid(key, format!("`{v}` is not an address:port")));
+            }
+        }
+        if !self.server.tls_listen.is_empty()
+            && (self.server.tls_cert.is_empty() || self.server.tls_key.is_empty())
+            && std::env::var("IOTEDGE_WORKLOADURI").is_err()
+        {
+            return Err(invalid("server.tls_listen", "needs server.tls_cert and server.tls_key"));
+        }
+        if self.server.max_connections == 0 {
+            return Err(invalid("server.max_connections", "must be at least 1"));
+        }
+        if !matches!(self.upstream.origin_scheme.as_str(), "http" | "https") {
+            return Err(invalid("upstream.origin_scheme", "must be \"http\" or \"https\""));
+        }
+        for p in &self.upstream.parents {
+            check_url("upstream.parents", p)?;
+        }
+        if !self.upstream.proxy.is_empty() {
+            check_url("upstream.proxy", &self.upstream.proxy)?;
+        }
+        for pat in &self.upstream.allowed_origins {
+            if pat.is_empty() || pat.contains(['/', '@', ' ', '?', '#']) {
+                return Err(invalid("upstream.allowed_origins", format!("`{pat}` is not a host pattern")));
+            }
+        }
+        let mut seen = std::collections::HashSet::new();
+        for o in &self.origins {
+            if !valid_origin_name(&o.name) {
+                return Err(invalid("origins.name", format!("`{}` must match [a-z0-9][a-z0-9._-]{{0,62}}", o.name)));
+            }
+            if !seen.insert(o.name.clone()) {
+                return Err(invalid("origins.name", format!("`{}` is named twice", o.name)));
+            }
+            check_url(&format!("origins.{}.url", o.name), &o.url)?;
+        }
+        if !self.status.forward_to.is_empty() {
+            check_url("status.forward_to", &self.status.forward_to)?;
+        }
+        if self.status.batch_size == 0 {
+            return Err(invalid("status.batch_size", "must be at least 1"));
+        }
+        if !matches!(self.log.format.as_str(), "text" | "json") {
+            return Err(invalid("log.format", "must be \"text\" or \"json\""));
+        }
+        Ok(())
+    }
+
+    /// The admin token, from `admin_token` or `admin_token_file`; None when admin is loopback-only.
+    pub fn admin_token(&self) -> Result<Option<String>, ConfigError> {
+        secret(&self.server.admin_token, &self.server.admin_token_file, "server.admin_token_file")
+    }
+
+    /// The config as `check-config` prints it: effective values, secrets redacted.
+    pub fn redacted_toml(&self) -> String {
+        let mut c = self.clone();
+        for s in [&mut c.server.admin_token, &mut c.status.forward_token] {
+            if !s.is_empty() {
+                *s = "<redacted>".into();
+            }
+        }
+        toml::to_string_pretty(&c).unwrap_or_else(|e| format!("# cannot print: {e}"))
+    }
+}
+
+fn secret(inline: &str, file: &str, key: &str) -> Result<Option<String>, ConfigError> {
+    if !inline.is_empty() {
+        return Ok(Some(inline.to_string()));
+    }
+    if file.is_empty() {
+        return Ok(None);
+    }
+    let t = std::fs::read_to_string(file).map_err(|e| invalid(key, format!("{file}: {e}")))?;
+    let t = t.trim().to_string();
+    Ok((!t.is_empty()).then_some(t))
+}
+
+fn check_url(key: &str, v: &str) -> Result<(), ConfigError> {
+    match v.parse::<http::Uri>() {
+        Ok(u) if matches!(u.scheme_str(), Some("http" | "https")) && u.host().is_some() => Ok(()),
+        _ => Err(invalid(key, format!("`{v}` is not an http(s) URL"))),
+    }
+}
+
+/// RFC 9110 §5.6.2 token characters.
+pub fn is_tchar(c: char) -> bool {
+    c.is_ascii_alphanumeric() || "!#$%&'*+-.^_`|~".contains(c)
+}
+
+pub fn valid_origin_name(n: &str) -> bool {
+    let b = n.as_bytes();
+    !b.is_empty()
+        && b.len() <= 63
+        && (b[0].is_ascii_lowercase() || b[0].is_ascii_digit())
+        && b.iter().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || b"._-".contains(c))
+}
+
+fn one_line(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(text: &str, vars: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let vars: Vec<(String, String)> = vars.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect();
+        Config::from_toml_str(text, "test.toml", &vars)
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        let c = load("", &[]).unwrap();
+        assert_eq!(c.server.listen, "0.0.0.0:8080");
+        assert_eq!(c.store.min_free, ByteSize(1 << 30));
+        assert_eq!(c.upstream.retries, 5);
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let e = load("[store]\nmax_sise = \"1GiB\"\n", &[]).unwrap_err().to_string();
+        assert!(e.contains("max_sise"), "{e}");
+        assert!(e.contains("test.toml"), "{e}");
+    }
+
+    #[test]
+    fn env_wins_over_file() {
+        let c = load(
+            "[store]\nmax_size = \"1GiB\"\n",
+            &[
+                ("CISTERN_STORE__MAX_SIZE", "2GiB"),
+                ("CISTERN_UPSTREAM__ALLOWED_ORIGINS", "a.example, b.example"),
+                ("CISTERN_UPSTREAM__RETRIES", "2"),
+                ("CISTERN_SERVER__ALLOW_CONNECT", "true"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.store.max_size, ByteSize(2 << 30));
+        assert_eq!(c.upstream.allowed_origins, vec!["a.example", "b.example"]);
+        assert_eq!(c.upstream.retries, 2);
+        assert!(c.server.allow_connect);
+    }
+
+    #[test]
+    fn env_named_origins() {
+        let c = load(
+            "",
+            &[("CISTERN_ORIGINS__DEB_MIRROR__URL", "http://deb.example/debian"), ("CISTERN_ORIGINS__DEB_MIRROR__IMMUTABLE", "true")],
+        )
+        .unwrap();
+        assert_eq!(c.origins.len(), 1);
+        assert_eq!(c.origins[0].name, "deb_mirror");
+        assert!(c.origins[0].immutable);
+    }
+
+    #[test]
+    fn env_typo_is_an_error() {
+        let e = load("", &[("CISTERN_STORE__MAXSIZE", "1")]).unwrap_err().to_string();
+        assert!(e.contains("CISTERN_STORE__MAXSIZE"), "{e}");
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        assert!(load("[node]\nid = \"gw 1\"\n", &[]).unwrap_err().to_string().contains("node.id"));
+        assert!(load("[server]\nlisten = \"nowhere\"\n", &[]).unwrap_err().to_string().contains("server.listen"));
+        let e = load("[[origins]]\nname = \"Bad\"\nurl = \"http://x\"\n", &[]).unwrap_err().to_string();
+        assert!(e.contains("origins.name"), "{e}");
+        let e = load("[store]\nmax_size = \"lots\"\n", &[]).unwrap_err().to_string();
+        assert!(e.contains("lots"), "{e}");
+    }
+
+    #[test]
+    fn secrets_are_redacted() {
+        let c = load("[server]\nadmin_token = \"hunter2\"\n", &[]).unwrap();
+        let t = c.redacted_toml();
+        assert!(!t.contains("hunter2"));
+        assert!(t.contains("<redacted>"));
+    }
+}

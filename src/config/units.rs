@@ -1,0 +1,165 @@
+//! Sizes (`1048576`, `512MiB`, `20GiB`) and durations (`30s`, `5m`, `2h`) as they appear in the config
+//! file and in `CISTERN_*` environment variables.
+
+use std::fmt;
+use std::time::Duration;
+
+use serde::{de, Deserialize, Deserializer, Serialize, Serializer};
+
+/// A byte count written as a plain number or with a binary/decimal unit suffix.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Default)]
+pub struct ByteSize(pub u64);
+
+impl ByteSize {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let t = s.trim();
+        let split = t
+            .find(|c: char| !c.is_ascii_digit() && c != '.')
+            .unwrap_or(t.len());
+        let (num, unit) = t.split_at(split);
+        if num.is_empty() {
+            return Err(format!("`{s}` is not a size (expected e.g. 1048576, 512MiB, 20GiB)"));
+        }
+        let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+            "" | "b" => 1,
+            "k" | "kb" => 1000,
+            "kib" | "ki" => 1 << 10,
+            "m" | "mb" => 1_000_000,
+            "mib" | "mi" => 1 << 20,
+            "g" | "gb" => 1_000_000_000,
+            "gib" | "gi" => 1 << 30,
+            "t" | "tb" => 1_000_000_000_000,
+            "tib" | "ti" => 1 << 40,
+            other => return Err(format!("`{s}`: unknown size unit `{other}` (use B, KiB, MiB, GiB, TiB)")),
+        };
+        let v: f64 = num
+            .parse()
+            .map_err(|_| format!("`{s}` is not a size (expected e.g. 1048576, 512MiB, 20GiB)"))?;
+        Ok(ByteSize((v * mult as f64) as u64))
+    }
+}
+
+impl fmt::Display for ByteSize {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let v = self.0;
+        for (unit, m) in [("TiB", 1u64 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)] {
+            if v >= m && v % m == 0 {
+                return write!(f, "{}{}", v / m, unit);
+            }
+        }
+        write!(f, "{v}")
+    }
+}
+
+impl Serialize for ByteSize {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_string())
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            N(u64),
+            S(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::N(n) => Ok(ByteSize(n)),
+            Raw::S(s) => ByteSize::parse(&s).map_err(de::Error::custom),
+        }
+    }
+}
+
+/// A duration written as `30s`, `5m`, `2h`, `500ms` or a plain number of seconds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Span(pub Duration);
+
+impl Span {
+    pub fn secs(n: u64) -> Self {
+        Span(Duration::from_secs(n))
+    }
+
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let t = s.trim();
+        let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+        let (num, unit) = t.split_at(split);
+        let n: u64 = num
+            .parse()
+            .map_err(|_| format!("`{s}` is not a duration (expected e.g. 30s, 5m, 2h)"))?;
+        let d = match unit.trim() {
+            "" | "s" => Duration::from_secs(n),
+            "ms" => Duration::from_millis(n),
+            "m" => Duration::from_secs(n * 60),
+            "h" => Duration::from_secs(n * 3600),
+            "d" => Duration::from_secs(n * 86400),
+            other => return Err(format!("`{s}`: unknown duration unit `{other}` (use ms, s, m, h, d)")),
+        };
+        Ok(Span(d))
+    }
+}
+
+impl fmt::Display for Span {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let ms = self.0.as_millis();
+        if ms % 1000 != 0 {
+            return write!(f, "{ms}ms");
+        }
+        let s = ms / 1000;
+        if s != 0 && s % 3600 == 0 {
+            write!(f, "{}h", s / 3600)
+        } else if s != 0 && s % 60 == 0 {
+            write!(f, "{}m", s / 60)
+        } else {
+            write!(f, "{s}s")
+        }
+    }
+}
+
+impl Serialize for Span {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_string())
+    }
+}
+
+impl<'de> Deserialize<'de> for Span {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            N(u64),
+            S(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::N(n) => Ok(Span::secs(n)),
+            Raw::S(s) => Span::parse(&s).map_err(de::Error::custom),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(ByteSize::parse("1048576").unwrap().0, 1 << 20);
+        assert_eq!(ByteSize::parse("512MiB").unwrap().0, 512 << 20);
+        assert_eq!(ByteSize::parse("20GiB").unwrap().0, 20 << 30);
+        assert_eq!(ByteSize::parse("0").unwrap().0, 0);
+        assert!(ByteSize::parse("12 parsecs").is_err());
+        assert!(ByteSize::parse("GiB").is_err());
+        assert_eq!(ByteSize(1 << 30).to_string(), "1GiB");
+    }
+
+    #[test]
+    fn spans() {
+        assert_eq!(Span::parse("30s").unwrap().0, Duration::from_secs(30));
+        assert_eq!(Span::parse("5m").unwrap().0, Duration::from_secs(300));
+        assert_eq!(Span::parse("2h").unwrap().0, Duration::from_secs(7200));
+        assert_eq!(Span::parse("250ms").unwrap().0, Duration::from_millis(250));
+        assert!(Span::parse("soon").is_err());
+        assert_eq!(Span::secs(600).to_string(), "10m");
+    }
+}

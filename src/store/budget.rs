@@ -1,0 +1,65 @@
+//! The disk budget (SPEC 4): room is reserved before bytes are written; the store stays within
+//! `max_size` and leaves `min_free` free on the filesystem, evicting least-recently-used objects that are
+//! neither pinned nor being read.
+
+use std::path::PathBuf;
+
+use super::{Digest, State, StoreError};
+
+pub struct Budget {
+    pub dir: PathBuf,
+    /// 0 = no cap besides `min_free`.
+    pub max_size: u64,
+    pub min_free: u64,
+}
+
+impl Budget {
+    /// Free bytes on the store's filesystem for an unprivileged writer.
+    pub fn free_bytes(&self) -> Option<u64> {
+        use std::os::unix::ffi::OsStrExt;
+        let c = std::ffi::CString::new(self.dir.as_os_str().as_bytes()).ok()?;
+        let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
+        // SAFETY: `c` is a valid NUL-terminated path and `s` a writable statvfs.
+        let rc = unsafe { libc::statvfs(c.as_ptr(), &mut s) };
+        (rc == 0).then(|| s.f_bavail as u64 * s.f_frsize as u64)
+    }
+
+    /// Chooses the objects to evict so that `n` more bytes fit, removes them from `st` and returns them
+    /// for the caller to unlink; NoRoom (and nothing evicted) when even evicting every candidate would
+    /// not make room.
+    pub fn make_room(&self, st: &mut State, n: u64) -> Result<Vec<Digest>, StoreError> {
+        let free = self.free_bytes().unwrap_or(u64::MAX).saturating_sub(st.reserved);
+        let over_size = |freed: u64| {
+            self.max_size > 0 && st.used + st.reserved + n > self.max_size.saturating_add(freed)
+        };
+        let over_free = |freed: u64| free.saturating_add(freed) < n.saturating_add(self.min_free);
+        if !over_size(0) && !over_free(0) {
+            return Ok(Vec::new());
+        }
+        let mut candidates: Vec<(u64, Digest, u64)> = st
+            .objects
+            .iter()
+            .filter(|(_, o)| !o.pinned && o.readers == 0)
+            .map(|(d, o)| (o.last_access, *d, o.size))
+            .collect();
+        candidates.sort();
+        let mut freed = 0u64;
+        let mut chosen = Vec::new();
+        for (_, d, size) in candidates {
+            if !over_size(freed) && !over_free(freed) {
+                break;
+            }
+            freed += size;
+            chosen.push(d);
+        }
+        if over_size(freed) || over_free(freed) {
+            return Err(StoreError::NoRoom(n));
+        }
+        for d in &chosen {
+            if let Some(o) = st.objects.remove(d) {
+                st.used = st.used.saturating_sub(o.size);
+            }
+        }
+        Ok(chosen)
+    }
+}

@@ -1,0 +1,109 @@
+//! `Fill`: an object being written. It is either committed (verified by the caller, fsynced, renamed,
+//! indexed) or dropped, which removes the temp file and releases its reservation: no error path can
+//! leave a partial object behind (the pingora miss-handler shape).
+
+use std::fs::File;
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use super::{Digest, KeyMeta, Store, StoreError};
+
+pub struct Fill {
+    store: Store,
+    path: PathBuf,
+    /// Shared with readers that stream the object while it arrives (they read with `pread`).
+    file: Arc<File>,
+    /// Bytes written so far.
+    len: u64,
+    /// Bytes reserved in the budget for this fill.
+    reserved: u64,
+    committed: bool,
+}
+
+impl Fill {
+    pub(super) fn create(store: Store, path: PathBuf, reserved: u64) -> Result<Fill, StoreError> {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .map_err(|source| StoreError::Io { path: path.display().to_string(), source })?;
+        Ok(Fill { store, path, file: Arc::new(file), len: 0, reserved, committed: false })
+    }
+
+    /// The temp file, for readers of the bytes written so far.
+    pub fn file(&self) -> Arc<File> {
+        self.file.clone()
+    }
+
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Appends bytes, growing the reservation first when the object is longer than announced. Blocking.
+    pub fn write(&mut self, data: &[u8]) -> Result<(), StoreError> {
+        let end = self.len + data.len() as u64;
+        let max = self.store.max_object_size();
+        if max > 0 && end > max {
+            return Err(StoreError::NoRoom(end));
+        }
+        if end > self.reserved {
+            // Grow in steps so that a body of unknown length does not take the lock per chunk.
+            let grow = (end - self.reserved).max(8 << 20);
+            self.store.reserve(grow)?;
+            self.reserved += grow;
+        }
+        (&*self.file)
+            .write_all_at(data, self.len)
+            .map_err(|source| StoreError::Io { path: self.path.display().to_string(), source })?;
+        self.len = end;
+        Ok(())
+    }
+
+    /// Reads back bytes already written (to compare a restarted transfer with them). Blocking.
+    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
+        self.file.read_at(buf, offset)
+    }
+
+    /// Cuts the fill back to `len` bytes (a restarted transfer that differs from what was held).
+    pub fn truncate(&mut self, len: u64) -> Result<(), StoreError> {
+        self.file
+            .set_len(len)
+            .map_err(|source| StoreError::Io { path: self.path.display().to_string(), source })?;
+        self.len = len.min(self.len);
+        Ok(())
+    }
+
+    /// Makes the object visible under `digest` (which the caller has verified). Blocking: fsync, rename,
+    /// meta, index.
+    pub fn commit(
+        mut self,
+        digest: &Digest,
+        key: Option<(&str, KeyMeta)>,
+        content_type: Option<String>,
+        pin: bool,
+    ) -> Result<(), StoreError> {
+        (&*self.file)
+            .flush()
+            .and_then(|_| self.file.sync_all())
+            .map_err(|source| StoreError::Io { path: self.path.display().to_string(), source })?;
+        let r = self.store.commit_blob(&self.path, digest, self.len, self.reserved, key, content_type, pin);
+        self.committed = r.is_ok();
+        r
+    }
+}
+
+impl Drop for Fill {
+    fn drop(&mut self) {
+        if !self.committed {
+            let _ = std::fs::remove_file(&self.path);
+            self.store.release(self.reserved);
+        }
+    }
+}

@@ -1,0 +1,544 @@
+//! The content-addressed store (SPEC 4): blob files at `<dir>/sha256/<hex[0:2]>/<hex>`, their `.meta`
+//! beside them, a sled index over both, the disk budget and eviction, and recovery at start.
+//!
+//! The store calls no other cistern module. Writes go through a [`Fill`], which is either committed
+//! (fsynced, renamed, indexed) or dropped (temp file removed, reservation released), so that no error path
+//! can leave a partial object visible. Blocking calls here (`open`, `Fill::commit`, `Fill::write`) are meant
+//! to run on blocking threads.
+
+mod budget;
+mod digest;
+mod fill;
+mod index;
+mod meta;
+mod recover;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use bytes::Bytes;
+use serde::Serialize;
+
+pub use digest::{BadDigest, Digest};
+pub use fill::Fill;
+pub use index::KeyEntry;
+pub use meta::{now_ms, KeyMeta, ObjectMeta};
+
+use budget::Budget;
+use index::{Index, ObjectRecord};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("store {path}: {source}")]
+    Io { path: String, source: std::io::Error },
+    #[error("store index: {0}")]
+    Index(#[from] sled::Error),
+    #[error("no room in the store for {0} bytes")]
+    NoRoom(u64),
+    #[error("store {0} is in use by another cistern process")]
+    Locked(String),
+    #[error("object {0} is not stored")]
+    NotFound(Digest),
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
+    move |source| StoreError::Io { path: path.display().to_string(), source }
+}
+
+/// Store settings, taken from `[store]` by the caller.
+#[derive(Clone, Debug)]
+pub struct StoreConfig {
+    pub dir: PathBuf,
+    pub max_size: u64,
+    pub min_free: u64,
+    pub max_object_size: u64,
+}
+
+/// A cheap-to-clone handle on the store.
+#[derive(Clone)]
+pub struct Store {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    /// `<dir>/sha256`: the blobs and their `.meta`.
+    objects_dir: PathBuf,
+    /// `<dir>/tmp`: fills in progress; emptied at start.
+    tmp_dir: PathBuf,
+    index: Index,
+    /// Sizes, pins, access times and readers of every stored object, mirrored from the index so that
+    /// eviction and hit accounting need no disk access. Never held across an await.
+    state: Mutex<State>,
+    budget: Budget,
+    max_object_size: u64,
+    /// Memory maps of recently served objects, so that a hit costs no syscall. Objects never change in
+    /// place (eviction unlinks), which is what makes sharing a mapping safe.
+    maps: Mutex<HashMap<Digest, Bytes>>,
+    /// Counters that ops reads.
+    pub stats: StoreStats,
+    /// Held for the life of the store: a second process cannot open it (SPEC 1: `--server`).
+    _lock: std::fs::File,
+    next_tmp: AtomicU64,
+}
+
+#[derive(Default)]
+struct State {
+    objects: HashMap<Digest, Obj>,
+    /// Bytes of committed objects.
+    used: u64,
+    /// Bytes promised to fills in progress.
+    reserved: u64,
+}
+
+#[derive(Clone, Debug)]
+struct Obj {
+    size: u64,
+    pinned: bool,
+    last_access: u64,
+    hits: u64,
+    readers: u32,
+    content_type: Option<String>,
+}
+
+/// Counters exposed to ops.
+#[derive(Default)]
+pub struct StoreStats {
+    pub evictions: AtomicU64,
+    pub commits: AtomicU64,
+}
+
+/// An object as served: its bytes (one zero-copy mapping) and a guard that keeps it off eviction's list.
+pub struct Hit {
+    pub digest: Digest,
+    pub bytes: Bytes,
+    pub content_type: Option<String>,
+    _reading: ReadGuard,
+}
+
+struct ReadGuard {
+    store: Store,
+    digest: Digest,
+}
+
+impl Drop for ReadGuard {
+    fn drop(&mut self) {
+        if let Some(o) = self.store.state().objects.get_mut(&self.digest) {
+            o.readers = o.readers.saturating_sub(1);
+        }
+    }
+}
+
+/// One row of `GET /v1/admin/content`.
+#[derive(Serialize, Debug, Clone)]
+pub struct ObjectListing {
+    pub digest: Digest,
+    pub size: u64,
+    pub keys: Vec<String>,
+    pub pinned: bool,
+    pub hits: u64,
+    pub last_access: u64,
+}
+
+/// Figures for `/metrics`, `/summary` and the dashboard.
+#[derive(Serialize, Debug, Clone, Default)]
+pub struct Usage {
+    pub objects: u64,
+    pub bytes: u64,
+    pub reserved: u64,
+    pub max_size: u64,
+    pub free: u64,
+    pub min_free: u64,
+}
+
+impl Store {
+    /// Opens (creating if needed) and recovers the store. Blocking.
+    pub fn open(cfg: &StoreConfig) -> Result<Store, StoreError> {
+        std::fs::create_dir_all(&cfg.dir).map_err(io_err(&cfg.dir))?;
+        let lock = recover::lock(&cfg.dir)?;
+        let objects_dir = cfg.dir.join("sha256");
+        let tmp_dir = cfg.dir.join("tmp");
+        for d in [&objects_dir, &tmp_dir] {
+            std::fs::create_dir_all(d).map_err(io_err(d))?;
+        }
+        let index = recover::open_index(&cfg.dir.join("index"))?;
+        let state = recover::reconcile(&objects_dir, &tmp_dir, &index)?;
+        let store = Store {
+            shared: Arc::new(Shared {
+                objects_dir,
+                tmp_dir,
+                index,
+                state: Mutex::new(state),
+                budget: Budget { dir: cfg.dir.clone(), max_size: cfg.max_size, min_free: cfg.min_free },
+                max_object_size: cfg.max_object_size,
+                maps: Mutex::new(HashMap::new()),
+                stats: StoreStats::default(),
+                _lock: lock,
+                next_tmp: AtomicU64::new(0),
+            }),
+        };
+        Ok(store)
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.shared.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn stats(&self) -> &StoreStats {
+        &self.shared.stats
+    }
+
+    pub fn blob_path(&self, d: &Digest) -> PathBuf {
+        let hex = d.hex();
+        self.shared.objects_dir.join(&hex[..2]).join(hex)
+    }
+
+    fn meta_path(&self, d: &Digest) -> PathBuf {
+        self.blob_path(d).with_extension("meta")
+    }
+
+    /// The digest and freshness a key maps to, when its object is stored.
+    pub fn lookup(&self, key: &str) -> Option<KeyEntry> {
+        let e = self.shared.index.key(key)?;
+        self.contains(&e.digest).then_some(e)
+    }
+
+    pub fn contains(&self, d: &Digest) -> bool {
+        self.state().objects.contains_key(d)
+    }
+
+    pub fn size_of(&self, d: &Digest) -> Option<u64> {
+        self.state().objects.get(d).map(|o| o.size)
+    }
+
+    /// Opens a stored object for serving and counts the access. The mapping is made on first use and
+    /// shared after that.
+    pub fn open_object(&self, d: &Digest) -> Result<Hit, StoreError> {
+        let content_type = {
+            let mut st = self.state();
+            let o = st.objects.get_mut(d).ok_or(StoreError::NotFound(*d))?;
+            o.readers += 1;
+            o.hits += 1;
+            o.last_access = now_ms();
+            o.content_type.clone()
+        };
+        let guard = ReadGuard { store: self.clone(), digest: *d };
+        let cached = self.shared.maps.lock().unwrap_or_else(|p| p.into_inner()).get(d).cloned();
+        let bytes = match cached {
+            Some(b) => b,
+            None => {
+                let path = self.blob_path(d);
+                let f = std::fs::File::open(&path).map_err(io_err(&path))?;
+                let len = f.metadata().map_err(io_err(&path))?.len();
+                let b = if len == 0 {
+                    Bytes::new()
+                } else {
+                    // SAFETY: stored objects are never written in place; eviction and purge unlink the
+                    // file, which leaves an existing mapping valid.
+                    let map = unsafe { memmap2::Mmap::map(&f) }.map_err(io_err(&path))?;
+                    Bytes::from_owner(map)
+                };
+                let mut maps = self.shared.maps.lock().unwrap_or_else(|p| p.into_inner());
+                if maps.len() >= 4096 {
+                    maps.clear();
+                }
+                maps.insert(*d, b.clone());
+                b
+            }
+        };
+        Ok(Hit { digest: *d, bytes, content_type, _reading: guard })
+    }
+
+    /// Maps `key` to an already stored object (and records its freshness), in the index and in `.meta`.
+    pub fn map_key(&self, key: &str, d: &Digest, meta: KeyMeta) -> Result<(), StoreError> {
+        if !self.contains(d) {
+            return Err(StoreError::NotFound(*d));
+        }
+        let mpath = self.meta_path(d);
+        let mut m = ObjectMeta::read(&mpath).unwrap_or_else(|_| self.meta_from_state(d));
+        m.keys.insert(key.to_string(), meta.clone());
+        m.write(&mpath).map_err(io_err(&mpath))?;
+        self.index_key(key, d, meta)
+    }
+
+    fn drop_key_from_meta(&self, d: &Digest, key: &str) {
+        let mpath = self.meta_path(d);
+        if let Ok(mut m) = ObjectMeta::read(&mpath) {
+            if m.keys.remove(key).is_some() {
+                let _ = m.write(&mpath);
+            }
+        }
+    }
+
+    fn meta_from_state(&self, d: &Digest) -> ObjectMeta {
+        let st = self.state();
+        let o = st.objects.get(d);
+        ObjectMeta {
+            digest: *d,
+            size: o.map(|o| o.size).unwrap_or(0),
+            pinned: o.map(|o| o.pinned).unwrap_or(false),
+            content_type: o.and_then(|o| o.content_type.clone()),
+            keys: Default::default(),
+        }
+    }
+
+    /// Records a successful revalidation (RFC 9111 §4.3.4): new freshness for the key, same object.
+    pub fn refresh_key(&self, key: &str, meta: KeyMeta) -> Result<(), StoreError> {
+        let Some(e) = self.shared.index.key(key) else { return Ok(()) };
+        self.map_key(key, &e.digest, meta)
+    }
+
+    /// Starts a fill. `expected` is the Content-Length when known: room for it is reserved now, evicting
+    /// as needed; NoRoom means the caller streams the object through without storing it.
+    pub fn begin_fill(&self, expected: Option<u64>) -> Result<Fill, StoreError> {
+        let want = expected.unwrap_or(0);
+        if self.shared.max_object_size > 0 && want > self.shared.max_object_size {
+            return Err(StoreError::NoRoom(want));
+        }
+        self.reserve(want)?;
+        let n = self.shared.next_tmp.fetch_add(1, Ordering::Relaxed);
+        let path = self.shared.tmp_dir.join(format!("fill-{}-{n}", std::process::id()));
+        match Fill::create(self.clone(), path, want) {
+            Ok(f) => Ok(f),
+            Err(e) => {
+                self.release(want);
+                Err(e)
+            }
+        }
+    }
+
+    /// Reserves `n` more bytes, evicting least-recently-used unpinned objects that nobody is reading.
+    pub(crate) fn reserve(&self, n: u64) -> Result<(), StoreError> {
+        if n == 0 {
+            return Ok(());
+        }
+        let victims = {
+            let mut st = self.state();
+            let victims = self.shared.budget.make_room(&mut st, n)?;
+            st.reserved += n;
+            victims
+        };
+        for d in victims {
+            self.unlink(&d);
+            self.shared.stats.evictions.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(digest = %d, "evicted");
+        }
+        Ok(())
+    }
+
+    pub(crate) fn release(&self, n: u64) {
+        let mut st = self.state();
+        st.reserved = st.reserved.saturating_sub(n);
+    }
+
+    pub(crate) fn max_object_size(&self) -> u64 {
+        self.shared.max_object_size
+    }
+
+    /// Makes a verified fill visible: meta, rename, directory fsync, index. Blocking.
+    pub(crate) fn commit_blob(
+        &self,
+        tmp: &Path,
+        d: &Digest,
+        size: u64,
+        reserved: u64,
+        key: Option<(&str, KeyMeta)>,
+        content_type: Option<String>,
+        pin: bool,
+    ) -> Result<(), StoreError> {
+        let exists = self.contains(d);
+        if exists {
+            let _ = std::fs::remove_file(tmp);
+            self.release(reserved);
+        } else {
+            let final_path = self.blob_path(d);
+            let parent = final_path.parent().unwrap_or(&self.shared.objects_dir).to_path_buf();
+            std::fs::create_dir_all(&parent).map_err(io_err(&parent))?;
+            let mpath = self.meta_path(d);
+            let mut m = ObjectMeta::read(&mpath).unwrap_or(ObjectMeta {
+                digest: *d,
+                size,
+                pinned: false,
+                content_type: content_type.clone(),
+                keys: Default::default(),
+            });
+            m.size = size;
+            m.pinned |= pin;
+            if let Some((k, km)) = &key {
+                m.keys.insert(k.to_string(), km.clone());
+            }
+            m.write(&mpath).map_err(io_err(&mpath))?;
+            std::fs::rename(tmp, &final_path).map_err(io_err(&final_path))?;
+            if let Ok(dir) = std::fs::File::open(&parent) {
+                let _ = dir.sync_all();
+            }
+            let rec = ObjectRecord { size, pinned: m.pinned, last_access: now_ms(), hits: 0, content_type };
+            self.shared.index.put_object(d, &rec)?;
+            let mut st = self.state();
+            st.reserved = st.reserved.saturating_sub(reserved);
+            st.used += size;
+            st.objects.insert(
+                *d,
+                Obj {
+                    size,
+                    pinned: rec.pinned,
+                    last_access: rec.last_access,
+                    hits: 0,
+                    readers: 0,
+                    content_type: rec.content_type,
+                },
+            );
+            self.shared.stats.commits.fetch_add(1, Ordering::Relaxed);
+        }
+        if pin && exists {
+            self.set_pin(d, true)?;
+        }
+        if let Some((k, km)) = key {
+            if exists {
+                self.map_key(k, d, km)?;
+            } else {
+                self.index_key(k, d, km)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Points `key` at `d` in the index, removing it from the meta of the object it pointed at before.
+    fn index_key(&self, key: &str, d: &Digest, meta: KeyMeta) -> Result<(), StoreError> {
+        if let Some(old) = self.shared.index.key(key) {
+            if old.digest != *d {
+                self.drop_key_from_meta(&old.digest, key);
+            }
+        }
+        self.shared.index.put_key(key, &KeyEntry { digest: *d, meta })?;
+        Ok(())
+    }
+
+    /// Pins or unpins an object (pinned objects are never evicted).
+    pub fn set_pin(&self, d: &Digest, pinned: bool) -> Result<(), StoreError> {
+        {
+            let mut st = self.state();
+            let o = st.objects.get_mut(d).ok_or(StoreError::NotFound(*d))?;
+            o.pinned = pinned;
+        }
+        let mpath = self.meta_path(d);
+        let mut m = ObjectMeta::read(&mpath).unwrap_or_else(|_| self.meta_from_state(d));
+        m.pinned = pinned;
+        m.write(&mpath).map_err(io_err(&mpath))?;
+        if let Some(mut r) = self.shared.index.object(d) {
+            r.pinned = pinned;
+            self.shared.index.put_object(d, &r)?;
+        }
+        Ok(())
+    }
+
+    /// Removes an object, its meta and every key that maps to it.
+    pub fn purge(&self, d: &Digest) -> Result<(), StoreError> {
+        if !self.contains(d) {
+            return Err(StoreError::NotFound(*d));
+        }
+        self.unlink(d);
+        Ok(())
+    }
+
+    fn unlink(&self, d: &Digest) {
+        let keys = ObjectMeta::read(&self.meta_path(d)).map(|m| m.keys).unwrap_or_default();
+        for k in keys.keys() {
+            if self.shared.index.key(k).is_some_and(|e| e.digest == *d) {
+                let _ = self.shared.index.remove_key(k);
+            }
+        }
+        let _ = self.shared.index.remove_object(d);
+        let _ = std::fs::remove_file(self.blob_path(d));
+        let _ = std::fs::remove_file(self.meta_path(d));
+        self.shared.maps.lock().unwrap_or_else(|p| p.into_inner()).remove(d);
+        let mut st = self.state();
+        if let Some(o) = st.objects.remove(d) {
+            st.used = st.used.saturating_sub(o.size);
+        }
+    }
+
+    /// Every stored object with its keys, for the admin listing and the dashboard.
+    pub fn list(&self) -> Vec<ObjectListing> {
+        let mut keys: HashMap<Digest, Vec<String>> = HashMap::new();
+        for (k, e) in self.shared.index.keys() {
+            keys.entry(e.digest).or_default().push(k);
+        }
+        let st = self.state();
+        let mut out: Vec<ObjectListing> = st
+            .objects
+            .iter()
+            .map(|(d, o)| ObjectListing {
+                digest: *d,
+                size: o.size,
+                keys: keys.remove(d).unwrap_or_default(),
+                pinned: o.pinned,
+                hits: o.hits,
+                last_access: o.last_access,
+            })
+            .collect();
+        out.sort_by(|a, b| b.last_access.cmp(&a.last_access));
+        out
+    }
+
+    pub fn usage(&self) -> Usage {
+        let st = self.state();
+        Usage {
+            objects: st.objects.len() as u64,
+            bytes: st.used,
+            reserved: st.reserved,
+            max_size: self.shared.budget.max_size,
+            free: self.shared.budget.free_bytes().unwrap_or(0),
+            min_free: self.shared.budget.min_free,
+        }
+    }
+
+    /// Writes access times and hit counts to the index and flushes it (periodically and at shutdown).
+    pub fn flush(&self) -> Result<(), StoreError> {
+        let snapshot: Vec<(Digest, Obj)> = self.state().objects.iter().map(|(d, o)| (*d, o.clone())).collect();
+        for (d, o) in snapshot {
+            let rec = ObjectRecord {
+                size: o.size,
+                pinned: o.pinned,
+                last_access: o.last_access,
+                hits: o.hits,
+                content_type: o.content_type,
+            };
+            self.shared.index.put_object(&d, &rec)?;
+        }
+        self.shared.index.flush()?;
+        Ok(())
+    }
+
+    /// Re-hashes every stored object; returns those whose bytes do not match their name, removing them
+    /// when `repair` is set. Blocking.
+    pub fn verify(&self, repair: bool) -> Vec<(Digest, String)> {
+        use sha2::Digest as _;
+        let digests: Vec<Digest> = self.state().objects.keys().copied().collect();
+        let mut bad = Vec::new();
+        for d in digests {
+            let path = self.blob_path(&d);
+            let verdict = (|| -> std::io::Result<Option<String>> {
+                let mut f = std::fs::File::open(&path)?;
+                let mut h = sha2::Sha256::new();
+                std::io::copy(&mut f, &mut h)?;
+                let got = Digest(h.finalize().into());
+                Ok((got != d).then(|| format!("bytes hash to {got}")))
+            })();
+            let problem = match verdict {
+                Ok(None) => continue,
+                Ok(Some(p)) => p,
+                Err(e) => e.to_string(),
+            };
+            if repair {
+                self.unlink(&d);
+            }
+            bad.push((d, problem));
+        }
+        bad
+    }
+}
+
+#[cfg(test)]
+mod tests;

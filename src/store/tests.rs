@@ -1,0 +1,133 @@
+use super::*;
+use sha2::Digest as _;
+
+fn cfg(dir: &Path) -> StoreConfig {
+    StoreConfig { dir: dir.to_path_buf(), max_size: 0, min_free: 0, max_object_size: 0 }
+}
+
+fn put(store: &Store, body: &[u8], key: Option<&str>) -> Digest {
+    let d = Digest(sha2::Sha256::digest(body).into());
+    let mut f = store.begin_fill(Some(body.len() as u64)).unwrap();
+    f.write(body).unwrap();
+    f.commit(&d, key.map(|k| (k, KeyMeta::immutable())), None, false).unwrap();
+    d
+}
+
+#[test]
+fn committed_object_is_found_by_key_and_digest() {
+    let t = tempfile::tempdir().unwrap();
+    let s = Store::open(&cfg(t.path())).unwrap();
+    let d = put(&s, b"hello", Some("example.com/a"));
+    assert_eq!(s.lookup("example.com/a").unwrap().digest, d);
+    assert_eq!(&s.open_object(&d).unwrap().bytes[..], b"hello");
+    assert!(s.blob_path(&d).exists());
+    assert!(s.blob_path(&d).with_extension("meta").exists());
+}
+
+#[test]
+fn dropped_fill_leaves_nothing() {
+    let t = tempfile::tempdir().unwrap();
+    let s = Store::open(&cfg(t.path())).unwrap();
+    {
+        let mut f = s.begin_fill(Some(10)).unwrap();
+        f.write(b"partial").unwrap();
+    }
+    assert_eq!(std::fs::read_dir(t.path().join("tmp")).unwrap().count(), 0);
+    assert_eq!(s.usage().reserved, 0);
+    assert_eq!(s.usage().objects, 0);
+}
+
+#[test]
+fn second_open_is_refused_while_the_first_holds_the_store() {
+    let t = tempfile::tempdir().unwrap();
+    let _s = Store::open(&cfg(t.path())).unwrap();
+    assert!(matches!(Store::open(&cfg(t.path())), Err(StoreError::Locked(_))));
+}
+
+#[test]
+fn deleted_index_is_rebuilt_with_keys_and_pins() {
+    let t = tempfile::tempdir().unwrap();
+    let (a, b);
+    {
+        let s = Store::open(&cfg(t.path())).unwrap();
+        a = put(&s, b"aaa", Some("k/a"));
+        b = put(&s, b"bbb", Some("k/b"));
+        s.set_pin(&b, true).unwrap();
+        s.flush().unwrap();
+    }
+    std::fs::remove_dir_all(t.path().join("index")).unwrap();
+    std::fs::write(t.path().join("tmp").join("fill-orphan"), b"junk").unwrap();
+    let s = Store::open(&cfg(t.path())).unwrap();
+    assert_eq!(s.lookup("k/a").unwrap().digest, a);
+    assert_eq!(s.lookup("k/b").unwrap().digest, b);
+    let pinned: Vec<_> = s.list().into_iter().filter(|o| o.pinned).map(|o| o.digest).collect();
+    assert_eq!(pinned, vec![b]);
+    assert_eq!(std::fs::read_dir(t.path().join("tmp")).unwrap().count(), 0);
+}
+
+#[test]
+fn key_moves_to_the_object_fetched_last() {
+    let t = tempfile::tempdir().unwrap();
+    let s = Store::open(&cfg(t.path())).unwrap();
+    put(&s, b"v1", Some("k"));
+    let v2 = put(&s, b"v2", Some("k"));
+    assert_eq!(s.lookup("k").unwrap().digest, v2);
+    drop(s);
+    std::fs::remove_dir_all(t.path().join("index")).unwrap();
+    let s = Store::open(&cfg(t.path())).unwrap();
+    assert_eq!(s.lookup("k").unwrap().digest, v2);
+}
+
+#[test]
+fn eviction_is_lru_and_spares_pins() {
+    let t = tempfile::tempdir().unwrap();
+    let mut c = cfg(t.path());
+    c.max_size = 300;
+    let s = Store::open(&c).unwrap();
+    let a = put(&s, &[1u8; 100], None);
+    let b = put(&s, &[2u8; 100], None);
+    let c3 = put(&s, &[3u8; 100], None);
+    s.set_pin(&a, true).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(5));
+    drop(s.open_object(&b).unwrap()); // b is now more recent than c
+    let d = put(&s, &[4u8; 100], None);
+    assert!(s.contains(&a), "pinned object evicted");
+    assert!(s.contains(&b));
+    assert!(!s.contains(&c3), "least recently used object kept");
+    assert!(!s.blob_path(&c3).exists());
+    assert!(s.contains(&d));
+    assert!(s.usage().bytes <= 300);
+    // Nothing evictable is left that would make room for 250 more bytes: NoRoom, nothing evicted.
+    s.set_pin(&b, true).unwrap();
+    s.set_pin(&d, true).unwrap();
+    assert!(matches!(s.begin_fill(Some(250)), Err(StoreError::NoRoom(_))));
+    assert_eq!(s.usage().objects, 3);
+}
+
+#[test]
+fn object_being_read_is_not_evicted() {
+    let t = tempfile::tempdir().unwrap();
+    let mut c = cfg(t.path());
+    c.max_size = 200;
+    let s = Store::open(&c).unwrap();
+    let a = put(&s, &[1u8; 100], None);
+    let b = put(&s, &[2u8; 100], None);
+    let reading = s.open_object(&a).unwrap();
+    let _ = put(&s, &[3u8; 100], None);
+    assert!(s.contains(&a));
+    assert!(!s.contains(&b));
+    drop(reading);
+}
+
+#[test]
+fn verify_finds_and_repairs_corruption() {
+    let t = tempfile::tempdir().unwrap();
+    let s = Store::open(&cfg(t.path())).unwrap();
+    let d = put(&s, b"good bytes", Some("k"));
+    std::fs::write(s.blob_path(&d), b"bad bytes!").unwrap();
+    assert_eq!(s.verify(false).len(), 1);
+    assert!(s.contains(&d));
+    assert_eq!(s.verify(true).len(), 1);
+    assert!(!s.contains(&d));
+    assert!(s.lookup("k").is_none());
+}
