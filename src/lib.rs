@@ -1,7 +1,149 @@
 //! cistern: an on-premises, verified, collapsing cache and nested-gateway proxy for OTA device updates.
 //!
 //! Modules, each owning its state; data flows one way: `server` -> `fetch` -> `store`, and `fetch` ->
-//! upstream. `ops` only reads what the others expose.
+//! upstream. `ops` only reads what the others expose. This file wires them into a running gateway.
 
 pub mod config;
+pub mod fetch;
+pub mod ops;
+pub mod server;
 pub mod store;
+
+use std::net::SocketAddr;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use anyhow::Context;
+
+use config::Config;
+use fetch::policy::OriginPolicy;
+use fetch::upstream::{ClientConfig, UpstreamClient};
+use fetch::{FetchConfig, Fetcher};
+use store::{Store, StoreConfig};
+
+pub fn store_config(cfg: &Config) -> StoreConfig {
+    StoreConfig {
+        dir: cfg.store.dir.clone(),
+        max_size: cfg.store.max_size.0,
+        min_free: cfg.store.min_free.0,
+        max_object_size: cfg.store.max_object_size.0,
+    }
+}
+
+/// Opens the store of a config (blocking; recovers it).
+pub fn open_store(cfg: &Config) -> anyhow::Result<Store> {
+    Store::open(&store_config(cfg))
+        .with_context(|| format!("opening store {}", cfg.store.dir.display()))
+}
+
+/// A gateway started in this process: its address and the handle that stops it.
+pub struct Gateway {
+    pub addr: Option<SocketAddr>,
+    pub store: Store,
+    pub fetcher: Fetcher,
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Gateway {
+    /// Binds, opens the store and starts serving in the background.
+    pub async fn start(cfg: Config) -> anyhow::Result<Gateway> {
+        let cfg = Arc::new(cfg);
+        let listeners = server::Listeners::bind(&cfg.server.listen)
+            .await
+            .with_context(|| format!("server.listen {}: cannot bind", cfg.server.listen))?;
+        let c2 = cfg.clone();
+        let store = tokio::task::spawn_blocking(move || open_store(&c2)).await??;
+        let mut literal = Vec::new();
+        for u in cfg
+            .origins
+            .iter()
+            .map(|o| &o.url)
+            .chain(cfg.upstream.parents.iter())
+        {
+            if let Ok(uri) = u.parse::<http::Uri>() {
+                literal.push((
+                    uri.host().unwrap_or_default().to_string(),
+                    fetch::upstream::port_of(&uri),
+                ));
+            }
+        }
+        let policy = Arc::new(OriginPolicy::new(&cfg.upstream.allowed_origins, &literal));
+        let client = UpstreamClient::new(
+            &ClientConfig {
+                connect_timeout: cfg.upstream.connect_timeout.0,
+                idle_timeout: cfg.upstream.idle_timeout.0,
+                ca_file: cfg.upstream.ca_file.clone(),
+            },
+            policy,
+        )
+        .map_err(anyhow::Error::msg)?;
+        let fetcher = Fetcher::new(
+            store.clone(),
+            client,
+            FetchConfig {
+                node_id: cfg.node.id.clone(),
+                retries: cfg.upstream.retries,
+                idle_timeout: cfg.upstream.idle_timeout.0,
+                require_digest: cfg.upstream.require_digest,
+                strip_query: cfg.upstream.strip_query.clone(),
+            },
+        );
+        let stats = Arc::new(server::ServerStats::default());
+        let ops = ops::Ops {
+            node_id: cfg.node.id.clone(),
+            store: store.clone(),
+            fetcher: fetcher.clone(),
+            server: stats.clone(),
+        };
+        let app = Arc::new(server::App {
+            cfg: cfg.clone(),
+            fetcher: fetcher.clone(),
+            store: store.clone(),
+            admin_token: cfg.admin_token()?,
+            own: Some(Arc::new(ops)),
+            stats,
+            ready: AtomicBool::new(true),
+        });
+        let addr = listeners.local_addr();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let grace = cfg.server.shutdown_grace.0;
+        let flusher = store.clone();
+        let task = tokio::spawn(async move {
+            let periodic = flusher.clone();
+            let flush_task = tokio::spawn(async move {
+                let mut tick = tokio::time::interval(std::time::Duration::from_secs(30));
+                loop {
+                    tick.tick().await;
+                    let s = periodic.clone();
+                    let _ = tokio::task::spawn_blocking(move || s.flush()).await;
+                }
+            });
+            server::serve(
+                app,
+                listeners,
+                async {
+                    let _ = stopped.await;
+                },
+                grace,
+            )
+            .await;
+            flush_task.abort();
+            let _ = tokio::task::spawn_blocking(move || flusher.flush()).await;
+        });
+        tracing::info!(addr = ?addr, node = %cfg.node.id, store = %cfg.store.dir.display(), "cistern serving");
+        Ok(Gateway {
+            addr,
+            store,
+            fetcher,
+            stop,
+            task,
+        })
+    }
+
+    /// Stops accepting, lets transfers finish within the grace period, flushes the index.
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(());
+        let _ = self.task.await;
+    }
+}

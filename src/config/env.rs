@@ -13,12 +13,16 @@ pub fn apply(tree: &mut Table, vars: &[(String, String)]) -> Result<(), ConfigEr
         var: PREFIX.into(),
         msg: e.to_string(),
     })?;
-    let mut sorted: Vec<&(String, String)> = vars.iter().filter(|(k, _)| k.starts_with(PREFIX)).collect();
+    let mut sorted: Vec<&(String, String)> =
+        vars.iter().filter(|(k, _)| k.starts_with(PREFIX)).collect();
     sorted.sort();
     for (var, raw) in sorted {
         let rest = &var[PREFIX.len()..];
         let parts: Vec<&str> = rest.split("__").collect();
-        let err = |msg: String| ConfigError::Env { var: var.clone(), msg };
+        let err = |msg: String| ConfigError::Env {
+            var: var.clone(),
+            msg,
+        };
         match parts.as_slice() {
             // CISTERN_CONFIG, CISTERN_TOKEN and the like are not config keys.
             [_] => continue,
@@ -46,10 +50,18 @@ pub fn apply(tree: &mut Table, vars: &[(String, String)]) -> Result<(), ConfigEr
 fn typed(default: &Value, raw: &str) -> Result<Value, String> {
     Ok(match default {
         Value::Array(_) => Value::Array(
-            raw.split(',').map(str::trim).filter(|s| !s.is_empty()).map(|s| Value::String(s.into())).collect(),
+            raw.split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(|s| Value::String(s.into()))
+                .collect(),
         ),
         Value::Boolean(_) => Value::Boolean(parse_bool(raw)?),
-        Value::Integer(_) => Value::Integer(raw.trim().parse().map_err(|_| format!("`{raw}` is not an integer"))?),
+        Value::Integer(_) => Value::Integer(
+            raw.trim()
+                .parse()
+                .map_err(|_| format!("`{raw}` is not an integer"))?,
+        ),
         _ => Value::String(raw.to_string()),
     })
 }
@@ -72,10 +84,9 @@ fn apply_origin(tree: &mut Table, name: &str, key: &str, raw: &str) -> Result<()
         .as_array_mut()
         .ok_or("origins in the file is not an array of tables")?;
     let norm = |s: &str| s.replace(['.', '-'], "_");
-    let idx = match origins
-        .iter()
-        .position(|o| o.get("name").and_then(Value::as_str).map(norm).as_deref() == Some(name.as_str()))
-    {
+    let idx = match origins.iter().position(|o| {
+        o.get("name").and_then(Value::as_str).map(norm).as_deref() == Some(name.as_str())
+    }) {
         Some(i) => i,
         None => {
             let mut t = Table::new();
@@ -85,11 +96,18 @@ fn apply_origin(tree: &mut Table, name: &str, key: &str, raw: &str) -> Result<()
             origins.len() - 1
         }
     };
-    let entry = origins[idx].as_table_mut().ok_or("an [[origins]] entry is not a table")?;
+    let entry = origins[idx]
+        .as_table_mut()
+        .ok_or("an [[origins]] entry is not a table")?;
     match key {
         "URL" => entry.insert("url".into(), Value::String(raw.to_string())),
         "IMMUTABLE" => entry.insert("immutable".into(), Value::Boolean(parse_bool(raw)?)),
-        other => return Err(format!("origins have no key {}", other.to_ascii_lowercase())),
+        other => {
+            return Err(format!(
+                "origins have no key {}",
+                other.to_ascii_lowercase()
+            ))
+        }
     };
     Ok(())
 }

@@ -16,7 +16,10 @@ pub use units::{ByteSize, Span};
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("{path}: {source}")]
-    Read { path: String, source: std::io::Error },
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("{path}: {msg}")]
     Parse { path: String, msg: String },
     #[error("environment variable {var}: {msg}")]
@@ -26,7 +29,10 @@ pub enum ConfigError {
 }
 
 fn invalid(key: &str, msg: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid { key: key.to_string(), msg: msg.into() }
+    ConfigError::Invalid {
+        key: key.to_string(),
+        msg: msg.into(),
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, Default)]
@@ -142,8 +148,8 @@ impl Default for Upstream {
             idle_timeout: Span::secs(60),
             retries: 5,
             strip_query: s(&[
-                "sig", "se", "st", "sp", "sv", "sr", "spr", "skoid", "sktid", "skt", "ske", "sks", "skv", "ss",
-                "srt",
+                "sig", "se", "st", "sp", "sv", "sr", "spr", "skoid", "sktid", "skt", "ske", "sks",
+                "skv", "ss", "srt",
             ]),
             require_digest: false,
         }
@@ -196,7 +202,10 @@ pub struct Log {
 
 impl Default for Log {
     fn default() -> Self {
-        Log { format: "text".into(), level: "info".into() }
+        Log {
+            format: "text".into(),
+            level: "info".into(),
+        }
     }
 }
 
@@ -218,11 +227,16 @@ impl Config {
         Self::load_with_env(path, &vars)
     }
 
-    pub fn load_with_env(path: Option<&Path>, vars: &[(String, String)]) -> Result<Config, ConfigError> {
+    pub fn load_with_env(
+        path: Option<&Path>,
+        vars: &[(String, String)],
+    ) -> Result<Config, ConfigError> {
         let (text, name) = match path {
             Some(p) => (
-                std::fs::read_to_string(p)
-                    .map_err(|e| ConfigError::Read { path: p.display().to_string(), source: e })?,
+                std::fs::read_to_string(p).map_err(|e| ConfigError::Read {
+                    path: p.display().to_string(),
+                    source: e,
+                })?,
                 p.display().to_string(),
             ),
             None => (String::new(), "built-in defaults".to_string()),
@@ -230,13 +244,22 @@ impl Config {
         Self::from_toml_str(&text, &name, vars)
     }
 
-    pub fn from_toml_str(text: &str, name: &str, vars: &[(String, String)]) -> Result<Config, ConfigError> {
-        let mut tree: toml::Table = text
-            .parse()
-            .map_err(|e: toml::de::Error| ConfigError::Parse { path: name.into(), msg: one_line(&e.to_string()) })?;
+    pub fn from_toml_str(
+        text: &str,
+        name: &str,
+        vars: &[(String, String)],
+    ) -> Result<Config, ConfigError> {
+        let mut tree: toml::Table =
+            text.parse()
+                .map_err(|e: toml::de::Error| ConfigError::Parse {
+                    path: name.into(),
+                    msg: one_line(&e.to_string()),
+                })?;
         env::apply(&mut tree, vars)?;
-        let mut cfg: Config = Config::deserialize(tree)
-            .map_err(|e| ConfigError::Parse { path: name.into(), msg: one_line(&e.to_string()) })?;
+        let mut cfg: Config = Config::deserialize(tree).map_err(|e| ConfigError::Parse {
+            path: name.into(),
+            msg: one_line(&e.to_string()),
+        })?;
         cfg.fill_derived();
         cfg.validate()?;
         Ok(cfg)
@@ -248,10 +271,17 @@ impl Config {
             let raw = std::env::var("IOTEDGE_DEVICEID")
                 .ok()
                 .filter(|s| !s.is_empty())
-                .or_else(|| std::fs::read_to_string("/etc/hostname").ok().map(|s| s.trim().to_string()))
+                .or_else(|| {
+                    std::fs::read_to_string("/etc/hostname")
+                        .ok()
+                        .map(|s| s.trim().to_string())
+                })
                 .filter(|s| !s.is_empty())
                 .unwrap_or_else(|| "cistern".to_string());
-            self.node.id = raw.chars().map(|c| if is_tchar(c) { c } else { '-' }).collect();
+            self.node.id = raw
+                .chars()
+                .map(|c| if is_tchar(c) { c } else { '-' })
+                .collect();
         }
         if self.upstream.parents.is_empty() {
             if let Ok(parent) = std::env::var("IOTEDGE_PARENTHOSTNAME") {
@@ -264,9 +294,15 @@ impl Config {
 
     fn validate(&self) -> Result<(), ConfigError> {
         if self.node.id.is_empty() || !self.node.id.chars().all(is_tchar) {
-            return Err(invalid("node.id", format!("`{}` is not an HTTP token", self.node.id)));
+            return Err(invalid(
+                "node.id",
+                format!("`{}` is not an HTTP token", self.node.id),
+            ));
         }
-        for (key, v) in [("server.listen", &self.server.listen), ("server.tls_listen", &self.server.tls_listen)] {
+        for (key, v) in [
+            ("server.listen", &self.server.listen),
+            ("server.tls_listen", &self.server.tls_listen),
+        ] {
             if !v.is_empty() && v.parse::<SocketAddr>().is_err() {
                 return Err(invalid(key, format!("`{v}` is not an address:port")));
             }
@@ -275,13 +311,19 @@ impl Config {
             && (self.server.tls_cert.is_empty() || self.server.tls_key.is_empty())
             && std::env::var("IOTEDGE_WORKLOADURI").is_err()
         {
-            return Err(invalid("server.tls_listen", "needs server.tls_cert and server.tls_key"));
+            return Err(invalid(
+                "server.tls_listen",
+                "needs server.tls_cert and server.tls_key",
+            ));
         }
         if self.server.max_connections == 0 {
             return Err(invalid("server.max_connections", "must be at least 1"));
         }
         if !matches!(self.upstream.origin_scheme.as_str(), "http" | "https") {
-            return Err(invalid("upstream.origin_scheme", "must be \"http\" or \"https\""));
+            return Err(invalid(
+                "upstream.origin_scheme",
+                "must be \"http\" or \"https\"",
+            ));
         }
         for p in &self.upstream.parents {
             check_url("upstream.parents", p)?;
@@ -291,16 +333,25 @@ impl Config {
         }
         for pat in &self.upstream.allowed_origins {
             if pat.is_empty() || pat.contains(['/', '@', ' ', '?', '#']) {
-                return Err(invalid("upstream.allowed_origins", format!("`{pat}` is not a host pattern")));
+                return Err(invalid(
+                    "upstream.allowed_origins",
+                    format!("`{pat}` is not a host pattern"),
+                ));
             }
         }
         let mut seen = std::collections::HashSet::new();
         for o in &self.origins {
             if !valid_origin_name(&o.name) {
-                return Err(invalid("origins.name", format!("`{}` must match [a-z0-9][a-z0-9._-]{{0,62}}", o.name)));
+                return Err(invalid(
+                    "origins.name",
+                    format!("`{}` must match [a-z0-9][a-z0-9._-]{{0,62}}", o.name),
+                ));
             }
             if !seen.insert(o.name.clone()) {
-                return Err(invalid("origins.name", format!("`{}` is named twice", o.name)));
+                return Err(invalid(
+                    "origins.name",
+                    format!("`{}` is named twice", o.name),
+                ));
             }
             check_url(&format!("origins.{}.url", o.name), &o.url)?;
         }
@@ -318,7 +369,11 @@ impl Config {
 
     /// The admin token, from `admin_token` or `admin_token_file`; None when admin is loopback-only.
     pub fn admin_token(&self) -> Result<Option<String>, ConfigError> {
-        secret(&self.server.admin_token, &self.server.admin_token_file, "server.admin_token_file")
+        secret(
+            &self.server.admin_token,
+            &self.server.admin_token_file,
+            "server.admin_token_file",
+        )
     }
 
     /// The config as `check-config` prints it: effective values, secrets redacted.
@@ -362,7 +417,8 @@ pub fn valid_origin_name(n: &str) -> bool {
     !b.is_empty()
         && b.len() <= 63
         && (b[0].is_ascii_lowercase() || b[0].is_ascii_digit())
-        && b.iter().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || b"._-".contains(c))
+        && b.iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || b"._-".contains(c))
 }
 
 fn one_line(s: &str) -> String {
@@ -374,7 +430,10 @@ mod tests {
     use super::*;
 
     fn load(text: &str, vars: &[(&str, &str)]) -> Result<Config, ConfigError> {
-        let vars: Vec<(String, String)> = vars.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect();
+        let vars: Vec<(String, String)> = vars
+            .iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect();
         Config::from_toml_str(text, "test.toml", &vars)
     }
 
@@ -388,7 +447,9 @@ mod tests {
 
     #[test]
     fn unknown_key_is_named() {
-        let e = load("[store]\nmax_sise = \"1GiB\"\n", &[]).unwrap_err().to_string();
+        let e = load("[store]\nmax_sise = \"1GiB\"\n", &[])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("max_sise"), "{e}");
         assert!(e.contains("test.toml"), "{e}");
     }
@@ -415,7 +476,13 @@ mod tests {
     fn env_named_origins() {
         let c = load(
             "",
-            &[("CISTERN_ORIGINS__DEB_MIRROR__URL", "http://deb.example/debian"), ("CISTERN_ORIGINS__DEB_MIRROR__IMMUTABLE", "true")],
+            &[
+                (
+                    "CISTERN_ORIGINS__DEB_MIRROR__URL",
+                    "http://deb.example/debian",
+                ),
+                ("CISTERN_ORIGINS__DEB_MIRROR__IMMUTABLE", "true"),
+            ],
         )
         .unwrap();
         assert_eq!(c.origins.len(), 1);
@@ -425,17 +492,29 @@ mod tests {
 
     #[test]
     fn env_typo_is_an_error() {
-        let e = load("", &[("CISTERN_STORE__MAXSIZE", "1")]).unwrap_err().to_string();
+        let e = load("", &[("CISTERN_STORE__MAXSIZE", "1")])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("CISTERN_STORE__MAXSIZE"), "{e}");
     }
 
     #[test]
     fn bad_values_are_named() {
-        assert!(load("[node]\nid = \"gw 1\"\n", &[]).unwrap_err().to_string().contains("node.id"));
-        assert!(load("[server]\nlisten = \"nowhere\"\n", &[]).unwrap_err().to_string().contains("server.listen"));
-        let e = load("[[origins]]\nname = \"Bad\"\nurl = \"http://x\"\n", &[]).unwrap_err().to_string();
+        assert!(load("[node]\nid = \"gw 1\"\n", &[])
+            .unwrap_err()
+            .to_string()
+            .contains("node.id"));
+        assert!(load("[server]\nlisten = \"nowhere\"\n", &[])
+            .unwrap_err()
+            .to_string()
+            .contains("server.listen"));
+        let e = load("[[origins]]\nname = \"Bad\"\nurl = \"http://x\"\n", &[])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("origins.name"), "{e}");
-        let e = load("[store]\nmax_size = \"lots\"\n", &[]).unwrap_err().to_string();
+        let e = load("[store]\nmax_size = \"lots\"\n", &[])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("lots"), "{e}");
     }
 

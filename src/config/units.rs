@@ -18,7 +18,9 @@ impl ByteSize {
             .unwrap_or(t.len());
         let (num, unit) = t.split_at(split);
         if num.is_empty() {
-            return Err(format!("`{s}` is not a size (expected e.g. 1048576, 512MiB, 20GiB)"));
+            return Err(format!(
+                "`{s}` is not a size (expected e.g. 1048576, 512MiB, 20GiB)"
+            ));
         }
         let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
             "" | "b" => 1,
@@ -30,7 +32,11 @@ impl ByteSize {
             "gib" | "gi" => 1 << 30,
             "t" | "tb" => 1_000_000_000_000,
             "tib" | "ti" => 1 << 40,
-            other => return Err(format!("`{s}`: unknown size unit `{other}` (use B, KiB, MiB, GiB, TiB)")),
+            other => {
+                return Err(format!(
+                    "`{s}`: unknown size unit `{other}` (use B, KiB, MiB, GiB, TiB)"
+                ))
+            }
         };
         let v: f64 = num
             .parse()
@@ -42,8 +48,13 @@ impl ByteSize {
 impl fmt::Display for ByteSize {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let v = self.0;
-        for (unit, m) in [("TiB", 1u64 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)] {
-            if v >= m && v % m == 0 {
+        for (unit, m) in [
+            ("TiB", 1u64 << 40),
+            ("GiB", 1 << 30),
+            ("MiB", 1 << 20),
+            ("KiB", 1 << 10),
+        ] {
+            if v >= m && v.is_multiple_of(m) {
                 return write!(f, "{}{}", v / m, unit);
             }
         }
@@ -94,7 +105,11 @@ impl Span {
             "m" => Duration::from_secs(n * 60),
             "h" => Duration::from_secs(n * 3600),
             "d" => Duration::from_secs(n * 86400),
-            other => return Err(format!("`{s}`: unknown duration unit `{other}` (use ms, s, m, h, d)")),
+            other => {
+                return Err(format!(
+                    "`{s}`: unknown duration unit `{other}` (use ms, s, m, h, d)"
+                ))
+            }
         };
         Ok(Span(d))
     }
@@ -103,13 +118,13 @@ impl Span {
 impl fmt::Display for Span {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let ms = self.0.as_millis();
-        if ms % 1000 != 0 {
+        if !ms.is_multiple_of(1000) {
             return write!(f, "{ms}ms");
         }
         let s = ms / 1000;
-        if s != 0 && s % 3600 == 0 {
+        if s != 0 && s.is_multiple_of(3600) {
             write!(f, "{}h", s / 3600)
-        } else if s != 0 && s % 60 == 0 {
+        } else if s != 0 && s.is_multiple_of(60) {
             write!(f, "{}m", s / 60)
         } else {
             write!(f, "{s}s")

@@ -28,7 +28,10 @@ impl Budget {
     /// for the caller to unlink; NoRoom (and nothing evicted) when even evicting every candidate would
     /// not make room.
     pub fn make_room(&self, st: &mut State, n: u64) -> Result<Vec<Digest>, StoreError> {
-        let free = self.free_bytes().unwrap_or(u64::MAX).saturating_sub(st.reserved);
+        let free = self
+            .free_bytes()
+            .unwrap_or(u64::MAX)
+            .saturating_sub(st.reserved);
         let over_size = |freed: u64| {
             self.max_size > 0 && st.used + st.reserved + n > self.max_size.saturating_add(freed)
         };

@@ -46,7 +46,9 @@ impl Digest {
         for v in h.get_all("digest") {
             let v = v.to_str().ok()?;
             for member in v.split(',') {
-                let Some((k, val)) = member.trim().split_once('=') else { continue };
+                let Some((k, val)) = member.trim().split_once('=') else {
+                    continue;
+                };
                 if k.trim().eq_ignore_ascii_case("sha-256") {
                     return Digest::parse_any(val.trim());
                 }
@@ -110,14 +112,20 @@ mod tests {
     #[test]
     fn spellings_round_trip() {
         let d = Digest(sha2::Sha256::digest(b"abc").into());
-        assert_eq!(d.hex(), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+        assert_eq!(
+            d.hex(),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
         assert_eq!(Digest::parse_any(&d.base64()), Some(d));
         assert_eq!(Digest::parse_any(&d.hex().to_uppercase()), Some(d));
         let mut h = http::HeaderMap::new();
         h.insert("repr-digest", d.repr_digest_header().parse().unwrap());
         assert_eq!(Digest::from_headers(&h), Some(d));
         let mut h = http::HeaderMap::new();
-        h.insert("digest", format!("MD5=abc, SHA-256={}", d.base64()).parse().unwrap());
+        h.insert(
+            "digest",
+            format!("MD5=abc, SHA-256={}", d.base64()).parse().unwrap(),
+        );
         assert_eq!(Digest::from_headers(&h), Some(d));
         assert!("xyz".parse::<Digest>().is_err());
     }

@@ -29,8 +29,18 @@ impl Fill {
             .write(true)
             .create_new(true)
             .open(&path)
-            .map_err(|source| StoreError::Io { path: path.display().to_string(), source })?;
-        Ok(Fill { store, path, file: Arc::new(file), len: 0, reserved, committed: false })
+            .map_err(|source| StoreError::Io {
+                path: path.display().to_string(),
+                source,
+            })?;
+        Ok(Fill {
+            store,
+            path,
+            file: Arc::new(file),
+            len: 0,
+            reserved,
+            committed: false,
+        })
     }
 
     /// The temp file, for readers of the bytes written so far.
@@ -59,9 +69,12 @@ impl Fill {
             self.store.reserve(grow)?;
             self.reserved += grow;
         }
-        (&*self.file)
+        self.file
             .write_all_at(data, self.len)
-            .map_err(|source| StoreError::Io { path: self.path.display().to_string(), source })?;
+            .map_err(|source| StoreError::Io {
+                path: self.path.display().to_string(),
+                source,
+            })?;
         self.len = end;
         Ok(())
     }
@@ -73,9 +86,10 @@ impl Fill {
 
     /// Cuts the fill back to `len` bytes (a restarted transfer that differs from what was held).
     pub fn truncate(&mut self, len: u64) -> Result<(), StoreError> {
-        self.file
-            .set_len(len)
-            .map_err(|source| StoreError::Io { path: self.path.display().to_string(), source })?;
+        self.file.set_len(len).map_err(|source| StoreError::Io {
+            path: self.path.display().to_string(),
+            source,
+        })?;
         self.len = len.min(self.len);
         Ok(())
     }
@@ -92,8 +106,19 @@ impl Fill {
         (&*self.file)
             .flush()
             .and_then(|_| self.file.sync_all())
-            .map_err(|source| StoreError::Io { path: self.path.display().to_string(), source })?;
-        let r = self.store.commit_blob(&self.path, digest, self.len, self.reserved, key, content_type, pin);
+            .map_err(|source| StoreError::Io {
+                path: self.path.display().to_string(),
+                source,
+            })?;
+        let r = self.store.commit_blob(
+            &self.path,
+            digest,
+            self.len,
+            self.reserved,
+            key,
+            content_type,
+            pin,
+        );
         self.committed = r.is_ok();
         r
     }

@@ -32,7 +32,10 @@ pub struct Index {
 
 impl Index {
     pub fn open(path: &std::path::Path) -> sled::Result<Index> {
-        let db = sled::Config::new().path(path).mode(sled::Mode::HighThroughput).open()?;
+        let db = sled::Config::new()
+            .path(path)
+            .mode(sled::Mode::HighThroughput)
+            .open()?;
         let keys = db.open_tree("keys")?;
         let objects = db.open_tree("objects")?;
         Ok(Index { db, keys, objects })
@@ -57,7 +60,10 @@ impl Index {
     pub fn keys(&self) -> impl Iterator<Item = (String, KeyEntry)> {
         self.keys.iter().filter_map(|r| {
             let (k, v) = r.ok()?;
-            Some((String::from_utf8(k.to_vec()).ok()?, serde_json::from_slice(&v).ok()?))
+            Some((
+                String::from_utf8(k.to_vec()).ok()?,
+                serde_json::from_slice(&v).ok()?,
+            ))
         })
     }
 

@@ -28,7 +28,10 @@ pub struct KeyMeta {
 
 impl KeyMeta {
     pub fn immutable() -> Self {
-        KeyMeta { fetched_at: now_ms(), ..Default::default() }
+        KeyMeta {
+            fetched_at: now_ms(),
+            ..Default::default()
+        }
     }
 
     /// Seconds left before the mapping goes stale (negative once stale); None when it never does.
@@ -60,7 +63,8 @@ pub struct ObjectMeta {
 impl ObjectMeta {
     pub fn read(path: &Path) -> std::io::Result<ObjectMeta> {
         let raw = std::fs::read(path)?;
-        serde_json::from_slice(&raw).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+        serde_json::from_slice(&raw)
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
     }
 
     /// Writes atomically: a reader (or a crash) sees the old file or the new one, never half of one.
@@ -77,5 +81,8 @@ impl ObjectMeta {
 }
 
 pub fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }

@@ -32,7 +32,10 @@ use index::{Index, ObjectRecord};
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("store {path}: {source}")]
-    Io { path: String, source: std::io::Error },
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("store index: {0}")]
     Index(#[from] sled::Error),
     #[error("no room in the store for {0} bytes")]
@@ -44,7 +47,10 @@ pub enum StoreError {
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
-    move |source| StoreError::Io { path: path.display().to_string(), source }
+    move |source| StoreError::Io {
+        path: path.display().to_string(),
+        source,
+    }
 }
 
 /// Store settings, taken from `[store]` by the caller.
@@ -170,7 +176,11 @@ impl Store {
                 tmp_dir,
                 index,
                 state: Mutex::new(state),
-                budget: Budget { dir: cfg.dir.clone(), max_size: cfg.max_size, min_free: cfg.min_free },
+                budget: Budget {
+                    dir: cfg.dir.clone(),
+                    max_size: cfg.max_size,
+                    min_free: cfg.min_free,
+                },
                 max_object_size: cfg.max_object_size,
                 maps: Mutex::new(HashMap::new()),
                 stats: StoreStats::default(),
@@ -223,8 +233,17 @@ impl Store {
             o.last_access = now_ms();
             o.content_type.clone()
         };
-        let guard = ReadGuard { store: self.clone(), digest: *d };
-        let cached = self.shared.maps.lock().unwrap_or_else(|p| p.into_inner()).get(d).cloned();
+        let guard = ReadGuard {
+            store: self.clone(),
+            digest: *d,
+        };
+        let cached = self
+            .shared
+            .maps
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(d)
+            .cloned();
         let bytes = match cached {
             Some(b) => b,
             None => {
@@ -247,7 +266,12 @@ impl Store {
                 b
             }
         };
-        Ok(Hit { digest: *d, bytes, content_type, _reading: guard })
+        Ok(Hit {
+            digest: *d,
+            bytes,
+            content_type,
+            _reading: guard,
+        })
     }
 
     /// Maps `key` to an already stored object (and records its freshness), in the index and in `.meta`.
@@ -285,7 +309,9 @@ impl Store {
 
     /// Records a successful revalidation (RFC 9111 §4.3.4): new freshness for the key, same object.
     pub fn refresh_key(&self, key: &str, meta: KeyMeta) -> Result<(), StoreError> {
-        let Some(e) = self.shared.index.key(key) else { return Ok(()) };
+        let Some(e) = self.shared.index.key(key) else {
+            return Ok(());
+        };
         self.map_key(key, &e.digest, meta)
     }
 
@@ -298,7 +324,10 @@ impl Store {
         }
         self.reserve(want)?;
         let n = self.shared.next_tmp.fetch_add(1, Ordering::Relaxed);
-        let path = self.shared.tmp_dir.join(format!("fill-{}-{n}", std::process::id()));
+        let path = self
+            .shared
+            .tmp_dir
+            .join(format!("fill-{}-{n}", std::process::id()));
         match Fill::create(self.clone(), path, want) {
             Ok(f) => Ok(f),
             Err(e) => {
@@ -337,6 +366,7 @@ impl Store {
     }
 
     /// Makes a verified fill visible: meta, rename, directory fsync, index. Blocking.
+    #[allow(clippy::too_many_arguments)] // one call site, in Fill::commit; a struct would only rename them
     pub(crate) fn commit_blob(
         &self,
         tmp: &Path,
@@ -353,7 +383,10 @@ impl Store {
             self.release(reserved);
         } else {
             let final_path = self.blob_path(d);
-            let parent = final_path.parent().unwrap_or(&self.shared.objects_dir).to_path_buf();
+            let parent = final_path
+                .parent()
+                .unwrap_or(&self.shared.objects_dir)
+                .to_path_buf();
             std::fs::create_dir_all(&parent).map_err(io_err(&parent))?;
             let mpath = self.meta_path(d);
             let mut m = ObjectMeta::read(&mpath).unwrap_or(ObjectMeta {
@@ -373,7 +406,13 @@ impl Store {
             if let Ok(dir) = std::fs::File::open(&parent) {
                 let _ = dir.sync_all();
             }
-            let rec = ObjectRecord { size, pinned: m.pinned, last_access: now_ms(), hits: 0, content_type };
+            let rec = ObjectRecord {
+                size,
+                pinned: m.pinned,
+                last_access: now_ms(),
+                hits: 0,
+                content_type,
+            };
             self.shared.index.put_object(d, &rec)?;
             let mut st = self.state();
             st.reserved = st.reserved.saturating_sub(reserved);
@@ -411,7 +450,9 @@ impl Store {
                 self.drop_key_from_meta(&old.digest, key);
             }
         }
-        self.shared.index.put_key(key, &KeyEntry { digest: *d, meta })?;
+        self.shared
+            .index
+            .put_key(key, &KeyEntry { digest: *d, meta })?;
         Ok(())
     }
 
@@ -443,7 +484,9 @@ impl Store {
     }
 
     fn unlink(&self, d: &Digest) {
-        let keys = ObjectMeta::read(&self.meta_path(d)).map(|m| m.keys).unwrap_or_default();
+        let keys = ObjectMeta::read(&self.meta_path(d))
+            .map(|m| m.keys)
+            .unwrap_or_default();
         for k in keys.keys() {
             if self.shared.index.key(k).is_some_and(|e| e.digest == *d) {
                 let _ = self.shared.index.remove_key(k);
@@ -452,7 +495,11 @@ impl Store {
         let _ = self.shared.index.remove_object(d);
         let _ = std::fs::remove_file(self.blob_path(d));
         let _ = std::fs::remove_file(self.meta_path(d));
-        self.shared.maps.lock().unwrap_or_else(|p| p.into_inner()).remove(d);
+        self.shared
+            .maps
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(d);
         let mut st = self.state();
         if let Some(o) = st.objects.remove(d) {
             st.used = st.used.saturating_sub(o.size);
@@ -478,7 +525,7 @@ impl Store {
                 last_access: o.last_access,
             })
             .collect();
-        out.sort_by(|a, b| b.last_access.cmp(&a.last_access));
+        out.sort_by_key(|o| std::cmp::Reverse(o.last_access));
         out
     }
 
@@ -496,7 +543,12 @@ impl Store {
 
     /// Writes access times and hit counts to the index and flushes it (periodically and at shutdown).
     pub fn flush(&self) -> Result<(), StoreError> {
-        let snapshot: Vec<(Digest, Obj)> = self.state().objects.iter().map(|(d, o)| (*d, o.clone())).collect();
+        let snapshot: Vec<(Digest, Obj)> = self
+            .state()
+            .objects
+            .iter()
+            .map(|(d, o)| (*d, o.clone()))
+            .collect();
         for (d, o) in snapshot {
             let rec = ObjectRecord {
                 size: o.size,

@@ -50,8 +50,13 @@ pub fn reconcile(objects_dir: &Path, tmp_dir: &Path, index: &Index) -> Result<St
     // Winner per key across all metas: the mapping fetched last.
     let mut keys: HashMap<String, KeyEntry> = HashMap::new();
     let mut rebuilt = 0usize;
-    for shard in std::fs::read_dir(objects_dir).map_err(io_err(objects_dir))?.flatten() {
-        let Ok(rd) = std::fs::read_dir(shard.path()) else { continue };
+    for shard in std::fs::read_dir(objects_dir)
+        .map_err(io_err(objects_dir))?
+        .flatten()
+    {
+        let Ok(rd) = std::fs::read_dir(shard.path()) else {
+            continue;
+        };
         for e in rd.flatten() {
             let path = e.path();
             let name = e.file_name().to_string_lossy().to_string();
@@ -65,9 +70,13 @@ pub fn reconcile(objects_dir: &Path, tmp_dir: &Path, index: &Index) -> Result<St
                 }
                 continue;
             }
-            let Ok(d) = name.parse::<Digest>() else { continue };
+            let Ok(d) = name.parse::<Digest>() else {
+                continue;
+            };
             let Ok(md) = e.metadata() else { continue };
-            let meta = ObjectMeta::read(&path.with_extension("meta")).ok().filter(|m| m.digest == d);
+            let meta = ObjectMeta::read(&path.with_extension("meta"))
+                .ok()
+                .filter(|m| m.digest == d);
             let rec = match index.object(&d) {
                 Some(r) => r,
                 None => {
@@ -85,9 +94,17 @@ pub fn reconcile(objects_dir: &Path, tmp_dir: &Path, index: &Index) -> Result<St
             };
             if let Some(m) = meta {
                 for (k, km) in m.keys {
-                    let newer = keys.get(&k).is_none_or(|old| old.meta.fetched_at <= km.fetched_at);
+                    let newer = keys
+                        .get(&k)
+                        .is_none_or(|old| old.meta.fetched_at <= km.fetched_at);
                     if newer {
-                        keys.insert(k, KeyEntry { digest: d, meta: km });
+                        keys.insert(
+                            k,
+                            KeyEntry {
+                                digest: d,
+                                meta: km,
+                            },
+                        );
                     }
                 }
             }
@@ -105,7 +122,11 @@ pub fn reconcile(objects_dir: &Path, tmp_dir: &Path, index: &Index) -> Result<St
             );
         }
     }
-    let stale: Vec<Digest> = index.objects().map(|(d, _)| d).filter(|d| !state.objects.contains_key(d)).collect();
+    let stale: Vec<Digest> = index
+        .objects()
+        .map(|(d, _)| d)
+        .filter(|d| !state.objects.contains_key(d))
+        .collect();
     for d in &stale {
         index.remove_object(d)?;
     }
@@ -116,11 +137,19 @@ pub fn reconcile(objects_dir: &Path, tmp_dir: &Path, index: &Index) -> Result<St
     }
     for (k, e) in keys {
         let current = index.key(&k);
-        if current.is_none_or(|c| !state.objects.contains_key(&c.digest) || c.meta.fetched_at < e.meta.fetched_at) {
+        if current.is_none_or(|c| {
+            !state.objects.contains_key(&c.digest) || c.meta.fetched_at < e.meta.fetched_at
+        }) {
             index.put_key(&k, &e)?;
         }
     }
     index.flush()?;
-    tracing::info!(objects = state.objects.len(), bytes = state.used, reindexed = rebuilt, dropped = stale.len(), "store recovered");
+    tracing::info!(
+        objects = state.objects.len(),
+        bytes = state.used,
+        reindexed = rebuilt,
+        dropped = stale.len(),
+        "store recovered"
+    );
     Ok(state)
 }

@@ -2,14 +2,20 @@ use super::*;
 use sha2::Digest as _;
 
 fn cfg(dir: &Path) -> StoreConfig {
-    StoreConfig { dir: dir.to_path_buf(), max_size: 0, min_free: 0, max_object_size: 0 }
+    StoreConfig {
+        dir: dir.to_path_buf(),
+        max_size: 0,
+        min_free: 0,
+        max_object_size: 0,
+    }
 }
 
 fn put(store: &Store, body: &[u8], key: Option<&str>) -> Digest {
     let d = Digest(sha2::Sha256::digest(body).into());
     let mut f = store.begin_fill(Some(body.len() as u64)).unwrap();
     f.write(body).unwrap();
-    f.commit(&d, key.map(|k| (k, KeyMeta::immutable())), None, false).unwrap();
+    f.commit(&d, key.map(|k| (k, KeyMeta::immutable())), None, false)
+        .unwrap();
     d
 }
 
@@ -41,7 +47,10 @@ fn dropped_fill_leaves_nothing() {
 fn second_open_is_refused_while_the_first_holds_the_store() {
     let t = tempfile::tempdir().unwrap();
     let _s = Store::open(&cfg(t.path())).unwrap();
-    assert!(matches!(Store::open(&cfg(t.path())), Err(StoreError::Locked(_))));
+    assert!(matches!(
+        Store::open(&cfg(t.path())),
+        Err(StoreError::Locked(_))
+    ));
 }
 
 #[test]
@@ -60,7 +69,12 @@ fn deleted_index_is_rebuilt_with_keys_and_pins() {
     let s = Store::open(&cfg(t.path())).unwrap();
     assert_eq!(s.lookup("k/a").unwrap().digest, a);
     assert_eq!(s.lookup("k/b").unwrap().digest, b);
-    let pinned: Vec<_> = s.list().into_iter().filter(|o| o.pinned).map(|o| o.digest).collect();
+    let pinned: Vec<_> = s
+        .list()
+        .into_iter()
+        .filter(|o| o.pinned)
+        .map(|o| o.digest)
+        .collect();
     assert_eq!(pinned, vec![b]);
     assert_eq!(std::fs::read_dir(t.path().join("tmp")).unwrap().count(), 0);
 }
@@ -100,7 +114,10 @@ fn eviction_is_lru_and_spares_pins() {
     // Nothing evictable is left that would make room for 250 more bytes: NoRoom, nothing evicted.
     s.set_pin(&b, true).unwrap();
     s.set_pin(&d, true).unwrap();
-    assert!(matches!(s.begin_fill(Some(250)), Err(StoreError::NoRoom(_))));
+    assert!(matches!(
+        s.begin_fill(Some(250)),
+        Err(StoreError::NoRoom(_))
+    ));
     assert_eq!(s.usage().objects, 3);
 }
 

@@ -1,0 +1,505 @@
+//! A `Flight`: one upstream transfer in progress, shared by every client that asks for the object while
+//! it arrives (SPEC 4, "one fetch per object"). The transfer task appends bytes; readers stream them as
+//! they arrive, from a small in-memory window of the newest bytes or, when they fall behind it, from the
+//! fill's temp file. The object's last byte is held back until the transfer has ended and verified, so
+//! that a corrupt or truncated object can never look complete to a client.
+//!
+//! When the object is not being stored (pass-through), there is no file: the window then keeps every byte
+//! that some reader still needs, and the transfer waits for the slowest reader (bounded memory).
+
+use std::collections::{HashMap, VecDeque};
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use bytes::Bytes;
+use tokio::sync::watch;
+
+use super::FetchError;
+use crate::store::Digest;
+
+/// Bytes kept in memory behind the newest byte while a file backs the flight.
+const WINDOW: u64 = 2 << 20;
+/// Bytes a pass-through flight may run ahead of its slowest reader.
+const PASS_WINDOW: u64 = 8 << 20;
+/// Largest chunk a reader takes at once from the file.
+const READ_CHUNK: usize = 256 << 10;
+
+/// What the upstream said about the object, known once its response headers arrived.
+#[derive(Clone, Debug, Default)]
+pub struct Head {
+    /// Object length, when the upstream announced it.
+    pub size: Option<u64>,
+    pub content_type: Option<String>,
+    /// The digest the bytes must have, when known before they arrive.
+    pub digest: Option<Digest>,
+    /// The upstream's ETag and Last-Modified, passed to clients.
+    pub etag: Option<String>,
+    pub last_modified: Option<String>,
+    /// Whether the object will be stored (false: streamed through only).
+    pub storing: bool,
+    /// Cache-Status members of upstream caches (a parent cistern), kept before ours.
+    pub upstream_cache_status: Option<String>,
+}
+
+/// How a flight ended.
+#[derive(Clone, Debug)]
+pub enum End {
+    /// Every byte arrived and (when a digest was known) matched; stored when `Head::storing` was set.
+    Complete(Digest),
+    /// A revalidation answered 304: the stored object is fresh again.
+    Revalidated(Digest),
+    /// Revalidation failed (upstream unreachable or 5xx): serve the stored copy, stale.
+    ServeStale(Digest),
+    Failed(FetchError),
+}
+
+struct State {
+    head: Option<Head>,
+    /// Bytes received so far (of the current generation).
+    written: u64,
+    /// Newest bytes in memory: `window` holds [window_start, written).
+    window: VecDeque<Bytes>,
+    window_start: u64,
+    file: Option<Arc<File>>,
+    /// Bumped when a restarted transfer turned out to differ from the bytes already sent: readers of the
+    /// old generation are cut off.
+    generation: u32,
+    end: Option<End>,
+    /// Position of each reader, for pass-through back-pressure.
+    readers: HashMap<u64, u64>,
+    next_reader: u64,
+}
+
+pub struct Flight {
+    state: Mutex<State>,
+    /// Ticks on every change; readers wait on it.
+    tick: watch::Sender<u64>,
+}
+
+impl Flight {
+    pub fn new() -> Arc<Flight> {
+        Arc::new(Flight {
+            state: Mutex::new(State {
+                head: None,
+                written: 0,
+                window: VecDeque::new(),
+                window_start: 0,
+                file: None,
+                generation: 0,
+                end: None,
+                readers: HashMap::new(),
+                next_reader: 0,
+            }),
+            tick: watch::channel(0).0,
+        })
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn bump(&self) {
+        self.tick.send_modify(|v| *v = v.wrapping_add(1));
+    }
+
+    // ---- the transfer side ----
+
+    pub fn set_head(&self, head: Head, file: Option<Arc<File>>) {
+        {
+            let mut st = self.state();
+            st.head = Some(head);
+            st.file = file;
+        }
+        self.bump();
+    }
+
+    /// Drops the file backing (the store gave up on the object half-way): from now on the window keeps
+    /// what readers still need. Bytes before the window stay readable from the file handle readers hold.
+    pub fn stop_storing(&self) {
+        let mut st = self.state();
+        if let Some(h) = st.head.as_mut() {
+            h.storing = false;
+        }
+    }
+
+    pub fn is_storing(&self) -> bool {
+        self.state().head.as_ref().is_some_and(|h| h.storing)
+    }
+
+    pub fn size(&self) -> Option<u64> {
+        self.state().head.as_ref().and_then(|h| h.size)
+    }
+
+    pub fn written(&self) -> u64 {
+        self.state().written
+    }
+
+    pub fn reader_count(&self) -> usize {
+        self.state().readers.len()
+    }
+
+    /// Appends bytes already written to the file (if any).
+    pub fn append(&self, chunks: Vec<Bytes>) {
+        {
+            let mut st = self.state();
+            for c in chunks {
+                st.written += c.len() as u64;
+                st.window.push_back(c);
+            }
+            let storing = st.head.as_ref().is_some_and(|h| h.storing) && st.file.is_some();
+            let keep_from = if storing {
+                st.written.saturating_sub(WINDOW)
+            } else {
+                st.readers.values().copied().min().unwrap_or(st.written)
+            };
+            while let Some(front) = st.window.front() {
+                let flen = front.len() as u64;
+                if st.window_start + flen > keep_from {
+                    break;
+                }
+                st.window_start += flen;
+                st.window.pop_front();
+            }
+        }
+        self.bump();
+    }
+
+    /// For pass-through: waits until the slowest reader is within `PASS_WINDOW` of the newest byte.
+    /// Returns false when no reader is left (the transfer can stop: nothing is being stored).
+    pub async fn wait_for_readers(&self) -> bool {
+        let mut rx = self.tick.subscribe();
+        loop {
+            {
+                let st = self.state();
+                if st.readers.is_empty() {
+                    return false;
+                }
+                let min = st.readers.values().copied().min().unwrap_or(st.written);
+                if st.written.saturating_sub(min) <= PASS_WINDOW {
+                    return true;
+                }
+            }
+            if rx.changed().await.is_err() {
+                return false;
+            }
+        }
+    }
+
+    /// A restarted transfer differs from the bytes held from `at` on: readers of the current generation
+    /// are cut off; the flight goes on from `at` with the new bytes.
+    pub fn diverge(&self, at: u64) {
+        {
+            let mut st = self.state();
+            st.generation += 1;
+            st.written = at;
+            st.window.clear();
+            st.window_start = at;
+        }
+        self.bump();
+    }
+
+    pub fn finish(&self, end: End) {
+        self.state().end = Some(end);
+        self.bump();
+    }
+
+    pub fn end(&self) -> Option<End> {
+        self.state().end.clone()
+    }
+
+    // ---- the reader side ----
+
+    /// Waits for the end of the flight.
+    pub async fn wait_end(&self) -> End {
+        let mut rx = self.tick.subscribe();
+        loop {
+            let end = self.state().end.clone();
+            if let Some(e) = end {
+                return e;
+            }
+            if rx.changed().await.is_err() {
+                return End::Failed(FetchError::Internal("transfer vanished".into()));
+            }
+        }
+    }
+
+    /// Waits until the response head is known or the flight ended before it.
+    pub async fn head(&self) -> Result<Head, End> {
+        let mut rx = self.tick.subscribe();
+        loop {
+            {
+                let st = self.state();
+                if let Some(h) = &st.head {
+                    return Ok(h.clone());
+                }
+                if let Some(e) = &st.end {
+                    return Err(e.clone());
+                }
+            }
+            if rx.changed().await.is_err() {
+                return Err(End::Failed(FetchError::Internal(
+                    "transfer vanished".into(),
+                )));
+            }
+        }
+    }
+
+    /// Attaches a reader for bytes [from, to) (`to` None = to the end of the object).
+    pub fn reader(self: &Arc<Self>, from: u64, to: Option<u64>) -> FlightReader {
+        let mut st = self.state();
+        let id = st.next_reader;
+        st.next_reader += 1;
+        st.readers.insert(id, from);
+        let generation = st.generation;
+        drop(st);
+        FlightReader {
+            flight: self.clone(),
+            id,
+            pos: from,
+            to,
+            generation,
+        }
+    }
+}
+
+/// One client's view of a flight.
+pub struct FlightReader {
+    flight: Arc<Flight>,
+    id: u64,
+    pos: u64,
+    to: Option<u64>,
+    generation: u32,
+}
+
+enum Step {
+    Data(Bytes),
+    FromFile(Arc<File>, u64, usize),
+    Done,
+    Wait,
+}
+
+impl FlightReader {
+    /// The next bytes, None at the end of the requested range, or the error that ended the flight (the
+    /// client's connection must then be aborted, never finished).
+    pub async fn next(&mut self) -> Option<Result<Bytes, FetchError>> {
+        let mut rx = self.flight.tick.subscribe();
+        loop {
+            let step = match self.step() {
+                Ok(s) => s,
+                Err(e) => return Some(Err(e)),
+            };
+            match step {
+                Step::Data(b) => return Some(Ok(self.advance(b))),
+                Step::Done => return None,
+                Step::FromFile(file, at, len) => {
+                    let read = tokio::task::spawn_blocking(move || {
+                        let mut buf = vec![0u8; len];
+                        let n = file.read_at(&mut buf, at)?;
+                        buf.truncate(n);
+                        Ok::<_, std::io::Error>(buf)
+                    })
+                    .await;
+                    match read {
+                        Ok(Ok(buf)) if !buf.is_empty() => {
+                            // The bytes may have been replaced meanwhile by a diverging restart.
+                            if self.flight.state().generation != self.generation {
+                                return Some(Err(FetchError::Diverged));
+                            }
+                            return Some(Ok(self.advance(Bytes::from(buf))));
+                        }
+                        Ok(Ok(_)) => {
+                            return Some(Err(FetchError::Internal(
+                                "fill file shorter than written".into(),
+                            )))
+                        }
+                        Ok(Err(e)) => {
+                            return Some(Err(FetchError::Internal(format!("reading fill: {e}"))))
+                        }
+                        Err(e) => return Some(Err(FetchError::Internal(e.to_string()))),
+                    }
+                }
+                Step::Wait => {
+                    if rx.changed().await.is_err() {
+                        return Some(Err(FetchError::Internal("transfer vanished".into())));
+                    }
+                }
+            }
+        }
+    }
+
+    fn advance(&mut self, b: Bytes) -> Bytes {
+        self.pos += b.len() as u64;
+        let pos = self.pos;
+        let id = self.id;
+        self.flight.state().readers.insert(id, pos);
+        self.flight.bump();
+        b
+    }
+
+    fn step(&self) -> Result<Step, FetchError> {
+        let st = self.flight.state();
+        if st.generation != self.generation {
+            return Err(FetchError::Diverged);
+        }
+        let size = st.head.as_ref().and_then(|h| h.size);
+        let (complete, failed) = match &st.end {
+            Some(End::Complete(_)) => (true, None),
+            Some(End::Failed(e)) => (false, Some(e.clone())),
+            Some(_) => (true, None),
+            None => (false, None),
+        };
+        let end = match (self.to, size) {
+            (Some(t), Some(s)) => t.min(s),
+            (Some(t), None) => t,
+            (None, Some(s)) => s,
+            (None, None) => u64::MAX,
+        };
+        if self.pos >= end {
+            return Ok(Step::Done);
+        }
+        // Hold back the object's last byte until the transfer completed (and verified).
+        let readable = if complete {
+            st.written
+        } else if size.is_some_and(|s| end >= s) || end == u64::MAX {
+            match size {
+                Some(s) => st.written.min(s.saturating_sub(1)),
+                None => st.written.saturating_sub(1),
+            }
+        } else {
+            st.written
+        };
+        let readable = readable.min(end);
+        if self.pos < readable {
+            if self.pos >= st.window_start {
+                // Find the chunk that holds `pos` in the window.
+                let mut off = st.window_start;
+                for c in &st.window {
+                    let clen = c.len() as u64;
+                    if self.pos < off + clen {
+                        let a = (self.pos - off) as usize;
+                        let b = (readable.min(off + clen) - off) as usize;
+                        return Ok(Step::Data(c.slice(a..b)));
+                    }
+                    off += clen;
+                }
+            }
+            return match &st.file {
+                Some(f) => {
+                    let limit = readable.min(st.window_start.max(self.pos + 1));
+                    let len = (limit - self.pos).min(READ_CHUNK as u64) as usize;
+                    Ok(Step::FromFile(f.clone(), self.pos, len))
+                }
+                None => Err(FetchError::Internal(
+                    "reader fell behind a pass-through transfer".into(),
+                )),
+            };
+        }
+        if let Some(e) = failed {
+            return Err(e);
+        }
+        if complete && (self.pos >= st.written || end == u64::MAX) {
+            return Ok(Step::Done);
+        }
+        Ok(Step::Wait)
+    }
+}
+
+impl Drop for FlightReader {
+    fn drop(&mut self) {
+        let id = self.id;
+        self.flight.state().readers.remove(&id);
+        self.flight.bump();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn drain(r: &mut FlightReader) -> Result<Vec<u8>, FetchError> {
+        let mut out = Vec::new();
+        while let Some(c) = r.next().await {
+            out.extend_from_slice(&c?);
+        }
+        Ok(out)
+    }
+
+    #[tokio::test]
+    async fn last_byte_is_held_until_complete() {
+        let f = Flight::new();
+        f.set_head(
+            Head {
+                size: Some(4),
+                storing: false,
+                ..Default::default()
+            },
+            None,
+        );
+        let mut r = f.reader(0, None);
+        f.append(vec![Bytes::from_static(b"abcd")]);
+        assert_eq!(&r.next().await.unwrap().unwrap()[..], b"abc");
+        let pending = tokio::time::timeout(std::time::Duration::from_millis(50), r.next()).await;
+        assert!(pending.is_err(), "last byte delivered before the end");
+        f.finish(End::Complete(Digest([0; 32])));
+        assert_eq!(&r.next().await.unwrap().unwrap()[..], b"d");
+        assert!(r.next().await.is_none());
+    }
+
+    #[tokio::test]
+    async fn failure_cuts_readers_off() {
+        let f = Flight::new();
+        f.set_head(
+            Head {
+                size: Some(6),
+                ..Default::default()
+            },
+            None,
+        );
+        let mut r = f.reader(0, None);
+        f.append(vec![Bytes::from_static(b"abcdef")]);
+        f.finish(End::Failed(FetchError::DigestMismatch("x".into())));
+        let got = drain(&mut r).await;
+        assert!(got.is_err());
+    }
+
+    #[tokio::test]
+    async fn ranges_before_the_end_need_no_verification() {
+        let f = Flight::new();
+        f.set_head(
+            Head {
+                size: Some(10),
+                ..Default::default()
+            },
+            None,
+        );
+        let mut r = f.reader(2, Some(5));
+        f.append(vec![
+            Bytes::from_static(b"0123"),
+            Bytes::from_static(b"456"),
+        ]);
+        assert_eq!(drain(&mut r).await.unwrap(), b"234");
+    }
+
+    #[tokio::test]
+    async fn divergence_cuts_old_readers() {
+        let f = Flight::new();
+        f.set_head(
+            Head {
+                size: None,
+                ..Default::default()
+            },
+            None,
+        );
+        let mut r = f.reader(0, None);
+        f.append(vec![Bytes::from_static(b"aaaa")]);
+        assert_eq!(&r.next().await.unwrap().unwrap()[..], b"aaa");
+        f.diverge(2);
+        assert!(matches!(r.next().await, Some(Err(FetchError::Diverged))));
+        let mut r2 = f.reader(0, None);
+        f.append(vec![Bytes::from_static(b"bb")]);
+        f.finish(End::Complete(Digest([0; 32])));
+        // The new reader starts behind the window of a pass-through flight: it cannot be served.
+        assert!(drain(&mut r2).await.is_err());
+    }
+}

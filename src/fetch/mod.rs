@@ -1,0 +1,365 @@
+//! Getting objects: from the store when it holds them fresh, else through exactly one upstream transfer
+//! per object that every asking client streams from (collapsing), with verification, resume and
+//! revalidation (SPEC 4). Calls `store` and the upstream; called by `server`.
+
+pub mod flight;
+pub mod freshness;
+pub mod policy;
+mod transfer;
+pub mod upstream;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{HeaderMap, Method, Response, StatusCode, Uri};
+use hyper::body::Incoming;
+use serde::Serialize;
+
+use crate::store::{now_ms, Digest, Hit, KeyMeta, Store};
+pub use flight::{End, Flight, FlightReader, Head};
+use policy::OriginPolicy;
+use upstream::UpstreamClient;
+
+/// How long a key answers 502 after a digest mismatch before it is fetched again (SPEC 4).
+const MISMATCH_HOLD: Duration = Duration::from_secs(60);
+
+/// Why an object could not be had. Cloned to every client of a failed transfer.
+#[derive(Clone, Debug, thiserror::Error)]
+pub enum FetchError {
+    #[error("origin {0} is not in upstream.allowed_origins")]
+    NotAllowed(String),
+    #[error("{0} resolves to an address cistern may not connect to")]
+    AddressRefused(String),
+    #[error("redirect refused: {0}")]
+    RedirectNotAllowed(String),
+    #[error("upstream unreachable: {0}")]
+    Unreachable(String),
+    #[error("upstream {0} did not answer in time")]
+    Timeout(String),
+    #[error("upstream answered {status}")]
+    Status {
+        status: StatusCode,
+        content_type: Option<String>,
+        body: Bytes,
+    },
+    #[error("payload digest mismatch: {0}")]
+    DigestMismatch(String),
+    #[error("the upstream transfer changed content mid-way")]
+    Diverged,
+    #[error("{0}")]
+    NotFound(String),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+/// Fetch settings, from `[upstream]` and `[node]`.
+#[derive(Clone, Debug)]
+pub struct FetchConfig {
+    pub node_id: String,
+    pub retries: u32,
+    pub idle_timeout: Duration,
+    pub require_digest: bool,
+    pub strip_query: Vec<String>,
+}
+
+/// What a client asks for, resolved by `server` from one of the SPEC 3 forms.
+#[derive(Clone, Debug)]
+pub struct Target {
+    /// The cache key (SPEC 3), or `sha256/<hex>` for the content-addressed form.
+    pub key: String,
+    /// Where the object is fetched from; None when no upstream is known.
+    pub url: Option<Uri>,
+    /// The digest the bytes must have, when known before fetching.
+    pub digest: Option<Digest>,
+    /// The mapping never goes stale (digest URL, manifest, immutable named origin).
+    pub immutable: bool,
+}
+
+/// The answer to a GET.
+pub enum Lookup {
+    /// Served from the store. `ttl` is the freshness left (negative when served stale).
+    Hit {
+        hit: Hit,
+        meta: Option<KeyMeta>,
+        how: HitKind,
+    },
+    /// Streamed from a transfer in flight; `leader` is false for clients that joined one.
+    Flight { flight: Arc<Flight>, leader: bool },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HitKind {
+    Fresh,
+    Revalidated,
+    Stale,
+}
+
+/// Counters ops reads.
+#[derive(Default, Debug)]
+pub struct FetchStats {
+    pub transfers: AtomicU64,
+    pub bytes_fetched: AtomicU64,
+    pub collapsed: AtomicU64,
+    pub resumes: AtomicU64,
+    pub digest_mismatches: AtomicU64,
+    pub errors_unreachable: AtomicU64,
+    pub errors_timeout: AtomicU64,
+    pub errors_status: AtomicU64,
+    pub errors_broken: AtomicU64,
+    pub revalidations: AtomicU64,
+    pub stale_served: AtomicU64,
+}
+
+/// One transfer in flight, as the dashboard shows it.
+#[derive(Serialize, Debug, Clone)]
+pub struct InFlight {
+    pub key: String,
+    pub bytes: u64,
+    pub size: Option<u64>,
+    pub clients: usize,
+}
+
+#[derive(Clone)]
+pub struct Fetcher {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    store: Store,
+    client: UpstreamClient,
+    cfg: FetchConfig,
+    /// Transfers in flight by key: the "one fetch per object" table.
+    flights: Mutex<HashMap<String, Arc<Flight>>>,
+    /// Keys whose last transfer failed verification, and when.
+    mismatches: Mutex<HashMap<String, Instant>>,
+    stats: FetchStats,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Fetcher {
+    pub fn new(store: Store, client: UpstreamClient, cfg: FetchConfig) -> Fetcher {
+        Fetcher {
+            inner: Arc::new(Inner {
+                store,
+                client,
+                cfg,
+                flights: Mutex::new(HashMap::new()),
+                mismatches: Mutex::new(HashMap::new()),
+                stats: FetchStats::default(),
+            }),
+        }
+    }
+
+    pub fn stats(&self) -> &FetchStats {
+        &self.inner.stats
+    }
+
+    pub fn policy(&self) -> &OriginPolicy {
+        self.inner.client.policy()
+    }
+
+    pub fn config(&self) -> &FetchConfig {
+        &self.inner.cfg
+    }
+
+    /// Checks a URL against the allowlist before anything else happens (403 otherwise).
+    pub fn check(&self, url: &Uri) -> Result<(), FetchError> {
+        self.inner.client.check(url)
+    }
+
+    pub fn in_flight(&self) -> Vec<InFlight> {
+        lock(&self.inner.flights)
+            .iter()
+            .map(|(k, f)| InFlight {
+                key: k.clone(),
+                bytes: f.written(),
+                size: f.size(),
+                clients: f.reader_count(),
+            })
+            .collect()
+    }
+
+    /// The GET path: a hit, or a transfer to stream from (started or joined).
+    pub async fn get(&self, t: &Target, revalidate: bool) -> Result<Lookup, FetchError> {
+        let store = &self.inner.store;
+        if let Some(d) = t.digest {
+            if store.contains(&d) {
+                if t.key != format!("sha256/{d}")
+                    && store.lookup(&t.key).is_none_or(|e| e.digest != d)
+                {
+                    let _ = store.map_key(&t.key, &d, KeyMeta::immutable());
+                }
+                let hit = store
+                    .open_object(&d)
+                    .map_err(|e| FetchError::Internal(e.to_string()))?;
+                return Ok(Lookup::Hit {
+                    hit,
+                    meta: None,
+                    how: HitKind::Fresh,
+                });
+            }
+        }
+        let mut stale = None;
+        if let Some(e) = store.lookup(&t.key) {
+            let fresh = t.immutable || e.meta.ttl(now_ms()).is_none_or(|ttl| ttl > 0);
+            if fresh && !(revalidate && e.meta.fresh_for.is_some()) {
+                let hit = store
+                    .open_object(&e.digest)
+                    .map_err(|e| FetchError::Internal(e.to_string()))?;
+                return Ok(Lookup::Hit {
+                    hit,
+                    meta: Some(e.meta),
+                    how: HitKind::Fresh,
+                });
+            }
+            stale = Some(e);
+        }
+        if stale.is_none() {
+            if let Some(at) = lock(&self.inner.mismatches).get(&t.key) {
+                if at.elapsed() < MISMATCH_HOLD {
+                    return Err(FetchError::DigestMismatch(
+                        "the last transfer of this object failed verification; retrying after a minute".into(),
+                    ));
+                }
+            }
+        }
+        let (flight, leader) = self.join_or_start(t, stale.clone());
+        if !leader {
+            self.inner.stats.collapsed.fetch_add(1, Ordering::Relaxed);
+        }
+        if let Some(e) = stale {
+            // A revalidation flight: wait for its verdict.
+            match flight.head().await {
+                Ok(_) => {}
+                Err(End::Revalidated(d)) => {
+                    let hit = store
+                        .open_object(&d)
+                        .map_err(|e| FetchError::Internal(e.to_string()))?;
+                    let meta = store.lookup(&t.key).map(|e| e.meta);
+                    return Ok(Lookup::Hit {
+                        hit,
+                        meta,
+                        how: HitKind::Revalidated,
+                    });
+                }
+                Err(End::ServeStale(d)) => {
+                    self.inner
+                        .stats
+                        .stale_served
+                        .fetch_add(1, Ordering::Relaxed);
+                    let hit = store
+                        .open_object(&d)
+                        .map_err(|e| FetchError::Internal(e.to_string()))?;
+                    return Ok(Lookup::Hit {
+                        hit,
+                        meta: Some(e.meta),
+                        how: HitKind::Stale,
+                    });
+                }
+                Err(End::Failed(err)) => return Err(err),
+                Err(End::Complete(_)) => {}
+            }
+        }
+        Ok(Lookup::Flight { flight, leader })
+    }
+
+    fn join_or_start(
+        &self,
+        t: &Target,
+        stale: Option<crate::store::KeyEntry>,
+    ) -> (Arc<Flight>, bool) {
+        let mut flights = lock(&self.inner.flights);
+        if let Some(f) = flights.get(&t.key) {
+            return (f.clone(), false);
+        }
+        let flight = Flight::new();
+        flights.insert(t.key.clone(), flight.clone());
+        drop(flights);
+        self.inner.stats.transfers.fetch_add(1, Ordering::Relaxed);
+        let job = transfer::Transfer {
+            fetcher: self.clone(),
+            flight: flight.clone(),
+            target: t.clone(),
+            stale,
+        };
+        tokio::spawn(job.run());
+        (flight, true)
+    }
+
+    fn forget_flight(&self, key: &str, flight: &Arc<Flight>) {
+        let mut flights = lock(&self.inner.flights);
+        if flights.get(key).is_some_and(|f| Arc::ptr_eq(f, flight)) {
+            flights.remove(key);
+        }
+    }
+
+    fn record_mismatch(&self, key: &str) {
+        self.inner
+            .stats
+            .digest_mismatches
+            .fetch_add(1, Ordering::Relaxed);
+        let mut m = lock(&self.inner.mismatches);
+        m.retain(|_, at| at.elapsed() < MISMATCH_HOLD);
+        m.insert(key.to_string(), Instant::now());
+    }
+
+    /// Requests that are not cached (HEAD on a miss, requests with Authorization): sent upstream as they
+    /// are, the answer passed back.
+    pub async fn pass_through(
+        &self,
+        method: Method,
+        url: Uri,
+        headers: &HeaderMap,
+    ) -> Result<Response<Incoming>, FetchError> {
+        let mut h = self.upstream_headers();
+        for name in [
+            http::header::RANGE,
+            http::header::AUTHORIZATION,
+            http::header::IF_RANGE,
+        ] {
+            if let Some(v) = headers.get(&name) {
+                h.insert(name, v.clone());
+            }
+        }
+        let (_, resp) = self
+            .inner
+            .client
+            .send(method, url, &h)
+            .await
+            .inspect_err(|e| self.count_error(e))?;
+        Ok(resp)
+    }
+
+    fn upstream_headers(&self) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(
+            http::header::ACCEPT_ENCODING,
+            http::HeaderValue::from_static("identity"),
+        );
+        if let Ok(v) = http::HeaderValue::from_str(&format!("1.1 {}", self.inner.cfg.node_id)) {
+            h.insert(http::header::VIA, v);
+        }
+        h.insert(
+            http::header::USER_AGENT,
+            http::HeaderValue::from_static(concat!("cistern/", env!("CARGO_PKG_VERSION"))),
+        );
+        h
+    }
+
+    fn count_error(&self, e: &FetchError) {
+        let s = &self.inner.stats;
+        let c = match e {
+            FetchError::Timeout(_) => &s.errors_timeout,
+            FetchError::Status { .. } => &s.errors_status,
+            FetchError::Unreachable(_) => &s.errors_unreachable,
+            _ => return,
+        };
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+}

@@ -1,0 +1,196 @@
+//! Which upstreams cistern may contact (SPEC 2, "never an open proxy"): host patterns checked before any
+//! connection, and the address check applied after DNS resolution to the very addresses connected to.
+
+use std::collections::HashSet;
+use std::net::IpAddr;
+
+/// One `allowed_origins` entry: `*.example.com`, `example.com`, `127.0.0.1:8081`, `[::1]:8080`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct HostPattern {
+    /// Lower-case host without trailing dot; for a wildcard, the suffix after `*.`.
+    host: String,
+    wildcard: bool,
+    /// None = ports 80 and 443.
+    port: Option<u16>,
+}
+
+impl HostPattern {
+    fn parse(p: &str) -> Option<HostPattern> {
+        let p = p.trim().to_ascii_lowercase();
+        let (wildcard, rest) = match p.strip_prefix("*.") {
+            Some(r) => (true, r.to_string()),
+            None => (false, p.clone()),
+        };
+        let (host, port) = split_host_port(&rest)?;
+        Some(HostPattern {
+            host: normalise_host(&host),
+            wildcard,
+            port,
+        })
+    }
+
+    fn matches(&self, host: &str, port: u16) -> bool {
+        let port_ok = match self.port {
+            Some(p) => p == port,
+            None => port == 80 || port == 443,
+        };
+        let host_ok = host == self.host
+            || (self.wildcard && host.len() > self.host.len() && host.ends_with(&self.host) && {
+                let cut = host.len() - self.host.len();
+                host.as_bytes()[cut - 1] == b'.'
+            });
+        port_ok && host_ok
+    }
+}
+
+/// `host`, `host:port`, `[v6]`, `[v6]:port`, `v6` (bare IPv6 literal).
+pub fn split_host_port(s: &str) -> Option<(String, Option<u16>)> {
+    if let Some(rest) = s.strip_prefix('[') {
+        let (h, tail) = rest.split_once(']')?;
+        let port = match tail.strip_prefix(':') {
+            Some(p) => Some(p.parse().ok()?),
+            None if tail.is_empty() => None,
+            None => return None,
+        };
+        return Some((h.to_string(), port));
+    }
+    if s.parse::<std::net::Ipv6Addr>().is_ok() {
+        return Some((s.to_string(), None));
+    }
+    match s.rsplit_once(':') {
+        Some((h, p)) => Some((h.to_string(), Some(p.parse().ok()?))),
+        None => Some((s.to_string(), None)),
+    }
+}
+
+pub fn normalise_host(h: &str) -> String {
+    h.trim_end_matches('.').to_ascii_lowercase()
+}
+
+/// The allowlist and the address rules, built once from the config.
+#[derive(Debug, Default)]
+pub struct OriginPolicy {
+    patterns: Vec<HostPattern>,
+    /// Addresses that some pattern names literally: only these may be in the refused ranges.
+    named_addrs: HashSet<IpAddr>,
+    /// This node's own interface addresses (refused unless named).
+    own_addrs: HashSet<IpAddr>,
+}
+
+impl OriginPolicy {
+    /// `patterns` are `upstream.allowed_origins`; `literal_hosts` the hosts of named origins and parents,
+    /// which count as literal patterns on their own port.
+    pub fn new(patterns: &[String], literal_hosts: &[(String, u16)]) -> OriginPolicy {
+        let mut ps: Vec<HostPattern> = patterns
+            .iter()
+            .filter_map(|p| HostPattern::parse(p))
+            .collect();
+        for (h, port) in literal_hosts {
+            ps.push(HostPattern {
+                host: normalise_host(h),
+                wildcard: false,
+                port: Some(*port),
+            });
+        }
+        let named_addrs = ps
+            .iter()
+            .filter(|p| !p.wildcard)
+            .filter_map(|p| p.host.trim_matches(['[', ']']).parse::<IpAddr>().ok())
+            .collect();
+        let own_addrs = if_addrs::get_if_addrs()
+            .map(|v| v.into_iter().map(|i| i.ip()).collect())
+            .unwrap_or_default();
+        OriginPolicy {
+            patterns: ps,
+            named_addrs,
+            own_addrs,
+        }
+    }
+
+    /// The host-pattern check, made before anything else.
+    pub fn host_allowed(&self, host: &str, port: u16) -> bool {
+        let h = normalise_host(host);
+        let h = h.trim_matches(['[', ']']);
+        self.patterns.iter().any(|p| p.matches(h, port))
+    }
+
+    /// The address check, made on every address DNS returned, before connecting to it.
+    pub fn addr_allowed(&self, ip: IpAddr) -> bool {
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
+            v4 => v4,
+        };
+        if self.named_addrs.contains(&ip) {
+            return true;
+        }
+        let refused = match ip {
+            IpAddr::V4(v4) => {
+                let o = v4.octets();
+                o[0] == 0
+                    || o[0] == 127
+                    || (o[0] == 169 && o[1] == 254)
+                    || v4.is_multicast()
+                    || v4.is_broadcast()
+            }
+            IpAddr::V6(v6) => {
+                v6.is_unspecified()
+                    || v6.is_loopback()
+                    || (v6.segments()[0] & 0xffc0) == 0xfe80
+                    || v6.is_multicast()
+            }
+        };
+        !(refused || self.own_addrs.contains(&ip))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy(p: &[&str]) -> OriginPolicy {
+        OriginPolicy::new(&p.iter().map(|s| s.to_string()).collect::<Vec<_>>(), &[])
+    }
+
+    #[test]
+    fn wildcards_match_any_depth_and_the_apex() {
+        let p = policy(&["*.blob.core.windows.net"]);
+        assert!(p.host_allowed("x.blob.core.windows.net", 80));
+        assert!(p.host_allowed("a.b.blob.core.windows.net", 443));
+        assert!(p.host_allowed("blob.core.windows.net", 80));
+        assert!(p.host_allowed("X.Blob.Core.Windows.Net.", 80));
+        assert!(!p.host_allowed("evilblob.core.windows.net", 80));
+        assert!(!p.host_allowed("x.blob.core.windows.net", 8080));
+        assert!(!p.host_allowed("blob.core.windows.net.evil.com", 80));
+    }
+
+    #[test]
+    fn ports_and_literals() {
+        let p = policy(&["127.0.0.1:8081", "example.com", "[::1]:9000"]);
+        assert!(p.host_allowed("127.0.0.1", 8081));
+        assert!(!p.host_allowed("127.0.0.1", 8082));
+        assert!(p.host_allowed("example.com", 443));
+        assert!(!p.host_allowed("sub.example.com", 80));
+        assert!(p.host_allowed("[::1]", 9000));
+        assert!(p.addr_allowed("127.0.0.1".parse().unwrap()));
+        assert!(p.addr_allowed("::1".parse().unwrap()));
+        assert!(!p.addr_allowed("127.0.0.2".parse().unwrap()));
+    }
+
+    #[test]
+    fn refused_ranges_include_mapped_forms() {
+        let p = policy(&["*.example.com"]);
+        for a in [
+            "127.0.0.1",
+            "0.0.0.0",
+            "169.254.169.254",
+            "::1",
+            "::",
+            "fe80::1",
+            "::ffff:127.0.0.1",
+            "224.0.0.1",
+        ] {
+            assert!(!p.addr_allowed(a.parse().unwrap()), "{a} allowed");
+        }
+        assert!(p.addr_allowed("93.184.216.34".parse().unwrap()));
+    }
+}

@@ -1,0 +1,564 @@
+//! One upstream transfer, run as its own task so that no client's departure stops it: request (or
+//! revalidate), hash and write the bytes as they arrive, resume a broken body with Range + If-Range, and
+//! at the end verify and commit, or give up leaving nothing stored (SPEC 4).
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures_util::FutureExt;
+use http::{HeaderMap, HeaderValue, Method, Response, StatusCode};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use sha2::{Digest as _, Sha256};
+
+use super::flight::{End, Flight, Head};
+use super::{freshness, FetchError, Fetcher, Target};
+use crate::store::{Digest, Fill, KeyEntry, KeyMeta, StoreError};
+
+/// Bytes gathered from the body before one hash-and-write step on a blocking thread.
+const BATCH: usize = 256 << 10;
+/// Most of an upstream error body kept to pass on to clients.
+const ERROR_BODY_MAX: usize = 64 << 10;
+
+pub(super) struct Transfer {
+    pub fetcher: Fetcher,
+    pub flight: Arc<Flight>,
+    pub target: Target,
+    /// The stored entry being revalidated, if this transfer is a revalidation.
+    pub stale: Option<KeyEntry>,
+}
+
+/// Where the bytes go while they arrive.
+struct Sink {
+    hasher: Option<Sha256>,
+    fill: Option<Fill>,
+    written: u64,
+}
+
+enum BodyEnd {
+    Complete,
+    Broken(String),
+    NoReaders,
+}
+
+impl Transfer {
+    pub async fn run(self) {
+        let key = self.target.key.clone();
+        let span = tracing::info_span!("transfer", key = %key);
+        let flight = self.flight.clone();
+        let fetcher = self.fetcher.clone();
+        let end = tracing::Instrument::instrument(self.transfer(), span).await;
+        if let End::Failed(e) = &end {
+            fetcher.count_error(e);
+        }
+        flight.finish(end);
+        fetcher.forget_flight(&key, &flight);
+    }
+
+    async fn transfer(self) -> End {
+        let started = std::time::Instant::now();
+        let Some(url) = self.target.url.clone() else {
+            return End::Failed(FetchError::NotFound(format!(
+                "object {} is not stored and no upstream knows it",
+                self.target.key
+            )));
+        };
+        let mut headers = self.fetcher.upstream_headers();
+        if let Some(stale) = &self.stale {
+            if let Some(v) = stale
+                .meta
+                .etag
+                .as_deref()
+                .and_then(|e| HeaderValue::from_str(e).ok())
+            {
+                headers.insert(http::header::IF_NONE_MATCH, v);
+            }
+            if let Some(v) = stale
+                .meta
+                .last_modified
+                .as_deref()
+                .and_then(|e| HeaderValue::from_str(e).ok())
+            {
+                headers.insert(http::header::IF_MODIFIED_SINCE, v);
+            }
+            self.fetcher
+                .inner
+                .stats
+                .revalidations
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        let resp = self
+            .fetcher
+            .inner
+            .client
+            .send(Method::GET, url.clone(), &headers)
+            .await;
+        let resp = match (resp, &self.stale) {
+            (Ok(r), Some(stale)) if r.1.status() == StatusCode::NOT_MODIFIED => {
+                let mut meta = freshness::key_meta(r.1.headers(), self.target.immutable);
+                meta.etag = meta.etag.or(stale.meta.etag.clone());
+                meta.last_modified = meta.last_modified.or(stale.meta.last_modified.clone());
+                let _ = self.fetcher.inner.store.refresh_key(&self.target.key, meta);
+                return End::Revalidated(stale.digest);
+            }
+            (Ok(r), Some(stale)) if r.1.status().is_server_error() => {
+                tracing::warn!(status = %r.1.status(), "revalidation failed; serving stale");
+                return End::ServeStale(stale.digest);
+            }
+            (Err(e), Some(stale))
+                if matches!(e, FetchError::Unreachable(_) | FetchError::Timeout(_)) =>
+            {
+                tracing::warn!(error = %e, "revalidation failed; serving stale");
+                return End::ServeStale(stale.digest);
+            }
+            (Ok(r), _) => r.1,
+            (Err(e), _) => return End::Failed(e),
+        };
+        if resp.status() != StatusCode::OK {
+            return End::Failed(error_status(resp).await);
+        }
+        let end = self.fill(url, headers, resp).await;
+        let secs = started.elapsed().as_secs_f64();
+        match &end {
+            End::Complete(d) => tracing::info!(digest = %d, secs, "transfer complete"),
+            End::Failed(e) => tracing::warn!(error = %e, secs, "transfer failed"),
+            _ => {}
+        }
+        end
+    }
+
+    async fn fill(&self, url: http::Uri, mut headers: HeaderMap, resp: Response<Incoming>) -> End {
+        let fetcher = &self.fetcher;
+        let store = &fetcher.inner.store;
+        let h = resp.headers().clone();
+        let size = content_length(&h);
+        let identity = h
+            .get(http::header::CONTENT_ENCODING)
+            .and_then(|v| v.to_str().ok())
+            .is_none_or(|v| v.trim().eq_ignore_ascii_case("identity"));
+        let digest = self.target.digest.or_else(|| Digest::from_headers(&h));
+        let storable = identity
+            && freshness::storable(&h)
+            && !(fetcher.inner.cfg.require_digest && digest.is_none());
+        let fill = if storable {
+            let store = store.clone();
+            match tokio::task::spawn_blocking(move || store.begin_fill(size)).await {
+                Ok(Ok(f)) => Some(f),
+                Ok(Err(e)) => {
+                    tracing::info!(error = %e, "not storing; streaming through");
+                    None
+                }
+                Err(_) => None,
+            }
+        } else {
+            None
+        };
+        let s = |n: http::header::HeaderName| {
+            h.get(n).and_then(|v| v.to_str().ok()).map(str::to_string)
+        };
+        let etag = s(http::header::ETAG);
+        let last_modified = s(http::header::LAST_MODIFIED);
+        let head = Head {
+            size,
+            content_type: s(http::header::CONTENT_TYPE),
+            digest,
+            etag: etag.clone(),
+            last_modified: last_modified.clone(),
+            storing: fill.is_some(),
+            upstream_cache_status: s(http::header::HeaderName::from_static("cache-status")),
+        };
+        self.flight
+            .set_head(head.clone(), fill.as_ref().map(|f| f.file()));
+        let mut sink = Sink {
+            hasher: Some(Sha256::new()),
+            fill,
+            written: 0,
+        };
+        let mut body = resp.into_body();
+        let mut attempts = 0u32;
+        // Bytes of a restarted transfer still to be compared with those already held.
+        let mut compare_until = 0u64;
+        loop {
+            let outcome = self.pump(&mut body, &mut sink, &mut compare_until).await;
+            match outcome {
+                BodyEnd::NoReaders => {
+                    return End::Failed(FetchError::Internal(
+                        "every client left a pass-through transfer".into(),
+                    ))
+                }
+                BodyEnd::Complete if size.is_none_or(|s| s == sink.written) => break,
+                BodyEnd::Complete => {
+                    let msg = format!(
+                        "body ended at {} of {} bytes",
+                        sink.written,
+                        size.unwrap_or(0)
+                    );
+                    if let Err(e) = self.resume_or_fail(&mut attempts, &msg) {
+                        return End::Failed(e);
+                    }
+                }
+                BodyEnd::Broken(msg) => {
+                    if let Err(e) = self.resume_or_fail(&mut attempts, &msg) {
+                        return End::Failed(e);
+                    }
+                }
+            }
+            // Resume: ask for the rest, guarded by the upstream's validator (RFC 9110 §13.1.5).
+            let validator = etag
+                .as_deref()
+                .filter(|e| !e.starts_with("W/"))
+                .or(last_modified.as_deref());
+            headers.remove(http::header::RANGE);
+            headers.remove(http::header::IF_RANGE);
+            if let Some(v) = validator.and_then(|v| HeaderValue::from_str(v).ok()) {
+                if sink.written > 0 {
+                    if let Ok(r) = HeaderValue::from_str(&format!("bytes={}-", sink.written)) {
+                        headers.insert(http::header::RANGE, r);
+                        headers.insert(http::header::IF_RANGE, v);
+                    }
+                }
+            }
+            let resp = match fetcher
+                .inner
+                .client
+                .send(Method::GET, url.clone(), &headers)
+                .await
+            {
+                Ok((_, r)) => r,
+                Err(e) => {
+                    tracing::warn!(error = %e, attempt = attempts, "resume request failed");
+                    continue;
+                }
+            };
+            match resp.status() {
+                StatusCode::PARTIAL_CONTENT if continues(resp.headers(), sink.written, size) => {
+                    tracing::info!(from = sink.written, "resumed with Range");
+                    fetcher.inner.stats.resumes.fetch_add(1, Ordering::Relaxed);
+                    body = resp.into_body();
+                }
+                StatusCode::OK if content_length(resp.headers()) == size => {
+                    // A restart from zero: compare with what is held; diverge at the first difference.
+                    tracing::info!(held = sink.written, "upstream restarted from zero");
+                    fetcher.inner.stats.resumes.fetch_add(1, Ordering::Relaxed);
+                    compare_until = sink.written;
+                    if sink.fill.is_none() {
+                        // Nothing held to compare with: the clients attached cannot be given a mix.
+                        self.flight.diverge(0);
+                        compare_until = 0;
+                    }
+                    sink.written = 0;
+                    if compare_until == 0 {
+                        sink.hasher = Some(Sha256::new());
+                        if let Some(f) = sink.fill.as_mut() {
+                            let _ = f.truncate(0);
+                        }
+                    }
+                    body = resp.into_body();
+                }
+                status => {
+                    tracing::warn!(%status, "resume answered with an unusable status");
+                    if status.is_client_error() {
+                        return End::Failed(error_status(resp).await);
+                    }
+                }
+            }
+        }
+        let Some(hasher) = sink.hasher.take() else {
+            return End::Failed(FetchError::Internal("hasher lost".into()));
+        };
+        let got = Digest(hasher.finalize().into());
+        if let Some(want) = digest {
+            if want != got {
+                fetcher.record_mismatch(&self.target.key);
+                tracing::error!(expected = %want, got = %got, "digest mismatch; nothing stored");
+                return End::Failed(FetchError::DigestMismatch(format!(
+                    "expected sha256 {want}, upstream sent {got}"
+                )));
+            }
+        }
+        if let Some(fill) = sink.fill.take() {
+            let immutable = self.target.immutable || self.target.digest.is_some();
+            let meta: KeyMeta = freshness::key_meta(&h, immutable);
+            let key = self.target.key.clone();
+            let is_digest_key = key.starts_with("sha256/");
+            let ct = head.content_type.clone();
+            let r = tokio::task::spawn_blocking(move || {
+                let k = (!is_digest_key).then_some((key.as_str(), meta));
+                fill.commit(&got, k, ct, false)
+            })
+            .await;
+            match r {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::error!(error = %e, "commit failed; object not stored"),
+                Err(e) => tracing::error!(error = %e, "commit task failed"),
+            }
+        }
+        End::Complete(got)
+    }
+
+    fn resume_or_fail(&self, attempts: &mut u32, msg: &str) -> Result<(), FetchError> {
+        *attempts += 1;
+        self.fetcher
+            .inner
+            .stats
+            .errors_broken
+            .fetch_add(1, Ordering::Relaxed);
+        if *attempts > self.fetcher.inner.cfg.retries {
+            return Err(FetchError::Unreachable(format!(
+                "transfer broke {} times; last: {msg}",
+                *attempts
+            )));
+        }
+        tracing::warn!(
+            attempt = *attempts,
+            error = msg,
+            "upstream transfer broke; resuming"
+        );
+        Ok(())
+    }
+
+    /// Moves body bytes into the sink and the flight until the body ends or breaks.
+    async fn pump(&self, body: &mut Incoming, sink: &mut Sink, compare_until: &mut u64) -> BodyEnd {
+        let idle = self.fetcher.inner.cfg.idle_timeout;
+        loop {
+            let mut batch: Vec<Bytes> = Vec::new();
+            let mut batch_len = 0usize;
+            let mut ended = None;
+            // Wait for one frame, then take whatever else is ready, up to BATCH.
+            match tokio::time::timeout(idle, body.frame()).await {
+                Err(_) => {
+                    return BodyEnd::Broken(format!(
+                        "no byte from upstream for {}s",
+                        idle.as_secs()
+                    ))
+                }
+                Ok(None) => ended = Some(BodyEnd::Complete),
+                Ok(Some(Err(e))) => ended = Some(BodyEnd::Broken(e.to_string())),
+                Ok(Some(Ok(f))) => {
+                    if let Ok(d) = f.into_data() {
+                        batch_len += d.len();
+                        batch.push(d);
+                    }
+                }
+            }
+            while ended.is_none() && batch_len < BATCH {
+                match body.frame().now_or_never() {
+                    None => break,
+                    Some(None) => ended = Some(BodyEnd::Complete),
+                    Some(Some(Err(e))) => ended = Some(BodyEnd::Broken(e.to_string())),
+                    Some(Some(Ok(f))) => {
+                        if let Ok(d) = f.into_data() {
+                            batch_len += d.len();
+                            batch.push(d);
+                        }
+                    }
+                }
+            }
+            if !batch.is_empty() {
+                self.fetcher
+                    .inner
+                    .stats
+                    .bytes_fetched
+                    .fetch_add(batch_len as u64, Ordering::Relaxed);
+                if let Err(e) = self.absorb(batch, sink, compare_until).await {
+                    return BodyEnd::Broken(e);
+                }
+                if !self.flight.is_storing() {
+                    // Later clients make their own request; this one keeps pace with its readers.
+                    self.fetcher.forget_flight(&self.target.key, &self.flight);
+                    if !self.flight.wait_for_readers().await {
+                        return BodyEnd::NoReaders;
+                    }
+                }
+            }
+            if let Some(e) = ended {
+                return e;
+            }
+        }
+    }
+
+    /// Hashes and writes one batch on a blocking thread, then hands it to the readers. While a restarted
+    /// transfer re-sends bytes already held, they are compared instead of written.
+    async fn absorb(
+        &self,
+        batch: Vec<Bytes>,
+        sink: &mut Sink,
+        compare_until: &mut u64,
+    ) -> Result<(), String> {
+        let mut hasher = sink.hasher.take();
+        let mut fill = sink.fill.take();
+        let start = sink.written;
+        let held = *compare_until;
+        let job = tokio::task::spawn_blocking(move || {
+            let mut pos = start;
+            let mut fresh: Vec<Bytes> = Vec::new();
+            let mut diverged_at = None;
+            let mut store_err = None;
+            for chunk in batch {
+                let mut chunk = chunk;
+                if pos < held {
+                    // Compare the overlap with the held bytes.
+                    let n = ((held - pos) as usize).min(chunk.len());
+                    let mut buf = vec![0u8; n];
+                    let same = fill
+                        .as_ref()
+                        .is_some_and(|f| f.read_at(&mut buf, pos).ok() == Some(n))
+                        && buf[..] == chunk[..n];
+                    if same {
+                        pos += n as u64;
+                        chunk = chunk.slice(n..);
+                    } else {
+                        // First difference somewhere in this piece: find it, cut back, re-hash the prefix.
+                        let at = pos
+                            + buf
+                                .iter()
+                                .zip(chunk.iter())
+                                .take_while(|(a, b)| a == b)
+                                .count() as u64;
+                        diverged_at = Some(at);
+                        if let Some(f) = fill.as_mut() {
+                            let _ = f.truncate(at);
+                            let mut h = Sha256::new();
+                            let mut off = 0u64;
+                            let mut buf = vec![0u8; 1 << 20];
+                            while off < at {
+                                let want = ((at - off) as usize).min(buf.len());
+                                match f.read_at(&mut buf[..want], off) {
+                                    Ok(0) | Err(_) => break,
+                                    Ok(n) => {
+                                        h.update(&buf[..n]);
+                                        off += n as u64;
+                                    }
+                                }
+                            }
+                            hasher = Some(h);
+                        }
+                        let skip = (at - pos) as usize;
+                        pos = at;
+                        chunk = chunk.slice(skip..);
+                    }
+                    if chunk.is_empty() {
+                        continue;
+                    }
+                }
+                if let Some(h) = hasher.as_mut() {
+                    h.update(&chunk);
+                }
+                if let Some(f) = fill.as_mut() {
+                    if let Err(e) = f.write(&chunk) {
+                        store_err = Some(e);
+                        fill = None;
+                    }
+                }
+                pos += chunk.len() as u64;
+                fresh.push(chunk);
+            }
+            (hasher, fill, pos, fresh, diverged_at, store_err)
+        });
+        let (hasher, fill, pos, fresh, diverged_at, store_err) =
+            job.await.map_err(|e| e.to_string())?;
+        sink.hasher = hasher;
+        sink.fill = fill;
+        sink.written = pos;
+        if let Some(at) = diverged_at {
+            tracing::warn!(
+                at,
+                "restarted transfer differs from the bytes held; cutting off attached clients"
+            );
+            *compare_until = 0;
+            self.flight.diverge(at);
+        } else if pos >= *compare_until {
+            *compare_until = 0;
+        }
+        if let Some(e) = store_err {
+            match e {
+                StoreError::NoRoom(_) => {
+                    tracing::warn!("store out of room mid-transfer; streaming through")
+                }
+                other => tracing::error!(error = %other, "store write failed; streaming through"),
+            }
+            self.flight.stop_storing();
+        }
+        if !fresh.is_empty() {
+            self.flight.append(fresh);
+        }
+        Ok(())
+    }
+}
+
+fn content_length(h: &HeaderMap) -> Option<u64> {
+    h.get(http::header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// A 206 continues the held bytes when its Content-Range starts where they end and names the same size.
+fn continues(h: &HeaderMap, written: u64, size: Option<u64>) -> bool {
+    let Some(cr) = h
+        .get(http::header::CONTENT_RANGE)
+        .and_then(|v| v.to_str().ok())
+    else {
+        return false;
+    };
+    let Some(rest) = cr.trim().strip_prefix("bytes ") else {
+        return false;
+    };
+    let Some((range, total)) = rest.split_once('/') else {
+        return false;
+    };
+    let Some((a, _)) = range.split_once('-') else {
+        return false;
+    };
+    let total_ok = match (total.trim().parse::<u64>().ok(), size) {
+        (Some(t), Some(s)) => t == s,
+        (None, _) => total.trim() == "*",
+        (Some(_), None) => true,
+    };
+    a.trim().parse::<u64>().ok() == Some(written) && total_ok
+}
+
+async fn error_status(resp: Response<Incoming>) -> FetchError {
+    let status = resp.status();
+    let content_type = resp
+        .headers()
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let limited = http_body_util::Limited::new(resp.into_body(), ERROR_BODY_MAX);
+    let body =
+        match tokio::time::timeout(std::time::Duration::from_secs(10), limited.collect()).await {
+            Ok(Ok(c)) => c.to_bytes(),
+            _ => Bytes::new(),
+        };
+    FetchError::Status {
+        status,
+        content_type,
+        body,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn content_range_continuation() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            http::header::CONTENT_RANGE,
+            "bytes 100-199/200".parse().unwrap(),
+        );
+        assert!(continues(&h, 100, Some(200)));
+        assert!(!continues(&h, 50, Some(200)));
+        assert!(!continues(&h, 100, Some(300)));
+        h.insert(
+            http::header::CONTENT_RANGE,
+            "bytes 100-199/*".parse().unwrap(),
+        );
+        assert!(continues(&h, 100, None));
+    }
+}

@@ -1,0 +1,251 @@
+//! Operations endpoints (SPEC 7): `/healthz`, `/readyz`, `/summary`, `/metrics` and the dashboard at `/`.
+//! Reads the counters that `server`, `fetch` and `store` expose; nothing calls into this module except
+//! through the [`OwnEndpoints`] hook it is wired in with.
+
+use std::fmt::Write;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{HeaderValue, Method, Request, Response, StatusCode};
+use hyper::body::Incoming;
+
+use crate::fetch::Fetcher;
+use crate::server::body::full;
+use crate::server::{Body, OwnEndpoints, ServerStats};
+use crate::store::Store;
+
+pub struct Ops {
+    pub node_id: String,
+    pub store: Store,
+    pub fetcher: Fetcher,
+    pub server: Arc<ServerStats>,
+}
+
+fn text(status: StatusCode, ct: &'static str, body: String) -> Response<Body> {
+    let mut r = Response::new(full(Bytes::from(body)));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(http::header::CONTENT_TYPE, HeaderValue::from_static(ct));
+    r.headers_mut().insert(
+        http::header::CACHE_CONTROL,
+        HeaderValue::from_static("no-store"),
+    );
+    r
+}
+
+impl OwnEndpoints for Ops {
+    fn handle(&self, req: &Request<Incoming>) -> Option<Response<Body>> {
+        if req.method() != Method::GET && req.method() != Method::HEAD {
+            return None;
+        }
+        Some(match req.uri().path() {
+            "/healthz" => text(
+                StatusCode::OK,
+                "application/json",
+                "{\"status\":\"ok\"}".into(),
+            ),
+            "/readyz" => text(
+                StatusCode::OK,
+                "application/json",
+                "{\"status\":\"ready\"}".into(),
+            ),
+            "/summary" => text(
+                StatusCode::OK,
+                "application/json",
+                self.summary().to_string(),
+            ),
+            "/metrics" => text(StatusCode::OK, "text/plain; version=0.0.4", self.metrics()),
+            "/" => text(StatusCode::OK, "text/html; charset=utf-8", self.dashboard()),
+            _ => return None,
+        })
+    }
+}
+
+impl Ops {
+    /// The Connected Cache style summary; `eggressBytes` is the spelling its own tools read.
+    pub fn summary(&self) -> serde_json::Value {
+        let hit = self.server.hit_bytes.load(Ordering::Relaxed);
+        let miss = self.server.miss_bytes.load(Ordering::Relaxed);
+        let egress = hit + miss;
+        let ratio = if egress == 0 {
+            0.0
+        } else {
+            hit as f64 / egress as f64
+        };
+        serde_json::json!({
+            "hitBytes": hit, "missBytes": miss, "egressBytes": egress, "eggressBytes": egress,
+            "hitRatioBytes": ratio,
+        })
+    }
+
+    pub fn metrics(&self) -> String {
+        let mut o = String::new();
+        let f = self.fetcher.stats();
+        let u = self.store.usage();
+        let ld = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+        let _ = writeln!(o, "# TYPE cistern_requests_total counter");
+        let reqs = self
+            .server
+            .requests
+            .lock()
+            .map(|m| m.clone())
+            .unwrap_or_default();
+        let mut reqs: Vec<_> = reqs.into_iter().collect();
+        reqs.sort();
+        for ((form, cache), n) in reqs {
+            let cache = cache.replace('"', "'");
+            let _ = writeln!(
+                o,
+                "cistern_requests_total{{form=\"{form}\",cache_status=\"{cache}\"}} {n}"
+            );
+        }
+        let mut counter = |name: &str, help: &str, v: u64| {
+            let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
+        };
+        counter(
+            "cistern_hit_bytes_total",
+            "Body bytes served from the store.",
+            ld(&self.server.hit_bytes),
+        );
+        counter(
+            "cistern_miss_bytes_total",
+            "Body bytes served from upstream transfers.",
+            ld(&self.server.miss_bytes),
+        );
+        counter(
+            "cistern_upstream_bytes_total",
+            "Bytes fetched from upstream.",
+            ld(&f.bytes_fetched),
+        );
+        counter(
+            "cistern_upstream_fetches_total",
+            "Upstream transfers started.",
+            ld(&f.transfers),
+        );
+        counter(
+            "cistern_collapsed_total",
+            "Clients that joined a transfer in flight.",
+            ld(&f.collapsed),
+        );
+        counter(
+            "cistern_digest_mismatches_total",
+            "Payloads that failed verification.",
+            ld(&f.digest_mismatches),
+        );
+        counter(
+            "cistern_resumes_total",
+            "Broken transfers resumed or restarted.",
+            ld(&f.resumes),
+        );
+        counter(
+            "cistern_revalidations_total",
+            "Conditional requests for stale objects.",
+            ld(&f.revalidations),
+        );
+        counter(
+            "cistern_stale_served_total",
+            "Stale copies served because upstream failed.",
+            ld(&f.stale_served),
+        );
+        counter(
+            "cistern_evictions_total",
+            "Objects evicted for room.",
+            ld(&self.store.stats().evictions),
+        );
+        counter(
+            "cistern_connections_total",
+            "Client connections accepted.",
+            ld(&self.server.connections),
+        );
+        let _ = writeln!(o, "# TYPE cistern_upstream_errors_total counter");
+        for (kind, v) in [
+            ("unreachable", ld(&f.errors_unreachable)),
+            ("timeout", ld(&f.errors_timeout)),
+            ("status", ld(&f.errors_status)),
+            ("broken", ld(&f.errors_broken)),
+        ] {
+            let _ = writeln!(o, "cistern_upstream_errors_total{{kind=\"{kind}\"}} {v}");
+        }
+        let _ = writeln!(
+            o,
+            "# TYPE cistern_store_bytes gauge\ncistern_store_bytes {}",
+            u.bytes
+        );
+        let _ = writeln!(
+            o,
+            "# TYPE cistern_store_objects gauge\ncistern_store_objects {}",
+            u.objects
+        );
+        let _ = writeln!(
+            o,
+            "# TYPE cistern_store_free_bytes gauge\ncistern_store_free_bytes {}",
+            u.free
+        );
+        let _ = writeln!(
+            o,
+            "# TYPE cistern_transfers_in_flight gauge\ncistern_transfers_in_flight {}",
+            self.fetcher.in_flight().len()
+        );
+        o
+    }
+
+    pub fn dashboard(&self) -> String {
+        let u = self.store.usage();
+        let esc = |s: &str| {
+            s.replace('&', "&amp;")
+                .replace('<', "&lt;")
+                .replace('>', "&gt;")
+        };
+        let mut o = String::new();
+        let _ = write!(
+            o,
+            "<!doctype html><html><head><meta charset=utf-8><meta http-equiv=refresh content=5><title>cistern {id}</title>\
+             <style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 8px;text-align:left}}</style></head><body>\
+             <h1>cistern &mdash; {id}</h1><h2>Store</h2><p>{objects} objects, {used} MiB used, {free} MiB free (min_free {minfree} MiB{cap})</p>",
+            id = esc(&self.node_id),
+            objects = u.objects,
+            used = u.bytes >> 20,
+            free = u.free >> 20,
+            minfree = u.min_free >> 20,
+            cap = if u.max_size > 0 { format!(", max_size {} MiB", u.max_size >> 20) } else { String::new() },
+        );
+        let _ = write!(o, "<h2>Transfers in flight</h2><table><tr><th>key</th><th>progress</th><th>clients</th></tr>");
+        for t in self.fetcher.in_flight() {
+            let progress = match t.size {
+                Some(s) if s > 0 => format!(
+                    "{} / {} MiB ({}%)",
+                    t.bytes >> 20,
+                    s >> 20,
+                    t.bytes * 100 / s
+                ),
+                _ => format!("{} MiB", t.bytes >> 20),
+            };
+            let _ = write!(
+                o,
+                "<tr><td>{}</td><td>{progress}</td><td>{}</td></tr>",
+                esc(&t.key),
+                t.clients
+            );
+        }
+        let _ = write!(o, "</table><h2>Cached objects</h2><table><tr><th>sha256</th><th>size</th><th>hits</th><th>pinned</th><th>keys</th></tr>");
+        for obj in self.store.list().into_iter().take(200) {
+            let _ = write!(
+                o,
+                "<tr><td><code>{}</code></td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+                &obj.digest.hex()[..16],
+                obj.size,
+                obj.hits,
+                if obj.pinned { "yes" } else { "" },
+                esc(&obj.keys.join(" "))
+            );
+        }
+        let s = self.summary();
+        let _ = write!(
+            o,
+            "</table><h2>Traffic</h2><pre>{}</pre></body></html>",
+            esc(&s.to_string())
+        );
+        o
+    }
+}

@@ -1,0 +1,202 @@
+//! The admin API (SPEC 6): sideload, purge, list, unpin, verify. Authentication happens before this.
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use sha2::{Digest as _, Sha256};
+
+use super::body::{empty, full, Body};
+use super::error::ApiError;
+use super::App;
+use crate::store::{Digest, StoreError};
+
+/// Largest JSON request body accepted by admin endpoints.
+const MAX_JSON: usize = 4 << 20;
+
+pub async fn handle(app: &App, req: Request<Incoming>) -> Response<Body> {
+    let path = req.uri().path().trim_start_matches("/v1/admin").to_string();
+    let method = req.method().clone();
+    let r = match (method.clone(), path.as_str()) {
+        (Method::GET, "/content") => Ok(json(StatusCode::OK, &app.store.list())),
+        (Method::POST, "/verify") => verify(app, req).await,
+        (m, p) if p.starts_with("/content/sha256/") => {
+            let d = parse_digest(&p["/content/sha256/".len()..]);
+            match (m, d) {
+                (_, Err(e)) => Err(e),
+                (Method::PUT, Ok(d)) => sideload(app, req, d).await,
+                (Method::DELETE, Ok(d)) => purge(app, d).await,
+                _ => Err(not_allowed("PUT, DELETE")),
+            }
+        }
+        (Method::DELETE, p) if p.starts_with("/pins/") => {
+            match parse_digest(&p["/pins/".len()..]) {
+                Ok(d) => app
+                    .store
+                    .set_pin(&d, false)
+                    .map(|_| no_content())
+                    .map_err(store_error),
+                Err(e) => Err(e),
+            }
+        }
+        _ => Err(ApiError::not_found(format!(
+            "no admin endpoint {method} /v1/admin{path}"
+        ))),
+    };
+    r.unwrap_or_else(ApiError::into_response)
+}
+
+fn parse_digest(s: &str) -> Result<Digest, ApiError> {
+    s.to_ascii_lowercase()
+        .parse()
+        .map_err(|e: crate::store::BadDigest| ApiError::bad_request("bad-digest", e.to_string()))
+}
+
+fn not_allowed(allow: &'static str) -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method-not-allowed",
+        format!("allowed: {allow}"),
+    )
+}
+
+pub fn json<T: serde::Serialize>(status: StatusCode, v: &T) -> Response<Body> {
+    let body = serde_json::to_vec(v).unwrap_or_default();
+    let mut r = Response::new(full(Bytes::from(body)));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+fn no_content() -> Response<Body> {
+    let mut r = Response::new(empty());
+    *r.status_mut() = StatusCode::NO_CONTENT;
+    r
+}
+
+fn store_error(e: StoreError) -> ApiError {
+    match e {
+        StoreError::NotFound(d) => ApiError::not_found(format!("object {d} is not stored")),
+        StoreError::NoRoom(n) => ApiError::new(
+            StatusCode::INSUFFICIENT_STORAGE,
+            "no-room",
+            format!("no room in the store for {n} bytes"),
+        ),
+        other => ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "store",
+            other.to_string(),
+        ),
+    }
+}
+
+async fn purge(app: &App, d: Digest) -> Result<Response<Body>, ApiError> {
+    let store = app.store.clone();
+    tokio::task::spawn_blocking(move || store.purge(&d))
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?
+        .map_err(store_error)?;
+    Ok(no_content())
+}
+
+/// `PUT /v1/admin/content/sha256/<hex>`: stores the body when it hashes to the name (201), else 422.
+async fn sideload(
+    app: &App,
+    req: Request<Incoming>,
+    want: Digest,
+) -> Result<Response<Body>, ApiError> {
+    if app.store.contains(&want) {
+        return Ok(json(
+            StatusCode::CREATED,
+            &serde_json::json!({"sha256": want, "stored": true}),
+        ));
+    }
+    let len = req
+        .headers()
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let store = app.store.clone();
+    let mut fill = tokio::task::spawn_blocking(move || store.begin_fill(len))
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?
+        .map_err(store_error)?;
+    let mut hasher = Sha256::new();
+    let mut body = req.into_body();
+    while let Some(frame) = body.frame().await {
+        let frame =
+            frame.map_err(|e| ApiError::bad_request("body", format!("reading the body: {e}")))?;
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        hasher.update(&data);
+        let (f, r) = tokio::task::spawn_blocking(move || {
+            let r = fill.write(&data);
+            (fill, r)
+        })
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?;
+        fill = f;
+        r.map_err(store_error)?;
+    }
+    let got = Digest(hasher.finalize().into());
+    if got != want {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "digest-mismatch",
+            format!("the body hashes to {got}, not {want}; nothing stored"),
+        ));
+    }
+    tokio::task::spawn_blocking(move || fill.commit(&got, None, None, false))
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?
+        .map_err(store_error)?;
+    Ok(json(
+        StatusCode::CREATED,
+        &serde_json::json!({"sha256": got, "stored": true}),
+    ))
+}
+
+/// `POST /v1/admin/verify` `{"repair": bool}`: re-hashes every object.
+async fn verify(app: &App, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+    #[derive(serde::Deserialize, Default)]
+    #[serde(deny_unknown_fields)]
+    struct Ask {
+        #[serde(default)]
+        repair: bool,
+    }
+    let raw = read_json_body(req).await?;
+    let ask: Ask = if raw.is_empty() {
+        Ask::default()
+    } else {
+        serde_json::from_slice(&raw)
+            .map_err(|e| ApiError::bad_request("bad-json", e.to_string()))?
+    };
+    let store = app.store.clone();
+    let checked = store.usage().objects;
+    let bad = tokio::task::spawn_blocking(move || store.verify(ask.repair))
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?;
+    let bad: Vec<_> = bad
+        .into_iter()
+        .map(|(d, p)| serde_json::json!({"sha256": d, "problem": p}))
+        .collect();
+    Ok(json(
+        StatusCode::OK,
+        &serde_json::json!({"checked": checked, "bad": bad, "repaired": ask.repair}),
+    ))
+}
+
+pub async fn read_json_body(req: Request<Incoming>) -> Result<Bytes, ApiError> {
+    let limited = http_body_util::Limited::new(req.into_body(), MAX_JSON);
+    limited.collect().await.map(|c| c.to_bytes()).map_err(|_| {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too-large",
+            format!("request body over {MAX_JSON} bytes"),
+        )
+    })
+}

@@ -1,0 +1,344 @@
+//! The device-facing side: listeners, the connection limit, access control, routing of the SPEC 3 forms
+//! and the admin API. Calls `fetch` for objects and `store` for admin operations; cistern's own
+//! read-only endpoints (health, metrics, dashboard) are handed in as [`OwnEndpoints`] by whoever wires
+//! the process together, so this module does not depend on `ops`.
+
+mod admin;
+pub mod body;
+mod connect;
+pub mod error;
+mod listener;
+pub mod range;
+mod respond;
+pub mod route;
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use http::{HeaderValue, Method, Request, Response, StatusCode};
+use hyper::body::Incoming;
+
+pub use body::Body;
+pub use error::ApiError;
+pub use listener::{serve, Listeners};
+
+use crate::config::Config;
+use crate::fetch::{freshness, Fetcher, Lookup, Target};
+use crate::store::Store;
+use respond::Ask;
+use route::{FormKind, Route, Router};
+
+/// Endpoints served by another module (ops) under cistern's own paths.
+pub trait OwnEndpoints: Send + Sync {
+    /// Answers the request, or None when the path is not one of these endpoints.
+    fn handle(&self, req: &Request<Incoming>) -> Option<Response<Body>>;
+}
+
+/// Counters other modules read (ops renders them).
+#[derive(Default)]
+pub struct ServerStats {
+    /// Requests by (form, cache status).
+    pub requests: Mutex<HashMap<(String, String), u64>>,
+    /// Body bytes answered from the store.
+    pub hit_bytes: AtomicU64,
+    /// Body bytes answered from upstream transfers.
+    pub miss_bytes: AtomicU64,
+    pub connections: AtomicU64,
+}
+
+/// What every request handler shares.
+pub struct App {
+    pub cfg: Arc<Config>,
+    pub fetcher: Fetcher,
+    pub store: Store,
+    pub admin_token: Option<String>,
+    pub own: Option<Arc<dyn OwnEndpoints>>,
+    pub stats: Arc<ServerStats>,
+    pub ready: AtomicBool,
+}
+
+impl App {
+    /// Handles one request: access control, loop detection, routing, then the form's handler.
+    pub async fn handle(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+    ) -> Response<Body> {
+        let started = Instant::now();
+        let method = req.method().clone();
+        let span = tracing::info_span!("request", %method, client = %peer.ip());
+        let (resp, form, key) =
+            tracing::Instrument::instrument(self.clone().dispatch(req, peer), span.clone()).await;
+        let status = resp.status().as_u16();
+        let cache = resp
+            .headers()
+            .get("cache-status")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string();
+        let len = resp
+            .headers()
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0);
+        if let Some(f) = form {
+            let member = cache.rsplit(", ").next().unwrap_or("").to_string();
+            if method != Method::HEAD {
+                let from_store = member.contains("; hit") || member.contains("fwd=stale");
+                let counter = if from_store {
+                    &self.stats.hit_bytes
+                } else {
+                    &self.stats.miss_bytes
+                };
+                counter.fetch_add(len, Ordering::Relaxed);
+            }
+            let mut m = self
+                .stats
+                .requests
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            *m.entry((f.as_str().to_string(), member)).or_default() += 1;
+        }
+        let _e = span.enter();
+        tracing::info!(
+            form = form.map(|f| f.as_str()).unwrap_or("own"),
+            key = key.as_deref().unwrap_or(""),
+            status,
+            bytes = len,
+            cache = %cache,
+            ms = started.elapsed().as_millis() as u64,
+            "request"
+        );
+        resp
+    }
+
+    async fn dispatch(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+    ) -> (Response<Body>, Option<FormKind>, Option<String>) {
+        let ip = canonical(peer.ip());
+        let allowed = &self.cfg.server.allowed_clients;
+        if !allowed.is_empty() && !allowed.iter().any(|n| n.contains(&ip)) {
+            let e = ApiError::new(
+                StatusCode::FORBIDDEN,
+                "client-not-allowed",
+                format!("{ip} is not in server.allowed_clients"),
+            );
+            return (e.into_response(), None, None);
+        }
+        if via_has(req.headers(), &self.cfg.node.id) {
+            let e = ApiError::new(
+                StatusCode::LOOP_DETECTED,
+                "loop-detected",
+                format!("the request already passed through {}", self.cfg.node.id),
+            );
+            return (e.into_response(), None, None);
+        }
+        let router = Router {
+            origins: &self.cfg.origins,
+            origin_scheme: &self.cfg.upstream.origin_scheme,
+            strip_query: &self.cfg.upstream.strip_query,
+        };
+        let route = match router.route(req.method(), req.uri()) {
+            Ok(r) => r,
+            Err(e) => return (e.into_response(), None, None),
+        };
+        match route {
+            Route::Connect { authority } => {
+                (connect::tunnel(&self, req, authority).await, None, None)
+            }
+            Route::Own => (self.own(req, peer).await, None, None),
+            Route::Content { digest } => {
+                let t = Target {
+                    key: format!("sha256/{digest}"),
+                    url: None,
+                    digest: Some(digest),
+                    immutable: true,
+                };
+                let key = t.key.clone();
+                (
+                    self.object(req, t, false).await,
+                    Some(FormKind::Content),
+                    Some(key),
+                )
+            }
+            Route::Url {
+                kind,
+                url,
+                key,
+                immutable,
+            } => {
+                if let Err(e) = self.fetcher.check(&url) {
+                    return (error::fetch_error_response(e), Some(kind), Some(key));
+                }
+                let t = Target {
+                    key: key.clone(),
+                    url: Some(url),
+                    digest: None,
+                    immutable,
+                };
+                (self.object(req, t, true).await, Some(kind), Some(key))
+            }
+        }
+    }
+
+    /// The data plane: GET and HEAD on one of the object forms.
+    async fn object(&self, req: Request<Incoming>, t: Target, by_url: bool) -> Response<Body> {
+        let m = req.method();
+        if m != Method::GET && m != Method::HEAD {
+            let mut r = ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method-not-allowed",
+                format!("{m} is not served here; use GET or HEAD"),
+            )
+            .into_response();
+            r.headers_mut()
+                .insert(http::header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+            return r;
+        }
+        let head = m == Method::HEAD;
+        let ask = Ask::from_headers(req.headers(), head);
+        if by_url && req.headers().contains_key(http::header::AUTHORIZATION) {
+            // Requests with credentials are passed through, never stored (RFC 9111 §3.5).
+            return match self
+                .fetcher
+                .pass_through(m.clone(), t.url.clone().unwrap_or_default(), req.headers())
+                .await
+            {
+                Ok(r) => respond::pass(r, "cistern; fwd=bypass"),
+                Err(e) => error::fetch_error_response(e),
+            };
+        }
+        let revalidate = freshness::request_wants_revalidation(req.headers());
+        if head {
+            // A HEAD on a miss goes upstream as a HEAD and starts no download (SPEC 3).
+            let stored = match t.digest {
+                Some(d) => self.store.contains(&d),
+                None => self.store.lookup(&t.key).is_some(),
+            };
+            if !stored {
+                return match &t.url {
+                    Some(url) => match self
+                        .fetcher
+                        .pass_through(Method::HEAD, url.clone(), req.headers())
+                        .await
+                    {
+                        Ok(r) => respond::pass(r, "cistern; fwd=uri-miss"),
+                        Err(e) => error::fetch_error_response(e),
+                    },
+                    None => ApiError::not_found("object not stored").into_response(),
+                };
+            }
+        }
+        match self.fetcher.get(&t, revalidate).await {
+            Ok(Lookup::Hit { hit, meta, how }) => respond::hit(hit, meta, how, &ask),
+            Ok(Lookup::Flight { flight, leader }) => respond::flight(flight, leader, &ask).await,
+            Err(e) => error::fetch_error_response(e),
+        }
+    }
+
+    async fn own(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+        let path = req.uri().path().to_string();
+        if path.starts_with("/v1/admin/") {
+            if let Err(e) = self.authorize(&req, peer) {
+                return *e;
+            }
+            return admin::handle(self, req).await;
+        }
+        if path == "/readyz" && !self.ready.load(Ordering::Relaxed) {
+            return ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "not-ready",
+                "the store is still being recovered",
+            )
+            .into_response();
+        }
+        if let Some(own) = &self.own {
+            if let Some(r) = own.handle(&req) {
+                return r;
+            }
+        }
+        ApiError::not_found(format!("nothing is served at {path}")).into_response()
+    }
+
+    /// Admin authentication (SPEC 6): Bearer token compared in constant time, or loopback only.
+    fn authorize(
+        &self,
+        req: &Request<Incoming>,
+        peer: SocketAddr,
+    ) -> Result<(), Box<Response<Body>>> {
+        match &self.admin_token {
+            None if canonical(peer.ip()).is_loopback() => Ok(()),
+            None => Err(Box::new(
+                ApiError::new(
+                    StatusCode::FORBIDDEN,
+                    "admin-loopback-only",
+                    "no admin token is configured: the admin API answers loopback clients only",
+                )
+                .into_response(),
+            )),
+            Some(token) => {
+                use subtle::ConstantTimeEq;
+                let given = req
+                    .headers()
+                    .get(http::header::AUTHORIZATION)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.strip_prefix("Bearer "))
+                    .unwrap_or("");
+                if bool::from(given.as_bytes().ct_eq(token.as_bytes())) {
+                    Ok(())
+                } else {
+                    let mut r = ApiError::new(
+                        StatusCode::UNAUTHORIZED,
+                        "unauthorized",
+                        "missing or wrong admin token",
+                    )
+                    .into_response();
+                    r.headers_mut().insert(
+                        http::header::WWW_AUTHENTICATE,
+                        HeaderValue::from_static("Bearer"),
+                    );
+                    Err(Box::new(r))
+                }
+            }
+        }
+    }
+}
+
+fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
+        v4 => v4,
+    }
+}
+
+/// Whether a Via header names `id` as a received-by (exact token match: `gw-1` is not `gw-10`).
+fn via_has(h: &http::HeaderMap, id: &str) -> bool {
+    h.get_all(http::header::VIA)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|hop| hop.split_whitespace().nth(1) == Some(id))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn via_matches_exact_tokens() {
+        let mut h = http::HeaderMap::new();
+        h.insert(
+            http::header::VIA,
+            "1.1 gw-10, 1.0 fred (comment)".parse().unwrap(),
+        );
+        assert!(!via_has(&h, "gw-1"));
+        assert!(via_has(&h, "gw-10"));
+        assert!(via_has(&h, "fred"));
+    }
+}

@@ -1,0 +1,158 @@
+//! `Range: bytes=...` (RFC 9110 §14.1.2), reduced to what a cache answers: one satisfiable range, the
+//! whole body (no header, not parseable, not bytes, or several ranges), or unsatisfiable.
+
+/// A parsed single byte range, before the object's size is applied.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ByteRange {
+    /// `a-b` (`b` inclusive) or `a-` (`b` None).
+    From { first: u64, last: Option<u64> },
+    /// `-n`: the last n bytes.
+    Suffix(u64),
+}
+
+/// Parses a Range header value. None means "ignore it and send the whole body" (RFC 9110: a server may
+/// ignore a Range it does not understand; several ranges are answered whole here).
+pub fn parse(v: &str) -> Option<ByteRange> {
+    let spec = v.trim();
+    let (unit, set) = spec.split_once('=')?;
+    if !unit.trim().eq_ignore_ascii_case("bytes") || set.contains(',') {
+        return None;
+    }
+    let (a, b) = set.trim().split_once('-')?;
+    let (a, b) = (a.trim(), b.trim());
+    let num = |s: &str| -> Option<u64> {
+        if s.is_empty() || !s.bytes().all(|c| c.is_ascii_digit()) {
+            return None;
+        }
+        s.parse().ok()
+    };
+    if a.is_empty() {
+        return Some(ByteRange::Suffix(num(b)?));
+    }
+    let first = num(a)?;
+    if b.is_empty() {
+        return Some(ByteRange::From { first, last: None });
+    }
+    let last = num(b)?;
+    (last >= first).then_some(ByteRange::From {
+        first,
+        last: Some(last),
+    })
+}
+
+/// The outcome of a range against an object of known size.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Resolved {
+    /// Bytes [start, end) as a 206.
+    Partial { start: u64, end: u64 },
+    /// The whole body as a 200 (a suffix range on an empty object).
+    Whole,
+    /// 416 with `Content-Range: bytes */size`.
+    Unsatisfiable,
+}
+
+impl ByteRange {
+    pub fn resolve(self, size: u64) -> Resolved {
+        match self {
+            ByteRange::From { first, last } => {
+                if first >= size {
+                    return Resolved::Unsatisfiable;
+                }
+                let end = last.map(|l| l.saturating_add(1).min(size)).unwrap_or(size);
+                Resolved::Partial { start: first, end }
+            }
+            ByteRange::Suffix(n) => {
+                if size == 0 {
+                    return Resolved::Whole;
+                }
+                if n == 0 {
+                    return Resolved::Unsatisfiable;
+                }
+                Resolved::Partial {
+                    start: size.saturating_sub(n),
+                    end: size,
+                }
+            }
+        }
+    }
+
+    /// For an object whose size is not known yet: the bytes [start, end) when that can be served as they
+    /// arrive (`a-b`); None when the size is needed first (`a-`, `-n`).
+    pub fn bounded(self) -> Option<(u64, u64)> {
+        match self {
+            ByteRange::From {
+                first,
+                last: Some(l),
+            } => Some((first, l + 1)),
+            _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_the_three_forms() {
+        assert_eq!(
+            parse("bytes=0-99"),
+            Some(ByteRange::From {
+                first: 0,
+                last: Some(99)
+            })
+        );
+        assert_eq!(
+            parse("bytes=100-"),
+            Some(ByteRange::From {
+                first: 100,
+                last: None
+            })
+        );
+        assert_eq!(parse("bytes=-5"), Some(ByteRange::Suffix(5)));
+        assert_eq!(
+            parse("Bytes = 1-2"),
+            Some(ByteRange::From {
+                first: 1,
+                last: Some(2)
+            })
+        );
+    }
+
+    #[test]
+    fn ignores_what_it_cannot_serve_as_one_range() {
+        for v in [
+            "items=0-1",
+            "bytes=0-1,5-6",
+            "bytes=5-1",
+            "bytes=a-b",
+            "bytes=-",
+            "bytes",
+            "bytes=+1-2",
+        ] {
+            assert_eq!(parse(v), None, "{v}");
+        }
+    }
+
+    #[test]
+    fn resolves_against_the_size() {
+        let r = |s| parse(s).unwrap();
+        assert_eq!(
+            r("bytes=0-99").resolve(50),
+            Resolved::Partial { start: 0, end: 50 }
+        );
+        assert_eq!(r("bytes=50-").resolve(50), Resolved::Unsatisfiable);
+        assert_eq!(
+            r("bytes=-10").resolve(50),
+            Resolved::Partial { start: 40, end: 50 }
+        );
+        assert_eq!(
+            r("bytes=-100").resolve(50),
+            Resolved::Partial { start: 0, end: 50 }
+        );
+        assert_eq!(r("bytes=0-0").resolve(0), Resolved::Unsatisfiable);
+        assert_eq!(r("bytes=-5").resolve(0), Resolved::Whole);
+        assert_eq!(r("bytes=10-19").bounded(), Some((10, 20)));
+        assert_eq!(r("bytes=10-").bounded(), None);
+    }
+}

@@ -1,0 +1,325 @@
+//! Data-plane answers (SPEC 4): a stored object or one still arriving, whole or as a range, with the
+//! validators (`ETag`, `Repr-Digest`), conditional requests (RFC 9110 §13) and `Cache-Status` (RFC 9211).
+
+use std::sync::Arc;
+
+use http::{HeaderMap, HeaderValue, Response, StatusCode};
+use http_body_util::{BodyExt, StreamBody};
+use hyper::body::Frame;
+
+use super::body::{empty, full, Body, BodyError};
+use super::error::fetch_error_response;
+use super::range::{self, ByteRange, Resolved};
+use crate::fetch::{Flight, FlightReader, HitKind};
+use crate::store::{now_ms, Digest, Hit, KeyMeta};
+
+/// What the client asked for, beyond the object itself.
+pub struct Ask {
+    pub head: bool,
+    pub range: Option<ByteRange>,
+    pub if_range: Option<String>,
+    pub if_none_match: Option<String>,
+}
+
+impl Ask {
+    pub fn from_headers(h: &HeaderMap, head: bool) -> Ask {
+        let s = |n: http::header::HeaderName| {
+            h.get(n).and_then(|v| v.to_str().ok()).map(str::to_string)
+        };
+        Ask {
+            head,
+            range: s(http::header::RANGE).and_then(|v| range::parse(&v)),
+            if_range: s(http::header::IF_RANGE),
+            if_none_match: s(http::header::IF_NONE_MATCH),
+        }
+    }
+}
+
+/// What is known of the representation when the headers go out.
+struct Repr {
+    size: Option<u64>,
+    digest: Option<Digest>,
+    upstream_etag: Option<String>,
+    last_modified: Option<String>,
+    content_type: Option<String>,
+    cache_status: String,
+}
+
+impl Repr {
+    fn headers(&self, h: &mut HeaderMap) {
+        let mut set = |name: &'static str, v: &str| {
+            if let Ok(v) = HeaderValue::from_str(v) {
+                h.insert(name, v);
+            }
+        };
+        if let Some(d) = self.digest {
+            set("etag", &d.etag());
+            set("repr-digest", &d.repr_digest_header());
+        } else if let Some(e) = &self.upstream_etag {
+            set("etag", e);
+        }
+        if let Some(lm) = &self.last_modified {
+            set("last-modified", lm);
+        }
+        set(
+            "content-type",
+            self.content_type
+                .as_deref()
+                .unwrap_or("application/octet-stream"),
+        );
+        set("accept-ranges", "bytes");
+        set("cache-status", &self.cache_status);
+    }
+
+    /// If-None-Match with weak comparison (RFC 9110 §13.1.2).
+    fn not_modified(&self, inm: &str) -> bool {
+        let ours = self.digest.map(|d| d.etag());
+        inm.split(',').map(str::trim).any(|t| {
+            if t == "*" {
+                return true;
+            }
+            let t = t.trim_start_matches("W/");
+            ours.as_deref() == Some(t)
+                || self
+                    .upstream_etag
+                    .as_deref()
+                    .map(|e| e.trim_start_matches("W/"))
+                    == Some(t)
+        })
+    }
+
+    /// If-Range with strong comparison (RFC 9110 §13.1.5): our ETag, the upstream's strong ETag, or the
+    /// exact Last-Modified date.
+    fn range_applies(&self, if_range: &str) -> bool {
+        let v = if_range.trim();
+        if v.starts_with("W/") {
+            return false;
+        }
+        if v.starts_with('"') {
+            return self.digest.is_some_and(|d| d.etag() == v)
+                || self
+                    .upstream_etag
+                    .as_deref()
+                    .is_some_and(|e| !e.starts_with("W/") && e == v);
+        }
+        self.last_modified.as_deref() == Some(v)
+    }
+}
+
+fn cache_status(upstream: Option<&str>, ours: &str) -> String {
+    match upstream {
+        Some(u) if !u.is_empty() => format!("{u}, {ours}"),
+        _ => ours.to_string(),
+    }
+}
+
+/// Answers from a stored object.
+pub fn hit(hit: Hit, meta: Option<KeyMeta>, how: HitKind, ask: &Ask) -> Response<Body> {
+    let member = match how {
+        HitKind::Fresh => "cistern; hit".to_string(),
+        HitKind::Revalidated => "cistern; fwd=stale; fwd-status=304".to_string(),
+        HitKind::Stale => {
+            let ttl = meta
+                .as_ref()
+                .and_then(|m| m.ttl(now_ms()))
+                .unwrap_or(-1)
+                .min(-1);
+            format!("cistern; hit; ttl={ttl}; detail=stale")
+        }
+    };
+    let repr = Repr {
+        size: Some(hit.bytes.len() as u64),
+        digest: Some(hit.digest),
+        upstream_etag: meta.as_ref().and_then(|m| m.etag.clone()),
+        last_modified: meta.as_ref().and_then(|m| m.last_modified.clone()),
+        content_type: hit.content_type.clone(),
+        cache_status: member,
+    };
+    let bytes = hit.bytes.clone();
+    let size = bytes.len() as u64;
+    answer(&repr, ask, size, move |start, end| {
+        full(bytes.slice(start as usize..end as usize))
+    })
+}
+
+/// Builds the answer for a representation of known size; `body(start, end)` gives the bytes.
+fn answer(
+    repr: &Repr,
+    ask: &Ask,
+    size: u64,
+    body: impl FnOnce(u64, u64) -> Body,
+) -> Response<Body> {
+    let mut h = HeaderMap::new();
+    repr.headers(&mut h);
+    if let Some(inm) = &ask.if_none_match {
+        if repr.not_modified(inm) {
+            return with(StatusCode::NOT_MODIFIED, h, empty());
+        }
+    }
+    let range = ask.range.filter(|_| {
+        ask.if_range
+            .as_deref()
+            .is_none_or(|v| repr.range_applies(v))
+    });
+    let (status, start, end) = match range.map(|r| r.resolve(size)) {
+        None | Some(Resolved::Whole) => (StatusCode::OK, 0, size),
+        Some(Resolved::Partial { start, end }) => {
+            set(
+                &mut h,
+                "content-range",
+                &format!("bytes {start}-{}/{size}", end - 1),
+            );
+            (StatusCode::PARTIAL_CONTENT, start, end)
+        }
+        Some(Resolved::Unsatisfiable) => {
+            set(&mut h, "content-range", &format!("bytes */{size}"));
+            h.remove("cache-status");
+            let e = super::error::ApiError::new(
+                StatusCode::RANGE_NOT_SATISFIABLE,
+                "range-not-satisfiable",
+                "the range starts at or past the end of the object",
+            );
+            let mut r = e.into_response();
+            for (k, v) in h.iter() {
+                if k != http::header::CONTENT_TYPE {
+                    r.headers_mut().insert(k.clone(), v.clone());
+                }
+            }
+            return r;
+        }
+    };
+    set(&mut h, "content-length", &(end - start).to_string());
+    let b = if ask.head { empty() } else { body(start, end) };
+    with(status, h, b)
+}
+
+fn set(h: &mut HeaderMap, name: &'static str, v: &str) {
+    if let Ok(v) = HeaderValue::from_str(v) {
+        h.insert(name, v);
+    }
+}
+
+fn with(status: StatusCode, h: HeaderMap, body: Body) -> Response<Body> {
+    let mut r = Response::new(body);
+    *r.status_mut() = status;
+    *r.headers_mut() = h;
+    r
+}
+
+/// Answers from a transfer in flight, streaming its bytes as they arrive.
+pub async fn flight(flight: Arc<Flight>, leader: bool, ask: &Ask) -> Response<Body> {
+    let head = match flight.head().await {
+        Ok(h) => h,
+        Err(crate::fetch::End::Failed(e)) => return fetch_error_response(e),
+        Err(_) => {
+            return fetch_error_response(crate::fetch::FetchError::Internal(
+                "transfer ended oddly".into(),
+            ))
+        }
+    };
+    let member = if !leader {
+        "cistern; fwd=uri-miss; collapsed"
+    } else if head.storing {
+        "cistern; fwd=uri-miss; stored"
+    } else {
+        "cistern; fwd=uri-miss"
+    };
+    let mut repr = Repr {
+        size: head.size,
+        digest: head.digest,
+        upstream_etag: head.etag.clone(),
+        last_modified: head.last_modified.clone(),
+        content_type: head.content_type.clone(),
+        cache_status: cache_status(head.upstream_cache_status.as_deref(), member),
+    };
+    let range = ask.range.filter(|_| {
+        ask.if_range
+            .as_deref()
+            .is_none_or(|v| repr.range_applies(v))
+    });
+    if repr.size.is_none() {
+        if let Some((start, end)) = range.and_then(|r| r.bounded()) {
+            // `a-b` on an object of unknown size: served as the bytes arrive (RFC 9110 §14.4 `a-b/*`).
+            let mut h = HeaderMap::new();
+            repr.headers(&mut h);
+            set(
+                &mut h,
+                "content-range",
+                &format!("bytes {start}-{}/*", end - 1),
+            );
+            let b = if ask.head {
+                empty()
+            } else {
+                stream(flight.reader(start, Some(end)))
+            };
+            return with(StatusCode::PARTIAL_CONTENT, h, b);
+        }
+        if range.is_some() {
+            // `a-` and `-n` need the size: wait for the end of the object.
+            match flight.wait_end().await {
+                crate::fetch::End::Complete(_) => repr.size = Some(flight.written()),
+                crate::fetch::End::Failed(e) => return fetch_error_response(e),
+                _ => {}
+            }
+        }
+    }
+    match repr.size {
+        Some(size) => {
+            let f = flight.clone();
+            answer(&repr, ask, size, move |start, end| {
+                stream(f.reader(start, Some(end)))
+            })
+        }
+        None => {
+            let mut h = HeaderMap::new();
+            repr.headers(&mut h);
+            if let Some(inm) = &ask.if_none_match {
+                if repr.not_modified(inm) {
+                    return with(StatusCode::NOT_MODIFIED, h, empty());
+                }
+            }
+            let b = if ask.head {
+                empty()
+            } else {
+                stream(flight.reader(0, None))
+            };
+            with(StatusCode::OK, h, b)
+        }
+    }
+}
+
+fn stream(reader: FlightReader) -> Body {
+    let s = futures_util::stream::unfold(reader, |mut r| async move {
+        let item = r.next().await?;
+        Some((
+            item.map(Frame::data).map_err(|e| BodyError(e.to_string())),
+            r,
+        ))
+    });
+    StreamBody::new(s).boxed()
+}
+
+/// Passes an upstream response through (HEAD on a miss, requests with Authorization, bypass).
+pub fn pass(resp: Response<hyper::body::Incoming>, member: &str) -> Response<Body> {
+    let (mut parts, body) = resp.into_parts();
+    for h in [
+        "connection",
+        "keep-alive",
+        "transfer-encoding",
+        "proxy-connection",
+        "upgrade",
+    ] {
+        parts.headers.remove(h);
+    }
+    let upstream = parts
+        .headers
+        .get("cache-status")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    set(
+        &mut parts.headers,
+        "cache-status",
+        &cache_status(upstream.as_deref(), member),
+    );
+    Response::from_parts(parts, body.map_err(|e| BodyError(e.to_string())).boxed())
+}
