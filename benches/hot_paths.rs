@@ -1,1 +1,78 @@
-fn main() {}
+//! Criterion benches of the hot paths: hashing + the write path of a fill, range parsing, index lookups.
+
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use sha2::Digest as _;
+
+use cistern::server::range;
+use cistern::store::{Digest, KeyMeta, Store, StoreConfig};
+
+fn hashing_and_fill(c: &mut Criterion) {
+    let data = vec![7u8; 4 << 20];
+    let mut g = c.benchmark_group("fill");
+    g.throughput(Throughput::Bytes(data.len() as u64));
+    g.bench_function("sha256 4MiB", |b| b.iter(|| sha2::Sha256::digest(&data)));
+    let tmp = tempfile::tempdir().unwrap();
+    let store = Store::open(&StoreConfig {
+        dir: tmp.path().into(),
+        max_size: 0,
+        min_free: 0,
+        max_object_size: 0,
+    })
+    .unwrap();
+    g.bench_function("hash+write 4MiB in 256KiB chunks (no commit)", |b| {
+        b.iter(|| {
+            let mut f = store.begin_fill(Some(data.len() as u64)).unwrap();
+            let mut h = sha2::Sha256::new();
+            for chunk in data.chunks(256 << 10) {
+                h.update(chunk);
+                f.write(chunk).unwrap();
+            }
+            h.finalize()
+        })
+    });
+    g.finish();
+}
+
+fn ranges(c: &mut Criterion) {
+    c.bench_function("range parse+resolve", |b| {
+        b.iter(|| {
+            range::parse(std::hint::black_box("bytes=1048576-1114111")).map(|r| r.resolve(1 << 28))
+        })
+    });
+}
+
+fn index(c: &mut Criterion) {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = Store::open(&StoreConfig {
+        dir: tmp.path().into(),
+        max_size: 0,
+        min_free: 0,
+        max_object_size: 0,
+    })
+    .unwrap();
+    let mut last = None;
+    for i in 0..1000u32 {
+        let body = i.to_le_bytes();
+        let d = Digest(sha2::Sha256::digest(body).into());
+        let mut f = store.begin_fill(Some(4)).unwrap();
+        f.write(&body).unwrap();
+        f.commit(
+            &d,
+            Some((&format!("host.example/file/{i}"), KeyMeta::immutable())),
+            None,
+            false,
+        )
+        .unwrap();
+        last = Some(d);
+    }
+    c.bench_function("index lookup by key", |b| {
+        b.iter(|| store.lookup(std::hint::black_box("host.example/file/500")))
+    });
+    let d = last.unwrap();
+    c.bench_function("open stored object (mapped)", |b| {
+        b.iter(|| store.open_object(&d).unwrap().bytes.len())
+    });
+}
+
+criterion_group!(benches, hashing_and_fill, ranges, index);
+criterion_main!(benches);
