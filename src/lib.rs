@@ -48,6 +48,19 @@ pub struct Gateway {
 impl Gateway {
     /// Binds, opens the store and starts serving in the background.
     pub async fn start(cfg: Config) -> anyhow::Result<Gateway> {
+        // Refuse what this build cannot do yet rather than silently ignoring it: a child that went
+        // straight to the origin, or a TLS port that never opens, is worse than a clear error at start.
+        if !cfg.server.tls_listen.is_empty() {
+            anyhow::bail!("server.tls_listen: TLS listeners are not available in this build yet; use server.listen");
+        }
+        if !cfg.upstream.parents.is_empty() {
+            anyhow::bail!("upstream.parents: parent gateways are not available in this build yet");
+        }
+        if !cfg.upstream.proxy.is_empty() {
+            anyhow::bail!(
+                "upstream.proxy: an upstream HTTP proxy is not available in this build yet"
+            );
+        }
         let cfg = Arc::new(cfg);
         let listeners = server::Listeners::bind(&cfg.server.listen)
             .await

@@ -502,3 +502,34 @@ async fn via_loops_get_508_and_junk_gets_json_errors() {
     assert_eq!(g.status, 404);
     assert_eq!(g.header("content-type"), "application/json");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redirects_are_followed_and_checked() {
+    let origin = Origin::start().await;
+    let body = random_bytes(40_000, 17);
+    origin.put(
+        "/real.bin",
+        body.clone(),
+        Behaviour {
+            cache_control: Some("max-age=60".into()),
+            ..Default::default()
+        },
+    );
+    origin.redirect("/moved.bin", "/real.bin");
+    origin.redirect("/away.bin", "http://169.254.169.254/latest/meta-data");
+    let node = Node::start(&origin, "").await;
+    let g = get(&node.url("/o/t/moved.bin")).await;
+    assert_eq!(g.status, 200);
+    assert_eq!(g.body, body);
+    eventually(5, "stored", || node.blobs().len() == 1).await;
+    // Stored under the original key: the next ask is a hit.
+    assert_eq!(
+        get(&node.url("/o/t/moved.bin"))
+            .await
+            .header("cache-status"),
+        "cistern; hit"
+    );
+    let g = get(&node.url("/o/t/away.bin")).await;
+    assert_eq!(g.status, 502);
+    assert_eq!(g.json()["error"], "redirect-not-allowed");
+}

@@ -35,6 +35,8 @@ pub struct Behaviour {
     pub etag: Option<String>,
     pub cache_control: Option<String>,
     pub status: Option<u16>,
+    /// Answer 302 to this Location.
+    pub location: Option<String>,
 }
 
 pub struct OriginFile {
@@ -137,6 +139,16 @@ impl Origin {
             .insert(path.to_string(), OriginFile { body, behaviour });
     }
 
+    /// Answers 302 with `Location: to` for `path`.
+    pub fn redirect(&self, path: &str, to: &str) {
+        let b = Behaviour {
+            status: Some(302),
+            location: Some(to.to_string()),
+            ..Default::default()
+        };
+        self.put(path, Bytes::new(), b);
+    }
+
     /// GET requests the origin received for a path.
     pub fn gets(&self, path: &str) -> usize {
         self.requests(path)
@@ -189,12 +201,14 @@ fn serve(
     };
     let b = &file.behaviour;
     if let Some(s) = b.status {
-        return resp(
-            StatusCode::from_u16(s).unwrap(),
-            Full::new(Bytes::from_static(b"origin error"))
-                .map_err(|n| match n {})
-                .boxed(),
-        );
+        let body = Full::new(Bytes::from_static(b"origin error"))
+            .map_err(|n| match n {})
+            .boxed();
+        let mut r = resp(StatusCode::from_u16(s).unwrap(), body);
+        if let Some(l) = &b.location {
+            r.headers_mut().insert("location", l.parse().unwrap());
+        }
+        return r;
     }
     let etag = b.etag.clone();
     if let (Some(e), Some(inm)) = (&etag, req.headers().get("if-none-match")) {
