@@ -39,6 +39,7 @@ pub fn open_store(cfg: &Config) -> anyhow::Result<Store> {
 /// A gateway started in this process: its address and the handle that stops it.
 pub struct Gateway {
     pub addr: Option<SocketAddr>,
+    pub tls_addr: Option<SocketAddr>,
     pub store: Store,
     pub fetcher: Fetcher,
     stop: tokio::sync::oneshot::Sender<()>,
@@ -50,21 +51,28 @@ impl Gateway {
     pub async fn start(cfg: Config) -> anyhow::Result<Gateway> {
         // Refuse what this build cannot do yet rather than silently ignoring it: a child that went
         // straight to the origin, or a TLS port that never opens, is worse than a clear error at start.
-        if !cfg.server.tls_listen.is_empty() {
-            anyhow::bail!("server.tls_listen: TLS listeners are not available in this build yet; use server.listen");
-        }
-        if !cfg.upstream.parents.is_empty() {
-            anyhow::bail!("upstream.parents: parent gateways are not available in this build yet");
-        }
         if !cfg.upstream.proxy.is_empty() {
             anyhow::bail!(
                 "upstream.proxy: an upstream HTTP proxy is not available in this build yet"
             );
         }
         let cfg = Arc::new(cfg);
-        let listeners = server::Listeners::bind(&cfg.server.listen)
+        let tls = if cfg.server.tls_listen.is_empty() {
+            None
+        } else {
+            let s = &cfg.server;
+            let acceptor = server::tls_acceptor(&s.tls_cert, &s.tls_key, &s.client_ca)
+                .map_err(anyhow::Error::msg)?;
+            Some((s.tls_listen.as_str(), acceptor))
+        };
+        let listeners = server::Listeners::bind(&cfg.server.listen, tls)
             .await
-            .with_context(|| format!("server.listen {}: cannot bind", cfg.server.listen))?;
+            .with_context(|| {
+                format!(
+                    "server.listen {} / tls_listen {}: cannot bind",
+                    cfg.server.listen, cfg.server.tls_listen
+                )
+            })?;
         let c2 = cfg.clone();
         let store = tokio::task::spawn_blocking(move || open_store(&c2)).await??;
         let mut literal = Vec::new();
@@ -87,6 +95,10 @@ impl Gateway {
                 connect_timeout: cfg.upstream.connect_timeout.0,
                 idle_timeout: cfg.upstream.idle_timeout.0,
                 ca_file: cfg.upstream.ca_file.clone(),
+                parents: cfg.upstream.parents.clone(),
+                allow_direct: cfg.upstream.allow_direct,
+                client_cert: cfg.upstream.client_cert.clone(),
+                client_key: cfg.upstream.client_key.clone(),
             },
             policy,
         )
@@ -119,6 +131,7 @@ impl Gateway {
             ready: AtomicBool::new(true),
         });
         let addr = listeners.local_addr();
+        let tls_addr = listeners.tls_addr();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let grace = cfg.server.shutdown_grace.0;
         let flusher = store.clone();
@@ -147,6 +160,7 @@ impl Gateway {
         tracing::info!(addr = ?addr, node = %cfg.node.id, store = %cfg.store.dir.display(), "cistern serving");
         Ok(Gateway {
             addr,
+            tls_addr,
             store,
             fetcher,
             stop,

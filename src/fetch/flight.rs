@@ -22,6 +22,8 @@ use crate::store::Digest;
 const WINDOW: u64 = 2 << 20;
 /// Bytes a pass-through flight may run ahead of its slowest reader.
 const PASS_WINDOW: u64 = 8 << 20;
+/// Largest slice a reader takes at once from a mapped fill.
+const MAP_CHUNK: u64 = 1 << 20;
 /// Largest chunk a reader takes at once from the file.
 const READ_CHUNK: usize = 256 << 10;
 
@@ -62,6 +64,8 @@ struct State {
     window: VecDeque<Bytes>,
     window_start: u64,
     file: Option<Arc<File>>,
+    /// The fill file mapped at its announced size: readers take zero-copy slices of it.
+    map: Option<Bytes>,
     /// Bumped when a restarted transfer turned out to differ from the bytes already sent: readers of the
     /// old generation are cut off.
     generation: u32,
@@ -86,6 +90,7 @@ impl Flight {
                 window: VecDeque::new(),
                 window_start: 0,
                 file: None,
+                map: None,
                 generation: 0,
                 end: None,
                 readers: HashMap::new(),
@@ -105,11 +110,12 @@ impl Flight {
 
     // ---- the transfer side ----
 
-    pub fn set_head(&self, head: Head, file: Option<Arc<File>>) {
+    pub fn set_head(&self, head: Head, file: Option<Arc<File>>, map: Option<Bytes>) {
         {
             let mut st = self.state();
             st.head = Some(head);
             st.file = file;
+            st.map = map;
         }
         self.bump();
     }
@@ -143,9 +149,15 @@ impl Flight {
     pub fn append(&self, chunks: Vec<Bytes>) {
         {
             let mut st = self.state();
+            let mapped = st.map.is_some();
             for c in chunks {
                 st.written += c.len() as u64;
-                st.window.push_back(c);
+                if !mapped {
+                    st.window.push_back(c);
+                }
+            }
+            if mapped {
+                st.window_start = st.written;
             }
             let storing = st.head.as_ref().is_some_and(|h| h.storing) && st.file.is_some();
             let keep_from = if storing {
@@ -371,6 +383,12 @@ impl FlightReader {
         };
         let readable = readable.min(end);
         if self.pos < readable {
+            if let Some(map) = &st.map {
+                let end = readable.min(self.pos + MAP_CHUNK).min(map.len() as u64);
+                if self.pos < end {
+                    return Ok(Step::Data(map.slice(self.pos as usize..end as usize)));
+                }
+            }
             if self.pos >= st.window_start {
                 // Find the chunk that holds `pos` in the window.
                 let mut off = st.window_start;
@@ -435,6 +453,7 @@ mod tests {
                 ..Default::default()
             },
             None,
+            None,
         );
         let mut r = f.reader(0, None);
         f.append(vec![Bytes::from_static(b"abcd")]);
@@ -455,6 +474,7 @@ mod tests {
                 ..Default::default()
             },
             None,
+            None,
         );
         let mut r = f.reader(0, None);
         f.append(vec![Bytes::from_static(b"abcdef")]);
@@ -471,6 +491,7 @@ mod tests {
                 size: Some(10),
                 ..Default::default()
             },
+            None,
             None,
         );
         let mut r = f.reader(2, Some(5));
@@ -489,6 +510,7 @@ mod tests {
                 size: None,
                 ..Default::default()
             },
+            None,
             None,
         );
         let mut r = f.reader(0, None);

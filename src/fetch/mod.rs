@@ -4,6 +4,7 @@
 
 pub mod flight;
 pub mod freshness;
+pub mod parents;
 pub mod policy;
 mod transfer;
 pub mod upstream;
@@ -76,6 +77,8 @@ pub struct Target {
     pub digest: Option<Digest>,
     /// The mapping never goes stale (digest URL, manifest, immutable named origin).
     pub immutable: bool,
+    /// The Via of the request that asked (it travels upstream with this node appended).
+    pub via: Option<String>,
 }
 
 /// The answer to a GET.
@@ -171,6 +174,10 @@ impl Fetcher {
     /// Checks a URL against the allowlist before anything else happens (403 otherwise).
     pub fn check(&self, url: &Uri) -> Result<(), FetchError> {
         self.inner.client.check(url)
+    }
+
+    pub fn parents_health(&self) -> Vec<parents::ParentHealth> {
+        self.inner.client.parents_health()
     }
 
     pub fn in_flight(&self) -> Vec<InFlight> {
@@ -314,10 +321,10 @@ impl Fetcher {
     pub async fn pass_through(
         &self,
         method: Method,
-        url: Uri,
+        t: &Target,
         headers: &HeaderMap,
     ) -> Result<Response<Incoming>, FetchError> {
-        let mut h = self.upstream_headers();
+        let mut h = self.upstream_headers(t.via.as_deref());
         for name in [
             http::header::RANGE,
             http::header::AUTHORIZATION,
@@ -327,22 +334,27 @@ impl Fetcher {
                 h.insert(name, v.clone());
             }
         }
-        let (_, resp) = self
-            .inner
+        self.inner
             .client
-            .send(method, url, &h)
+            .fetch(method, t.url.as_ref(), t.digest, &h)
             .await
-            .inspect_err(|e| self.count_error(e))?;
-        Ok(resp)
+            .inspect_err(|e| self.count_error(e))
     }
 
-    fn upstream_headers(&self) -> HeaderMap {
+    /// Headers of every upstream request: identity coding, and Via with this node appended to the hops
+    /// the request already passed (RFC 9110 §7.6.3), so that a loop in a chain is seen.
+    fn upstream_headers(&self, prior_via: Option<&str>) -> HeaderMap {
         let mut h = HeaderMap::new();
         h.insert(
             http::header::ACCEPT_ENCODING,
             http::HeaderValue::from_static("identity"),
         );
-        if let Ok(v) = http::HeaderValue::from_str(&format!("1.1 {}", self.inner.cfg.node_id)) {
+        let ours = format!("1.1 {}", self.inner.cfg.node_id);
+        let via = match prior_via {
+            Some(p) if !p.trim().is_empty() => format!("{p}, {ours}"),
+            _ => ours,
+        };
+        if let Ok(v) = http::HeaderValue::from_str(&via) {
             h.insert(http::header::VIA, v);
         }
         h.insert(

@@ -58,13 +58,7 @@ impl Transfer {
 
     async fn transfer(self) -> End {
         let started = std::time::Instant::now();
-        let Some(url) = self.target.url.clone() else {
-            return End::Failed(FetchError::NotFound(format!(
-                "object {} is not stored and no upstream knows it",
-                self.target.key
-            )));
-        };
-        let mut headers = self.fetcher.upstream_headers();
+        let mut headers = self.fetcher.upstream_headers(self.target.via.as_deref());
         if let Some(stale) = &self.stale {
             if let Some(v) = stale
                 .meta
@@ -88,22 +82,17 @@ impl Transfer {
                 .revalidations
                 .fetch_add(1, Ordering::Relaxed);
         }
-        let resp = self
-            .fetcher
-            .inner
-            .client
-            .send(Method::GET, url.clone(), &headers)
-            .await;
+        let resp = self.upstream(&headers).await;
         let resp = match (resp, &self.stale) {
-            (Ok(r), Some(stale)) if r.1.status() == StatusCode::NOT_MODIFIED => {
-                let mut meta = freshness::key_meta(r.1.headers(), self.target.immutable);
+            (Ok(r), Some(stale)) if r.status() == StatusCode::NOT_MODIFIED => {
+                let mut meta = freshness::key_meta(r.headers(), self.target.immutable);
                 meta.etag = meta.etag.or(stale.meta.etag.clone());
                 meta.last_modified = meta.last_modified.or(stale.meta.last_modified.clone());
                 let _ = self.fetcher.inner.store.refresh_key(&self.target.key, meta);
                 return End::Revalidated(stale.digest);
             }
-            (Ok(r), Some(stale)) if r.1.status().is_server_error() => {
-                tracing::warn!(status = %r.1.status(), "revalidation failed; serving stale");
+            (Ok(r), Some(stale)) if r.status().is_server_error() => {
+                tracing::warn!(status = %r.status(), "revalidation failed; serving stale");
                 return End::ServeStale(stale.digest);
             }
             (Err(e), Some(stale))
@@ -112,13 +101,13 @@ impl Transfer {
                 tracing::warn!(error = %e, "revalidation failed; serving stale");
                 return End::ServeStale(stale.digest);
             }
-            (Ok(r), _) => r.1,
+            (Ok(r), _) => r,
             (Err(e), _) => return End::Failed(e),
         };
         if resp.status() != StatusCode::OK {
             return End::Failed(error_status(resp).await);
         }
-        let end = self.fill(url, headers, resp).await;
+        let end = self.fill(headers, resp).await;
         let secs = started.elapsed().as_secs_f64();
         match &end {
             End::Complete(d) => tracing::info!(digest = %d, secs, "transfer complete"),
@@ -128,7 +117,20 @@ impl Transfer {
         end
     }
 
-    async fn fill(&self, url: http::Uri, mut headers: HeaderMap, resp: Response<Incoming>) -> End {
+    /// Asks upstream (the parents, or the origin) for the target.
+    async fn upstream(&self, headers: &HeaderMap) -> Result<Response<Incoming>, FetchError> {
+        let client = &self.fetcher.inner.client;
+        client
+            .fetch(
+                Method::GET,
+                self.target.url.as_ref(),
+                self.target.digest,
+                headers,
+            )
+            .await
+    }
+
+    async fn fill(&self, mut headers: HeaderMap, resp: Response<Incoming>) -> End {
         let fetcher = &self.fetcher;
         let store = &fetcher.inner.store;
         let h = resp.headers().clone();
@@ -141,7 +143,7 @@ impl Transfer {
         let storable = identity
             && freshness::storable(&h)
             && !(fetcher.inner.cfg.require_digest && digest.is_none());
-        let fill = if storable {
+        let mut fill = if storable {
             let store = store.clone();
             match tokio::task::spawn_blocking(move || store.begin_fill(size)).await {
                 Ok(Ok(f)) => Some(f),
@@ -168,8 +170,12 @@ impl Transfer {
             storing: fill.is_some(),
             upstream_cache_status: s(http::header::HeaderName::from_static("cache-status")),
         };
+        let map = match (fill.as_mut(), size) {
+            (Some(f), Some(n)) => f.map(n),
+            _ => None,
+        };
         self.flight
-            .set_head(head.clone(), fill.as_ref().map(|f| f.file()));
+            .set_head(head.clone(), fill.as_ref().map(|f| f.file()), map);
         let mut sink = Sink {
             hasher: Some(Sha256::new()),
             fill,
@@ -219,13 +225,8 @@ impl Transfer {
                     }
                 }
             }
-            let resp = match fetcher
-                .inner
-                .client
-                .send(Method::GET, url.clone(), &headers)
-                .await
-            {
-                Ok((_, r)) => r,
+            let resp = match self.upstream(&headers).await {
+                Ok(r) => r,
                 Err(e) => {
                     tracing::warn!(error = %e, attempt = attempts, "resume request failed");
                     continue;

@@ -19,8 +19,10 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
+use super::parents::{Parent, ParentHealth};
 use super::policy::OriginPolicy;
 use super::FetchError;
+use crate::store::Digest;
 
 const MAX_REDIRECTS: usize = 5;
 
@@ -69,6 +71,13 @@ pub struct ClientConfig {
     pub connect_timeout: Duration,
     pub idle_timeout: Duration,
     pub ca_file: String,
+    /// Parent gateways, in order of preference.
+    pub parents: Vec<String>,
+    /// With parents: may this node go to the origin when every parent fails?
+    pub allow_direct: bool,
+    /// Client certificate and key (PEM) for mTLS to parents.
+    pub client_cert: String,
+    pub client_key: String,
 }
 
 #[derive(Clone)]
@@ -77,6 +86,8 @@ pub struct UpstreamClient {
     policy: Arc<OriginPolicy>,
     /// Bound on the wait for response headers (connect + first byte).
     head_timeout: Duration,
+    parents: Vec<Arc<Parent>>,
+    allow_direct: bool,
 }
 
 impl UpstreamClient {
@@ -87,9 +98,9 @@ impl UpstreamClient {
         http.enforce_http(false);
         http.set_connect_timeout(Some(cfg.connect_timeout));
         http.set_nodelay(true);
-        let tls = tls_config(&cfg.ca_file)?;
+        let tls = tls_config(&cfg.ca_file, &cfg.client_cert, &cfg.client_key)?;
         let https = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(tls)
+            .with_tls_config(tls.clone())
             .https_or_http()
             .enable_http1()
             .wrap_connector(http);
@@ -97,15 +108,125 @@ impl UpstreamClient {
             .pool_idle_timeout(Duration::from_secs(90))
             .pool_max_idle_per_host(32)
             .build(https);
+        let mut parents = Vec::new();
+        for p in &cfg.parents {
+            let url: Uri = p
+                .parse()
+                .map_err(|_| format!("upstream.parents: `{p}` is not a URL"))?;
+            // The parent was named by the operator: its address needs no allowlist check.
+            let mut plain = HttpConnector::new();
+            plain.enforce_http(false);
+            plain.set_connect_timeout(Some(cfg.connect_timeout));
+            plain.set_nodelay(true);
+            let conn = hyper_rustls::HttpsConnectorBuilder::new()
+                .with_tls_config(tls.clone())
+                .https_or_http()
+                .enable_http1()
+                .wrap_connector(plain);
+            parents.push(Arc::new(Parent::new(url, conn)));
+        }
         Ok(UpstreamClient {
             client,
             policy,
             head_timeout: cfg.connect_timeout + cfg.idle_timeout,
+            parents,
+            allow_direct: cfg.allow_direct,
         })
     }
 
     pub fn policy(&self) -> &OriginPolicy {
         &self.policy
+    }
+
+    pub fn parents_health(&self) -> Vec<ParentHealth> {
+        self.parents.iter().map(|p| p.report()).collect()
+    }
+
+    pub fn has_parents(&self) -> bool {
+        !self.parents.is_empty()
+    }
+
+    /// Sends a request for an object along the chain (SPEC 3): to the first healthy parent (an origin URL
+    /// in forward-proxy form; a digest as `/v1/content/sha256/<hex>`), the next one on a connection error,
+    /// a timeout, 502, 503 or 504, and to the origin itself only without parents or with `allow_direct`.
+    pub async fn fetch(
+        &self,
+        method: Method,
+        url: Option<&Uri>,
+        digest: Option<Digest>,
+        headers: &HeaderMap,
+    ) -> Result<Response<Incoming>, FetchError> {
+        if self.parents.is_empty() {
+            let Some(u) = url else {
+                return Err(FetchError::NotFound(
+                    "the object is not stored and no upstream knows it".into(),
+                ));
+            };
+            return self.send(method, u.clone(), headers).await.map(|(_, r)| r);
+        }
+        if let Some(u) = url {
+            // Never an open proxy, not even towards a parent.
+            let (host, port) = (u.host().unwrap_or_default(), port_of(u));
+            if !self.policy.host_allowed(host, port) {
+                return Err(FetchError::NotAllowed(format!("{host}:{port}")));
+            }
+        }
+        let mut order: Vec<&Arc<Parent>> = self.parents.iter().filter(|p| p.healthy()).collect();
+        if order.is_empty() {
+            // Every parent is being skipped: try them anyway rather than fail without asking.
+            order = self.parents.iter().collect();
+        }
+        let mut last = FetchError::Unreachable("no parent answered".into());
+        let n = order.len();
+        for (i, p) in order.into_iter().enumerate() {
+            let (target, own) = match (url, digest) {
+                (Some(u), _) => (u.clone(), false),
+                (None, Some(d)) => match p.own_url(&format!("/v1/content/sha256/{d}")) {
+                    Some(u) => (u, true),
+                    None => continue,
+                },
+                (None, None) => {
+                    return Err(FetchError::NotFound(
+                        "nothing to ask the parents for".into(),
+                    ))
+                }
+            };
+            match p
+                .request(method.clone(), target, own, headers, self.head_timeout)
+                .await
+            {
+                Ok(r) if matches!(r.status().as_u16(), 502..=504) => {
+                    if r.status().as_u16() == 503 {
+                        p.mark_down(format!("answered {}", r.status()));
+                    }
+                    let last_chance = i + 1 == n && !(self.allow_direct && url.is_some());
+                    if last_chance {
+                        return Ok(r);
+                    }
+                    last = FetchError::Unreachable(format!(
+                        "parent {} answered {}",
+                        host_of(&p.url),
+                        r.status()
+                    ));
+                }
+                Ok(r) => {
+                    p.mark_ok();
+                    return Ok(r);
+                }
+                Err(e @ (FetchError::Unreachable(_) | FetchError::Timeout(_))) => {
+                    p.mark_down(e.to_string());
+                    last = e;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        if let (true, Some(u)) = (self.allow_direct, url) {
+            tracing::warn!(
+                "every parent failed; going to the origin directly (upstream.allow_direct)"
+            );
+            return self.send(method, u.clone(), headers).await.map(|(_, r)| r);
+        }
+        Err(last)
     }
 
     /// Checks a URL against the host patterns and, for an address literal, the address rules.
@@ -234,7 +355,11 @@ fn classify(url: &Uri, e: &hyper_util::client::legacy::Error) -> FetchError {
     FetchError::Unreachable(format!("{}: {detail}", host_of(url)))
 }
 
-fn tls_config(ca_file: &str) -> Result<rustls::ClientConfig, String> {
+fn tls_config(
+    ca_file: &str,
+    client_cert: &str,
+    client_key: &str,
+) -> Result<rustls::ClientConfig, String> {
     let mut roots = rustls::RootCertStore::empty();
     let native = rustls_native_certs::load_native_certs();
     for c in native.certs {
@@ -253,12 +378,26 @@ fn tls_config(ca_file: &str) -> Result<rustls::ClientConfig, String> {
         }
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let cfg = rustls::ClientConfig::builder_with_provider(provider)
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| e.to_string())?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    Ok(cfg)
+        .with_root_certificates(roots);
+    if client_cert.is_empty() {
+        return Ok(builder.with_no_client_auth());
+    }
+    let pem = std::fs::read(client_cert)
+        .map_err(|e| format!("upstream.client_cert {client_cert}: {e}"))?;
+    let certs = rustls_pemfile::certs(&mut pem.as_slice())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("upstream.client_cert {client_cert}: {e}"))?;
+    let pem =
+        std::fs::read(client_key).map_err(|e| format!("upstream.client_key {client_key}: {e}"))?;
+    let key = rustls_pemfile::private_key(&mut pem.as_slice())
+        .map_err(|e| format!("upstream.client_key {client_key}: {e}"))?
+        .ok_or_else(|| format!("upstream.client_key {client_key}: no private key in the file"))?;
+    builder
+        .with_client_auth_cert(certs, key)
+        .map_err(|e| format!("upstream.client_cert: {e}"))
 }
 
 #[cfg(test)]

@@ -1,6 +1,6 @@
-//! The accept loop (the mini-redis shape): a semaphore bounds connections, accept errors back off, each
-//! connection is served by hyper with bounded headers and timeouts, and shutdown stops accepting and
-//! lets connections in flight finish within the grace period.
+//! The accept loops (the mini-redis shape): a semaphore bounds connections, accept errors back off, each
+//! connection (plain or TLS) is served by hyper with bounded headers and timeouts, and shutdown stops
+//! accepting and lets connections in flight finish within the grace period.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -10,7 +10,8 @@ use std::time::Duration;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
+use tokio_rustls::TlsAcceptor;
 
 use super::App;
 
@@ -18,25 +19,45 @@ use super::App;
 const MAX_HEAD_BYTES: usize = 64 << 10;
 /// A client has this long to send a request head (also the keep-alive idle bound).
 const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
+/// A TLS client has this long to finish its handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The bound sockets, opened before serving so that bind errors are reported at start.
 pub struct Listeners {
     pub plain: Option<TcpListener>,
+    pub tls: Option<(TcpListener, TlsAcceptor)>,
 }
 
 impl Listeners {
-    pub async fn bind(addr: &str) -> std::io::Result<Listeners> {
+    pub async fn bind(addr: &str, tls: Option<(&str, TlsAcceptor)>) -> std::io::Result<Listeners> {
         let plain = if addr.is_empty() {
             None
         } else {
             Some(TcpListener::bind(addr).await?)
         };
-        Ok(Listeners { plain })
+        let tls = match tls {
+            Some((a, acceptor)) => Some((TcpListener::bind(a).await?, acceptor)),
+            None => None,
+        };
+        Ok(Listeners { plain, tls })
     }
 
     pub fn local_addr(&self) -> Option<SocketAddr> {
         self.plain.as_ref().and_then(|l| l.local_addr().ok())
     }
+
+    pub fn tls_addr(&self) -> Option<SocketAddr> {
+        self.tls.as_ref().and_then(|(l, _)| l.local_addr().ok())
+    }
+}
+
+/// What every accept loop and connection task shares for shutdown.
+#[derive(Clone)]
+struct Shutdown {
+    /// Turns true when the process is stopping.
+    stop: watch::Receiver<bool>,
+    /// Held by every connection task: when all clones are gone, the drain is over.
+    _done: mpsc::Sender<()>,
 }
 
 /// Serves until `shutdown` resolves, then drains for at most `grace`.
@@ -46,27 +67,64 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
     grace: Duration,
 ) {
-    // Every connection task holds a clone of `done_tx`; when all are gone, `done_rx` yields None.
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let (done_tx, mut done_rx) = tokio::sync::mpsc::channel::<()>(1);
-    let limit = Arc::new(Semaphore::new(app.cfg.server.max_connections));
-    let Some(listener) = listeners.plain else {
-        shutdown.await;
-        return;
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
+    let guard = Shutdown {
+        stop: stop_rx,
+        _done: done_tx,
     };
-    tokio::pin!(shutdown);
+    let limit = Arc::new(Semaphore::new(app.cfg.server.max_connections));
+    let mut loops = Vec::new();
+    if let Some(l) = listeners.plain {
+        loops.push(tokio::spawn(accept_loop(
+            app.clone(),
+            l,
+            None,
+            limit.clone(),
+            guard.clone(),
+        )));
+    }
+    if let Some((l, acceptor)) = listeners.tls {
+        loops.push(tokio::spawn(accept_loop(
+            app.clone(),
+            l,
+            Some(acceptor),
+            limit.clone(),
+            guard.clone(),
+        )));
+    }
+    drop(guard);
+    shutdown.await;
+    let _ = stop_tx.send(true);
+    for l in loops {
+        let _ = l.await;
+    }
+    tokio::select! {
+        _ = done_rx.recv() => tracing::info!("all connections finished"),
+        _ = tokio::time::sleep(grace) => tracing::warn!(grace_secs = grace.as_secs(), "grace period over; closing remaining connections"),
+    }
+}
+
+async fn accept_loop(
+    app: Arc<App>,
+    listener: TcpListener,
+    tls: Option<TlsAcceptor>,
+    limit: Arc<Semaphore>,
+    guard: Shutdown,
+) {
+    let mut stop = guard.stop.clone();
     let mut backoff = Duration::from_millis(5);
     loop {
         let permit = tokio::select! {
-            _ = &mut shutdown => break,
+            _ = stop.changed() => break,
             p = limit.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
         };
         let (sock, peer) = tokio::select! {
-            _ = &mut shutdown => break,
+            _ = stop.changed() => break,
             r = listener.accept() => match r {
                 Ok(x) => { backoff = Duration::from_millis(5); x }
                 Err(e) => {
-                    // EMFILE and friends: wait rather than spin (mini-redis does the same).
+                    // EMFILE and friends: wait rather than spin.
                     tracing::warn!(error = %e, "accept failed");
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(1));
@@ -78,40 +136,99 @@ pub async fn serve(
         app.stats
             .connections
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let app = app.clone();
-        let svc = service_fn(move |req| {
-            let app = app.clone();
-            async move { Ok::<_, std::convert::Infallible>(app.handle(req, peer).await) }
-        });
-        let conn = hyper::server::conn::http1::Builder::new()
-            .timer(TokioTimer::new())
-            .header_read_timeout(HEADER_TIMEOUT)
-            .max_buf_size(MAX_HEAD_BYTES)
-            .serve_connection(TokioIo::new(sock), svc)
-            .with_upgrades();
-        let mut stop = stop_rx.clone();
-        let done = done_tx.clone();
+        let (app, guard, tls) = (app.clone(), guard.clone(), tls.clone());
         tokio::spawn(async move {
-            tokio::pin!(conn);
-            let r = tokio::select! {
-                r = conn.as_mut() => r,
-                _ = stop.changed() => {
-                    conn.as_mut().graceful_shutdown();
-                    conn.await
+            match tls {
+                None => connection(app, TokioIo::new(sock), peer, guard, permit).await,
+                Some(acceptor) => {
+                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(sock)).await {
+                        Ok(Ok(s)) => connection(app, TokioIo::new(s), peer, guard, permit).await,
+                        Ok(Err(e)) => {
+                            tracing::debug!(client = %peer.ip(), error = %e, "TLS handshake failed")
+                        }
+                        Err(_) => tracing::debug!(client = %peer.ip(), "TLS handshake timed out"),
+                    }
                 }
-            };
-            if let Err(e) = r {
-                tracing::debug!(error = %e, "connection ended with an error");
             }
-            drop(permit);
-            drop(done);
         });
     }
-    drop(listener);
-    let _ = stop_tx.send(true);
-    drop(done_tx);
-    tokio::select! {
-        _ = done_rx.recv() => tracing::info!("all connections finished"),
-        _ = tokio::time::sleep(grace) => tracing::warn!(grace_secs = grace.as_secs(), "grace period over; closing remaining connections"),
+}
+
+async fn connection<I>(
+    app: Arc<App>,
+    io: I,
+    peer: SocketAddr,
+    guard: Shutdown,
+    permit: OwnedSemaphorePermit,
+) where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let svc = service_fn(move |req| {
+        let app = app.clone();
+        async move { Ok::<_, std::convert::Infallible>(app.handle(req, peer).await) }
+    });
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT)
+        .max_buf_size(MAX_HEAD_BYTES)
+        .serve_connection(io, svc)
+        .with_upgrades();
+    tokio::pin!(conn);
+    let mut stop = guard.stop.clone();
+    let r = tokio::select! {
+        r = conn.as_mut() => r,
+        _ = stop.changed() => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = r {
+        tracing::debug!(error = %e, "connection ended with an error");
     }
+    drop(permit);
+    drop(guard);
+}
+
+/// Builds the TLS acceptor from PEM files; with `client_ca`, clients must present a certificate it
+/// signed (mTLS).
+pub fn tls_acceptor(cert: &str, key: &str, client_ca: &str) -> Result<TlsAcceptor, String> {
+    let pem = std::fs::read(cert).map_err(|e| format!("server.tls_cert {cert}: {e}"))?;
+    let certs = rustls_pemfile::certs(&mut pem.as_slice())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("server.tls_cert {cert}: {e}"))?;
+    if certs.is_empty() {
+        return Err(format!(
+            "server.tls_cert {cert}: no certificate in the file"
+        ));
+    }
+    let pem = std::fs::read(key).map_err(|e| format!("server.tls_key {key}: {e}"))?;
+    let key_der = rustls_pemfile::private_key(&mut pem.as_slice())
+        .map_err(|e| format!("server.tls_key {key}: {e}"))?
+        .ok_or_else(|| format!("server.tls_key {key}: no private key in the file"))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?;
+    let builder = if client_ca.is_empty() {
+        builder.with_no_client_auth()
+    } else {
+        let pem =
+            std::fs::read(client_ca).map_err(|e| format!("server.client_ca {client_ca}: {e}"))?;
+        let mut roots = rustls::RootCertStore::empty();
+        for c in rustls_pemfile::certs(&mut pem.as_slice()) {
+            let c = c.map_err(|e| format!("server.client_ca {client_ca}: {e}"))?;
+            roots
+                .add(c)
+                .map_err(|e| format!("server.client_ca {client_ca}: {e}"))?;
+        }
+        let verifier =
+            rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+                .build()
+                .map_err(|e| format!("server.client_ca {client_ca}: {e}"))?;
+        builder.with_client_cert_verifier(verifier)
+    };
+    let cfg = builder
+        .with_single_cert(certs, key_der)
+        .map_err(|e| format!("server.tls_cert/tls_key: {e}"))?;
+    Ok(TlsAcceptor::from(Arc::new(cfg)))
 }

@@ -23,7 +23,7 @@ use hyper::body::Incoming;
 
 pub use body::Body;
 pub use error::ApiError;
-pub use listener::{serve, Listeners};
+pub use listener::{serve, tls_acceptor, Listeners};
 
 use crate::config::Config;
 use crate::fetch::{freshness, Fetcher, Lookup, Target};
@@ -148,6 +148,14 @@ impl App {
             Ok(r) => r,
             Err(e) => return (e.into_response(), None, None),
         };
+        let via = req
+            .headers()
+            .get_all(http::header::VIA)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .collect::<Vec<_>>()
+            .join(", ");
+        let via = (!via.is_empty()).then_some(via);
         match route {
             Route::Connect { authority } => {
                 (connect::tunnel(&self, req, authority).await, None, None)
@@ -159,6 +167,7 @@ impl App {
                     url: None,
                     digest: Some(digest),
                     immutable: true,
+                    via,
                 };
                 let key = t.key.clone();
                 (
@@ -181,6 +190,7 @@ impl App {
                     url: Some(url),
                     digest: None,
                     immutable,
+                    via,
                 };
                 (self.object(req, t, true).await, Some(kind), Some(key))
             }
@@ -207,7 +217,7 @@ impl App {
             // Requests with credentials are passed through, never stored (RFC 9111 §3.5).
             return match self
                 .fetcher
-                .pass_through(m.clone(), t.url.clone().unwrap_or_default(), req.headers())
+                .pass_through(m.clone(), &t, req.headers())
                 .await
             {
                 Ok(r) => respond::pass(r, "cistern; fwd=bypass"),
@@ -222,16 +232,13 @@ impl App {
                 None => self.store.lookup(&t.key).is_some(),
             };
             if !stored {
-                return match &t.url {
-                    Some(url) => match self
-                        .fetcher
-                        .pass_through(Method::HEAD, url.clone(), req.headers())
-                        .await
-                    {
-                        Ok(r) => respond::pass(r, "cistern; fwd=uri-miss"),
-                        Err(e) => error::fetch_error_response(e),
-                    },
-                    None => ApiError::not_found("object not stored").into_response(),
+                return match self
+                    .fetcher
+                    .pass_through(Method::HEAD, &t, req.headers())
+                    .await
+                {
+                    Ok(r) => respond::pass(r, "cistern; fwd=uri-miss"),
+                    Err(e) => error::fetch_error_response(e),
                 };
             }
         }

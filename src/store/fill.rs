@@ -3,7 +3,6 @@
 //! leave a partial object behind (the pingora miss-handler shape).
 
 use std::fs::File;
-use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -19,6 +18,9 @@ pub struct Fill {
     len: u64,
     /// Bytes reserved in the budget for this fill.
     reserved: u64,
+    /// The file was sized to the announced length up front (see `map`): it is never shortened while
+    /// readers may hold a mapping of it, so that no mapped page can vanish under them.
+    preallocated: bool,
     committed: bool,
 }
 
@@ -39,6 +41,7 @@ impl Fill {
             file: Arc::new(file),
             len: 0,
             reserved,
+            preallocated: false,
             committed: false,
         })
     }
@@ -79,6 +82,19 @@ impl Fill {
         Ok(())
     }
 
+    /// Sizes the file to the announced length and maps it, so that readers of the object in flight get
+    /// zero-copy slices of what has been written (they never read past the bytes written so far).
+    pub fn map(&mut self, size: u64) -> Option<bytes::Bytes> {
+        if size == 0 || self.file.set_len(size).is_err() {
+            return None;
+        }
+        self.preallocated = true;
+        // SAFETY: the file is never shortened while mapped (see `truncate`); bytes in it are only ever
+        // written before readers are allowed to see them, or rewritten after those readers were cut off.
+        let map = unsafe { memmap2::Mmap::map(&*self.file) }.ok()?;
+        Some(bytes::Bytes::from_owner(map))
+    }
+
     /// Reads back bytes already written (to compare a restarted transfer with them). Blocking.
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
         self.file.read_at(buf, offset)
@@ -86,6 +102,10 @@ impl Fill {
 
     /// Cuts the fill back to `len` bytes (a restarted transfer that differs from what was held).
     pub fn truncate(&mut self, len: u64) -> Result<(), StoreError> {
+        if self.preallocated {
+            self.len = len.min(self.len);
+            return Ok(());
+        }
         self.file.set_len(len).map_err(|source| StoreError::Io {
             path: self.path.display().to_string(),
             source,
@@ -103,8 +123,13 @@ impl Fill {
         content_type: Option<String>,
         pin: bool,
     ) -> Result<(), StoreError> {
-        (&*self.file)
-            .flush()
+        let trim = || -> std::io::Result<()> {
+            if self.preallocated && self.file.metadata()?.len() != self.len {
+                self.file.set_len(self.len)?;
+            }
+            Ok(())
+        };
+        trim()
             .and_then(|_| self.file.sync_all())
             .map_err(|source| StoreError::Io {
                 path: self.path.display().to_string(),

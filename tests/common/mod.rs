@@ -405,6 +405,11 @@ impl Node {
         out
     }
 
+    /// Keeps a temporary directory alive as long as the node.
+    pub fn keep(&mut self, tmp: tempfile::TempDir) {
+        self._tmp = Some(tmp);
+    }
+
     /// Stops the node, keeping its directory; `restart` starts a new one on the same store.
     pub async fn stop(&mut self) {
         if let Some(gw) = self.gw.take() {

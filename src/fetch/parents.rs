@@ -1,0 +1,225 @@
+//! Parent gateways (SPEC 3): a child sends every miss to its first healthy parent, URL forms in
+//! forward-proxy (absolute) form so that the parent needs no named origins of its own. A parent that
+//! cannot be connected to, times out or answers 503 is skipped for 30 s; 502/504 are about the object or
+//! the parent's own upstream, so the next parent is tried without marking this one down.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Mutex;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{HeaderMap, Method, Request, Response, Uri};
+use http_body_util::Empty;
+use hyper::body::Incoming;
+use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use serde::Serialize;
+
+use super::upstream::host_of;
+use super::FetchError;
+
+/// How long a parent that failed to connect, timed out or answered 503 is skipped.
+pub const SKIP_FOR: Duration = Duration::from_secs(30);
+
+type Inner = hyper_rustls::HttpsConnector<HttpConnector>;
+
+/// Connects to one fixed address (a parent or an HTTP proxy) whatever the request's URI, and marks the
+/// connection as proxied so that requests on it go out in absolute form (RFC 9112 §3.2.2).
+#[derive(Clone)]
+pub struct ProxyConnector {
+    inner: Inner,
+    target: Uri,
+}
+
+impl ProxyConnector {
+    pub fn new(inner: Inner, target: Uri) -> Self {
+        ProxyConnector { inner, target }
+    }
+}
+
+pub struct Proxied<T>(T);
+
+impl<T: Connection> Connection for Proxied<T> {
+    fn connected(&self) -> Connected {
+        self.0.connected().proxy(true)
+    }
+}
+
+impl<T: hyper::rt::Read + Unpin> hyper::rt::Read for Proxied<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_read(cx, buf)
+    }
+}
+
+impl<T: hyper::rt::Write + Unpin> hyper::rt::Write for Proxied<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_shutdown(cx)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.0.is_write_vectored()
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write_vectored(cx, bufs)
+    }
+}
+
+type Stream = <Inner as tower_service::Service<Uri>>::Response;
+
+impl tower_service::Service<Uri> for ProxyConnector {
+    type Response = Proxied<Stream>;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, _dst: Uri) -> Self::Future {
+        let fut = self.inner.call(self.target.clone());
+        Box::pin(async move { fut.await.map(Proxied) })
+    }
+}
+
+/// One parent gateway and what this node knows of its health.
+pub struct Parent {
+    pub url: Uri,
+    /// Sends absolute-form requests to the parent (URL forms).
+    proxied: Client<ProxyConnector, Empty<Bytes>>,
+    /// Sends origin-form requests to the parent (its own endpoints, content by digest).
+    direct: Client<Inner, Empty<Bytes>>,
+    health: Mutex<Health>,
+}
+
+#[derive(Default, Clone)]
+struct Health {
+    down_until: Option<Instant>,
+    last_error: Option<String>,
+    last_ok: Option<Instant>,
+}
+
+/// A parent's health as ops shows it.
+#[derive(Serialize, Debug, Clone)]
+pub struct ParentHealth {
+    pub url: String,
+    pub healthy: bool,
+    pub last_error: Option<String>,
+    pub seconds_since_ok: Option<u64>,
+}
+
+impl Parent {
+    pub fn new(url: Uri, connector: Inner) -> Parent {
+        let proxied = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(90))
+            .build(ProxyConnector::new(connector.clone(), url.clone()));
+        let direct = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(90))
+            .build(connector);
+        Parent {
+            url,
+            proxied,
+            direct,
+            health: Mutex::new(Health::default()),
+        }
+    }
+
+    fn health(&self) -> std::sync::MutexGuard<'_, Health> {
+        self.health.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn healthy(&self) -> bool {
+        self.health().down_until.is_none_or(|t| Instant::now() >= t)
+    }
+
+    pub fn mark_down(&self, why: String) {
+        tracing::warn!(parent = %host_of(&self.url), error = %why, "parent skipped for 30 s");
+        let mut h = self.health();
+        h.down_until = Some(Instant::now() + SKIP_FOR);
+        h.last_error = Some(why);
+    }
+
+    pub fn mark_ok(&self) {
+        let mut h = self.health();
+        h.down_until = None;
+        h.last_ok = Some(Instant::now());
+    }
+
+    pub fn report(&self) -> ParentHealth {
+        let h = self.health().clone();
+        ParentHealth {
+            url: self.url.to_string(),
+            healthy: self.healthy(),
+            last_error: h.last_error,
+            seconds_since_ok: h.last_ok.map(|t| t.elapsed().as_secs()),
+        }
+    }
+
+    /// The URL of this parent's own path (`/v1/content/sha256/<hex>`, `/v1/status`).
+    pub fn own_url(&self, path: &str) -> Option<Uri> {
+        Uri::builder()
+            .scheme(self.url.scheme()?.clone())
+            .authority(self.url.authority()?.clone())
+            .path_and_query(path)
+            .build()
+            .ok()
+    }
+
+    /// Sends a request: absolute-form when `url` is an origin URL, origin-form to the parent's own paths.
+    pub async fn request(
+        &self,
+        method: Method,
+        url: Uri,
+        own_path: bool,
+        headers: &HeaderMap,
+        timeout: Duration,
+    ) -> Result<Response<Incoming>, FetchError> {
+        let mut req = Request::builder().method(method).uri(url);
+        if let Some(h) = req.headers_mut() {
+            h.extend(headers.clone());
+        }
+        let req = req
+            .body(Empty::new())
+            .map_err(|e| FetchError::Internal(e.to_string()))?;
+        let fut = if own_path {
+            self.direct.request(req)
+        } else {
+            self.proxied.request(req)
+        };
+        match tokio::time::timeout(timeout, fut).await {
+            Err(_) => Err(FetchError::Timeout(host_of(&self.url))),
+            Ok(Err(e)) => {
+                let mut detail = e.to_string();
+                let mut src = std::error::Error::source(&e);
+                while let Some(s) = src {
+                    detail = format!("{detail}: {s}");
+                    src = s.source();
+                }
+                Err(FetchError::Unreachable(format!(
+                    "parent {}: {detail}",
+                    host_of(&self.url)
+                )))
+            }
+            Ok(Ok(r)) => Ok(r),
+        }
+    }
+}

@@ -1,0 +1,161 @@
+//! Nested gateways: a child sends misses to its parent in forward-proxy form; one origin transfer for a
+//! whole chain; failover to the next parent; content by digest through the chain; loops get 508.
+
+mod common;
+
+use common::*;
+
+async fn top_and_child(origin: &Origin, parents: &str) -> (Node, Node) {
+    let top = Node::start(origin, "").await;
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cfg = config(tmp.path(), origin, "");
+    cfg.node.id = "child".into();
+    cfg.upstream.parents = parents
+        .replace("TOP", &format!("http://{}", top.addr))
+        .split(',')
+        .map(str::to_string)
+        .collect();
+    // The child names the origin only through its named origin; its allowlist is otherwise empty.
+    cfg.upstream.allowed_origins.clear();
+    let mut child = Node::start_with(cfg).await;
+    child.keep(tmp);
+    (top, child)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chain_makes_one_origin_transfer() {
+    let origin = Origin::start().await;
+    let body = random_bytes(3 << 20, 31);
+    let b = Behaviour {
+        rate: Some(16 << 20),
+        cache_control: Some("max-age=600".into()),
+        ..Default::default()
+    };
+    origin.put("/fw.bin", body.clone(), b);
+    let (top, child) = top_and_child(&origin, "TOP").await;
+    let mut tasks = Vec::new();
+    for _ in 0..20 {
+        let url = child.url("/o/t/fw.bin");
+        tasks.push(tokio::spawn(async move { get(&url).await }));
+    }
+    let mut statuses = Vec::new();
+    for t in tasks {
+        let g = t.await.unwrap();
+        assert_eq!(g.body, body);
+        statuses.push(g.header("cache-status"));
+    }
+    assert_eq!(origin.gets("/fw.bin"), 1);
+    // The parent saw the child's Via and an absolute-form request for the origin URL.
+    let via = origin.requests("/fw.bin")[0]
+        .1
+        .get("via")
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_string();
+    assert!(via.contains("child") && via.contains("test-node"), "{via}");
+    assert!(
+        statuses
+            .iter()
+            .any(|s| s == "cistern; fwd=uri-miss; stored, cistern; fwd=uri-miss; stored"),
+        "{statuses:?}"
+    );
+    eventually(5, "stored at both levels", || {
+        top.blobs().len() == 1 && child.blobs().len() == 1
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_parent_is_skipped() {
+    let origin = Origin::start().await;
+    let body = random_bytes(100_000, 32);
+    origin.put("/a.bin", body.clone(), Behaviour::default());
+    let (_top, child) = top_and_child(&origin, "http://127.0.0.1:1,TOP").await;
+    let g = get(&child.url("/o/t/a.bin")).await;
+    assert_eq!(g.status, 200);
+    assert_eq!(g.body, body);
+    let health = child.gw.as_ref().unwrap().fetcher.parents_health();
+    assert!(!health[0].healthy);
+    assert!(health[1].healthy);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn content_by_digest_comes_down_the_chain() {
+    let origin = Origin::start().await;
+    let (top, child) = top_and_child(&origin, "TOP").await;
+    let body = random_bytes(64_000, 33);
+    let hex = sha256_hex(&body);
+    let put = request_body(
+        "PUT",
+        &top.url(&format!("/v1/admin/content/sha256/{hex}")),
+        &[],
+        body.clone(),
+    )
+    .await;
+    assert_eq!(put.status, 201);
+    let g = get(&child.url(&format!("/v1/content/sha256/{hex}"))).await;
+    assert_eq!(g.status, 200);
+    assert_eq!(g.body, body);
+    eventually(5, "stored at the child", || {
+        child.blobs() == vec![hex.clone()]
+    })
+    .await;
+    let missing = get(&child.url(&format!("/v1/content/sha256/{}", "1".repeat(64)))).await;
+    assert_eq!(missing.status, 404);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_loop_through_the_chain_gets_508() {
+    let origin = Origin::start().await;
+    let (top, child) = top_and_child(&origin, "TOP").await;
+    // A request that already passed through the child comes back to it through the parent.
+    let g = request("GET", &top.url("/o/t/x.bin"), &[("via", "1.1 child")]).await;
+    assert_ne!(g.status, 508);
+    let g = request("GET", &child.url("/o/t/x.bin"), &[("via", "1.1 child")]).await;
+    assert_eq!(g.status, 508);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_child_reaches_its_parent_over_tls() {
+    let origin = Origin::start().await;
+    let body = random_bytes(500_000, 34);
+    origin.put("/tls.bin", body.clone(), Behaviour::default());
+    let certs = tempfile::tempdir().unwrap();
+    let ck =
+        rcgen::generate_simple_self_signed(vec!["127.0.0.1".into(), "localhost".into()]).unwrap();
+    let (cert, key) = (
+        certs.path().join("server.pem"),
+        certs.path().join("server.key"),
+    );
+    std::fs::write(&cert, ck.cert.pem()).unwrap();
+    std::fs::write(&key, ck.key_pair.serialize_pem()).unwrap();
+
+    let top_dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(top_dir.path(), &origin, "");
+    cfg.server.tls_listen = "127.0.0.1:0".into();
+    cfg.server.tls_cert = cert.display().to_string();
+    cfg.server.tls_key = key.display().to_string();
+    let top = Node::start_with(cfg).await;
+    let tls_addr = top.gw.as_ref().unwrap().tls_addr.unwrap();
+
+    let child_dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(child_dir.path(), &origin, "");
+    cfg.node.id = "child".into();
+    cfg.upstream.parents = vec![format!("https://127.0.0.1:{}", tls_addr.port())];
+    cfg.upstream.ca_file = cert.display().to_string();
+    let child = Node::start_with(cfg).await;
+    let g = get(&child.url("/o/t/tls.bin")).await;
+    assert_eq!(g.status, 200, "{:?}", g.body);
+    assert_eq!(g.body, body);
+    eventually(5, "stored at the top", || top.blobs().len() == 1).await;
+
+    // Without the edge CA the child must refuse the parent's certificate.
+    let other_dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(other_dir.path(), &origin, "");
+    cfg.node.id = "untrusting".into();
+    cfg.upstream.parents = vec![format!("https://127.0.0.1:{}", tls_addr.port())];
+    let untrusting = Node::start_with(cfg).await;
+    let g = get(&untrusting.url("/o/t/tls.bin")).await;
+    assert_eq!(g.status, 504);
+}
