@@ -6,6 +6,7 @@
 pub mod config;
 pub mod fetch;
 pub mod ops;
+pub mod relay;
 pub mod server;
 pub mod store;
 
@@ -34,6 +35,53 @@ pub fn store_config(cfg: &Config) -> StoreConfig {
 pub fn open_store(cfg: &Config) -> anyhow::Result<Store> {
     Store::open(&store_config(cfg))
         .with_context(|| format!("opening store {}", cfg.store.dir.display()))
+}
+
+/// Opens the status relay beside the store, with its next hop: `status.forward_to`, else the parents.
+async fn open_relay(cfg: &Config) -> anyhow::Result<relay::Relay> {
+    let s = &cfg.status;
+    let next_hop = if !s.forward_to.is_empty() {
+        let token = if !s.forward_token.is_empty() {
+            Some(s.forward_token.clone())
+        } else if !s.forward_token_file.is_empty() {
+            let t = std::fs::read_to_string(&s.forward_token_file)
+                .with_context(|| format!("status.forward_token_file {}", s.forward_token_file))?;
+            Some(t.trim().to_string())
+        } else {
+            None
+        };
+        Some(relay::NextHop::Url {
+            url: s.forward_to.parse().context("status.forward_to")?,
+            token,
+        })
+    } else if !cfg.upstream.parents.is_empty() {
+        let ps = cfg
+            .upstream
+            .parents
+            .iter()
+            .filter_map(|p| p.parse().ok())
+            .collect();
+        Some(relay::NextHop::Parents(ps))
+    } else {
+        None
+    };
+    let rc = relay::RelayConfig {
+        node_id: cfg.node.id.clone(),
+        batch_size: s.batch_size,
+        max_queue: s.max_queue.0,
+        history_per_device: s.history_per_device,
+        max_backoff: s.max_backoff.0,
+        dedup_entries: s.dedup_entries,
+    };
+    let dir = cfg.store.dir.join("status");
+    tokio::task::spawn_blocking(move || relay::Relay::open(&dir, rc, next_hop))
+        .await?
+        .with_context(|| {
+            format!(
+                "opening the status queue in {}",
+                cfg.store.dir.join("status").display()
+            )
+        })
 }
 
 /// A gateway started in this process: its address and the handle that stops it.
@@ -114,17 +162,33 @@ impl Gateway {
                 strip_query: cfg.upstream.strip_query.clone(),
             },
         );
+        let relay = open_relay(&cfg).await?;
+        let forwarder = {
+            let tls = fetch::upstream::tls_config(
+                &cfg.upstream.ca_file,
+                &cfg.upstream.client_cert,
+                &cfg.upstream.client_key,
+            )
+            .map_err(anyhow::Error::msg)?;
+            let client = relay::forward_client(tls, cfg.upstream.connect_timeout.0);
+            let f = fetcher.clone();
+            let health: relay::ParentHealth =
+                Arc::new(move || f.parents_health().iter().map(|p| p.healthy).collect());
+            tokio::spawn(relay.clone().forward(client, health))
+        };
         let stats = Arc::new(server::ServerStats::default());
         let ops = ops::Ops {
             node_id: cfg.node.id.clone(),
             store: store.clone(),
             fetcher: fetcher.clone(),
             server: stats.clone(),
+            relay: relay.clone(),
         };
         let app = Arc::new(server::App {
             cfg: cfg.clone(),
             fetcher: fetcher.clone(),
             store: store.clone(),
+            relay: relay.clone(),
             admin_token: cfg.admin_token()?,
             own: Some(Arc::new(ops)),
             stats,
@@ -155,6 +219,8 @@ impl Gateway {
             )
             .await;
             flush_task.abort();
+            forwarder.abort();
+            relay.flush().await;
             let _ = tokio::task::spawn_blocking(move || flusher.flush()).await;
         });
         tracing::info!(addr = ?addr, node = %cfg.node.id, store = %cfg.store.dir.display(), "cistern serving");

@@ -355,7 +355,7 @@ fn classify(url: &Uri, e: &hyper_util::client::legacy::Error) -> FetchError {
     FetchError::Unreachable(format!("{}: {detail}", host_of(url)))
 }
 
-fn tls_config(
+pub fn tls_config(
     ca_file: &str,
     client_cert: &str,
     client_key: &str,

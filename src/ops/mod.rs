@@ -11,6 +11,7 @@ use http::{HeaderValue, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 
 use crate::fetch::Fetcher;
+use crate::relay::Relay;
 use crate::server::body::full;
 use crate::server::{Body, OwnEndpoints, ServerStats};
 use crate::store::Store;
@@ -20,6 +21,7 @@ pub struct Ops {
     pub store: Store,
     pub fetcher: Fetcher,
     pub server: Arc<ServerStats>,
+    pub relay: Relay,
 }
 
 fn text(status: StatusCode, ct: &'static str, body: String) -> Response<Body> {
@@ -240,6 +242,57 @@ impl Ops {
                 esc(&obj.keys.join(" "))
             );
         }
+        let parents = self.fetcher.parents_health();
+        if !parents.is_empty() {
+            let _ = write!(o, "</table><h2>Parents</h2><table><tr><th>parent</th><th>state</th><th>last error</th></tr>");
+            for p in parents {
+                let _ = write!(
+                    o,
+                    "<tr><td>{}</td><td>{}</td><td>{}</td></tr>",
+                    esc(&p.url),
+                    if p.healthy { "up" } else { "skipped" },
+                    esc(p.last_error.as_deref().unwrap_or(""))
+                );
+            }
+        }
+        let _ = write!(o, "</table><h2>Deployments</h2><table><tr><th>update</th><th>workflow</th><th>devices</th><th>states</th><th>failed devices</th></tr>");
+        for d in self
+            .relay
+            .deployments()
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+        {
+            let failed: Vec<String> = d["failed"]
+                .as_array()
+                .map(|f| {
+                    f.iter()
+                        .map(|x| {
+                            format!(
+                                "{} {} {}",
+                                x["deviceId"].as_str().unwrap_or(""),
+                                x["extendedResultCode"].as_str().unwrap_or(""),
+                                x["explanation"].as_str().unwrap_or("")
+                            )
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            let _ = write!(
+                o,
+                "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+                esc(&d["updateId"].to_string()),
+                esc(&d["workflowId"].to_string()),
+                d["devices"],
+                esc(&d["states"].to_string()),
+                esc(&failed.join("; "))
+            );
+        }
+        let _ = write!(
+            o,
+            "</table><h2>Status relay</h2><pre>{}</pre>",
+            esc(&self.relay.status().to_string())
+        );
         let s = self.summary();
         let _ = write!(
             o,

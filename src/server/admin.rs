@@ -191,12 +191,17 @@ async fn verify(app: &App, req: Request<Incoming>) -> Result<Response<Body>, Api
 }
 
 pub async fn read_json_body(req: Request<Incoming>) -> Result<Bytes, ApiError> {
-    let limited = http_body_util::Limited::new(req.into_body(), MAX_JSON);
+    read_body(req, MAX_JSON).await
+}
+
+/// Reads a whole request body of at most `max` bytes (413 beyond).
+pub async fn read_body(req: Request<Incoming>, max: usize) -> Result<Bytes, ApiError> {
+    let limited = http_body_util::Limited::new(req.into_body(), max);
     limited.collect().await.map(|c| c.to_bytes()).map_err(|_| {
         ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             "too-large",
-            format!("request body over {MAX_JSON} bytes"),
+            format!("request body over {max} bytes"),
         )
     })
 }

@@ -11,6 +11,7 @@ mod listener;
 pub mod range;
 mod respond;
 pub mod route;
+mod status;
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -54,6 +55,7 @@ pub struct App {
     pub cfg: Arc<Config>,
     pub fetcher: Fetcher,
     pub store: Store,
+    pub relay: crate::relay::Relay,
     pub admin_token: Option<String>,
     pub own: Option<Arc<dyn OwnEndpoints>>,
     pub stats: Arc<ServerStats>,
@@ -265,6 +267,10 @@ impl App {
             )
             .into_response();
         }
+        let req = match status::handle(&self.relay, req).await {
+            Ok(r) => return r,
+            Err(req) => req,
+        };
         if let Some(own) = &self.own {
             if let Some(r) = own.handle(&req) {
                 return r;

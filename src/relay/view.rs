@@ -1,0 +1,127 @@
+//! Reading the subtree back (SPEC 5): latest report per device, a device's history, deployments with
+//! their failed devices and what their codes mean, and the relay's own state.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+
+use serde_json::{json, Value};
+
+use super::report::{explain, hex_code, FAILED};
+use super::{key, Relay};
+
+impl Relay {
+    fn scan(&self, prefix: &[u8]) -> Vec<Value> {
+        self.inner
+            .tree
+            .scan_prefix(prefix)
+            .filter_map(|r| r.ok())
+            .filter_map(|(_, v)| serde_json::from_slice(&v).ok())
+            .collect()
+    }
+
+    /// The latest report of every device: the last history entry under each device's prefix.
+    fn latest(&self) -> Vec<Value> {
+        let mut out: Vec<Value> = Vec::new();
+        let mut current: Option<Vec<u8>> = None;
+        for (k, v) in self.inner.tree.scan_prefix(b"h").filter_map(|r| r.ok()) {
+            let dev = k[..k.len().saturating_sub(9)].to_vec();
+            let Ok(v) = serde_json::from_slice::<Value>(&v) else {
+                continue;
+            };
+            if current.as_ref() == Some(&dev) {
+                if let Some(last) = out.last_mut() {
+                    *last = v;
+                }
+            } else {
+                current = Some(dev);
+                out.push(v);
+            }
+        }
+        out
+    }
+
+    /// `GET /v1/devices`: the latest report of every device in this node's subtree.
+    pub fn devices(&self) -> Value {
+        Value::Array(self.latest())
+    }
+
+    /// `GET /v1/devices/<id>`: that device's history, oldest first; None for an unknown device.
+    pub fn device(&self, id: &str) -> Option<Value> {
+        let mut prefix = key(b'h', &[id.as_bytes()]);
+        prefix.push(0);
+        let h = self.scan(&prefix);
+        (!h.is_empty()).then_some(Value::Array(h))
+    }
+
+    /// `GET /v1/deployments`: per update and workflow, devices per state and the failed devices.
+    pub fn deployments(&self) -> Value {
+        #[derive(Default)]
+        struct Dep {
+            update: Value,
+            workflow: Value,
+            states: BTreeMap<String, u64>,
+            failed: Vec<Value>,
+        }
+        let mut deps: BTreeMap<(String, String), Dep> = BTreeMap::new();
+        for r in self.latest() {
+            let update = r.get("updateId").cloned().unwrap_or(Value::Null);
+            let workflow = r.get("workflowId").cloned().unwrap_or(Value::Null);
+            let d = deps
+                .entry((update.to_string(), workflow.to_string()))
+                .or_default();
+            d.update = update;
+            d.workflow = workflow;
+            let state = r
+                .get("state")
+                .and_then(Value::as_str)
+                .unwrap_or("None")
+                .to_string();
+            *d.states.entry(state.clone()).or_default() += 1;
+            if state == FAILED {
+                let code = r.get("extendedResultCode").and_then(Value::as_i64);
+                d.failed.push(json!({
+                    "deviceId": r.get("deviceId"),
+                    "resultCode": r.get("resultCode"),
+                    "extendedResultCode": code.map(hex_code),
+                    "resultDetails": r.get("resultDetails"),
+                    "explanation": code.and_then(explain),
+                    "timestamp": r.get("timestamp"),
+                }));
+            }
+        }
+        Value::Array(
+            deps.into_values()
+                .map(|d| {
+                    let devices: u64 = d.states.values().sum();
+                    json!({"updateId": d.update, "workflowId": d.workflow, "devices": devices,
+                           "states": d.states, "failed": d.failed})
+                })
+                .collect(),
+        )
+    }
+
+    /// `GET /v1/relay`: queue depth, oldest undelivered age, last success and last error.
+    pub fn status(&self) -> Value {
+        let s = &self.inner.stats;
+        let last_ok = s.last_success_ms.load(Ordering::Relaxed);
+        let hop = match &self.inner.next_hop {
+            None => Value::Null,
+            Some(super::NextHop::Url { url, .. }) => Value::String(url.to_string()),
+            Some(super::NextHop::Parents(p)) => {
+                Value::Array(p.iter().map(|u| Value::String(u.to_string())).collect())
+            }
+        };
+        json!({
+            "nextHop": hop,
+            "queueDepth": self.queue_depth(),
+            "queueBytes": self.mem().queue_bytes,
+            "oldestUndeliveredSeconds": self.oldest_age_secs(),
+            "lastSuccess": (last_ok > 0).then(|| humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::from_millis(last_ok)).to_string()),
+            "lastError": s.last_error.lock().map(|e| e.clone()).unwrap_or(None),
+            "accepted": s.accepted.load(Ordering::Relaxed),
+            "duplicates": s.duplicates.load(Ordering::Relaxed),
+            "forwarded": s.forwarded.load(Ordering::Relaxed),
+            "errors": s.errors.load(Ordering::Relaxed),
+        })
+    }
+}

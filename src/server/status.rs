@@ -1,0 +1,65 @@
+//! The status endpoints (SPEC 5): `POST /v1/status` and the read-back of this node's subtree.
+
+use http::{Method, Request, Response, StatusCode};
+use hyper::body::Incoming;
+
+use super::admin::{json, read_body};
+use super::body::Body;
+use super::error::ApiError;
+use crate::relay::{Relay, RelayError};
+
+/// Largest `POST /v1/status` body.
+const MAX_STATUS_BODY: usize = 32 << 20;
+
+/// Answers the status paths, or None when the path is not one of them.
+pub async fn handle(
+    relay: &Relay,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, Request<Incoming>> {
+    let path = req.uri().path().to_string();
+    let m = req.method().clone();
+    let r = match (m, path.as_str()) {
+        (Method::POST, "/v1/status") => accept(relay, req).await,
+        (Method::GET, "/v1/devices") => Ok(json(StatusCode::OK, &relay.devices())),
+        (Method::GET, "/v1/deployments") => Ok(json(StatusCode::OK, &relay.deployments())),
+        (Method::GET, "/v1/relay") => Ok(json(StatusCode::OK, &relay.status())),
+        (Method::GET, p) if p.starts_with("/v1/devices/") => {
+            let raw = &p["/v1/devices/".len()..];
+            let id = percent_encoding::percent_decode_str(raw)
+                .decode_utf8_lossy()
+                .to_string();
+            relay
+                .device(&id)
+                .map(|h| json(StatusCode::OK, &h))
+                .ok_or_else(|| ApiError::not_found(format!("no reports from device `{id}`")))
+        }
+        (_, "/v1/status" | "/v1/devices" | "/v1/deployments" | "/v1/relay") => Err(ApiError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method-not-allowed",
+            "see SPEC 5 for the methods",
+        )),
+        _ => return Err(req),
+    };
+    Ok(r.unwrap_or_else(ApiError::into_response))
+}
+
+async fn accept(relay: &Relay, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+    let body = read_body(req, MAX_STATUS_BODY).await?;
+    match relay.accept(&body).await {
+        Ok((accepted, duplicates)) => Ok(json(
+            StatusCode::ACCEPTED,
+            &serde_json::json!({"accepted": accepted, "duplicates": duplicates}),
+        )),
+        Err(RelayError::Bad(e)) => Err(ApiError::bad_request("bad-report", e.to_string())),
+        Err(e @ RelayError::Full(_)) => Err(ApiError::new(
+            StatusCode::INSUFFICIENT_STORAGE,
+            "queue-full",
+            e.to_string(),
+        )),
+        Err(e) => Err(ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "status-store",
+            e.to_string(),
+        )),
+    }
+}
