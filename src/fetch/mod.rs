@@ -202,9 +202,7 @@ impl Fetcher {
                 {
                     let _ = store.map_key(&t.key, &d, KeyMeta::immutable());
                 }
-                let hit = store
-                    .open_object(&d)
-                    .map_err(|e| FetchError::Internal(e.to_string()))?;
+                let hit = self.open(d).await?;
                 return Ok(Lookup::Hit {
                     hit,
                     meta: None,
@@ -216,9 +214,7 @@ impl Fetcher {
         if let Some(e) = store.lookup(&t.key) {
             let fresh = t.immutable || e.meta.ttl(now_ms()).is_none_or(|ttl| ttl > 0);
             if fresh && !(revalidate && e.meta.fresh_for.is_some()) {
-                let hit = store
-                    .open_object(&e.digest)
-                    .map_err(|e| FetchError::Internal(e.to_string()))?;
+                let hit = self.open(e.digest).await?;
                 return Ok(Lookup::Hit {
                     hit,
                     meta: Some(e.meta),
@@ -245,9 +241,7 @@ impl Fetcher {
             match flight.head().await {
                 Ok(_) => {}
                 Err(End::Revalidated(d)) => {
-                    let hit = store
-                        .open_object(&d)
-                        .map_err(|e| FetchError::Internal(e.to_string()))?;
+                    let hit = self.open(d).await?;
                     let meta = store.lookup(&t.key).map(|e| e.meta);
                     return Ok(Lookup::Hit {
                         hit,
@@ -260,9 +254,7 @@ impl Fetcher {
                         .stats
                         .stale_served
                         .fetch_add(1, Ordering::Relaxed);
-                    let hit = store
-                        .open_object(&d)
-                        .map_err(|e| FetchError::Internal(e.to_string()))?;
+                    let hit = self.open(d).await?;
                     return Ok(Lookup::Hit {
                         hit,
                         meta: Some(e.meta),
@@ -274,6 +266,19 @@ impl Fetcher {
             }
         }
         Ok(Lookup::Flight { flight, leader })
+    }
+
+    /// Opens a stored object; a first mapping (which touches every page) happens on a blocking thread.
+    async fn open(&self, d: Digest) -> Result<Hit, FetchError> {
+        let store = self.inner.store.clone();
+        let r = if store.is_mapped(&d) {
+            store.open_object(&d)
+        } else {
+            tokio::task::spawn_blocking(move || store.open_object(&d))
+                .await
+                .map_err(|e| FetchError::Internal(e.to_string()))?
+        };
+        r.map_err(|e| FetchError::Internal(e.to_string()))
     }
 
     fn join_or_start(

@@ -139,7 +139,9 @@ async fn accept_loop(
         let (app, guard, tls) = (app.clone(), guard.clone(), tls.clone());
         tokio::spawn(async move {
             match tls {
-                None => connection(app, TokioIo::new(sock), peer, guard, permit).await,
+                None => {
+                    connection(app, super::zerocopy::Conn::new(sock), peer, guard, permit).await
+                }
                 Some(acceptor) => {
                     match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(sock)).await {
                         Ok(Ok(s)) => connection(app, TokioIo::new(s), peer, guard, permit).await,

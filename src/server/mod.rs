@@ -12,6 +12,7 @@ pub mod range;
 mod respond;
 pub mod route;
 mod status;
+mod zerocopy;
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};

@@ -10,6 +10,7 @@ mod budget;
 mod digest;
 mod fill;
 mod index;
+pub mod mapped;
 mod meta;
 mod recover;
 
@@ -248,15 +249,17 @@ impl Store {
             Some(b) => b,
             None => {
                 let path = self.blob_path(d);
-                let f = std::fs::File::open(&path).map_err(io_err(&path))?;
+                let f = Arc::new(std::fs::File::open(&path).map_err(io_err(&path))?);
                 let len = f.metadata().map_err(io_err(&path))?.len();
                 let b = if len == 0 {
                     Bytes::new()
                 } else {
                     // SAFETY: stored objects are never written in place; eviction and purge unlink the
                     // file, which leaves an existing mapping valid.
-                    let map = unsafe { memmap2::Mmap::map(&f) }.map_err(io_err(&path))?;
-                    Bytes::from_owner(map)
+                    // Populated up front, so that serving the object takes no page fault.
+                    let map = unsafe { memmap2::MmapOptions::new().populate().map(&*f) }
+                        .map_err(io_err(&path))?;
+                    mapped::into_bytes(f, map)
                 };
                 let mut maps = self.shared.maps.lock().unwrap_or_else(|p| p.into_inner());
                 if maps.len() >= 4096 {
@@ -272,6 +275,15 @@ impl Store {
             content_type,
             _reading: guard,
         })
+    }
+
+    /// Whether serving the object needs no new mapping (then `open_object` does no blocking work).
+    pub fn is_mapped(&self, d: &Digest) -> bool {
+        self.shared
+            .maps
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(d)
     }
 
     /// Maps `key` to an already stored object (and records its freshness), in the index and in `.meta`.
