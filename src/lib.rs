@@ -97,13 +97,6 @@ pub struct Gateway {
 impl Gateway {
     /// Binds, opens the store and starts serving in the background.
     pub async fn start(cfg: Config) -> anyhow::Result<Gateway> {
-        // Refuse what this build cannot do yet rather than silently ignoring it: a child that went
-        // straight to the origin, or a TLS port that never opens, is worse than a clear error at start.
-        if !cfg.upstream.proxy.is_empty() {
-            anyhow::bail!(
-                "upstream.proxy: an upstream HTTP proxy is not available in this build yet"
-            );
-        }
         let cfg = Arc::new(cfg);
         let tls = if cfg.server.tls_listen.is_empty() {
             None
@@ -145,6 +138,7 @@ impl Gateway {
                 ca_file: cfg.upstream.ca_file.clone(),
                 parents: cfg.upstream.parents.clone(),
                 allow_direct: cfg.upstream.allow_direct,
+                proxy: cfg.upstream.proxy.clone(),
                 client_cert: cfg.upstream.client_cert.clone(),
                 client_key: cfg.upstream.client_key.clone(),
             },

@@ -159,3 +159,34 @@ async fn a_child_reaches_its_parent_over_tls() {
     let g = get(&untrusting.url("/o/t/tls.bin")).await;
     assert_eq!(g.status, 504);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn origins_are_reached_through_the_site_proxy() {
+    let origin = Origin::start().await;
+    let body = random_bytes(80_000, 35);
+    origin.put("/p.bin", body.clone(), Behaviour::default());
+    // Another cistern plays the site's HTTP proxy (it accepts absolute-form requests).
+    let proxy = Node::start(&origin, "").await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path(), &origin, "");
+    cfg.node.id = "behind-proxy".into();
+    cfg.upstream.proxy = format!("http://{}", proxy.addr);
+    let node = Node::start_with(cfg).await;
+    let g = get(&node.url("/o/t/p.bin")).await;
+    assert_eq!(g.status, 200);
+    assert_eq!(g.body, body);
+    let via = origin.requests("/p.bin")[0]
+        .1
+        .get("via")
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        via.contains("behind-proxy") && via.contains("test-node"),
+        "{via}"
+    );
+    // The host-pattern check still applies before anything reaches the proxy.
+    let g = get(&node.url("/x?cacheHostOrigin=evil.example.com")).await;
+    assert_eq!(g.status, 403);
+}

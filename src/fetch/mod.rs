@@ -6,6 +6,7 @@ pub mod flight;
 pub mod freshness;
 pub mod parents;
 pub mod policy;
+mod proxy;
 mod transfer;
 pub mod upstream;
 

@@ -21,6 +21,7 @@ use hyper_util::rt::TokioExecutor;
 
 use super::parents::{Parent, ParentHealth};
 use super::policy::OriginPolicy;
+use super::proxy::ProxyClients;
 use super::FetchError;
 use crate::store::Digest;
 
@@ -75,6 +76,8 @@ pub struct ClientConfig {
     pub parents: Vec<String>,
     /// With parents: may this node go to the origin when every parent fails?
     pub allow_direct: bool,
+    /// `upstream.proxy`, or empty.
+    pub proxy: String,
     /// Client certificate and key (PEM) for mTLS to parents.
     pub client_cert: String,
     pub client_key: String,
@@ -88,6 +91,8 @@ pub struct UpstreamClient {
     head_timeout: Duration,
     parents: Vec<Arc<Parent>>,
     allow_direct: bool,
+    /// Set with `upstream.proxy`: origin traffic goes through the site's proxy.
+    proxy: Option<ProxyClients>,
 }
 
 impl UpstreamClient {
@@ -131,6 +136,15 @@ impl UpstreamClient {
             head_timeout: cfg.connect_timeout + cfg.idle_timeout,
             parents,
             allow_direct: cfg.allow_direct,
+            proxy: match cfg.proxy.as_str() {
+                "" => None,
+                p => {
+                    let uri: Uri = p
+                        .parse()
+                        .map_err(|_| format!("upstream.proxy: `{p}` is not a URL"))?;
+                    Some(ProxyClients::new(uri, tls, cfg.connect_timeout))
+                }
+            },
         })
     }
 
@@ -236,7 +250,8 @@ impl UpstreamClient {
         if !self.policy.host_allowed(host, port) {
             return Err(FetchError::NotAllowed(format!("{host}:{port}")));
         }
-        if let Ok(ip) = host.trim_matches(['[', ']']).parse::<IpAddr>() {
+        // Through a proxy, the proxy resolves and connects: the address check is its own (SPEC 2).
+        if let (None, Ok(ip)) = (&self.proxy, host.trim_matches(['[', ']']).parse::<IpAddr>()) {
             if !self.policy.addr_allowed(ip) {
                 return Err(FetchError::AddressRefused(host.to_string()));
             }
@@ -261,8 +276,12 @@ impl UpstreamClient {
             let req = req
                 .body(Empty::new())
                 .map_err(|e| FetchError::Internal(e.to_string()))?;
-            let resp = match tokio::time::timeout(self.head_timeout, self.client.request(req)).await
-            {
+            let fut = match &self.proxy {
+                None => self.client.request(req),
+                Some(p) if url.scheme_str() == Some("https") => p.https.request(req),
+                Some(p) => p.http.request(req),
+            };
+            let resp = match tokio::time::timeout(self.head_timeout, fut).await {
                 Err(_) => return Err(FetchError::Timeout(host_of(&url))),
                 Ok(Err(e)) => return Err(classify(&url, &e)),
                 Ok(Ok(r)) => r,

@@ -1,0 +1,168 @@
+//! `upstream.proxy` (SPEC 2): origin traffic through a site's HTTP proxy. Plain-http origins are asked in
+//! absolute form on a connection to the proxy; https origins through a `CONNECT` tunnel, with TLS to the
+//! origin (its name verified) inside it. The proxy resolves names, so the address check is the proxy's;
+//! the host-pattern check still applies before anything is sent.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::Uri;
+use http_body_util::Empty;
+use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use super::parents::ProxyConnector;
+
+/// Most bytes of a proxy's answer to CONNECT that are read before giving up on it.
+const MAX_CONNECT_HEAD: usize = 16 << 10;
+
+/// The two clients that go through the proxy.
+#[derive(Clone)]
+pub struct ProxyClients {
+    pub http: Client<ProxyConnector, Empty<Bytes>>,
+    pub https: Client<TunnelConnector, Empty<Bytes>>,
+}
+
+impl ProxyClients {
+    pub fn new(proxy: Uri, tls: rustls::ClientConfig, connect_timeout: Duration) -> ProxyClients {
+        let mut plain = HttpConnector::new();
+        plain.enforce_http(false);
+        plain.set_connect_timeout(Some(connect_timeout));
+        let to_proxy = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls.clone())
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(plain);
+        let http = Client::builder(TokioExecutor::new())
+            .build(ProxyConnector::new(to_proxy, proxy.clone()));
+        let tunnel = TunnelConnector {
+            proxy,
+            tls: tokio_rustls::TlsConnector::from(Arc::new(tls)),
+            connect_timeout,
+        };
+        let https = Client::builder(TokioExecutor::new()).build(tunnel);
+        ProxyClients { http, https }
+    }
+}
+
+/// Opens a CONNECT tunnel through the proxy to the request's origin and speaks TLS inside it.
+#[derive(Clone)]
+pub struct TunnelConnector {
+    proxy: Uri,
+    tls: tokio_rustls::TlsConnector,
+    connect_timeout: Duration,
+}
+
+pub struct Tunnel(TokioIo<tokio_rustls::client::TlsStream<TcpStream>>);
+
+impl Connection for Tunnel {
+    fn connected(&self) -> Connected {
+        Connected::new()
+    }
+}
+
+impl hyper::rt::Read for Tunnel {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_read(cx, buf)
+    }
+}
+
+impl hyper::rt::Write for Tunnel {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_shutdown(cx)
+    }
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+impl tower_service::Service<Uri> for TunnelConnector {
+    type Response = Tunnel;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<Tunnel, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, dst: Uri) -> Self::Future {
+        let this = self.clone();
+        Box::pin(async move {
+            let host = dst
+                .host()
+                .ok_or("no host in the URL")?
+                .trim_matches(['[', ']'])
+                .to_string();
+            let port = dst.port_u16().unwrap_or(443);
+            let proxy_host = this
+                .proxy
+                .host()
+                .ok_or("upstream.proxy has no host")?
+                .to_string();
+            let proxy_port = this.proxy.port_u16().unwrap_or(80);
+            let mut tcp = tokio::time::timeout(
+                this.connect_timeout,
+                TcpStream::connect((proxy_host.as_str(), proxy_port)),
+            )
+            .await
+            .map_err(|_| format!("proxy {proxy_host}:{proxy_port}: connect timed out"))??;
+            let _ = tcp.set_nodelay(true);
+            let target = if host.contains(':') {
+                format!("[{host}]:{port}")
+            } else {
+                format!("{host}:{port}")
+            };
+            let req = format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n");
+            tcp.write_all(req.as_bytes()).await?;
+            let head = tokio::time::timeout(this.connect_timeout, read_head(&mut tcp))
+                .await
+                .map_err(|_| format!("proxy {proxy_host}:{proxy_port}: no answer to CONNECT"))??;
+            let status = head.split_whitespace().nth(1).unwrap_or("");
+            if status != "200" {
+                return Err(format!(
+                    "proxy refused CONNECT {target}: {}",
+                    head.lines().next().unwrap_or("")
+                )
+                .into());
+            }
+            let name = rustls::pki_types::ServerName::try_from(host.clone())?;
+            let tls = this.tls.connect(name, tcp).await?;
+            Ok(Tunnel(TokioIo::new(tls)))
+        })
+    }
+}
+
+/// Reads the proxy's response head byte by byte (nothing of the tunnel after it may be consumed).
+async fn read_head(tcp: &mut TcpStream) -> std::io::Result<String> {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if tcp.read(&mut byte).await? == 0 || head.len() > MAX_CONNECT_HEAD {
+            return Err(std::io::Error::other(
+                "the proxy closed or sent an overlong answer to CONNECT",
+            ));
+        }
+        head.push(byte[0]);
+    }
+    Ok(String::from_utf8_lossy(&head).to_string())
+}
