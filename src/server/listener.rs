@@ -13,12 +13,15 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
 
+use super::stall::Stall;
 use super::App;
 
 /// Request head bound: request line plus headers (431 beyond it).
 const MAX_HEAD_BYTES: usize = 64 << 10;
 /// A client has this long to send a request head (also the keep-alive idle bound).
 const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
+/// A client that takes no response bytes for this long is disconnected.
+const STALL_TIMEOUT: Duration = Duration::from_secs(60);
 /// A TLS client has this long to finish its handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -140,11 +143,15 @@ async fn accept_loop(
         tokio::spawn(async move {
             match tls {
                 None => {
-                    connection(app, super::zerocopy::Conn::new(sock), peer, guard, permit).await
+                    let io = Stall::new(super::zerocopy::Conn::new(sock), STALL_TIMEOUT);
+                    connection(app, io, peer, guard, permit).await
                 }
                 Some(acceptor) => {
                     match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(sock)).await {
-                        Ok(Ok(s)) => connection(app, TokioIo::new(s), peer, guard, permit).await,
+                        Ok(Ok(s)) => {
+                            let io = Stall::new(TokioIo::new(s), STALL_TIMEOUT);
+                            connection(app, io, peer, guard, permit).await
+                        }
                         Ok(Err(e)) => {
                             tracing::debug!(client = %peer.ip(), error = %e, "TLS handshake failed")
                         }

@@ -11,6 +11,7 @@ mod listener;
 pub mod range;
 mod respond;
 pub mod route;
+mod stall;
 mod status;
 mod zerocopy;
 
