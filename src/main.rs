@@ -37,6 +37,11 @@ enum Cmd {
         #[arg(long)]
         repair: bool,
     },
+    /// Check config, store, parents (DNS, TCP, TLS, HTTP), proxy, origins and the listener.
+    Doctor {
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
     /// Sideload payload files into the store, verified.
     Import {
         #[arg(required = true)]
@@ -156,6 +161,24 @@ fn verify(config: Option<PathBuf>, repair: bool) -> anyhow::Result<bool> {
     Ok(bad.is_empty() || repair)
 }
 
+fn doctor(config: Option<PathBuf>) -> anyhow::Result<bool> {
+    let cfg = match load(config) {
+        Ok(c) => c,
+        Err(e) => {
+            println!("FAIL  config: {e:#} -> fix the file, then run `cistern check-config`");
+            return Ok(false);
+        }
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let checks = rt.block_on(cistern::ops::doctor::run(&cfg));
+    for c in &checks {
+        println!("{c}");
+    }
+    Ok(checks.iter().all(|c| c.ok))
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result: anyhow::Result<bool> = match cli.cmd {
@@ -172,6 +195,7 @@ fn main() -> ExitCode {
             })
             .map_err(Into::into),
         Cmd::Verify { config, repair } => verify(config, repair),
+        Cmd::Doctor { config } => doctor(config),
         Cmd::Import {
             files,
             sha256,

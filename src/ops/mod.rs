@@ -2,6 +2,8 @@
 //! Reads the counters that `server`, `fetch` and `store` expose; nothing calls into this module except
 //! through the [`OwnEndpoints`] hook it is wired in with.
 
+pub mod doctor;
+
 use std::fmt::Write;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;

@@ -6,6 +6,16 @@ use std::path::PathBuf;
 
 use super::{Digest, State, StoreError};
 
+/// Free bytes on the filesystem that holds `dir`, for an unprivileged writer.
+pub fn free_bytes(dir: &std::path::Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+    // SAFETY: all-zero is a valid statvfs; `c` is a valid NUL-terminated path.
+    let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
+    let rc = unsafe { libc::statvfs(c.as_ptr(), &mut s) };
+    (rc == 0).then(|| s.f_bavail as u64 * s.f_frsize as u64)
+}
+
 pub struct Budget {
     pub dir: PathBuf,
     /// 0 = no cap besides `min_free`.
@@ -16,12 +26,7 @@ pub struct Budget {
 impl Budget {
     /// Free bytes on the store's filesystem for an unprivileged writer.
     pub fn free_bytes(&self) -> Option<u64> {
-        use std::os::unix::ffi::OsStrExt;
-        let c = std::ffi::CString::new(self.dir.as_os_str().as_bytes()).ok()?;
-        let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
-        // SAFETY: `c` is a valid NUL-terminated path and `s` a writable statvfs.
-        let rc = unsafe { libc::statvfs(c.as_ptr(), &mut s) };
-        (rc == 0).then(|| s.f_bavail as u64 * s.f_frsize as u64)
+        free_bytes(&self.dir)
     }
 
     /// Chooses the objects to evict so that `n` more bytes fit, removes them from `st` and returns them

@@ -27,6 +27,7 @@ pub use fill::Fill;
 pub use index::KeyEntry;
 pub use meta::{now_ms, KeyMeta, ObjectMeta};
 
+pub use budget::free_bytes;
 use budget::Budget;
 use index::{Index, ObjectRecord};
 
