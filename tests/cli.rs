@@ -141,3 +141,124 @@ async fn doctor_checks_parents_and_says_what_to_do() {
     let line = out.lines().find(|l| l.starts_with("FAIL")).unwrap();
     assert!(line.contains("parent") && line.contains("->"), "{line}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn import_prefetch_and_verify_through_a_running_gateway() {
+    let origin = Origin::start().await;
+    let staged = random_bytes(200_000, 43);
+    origin.put("/fw/staged.swu", staged.clone(), Behaviour::default());
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cfg = config(tmp.path(), &origin, "");
+    cfg.server.admin_token = "t0ken".into();
+    let node = Node::start_with(cfg).await;
+    let token = tmp.path().join("token");
+    std::fs::write(&token, "t0ken\n").unwrap();
+    let server = format!("http://{}", node.addr);
+
+    // The store is held by the running gateway: direct mode says so and points at --server.
+    let conf = tmp.path().join("c.toml");
+    std::fs::write(
+        &conf,
+        format!(
+            "[store]\ndir = \"{}\"\nmin_free = \"0\"\n",
+            node.data().display()
+        ),
+    )
+    .unwrap();
+    let file = tmp.path().join("usb.swu");
+    let body = random_bytes(50_000, 44);
+    std::fs::write(&file, &body).unwrap();
+    let (f, c) = (
+        file.to_str().unwrap().to_string(),
+        conf.to_str().unwrap().to_string(),
+    );
+    let (code, _, err) =
+        tokio::task::spawn_blocking(move || cistern(&["import", &f, "--config", &c]))
+            .await
+            .unwrap();
+    assert_eq!(code, 1);
+    assert!(err.contains("--server"), "{err}");
+
+    let (f, s, t) = (
+        file.to_str().unwrap().to_string(),
+        server.clone(),
+        token.to_str().unwrap().to_string(),
+    );
+    let (code, out, err) = tokio::task::spawn_blocking(move || {
+        cistern(&["import", &f, "--pin", "--server", &s, "--token-file", &t])
+    })
+    .await
+    .unwrap();
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains(&sha256_hex(&body)));
+    assert!(node.blobs().contains(&sha256_hex(&body)));
+
+    let manifest = tmp.path().join("m.json");
+    let m = serde_json::json!({"files": [{"filename": "staged.swu", "sizeInBytes": staged.len(),
+        "hashes": {"sha256": sha256_hex(&staged)}}]});
+    std::fs::write(&manifest, m.to_string()).unwrap();
+    let (mf, s, t) = (
+        manifest.to_str().unwrap().to_string(),
+        server.clone(),
+        token.to_str().unwrap().to_string(),
+    );
+    let base = format!("{}/fw", origin.url());
+    let (code, out, err) = tokio::task::spawn_blocking(move || {
+        cistern(&[
+            "prefetch",
+            &mf,
+            "--base-url",
+            &base,
+            "--server",
+            &s,
+            "--token-file",
+            &t,
+        ])
+    })
+    .await
+    .unwrap();
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("stored"), "{out}");
+    assert!(node.blobs().contains(&sha256_hex(&staged)));
+
+    let s = server.clone();
+    let (code, out, _) = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_cistern"))
+            .args(["verify", "--server", &s])
+            .env("CISTERN_TOKEN", "t0ken")
+            .output()
+            .map(|o| {
+                (
+                    o.status.code().unwrap_or(-1),
+                    String::from_utf8_lossy(&o.stdout).to_string(),
+                    String::new(),
+                )
+            })
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("2 objects checked, 0 bad"), "{out}");
+
+    // A wrong token is one clear line.
+    let (f, s) = (file.to_str().unwrap().to_string(), server.clone());
+    let (code, _, err) = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_cistern"))
+            .args(["import", &f, "--server", &s])
+            .env("CISTERN_TOKEN", "wrong")
+            .output()
+            .map(|o| {
+                (
+                    o.status.code().unwrap_or(-1),
+                    String::new(),
+                    String::from_utf8_lossy(&o.stderr).to_string(),
+                )
+            })
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert_eq!(code, 1);
+    assert!(err.contains("admin token"), "{err}");
+}

@@ -4,8 +4,10 @@
 
 pub mod flight;
 pub mod freshness;
+pub mod key;
 pub mod parents;
 pub mod policy;
+pub mod prefetch;
 mod proxy;
 mod transfer;
 pub mod upstream;
@@ -140,6 +142,8 @@ struct Inner {
     /// Keys whose last transfer failed verification, and when.
     mismatches: Mutex<HashMap<String, Instant>>,
     stats: FetchStats,
+    /// Prefetch jobs and the mappings staged manifests made.
+    jobs: prefetch::Jobs,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -156,6 +160,7 @@ impl Fetcher {
                 flights: Mutex::new(HashMap::new()),
                 mismatches: Mutex::new(HashMap::new()),
                 stats: FetchStats::default(),
+                jobs: prefetch::Jobs::default(),
             }),
         }
     }

@@ -3,6 +3,7 @@
 //! through the [`OwnEndpoints`] hook it is wired in with.
 
 pub mod doctor;
+pub mod remote;
 
 use std::fmt::Write;
 use std::sync::atomic::Ordering;

@@ -20,6 +20,14 @@ pub async fn handle(app: &App, req: Request<Incoming>) -> Response<Body> {
     let r = match (method.clone(), path.as_str()) {
         (Method::GET, "/content") => Ok(json(StatusCode::OK, &app.store.list())),
         (Method::POST, "/verify") => verify(app, req).await,
+        (Method::POST, "/prefetch") => prefetch(app, req).await,
+        (Method::GET, p) if p.starts_with("/prefetch/") => app
+            .fetcher
+            .prefetch_job(&p["/prefetch/".len()..])
+            .map(|j| json(StatusCode::OK, &j))
+            .ok_or_else(|| {
+                ApiError::not_found("no such prefetch job (jobs do not survive a restart)")
+            }),
         (m, p) if p.starts_with("/content/sha256/") => {
             let d = parse_digest(&p["/content/sha256/".len()..]);
             match (m, d) {
@@ -108,7 +116,15 @@ async fn sideload(
     req: Request<Incoming>,
     want: Digest,
 ) -> Result<Response<Body>, ApiError> {
+    // `?pin=true` (an extension of SPEC 6, used by `cistern import --pin --server`).
+    let pin = req
+        .uri()
+        .query()
+        .is_some_and(|q| q.split('&').any(|p| p == "pin=true"));
     if app.store.contains(&want) {
+        if pin {
+            app.store.set_pin(&want, true).map_err(store_error)?;
+        }
         return Ok(json(
             StatusCode::CREATED,
             &serde_json::json!({"sha256": want, "stored": true}),
@@ -150,7 +166,7 @@ async fn sideload(
             format!("the body hashes to {got}, not {want}; nothing stored"),
         ));
     }
-    tokio::task::spawn_blocking(move || fill.commit(&got, None, None, false))
+    tokio::task::spawn_blocking(move || fill.commit(&got, None, None, pin))
         .await
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?
         .map_err(store_error)?;
@@ -158,6 +174,22 @@ async fn sideload(
         StatusCode::CREATED,
         &serde_json::json!({"sha256": got, "stored": true}),
     ))
+}
+
+/// `POST /v1/admin/prefetch`: stages the files a manifest names (SPEC 6); 202 with the job's id.
+async fn prefetch(app: &App, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+    let raw = read_json_body(req).await?;
+    let v: serde_json::Value = serde_json::from_slice(&raw)
+        .map_err(|e| ApiError::bad_request("bad-json", e.to_string()))?;
+    let (files, pin) = crate::fetch::prefetch::parse(&v, None)
+        .map_err(|e| ApiError::bad_request("bad-manifest", e.to_string()))?;
+    for f in &files {
+        app.fetcher.check(&f.url).map_err(|e| {
+            ApiError::new(StatusCode::FORBIDDEN, "origin-not-allowed", e.to_string())
+        })?;
+    }
+    let id = app.fetcher.prefetch(files, pin);
+    Ok(json(StatusCode::ACCEPTED, &serde_json::json!({"id": id})))
 }
 
 /// `POST /v1/admin/verify` `{"repair": bool}`: re-hashes every object.

@@ -168,7 +168,7 @@ impl App {
             Route::Content { digest } => {
                 let t = Target {
                     key: format!("sha256/{digest}"),
-                    url: None,
+                    url: self.fetcher.staged_url(&digest),
                     digest: Some(digest),
                     immutable: true,
                     via,
@@ -189,11 +189,13 @@ impl App {
                 if let Err(e) = self.fetcher.check(&url) {
                     return (error::fetch_error_response(e), Some(kind), Some(key));
                 }
+                // A URL a staged manifest named: its digest is known, its mapping never goes stale.
+                let staged = self.fetcher.staged_digest(&key);
                 let t = Target {
                     key: key.clone(),
                     url: Some(url),
-                    digest: None,
-                    immutable,
+                    digest: staged,
+                    immutable: immutable || staged.is_some(),
                     via,
                 };
                 (self.object(req, t, true).await, Some(kind), Some(key))

@@ -7,7 +7,8 @@ use percent_encoding::percent_decode_str;
 
 use super::error::ApiError;
 use crate::config::Origin;
-use crate::fetch::policy::{normalise_host, split_host_port};
+use crate::fetch::key::{cache_key, param_name};
+use crate::fetch::policy::split_host_port;
 use crate::store::Digest;
 
 /// The request form, for logs and metrics.
@@ -167,10 +168,6 @@ impl Router<'_> {
     }
 }
 
-fn param_name(p: &str) -> &str {
-    p.split_once('=').map(|(k, _)| k).unwrap_or(p)
-}
-
 fn build(scheme: Scheme, authority: Authority, pq: &str) -> Result<Uri, http::Error> {
     let pq: PathAndQuery = pq.parse()?;
     Uri::builder()
@@ -231,35 +228,6 @@ fn named(origin: &Origin, tail: &str, query: Option<&str>) -> Result<Uri, ApiErr
         .cloned()
         .ok_or_else(|| bad("the origin URL has no host"))?;
     build(scheme, authority, &pq).map_err(|_| bad("the path cannot be forwarded"))
-}
-
-/// The cache key of a URL (SPEC 3): host (lower-case, no trailing dot), port unless the scheme's default,
-/// path, and query without the SAS parameters when it holds `sig`. The scheme is not part of it.
-pub fn cache_key(url: &Uri, strip: &[String]) -> String {
-    let host = normalise_host(url.host().unwrap_or_default());
-    let default = if url.scheme() == Some(&Scheme::HTTPS) {
-        443
-    } else {
-        80
-    };
-    let mut key = host;
-    if let Some(p) = url.port_u16().filter(|p| *p != default) {
-        key.push(':');
-        key.push_str(&p.to_string());
-    }
-    key.push_str(url.path());
-    if let Some(q) = url.query() {
-        let has_sig = q.split('&').any(|p| param_name(p) == "sig");
-        let kept: Vec<&str> = q
-            .split('&')
-            .filter(|p| !(has_sig && strip.iter().any(|s| s == param_name(p))))
-            .collect();
-        if !kept.is_empty() {
-            key.push('?');
-            key.push_str(&kept.join("&"));
-        }
-    }
-    key
 }
 
 #[cfg(test)]

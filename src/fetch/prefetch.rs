@@ -1,0 +1,321 @@
+//! Staging content ahead of need (SPEC 6): a list of files (URL + SHA-256 + size) from one of the three
+//! manifest shapes, fetched and verified in the background as a job whose progress can be read back.
+//! Staged digests are mapped to their URLs' keys (immutable, verified hits for devices later), and the
+//! digest -> URL mapping lets a content-addressed request be fetched from that URL.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use http::Uri;
+use serde::Serialize;
+use serde_json::Value;
+
+use super::{End, Fetcher, Lookup, Target};
+use crate::store::Digest;
+
+/// One file to stage.
+#[derive(Clone, Debug)]
+pub struct Wanted {
+    pub url: Uri,
+    pub digest: Digest,
+    pub size: Option<u64>,
+}
+
+/// A manifest that cannot be staged, naming the member at fault.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct BadManifest(pub String);
+
+fn bad(m: impl Into<String>) -> BadManifest {
+    BadManifest(m.into())
+}
+
+fn digest_of(v: Option<&Value>, at: &str) -> Result<Digest, BadManifest> {
+    let s = v
+        .and_then(Value::as_str)
+        .ok_or_else(|| bad(format!("{at}: missing sha256")))?;
+    Digest::parse_any(s).ok_or_else(|| bad(format!("{at}: `{s}` is not a SHA-256 (hex or base64)")))
+}
+
+fn url_of(s: &str, at: &str) -> Result<Uri, BadManifest> {
+    let u: Uri = s
+        .parse()
+        .map_err(|_| bad(format!("{at}: `{s}` is not a URL")))?;
+    if !matches!(u.scheme_str(), Some("http" | "https")) || u.host().is_none() {
+        return Err(bad(format!("{at}: `{s}` is not an http(s) URL")));
+    }
+    Ok(u)
+}
+
+/// Parses any of the three shapes SPEC 6 accepts; returns the files and whether to pin them.
+pub fn parse(v: &Value, base_url: Option<&str>) -> Result<(Vec<Wanted>, bool), BadManifest> {
+    let pin = v.get("pin").and_then(Value::as_bool).unwrap_or(false);
+    // The deployment a device twin receives: updateManifest (a JSON string) + fileUrls.
+    if let Some(m) = v.get("updateManifest") {
+        let m: Value = match m {
+            Value::String(s) => {
+                serde_json::from_str(s).map_err(|e| bad(format!("updateManifest: {e}")))?
+            }
+            other => other.clone(),
+        };
+        let urls = v
+            .get("fileUrls")
+            .and_then(Value::as_object)
+            .ok_or_else(|| bad("fileUrls: missing"))?;
+        let mut out = Vec::new();
+        for (id, url) in urls {
+            let at = format!("updateManifest.files.{id}");
+            let f = m
+                .get("files")
+                .and_then(|f| f.get(id))
+                .ok_or_else(|| bad(format!("{at}: missing")))?;
+            let digest = digest_of(f.get("hashes").and_then(|h| h.get("sha256")), &at)?;
+            let url = url_of(
+                url.as_str()
+                    .ok_or_else(|| bad(format!("fileUrls.{id}: not a string")))?,
+                &format!("fileUrls.{id}"),
+            )?;
+            out.push(Wanted {
+                url,
+                digest,
+                size: f.get("sizeInBytes").and_then(Value::as_u64),
+            });
+        }
+        return Ok((out, pin));
+    }
+    let files = v
+        .get("files")
+        .and_then(Value::as_array)
+        .ok_or_else(|| bad("files: missing"))?;
+    let base = v.get("baseUrl").and_then(Value::as_str).or(base_url);
+    let mut out = Vec::new();
+    for (i, f) in files.iter().enumerate() {
+        let at = format!("files[{i}]");
+        if let Some(u) = f.get("url").and_then(Value::as_str) {
+            out.push(Wanted {
+                url: url_of(u, &at)?,
+                digest: digest_of(f.get("sha256"), &at)?,
+                size: f.get("size").and_then(Value::as_u64),
+            });
+        } else {
+            // A Device Update import manifest: <baseUrl>/<filename>.
+            let name = f
+                .get("filename")
+                .and_then(Value::as_str)
+                .ok_or_else(|| bad(format!("{at}: needs url or filename")))?;
+            let base = base.ok_or_else(|| bad("baseUrl: needed for files named by filename"))?;
+            let seg =
+                percent_encoding::utf8_percent_encode(name, percent_encoding::NON_ALPHANUMERIC)
+                    .to_string();
+            let seg = seg
+                .replace("%2E", ".")
+                .replace("%2D", "-")
+                .replace("%5F", "_");
+            out.push(Wanted {
+                url: url_of(&format!("{}/{seg}", base.trim_end_matches('/')), &at)?,
+                digest: digest_of(f.get("hashes").and_then(|h| h.get("sha256")), &at)?,
+                size: f.get("sizeInBytes").and_then(Value::as_u64),
+            });
+        }
+    }
+    Ok((out, pin))
+}
+
+#[derive(Serialize, Clone, Debug)]
+pub struct FileState {
+    pub url: String,
+    pub sha256: Digest,
+    pub size: Option<u64>,
+    pub state: &'static str,
+    pub bytes: u64,
+    pub error: Option<String>,
+}
+
+#[derive(Serialize, Clone, Debug)]
+pub struct Job {
+    pub id: String,
+    pub state: &'static str,
+    pub files: Vec<FileState>,
+}
+
+/// The jobs of this process (they do not survive a restart; what they stored does).
+#[derive(Default)]
+pub struct Jobs {
+    next: AtomicU64,
+    jobs: Mutex<HashMap<String, Arc<Mutex<Job>>>>,
+    /// Digest -> the URL a manifest named for it; key -> digest for staged URLs.
+    pub(super) staged_urls: Mutex<HashMap<Digest, Uri>>,
+    pub(super) staged_keys: Mutex<HashMap<String, Digest>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Fetcher {
+    /// Starts a prefetch job; returns its id.
+    pub fn prefetch(&self, files: Vec<Wanted>, pin: bool) -> String {
+        let jobs = &self.inner.jobs;
+        let id = format!(
+            "{:x}-{}",
+            crate::store::now_ms(),
+            jobs.next.fetch_add(1, Ordering::Relaxed)
+        );
+        {
+            let mut urls = lock(&jobs.staged_urls);
+            let mut keys = lock(&jobs.staged_keys);
+            for w in &files {
+                urls.insert(w.digest, w.url.clone());
+                keys.insert(self.key_of(&w.url), w.digest);
+            }
+        }
+        let job = Arc::new(Mutex::new(Job {
+            id: id.clone(),
+            state: "running",
+            files: files
+                .iter()
+                .map(|w| FileState {
+                    url: redact(&w.url),
+                    sha256: w.digest,
+                    size: w.size,
+                    state: "queued",
+                    bytes: 0,
+                    error: None,
+                })
+                .collect(),
+        }));
+        lock(&jobs.jobs).insert(id.clone(), job.clone());
+        let fetcher = self.clone();
+        tokio::spawn(async move {
+            for (i, w) in files.into_iter().enumerate() {
+                lock(&job).files[i].state = "fetching";
+                let r = fetcher.stage_one(&w, pin, &job, i).await;
+                let mut j = lock(&job);
+                match r {
+                    Ok(()) => {
+                        j.files[i].state = "stored";
+                        j.files[i].bytes = fetcher.inner.store.size_of(&w.digest).unwrap_or(0);
+                    }
+                    Err(e) => {
+                        tracing::warn!(url = %redact(&w.url), error = %e, "prefetch failed");
+                        j.files[i].state = "failed";
+                        j.files[i].error = Some(e);
+                    }
+                }
+            }
+            let mut j = lock(&job);
+            j.state = if j.files.iter().all(|f| f.state == "stored") {
+                "done"
+            } else {
+                "failed"
+            };
+        });
+        id
+    }
+
+    pub fn prefetch_job(&self, id: &str) -> Option<Job> {
+        lock(&self.inner.jobs.jobs).get(id).map(|j| lock(j).clone())
+    }
+
+    async fn stage_one(
+        &self,
+        w: &Wanted,
+        pin: bool,
+        job: &Arc<Mutex<Job>>,
+        i: usize,
+    ) -> Result<(), String> {
+        self.check(&w.url).map_err(|e| e.to_string())?;
+        let t = Target {
+            key: self.key_of(&w.url),
+            url: Some(w.url.clone()),
+            digest: Some(w.digest),
+            immutable: true,
+            via: None,
+        };
+        match self.get(&t, false).await.map_err(|e| e.to_string())? {
+            Lookup::Hit { .. } => {}
+            Lookup::Flight { flight, .. } => {
+                // Follow the transfer's progress for the job's `bytes`.
+                let mut tick = tokio::time::interval(std::time::Duration::from_millis(200));
+                let end = loop {
+                    tokio::select! {
+                        e = flight.wait_end() => break e,
+                        _ = tick.tick() => lock(job).files[i].bytes = flight.written(),
+                    }
+                };
+                match end {
+                    End::Complete(d) if d == w.digest => {}
+                    End::Complete(d) => return Err(format!("fetched bytes hash to {d}")),
+                    End::Failed(e) => return Err(e.to_string()),
+                    _ => {}
+                }
+                if !self.inner.store.contains(&w.digest) {
+                    return Err("verified but not stored (no room in the store?)".into());
+                }
+            }
+        }
+        if pin {
+            self.inner
+                .store
+                .set_pin(&w.digest, true)
+                .map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
+
+    fn key_of(&self, url: &Uri) -> String {
+        super::key::cache_key(url, &self.inner.cfg.strip_query)
+    }
+
+    /// The URL a staged manifest named for a digest.
+    pub fn staged_url(&self, d: &Digest) -> Option<Uri> {
+        lock(&self.inner.jobs.staged_urls).get(d).cloned()
+    }
+
+    /// The digest a staged manifest gave a key.
+    pub fn staged_digest(&self, key: &str) -> Option<Digest> {
+        lock(&self.inner.jobs.staged_keys).get(key).copied()
+    }
+}
+
+/// A URL as it may be shown: without its query, which may hold a SAS `sig`.
+fn redact(u: &Uri) -> String {
+    format!(
+        "{}://{}{}",
+        u.scheme_str().unwrap_or("http"),
+        u.authority().map(|a| a.as_str()).unwrap_or(""),
+        u.path()
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    const HEX: &str = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad";
+
+    #[test]
+    fn the_three_shapes() {
+        let (f, pin) = parse(&json!({"files": [{"url": "http://x.example/a.swu", "sha256": HEX, "size": 3}], "pin": true}), None).unwrap();
+        assert!(pin);
+        assert_eq!(f[0].url.to_string(), "http://x.example/a.swu");
+        let b64 = "ungWv48Bz+pBQUDeXa4iI7ADYaOWF3qctBD/YfIAFa0=";
+        let (f, _) = parse(
+            &json!({"baseUrl": "http://x.example/c/", "files": [{"filename": "fw 1.swu", "sizeInBytes": 3, "hashes": {"sha256": b64}}]}),
+            None,
+        )
+        .unwrap();
+        assert_eq!(f[0].url.to_string(), "http://x.example/c/fw%201.swu");
+        assert_eq!(f[0].digest.hex(), HEX);
+        let um = json!({"files": {"f1": {"fileName": "a.swu", "sizeInBytes": 3, "hashes": {"sha256": b64}}}}).to_string();
+        let (f, _) = parse(
+            &json!({"updateManifest": um, "fileUrls": {"f1": "http://x.example/f1?sv=1&sig=S"}}),
+            None,
+        )
+        .unwrap();
+        assert_eq!(f[0].digest.hex(), HEX);
+        assert!(parse(&json!({"files": [{"filename": "a"}]}), None).is_err());
+    }
+}

@@ -1,0 +1,110 @@
+//! Staging ahead of need (SPEC 6): a prefetch job fetches and verifies what a manifest names; devices
+//! asking by URL later get verified hits; a digest the manifest named is fetched from its URL on demand.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::*;
+use serde_json::json;
+
+async fn wait_job(node: &Node, id: &str) -> serde_json::Value {
+    let end = Instant::now() + Duration::from_secs(20);
+    loop {
+        let j = get(&node.url(&format!("/v1/admin/prefetch/{id}")))
+            .await
+            .json();
+        if j["state"] != "running" {
+            return j;
+        }
+        assert!(Instant::now() < end, "job still running: {j}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prefetch_job_stages_verified_pinned_objects() {
+    let origin = Origin::start().await;
+    let a = random_bytes(300_000, 51);
+    let b = random_bytes(1000, 52);
+    origin.put("/c/a.swu", a.clone(), Behaviour::default());
+    origin.put("/c/b.swu", b.clone(), Behaviour::default());
+    let node = Node::start(&origin, "").await;
+    let base = origin.url();
+    let manifest = json!({
+        "files": [
+            {"url": format!("{base}/c/a.swu?sv=1&sig=SECRET"), "sha256": sha256_hex(&a), "size": a.len()},
+            {"url": format!("{base}/c/b.swu"), "sha256": sha256_hex(b"something else"), "size": b.len()}
+        ],
+        "pin": true
+    });
+    let r = request_body(
+        "POST",
+        &node.url("/v1/admin/prefetch"),
+        &[],
+        Bytes::from(manifest.to_string()),
+    )
+    .await;
+    assert_eq!(r.status, 202);
+    let id = r.json()["id"].as_str().unwrap().to_string();
+    let job = wait_job(&node, &id).await;
+    assert_eq!(job["state"], "failed", "{job}");
+    assert_eq!(job["files"][0]["state"], "stored");
+    assert_eq!(job["files"][0]["bytes"], a.len() as u64);
+    assert_eq!(job["files"][1]["state"], "failed");
+    assert!(
+        !job.to_string().contains("SECRET"),
+        "a SAS signature leaked into the job: {job}"
+    );
+    assert_eq!(node.blobs(), vec![sha256_hex(&a)]);
+    let listing = get(&node.url("/v1/admin/content")).await.json();
+    assert_eq!(listing[0]["pinned"], true);
+
+    // A device asks by URL with another SAS token: a verified hit, immutable.
+    let g = proxy_get(node.addr, &format!("{base}/c/a.swu?sv=1&sig=OTHER"), &[]).await;
+    assert_eq!(g.body, a);
+    assert_eq!(g.header("cache-status"), "cistern; hit");
+    assert_eq!(origin.gets("/c/a.swu"), 1);
+
+    // Purged, then asked for by digest: fetched again from the URL the manifest named.
+    let hex = sha256_hex(&a);
+    assert_eq!(
+        request(
+            "DELETE",
+            &node.url(&format!("/v1/admin/content/sha256/{hex}")),
+            &[]
+        )
+        .await
+        .status,
+        204
+    );
+    let g = get(&node.url(&format!("/v1/content/sha256/{hex}"))).await;
+    assert_eq!(g.status, 200);
+    assert_eq!(g.body, a);
+    assert_eq!(origin.gets("/c/a.swu"), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_manifests_are_400_and_foreign_origins_403() {
+    let origin = Origin::start().await;
+    let node = Node::start(&origin, "").await;
+    let r = request_body(
+        "POST",
+        &node.url("/v1/admin/prefetch"),
+        &[],
+        Bytes::from_static(b"{\"files\": [{}]}"),
+    )
+    .await;
+    assert_eq!(r.status, 400);
+    assert!(r.json()["detail"].as_str().unwrap().contains("files[0]"));
+    let m = json!({"files": [{"url": "http://evil.example/x", "sha256": "0".repeat(64)}]});
+    let r = request_body(
+        "POST",
+        &node.url("/v1/admin/prefetch"),
+        &[],
+        Bytes::from(m.to_string()),
+    )
+    .await;
+    assert_eq!(r.status, 403);
+}
