@@ -3,103 +3,25 @@
 //! cannot be connected to, times out or answers 503 is skipped for 30 s; 502/504 are about the object or
 //! the parent's own upstream, so the next parent is tried without marking this one down.
 
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Mutex;
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{HeaderMap, Method, Request, Response, Uri};
 use http_body_util::Empty;
 use hyper::body::Incoming;
-use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use serde::Serialize;
 
-use super::upstream::host_of;
+use super::policy::host_of;
+use super::proxy::ProxyConnector;
 use super::FetchError;
 
 /// How long a parent that failed to connect, timed out or answered 503 is skipped.
 pub const SKIP_FOR: Duration = Duration::from_secs(30);
 
-type Inner = hyper_rustls::HttpsConnector<HttpConnector>;
-
-/// Connects to one fixed address (a parent or an HTTP proxy) whatever the request's URI, and marks the
-/// connection as proxied so that requests on it go out in absolute form (RFC 9112 §3.2.2).
-#[derive(Clone)]
-pub struct ProxyConnector {
-    inner: Inner,
-    target: Uri,
-}
-
-impl ProxyConnector {
-    pub fn new(inner: Inner, target: Uri) -> Self {
-        ProxyConnector { inner, target }
-    }
-}
-
-pub struct Proxied<T>(T);
-
-impl<T: Connection> Connection for Proxied<T> {
-    fn connected(&self) -> Connected {
-        self.0.connected().proxy(true)
-    }
-}
-
-impl<T: hyper::rt::Read + Unpin> hyper::rt::Read for Proxied<T> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: hyper::rt::ReadBufCursor<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.0).poll_read(cx, buf)
-    }
-}
-
-impl<T: hyper::rt::Write + Unpin> hyper::rt::Write for Proxied<T> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.0).poll_write(cx, buf)
-    }
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.0).poll_flush(cx)
-    }
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.0).poll_shutdown(cx)
-    }
-    fn is_write_vectored(&self) -> bool {
-        self.0.is_write_vectored()
-    }
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.0).poll_write_vectored(cx, bufs)
-    }
-}
-
-type Stream = <Inner as tower_service::Service<Uri>>::Response;
-
-impl tower_service::Service<Uri> for ProxyConnector {
-    type Response = Proxied<Stream>;
-    type Error = Box<dyn std::error::Error + Send + Sync>;
-    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, _dst: Uri) -> Self::Future {
-        let fut = self.inner.call(self.target.clone());
-        Box::pin(async move { fut.await.map(Proxied) })
-    }
-}
+use super::proxy::Inner;
 
 /// One parent gateway and what this node knows of its health.
 pub struct Parent {

@@ -63,6 +63,20 @@ pub fn split_host_port(s: &str) -> Option<(String, Option<u16>)> {
     }
 }
 
+/// The port of a URL, the scheme's default when it names none.
+pub fn port_of(u: &http::Uri) -> u16 {
+    u.port_u16().unwrap_or(if u.scheme_str() == Some("https") {
+        443
+    } else {
+        80
+    })
+}
+
+/// The host (and port) of a URL, for logs and errors: never the query, which may hold a SAS `sig`.
+pub fn host_of(u: &http::Uri) -> String {
+    u.authority().map(|a| a.to_string()).unwrap_or_default()
+}
+
 pub fn normalise_host(h: &str) -> String {
     h.trim_end_matches('.').to_ascii_lowercase()
 }

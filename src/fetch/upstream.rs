@@ -21,6 +21,7 @@ use hyper_util::rt::TokioExecutor;
 
 use super::parents::{Parent, ParentHealth};
 use super::policy::OriginPolicy;
+pub use super::policy::{host_of, port_of};
 use super::proxy::ProxyClients;
 use super::FetchError;
 use crate::store::Digest;
@@ -316,19 +317,6 @@ impl UpstreamClient {
 
 fn is_redirect(s: StatusCode) -> bool {
     matches!(s.as_u16(), 301 | 302 | 303 | 307 | 308)
-}
-
-pub fn port_of(u: &Uri) -> u16 {
-    u.port_u16().unwrap_or(if u.scheme_str() == Some("https") {
-        443
-    } else {
-        80
-    })
-}
-
-/// The host (and port) of a URL, for logs and errors: never the query, which may hold a SAS `sig`.
-pub fn host_of(u: &Uri) -> String {
-    u.authority().map(|a| a.to_string()).unwrap_or_default()
 }
 
 /// A redirect target: an absolute URL, or a path on the same origin. Built from parsed parts.
