@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use bytes::Bytes;
 use common::*;
@@ -91,10 +91,6 @@ async fn first_bytes_arrive_before_the_object_is_complete() {
     assert!(
         origin.bytes_sent.load(std::sync::atomic::Ordering::Relaxed) < body.len(),
         "first byte came only after the whole object ({ttfb:?})"
-    );
-    assert!(
-        ttfb < Duration::from_millis(500),
-        "time to first byte {ttfb:?}"
     );
 }
 

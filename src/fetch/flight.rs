@@ -292,6 +292,15 @@ enum Step {
 }
 
 impl FlightReader {
+    /// Positions the reader on bytes [from, to) (`to` None = to the end of the object).
+    pub fn seek(&mut self, from: u64, to: Option<u64>) {
+        self.pos = from;
+        self.to = to;
+        let id = self.id;
+        self.flight.state().readers.insert(id, from);
+        self.flight.bump();
+    }
+
     /// The next bytes, None at the end of the requested range, or the error that ended the flight (the
     /// client's connection must then be aborted, never finished).
     pub async fn next(&mut self) -> Option<Result<Bytes, FetchError>> {
@@ -463,6 +472,27 @@ mod tests {
         f.finish(End::Complete(Digest([0; 32])));
         assert_eq!(&r.next().await.unwrap().unwrap()[..], b"d");
         assert!(r.next().await.is_none());
+    }
+
+    /// Regression: a pass-through transfer used to see no reader (the client attached only once the
+    /// head was known), drop its first bytes and stop; the client's connection then closed unanswered.
+    #[tokio::test]
+    async fn a_reader_attached_at_join_keeps_pass_through_bytes() {
+        let f = Flight::new();
+        let mut r = f.reader(0, None);
+        f.set_head(
+            Head {
+                size: Some(6),
+                storing: false,
+                ..Default::default()
+            },
+            None,
+            None,
+        );
+        f.append(vec![Bytes::from_static(b"abcdef")]);
+        assert!(f.wait_for_readers().await, "the transfer saw no reader");
+        r.seek(2, Some(5));
+        assert_eq!(drain(&mut r).await.unwrap(), b"cde");
     }
 
     #[tokio::test]

@@ -92,8 +92,14 @@ pub enum Lookup {
         meta: Option<KeyMeta>,
         how: HitKind,
     },
-    /// Streamed from a transfer in flight; `leader` is false for clients that joined one.
-    Flight { flight: Arc<Flight>, leader: bool },
+    /// Streamed from a transfer in flight; `leader` is false for clients that joined one. `reader` was
+    /// attached when the client joined (at byte 0), so that no byte it may need is let go before it
+    /// positions the reader (`FlightReader::seek`) or drops it.
+    Flight {
+        flight: Arc<Flight>,
+        leader: bool,
+        reader: FlightReader,
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -238,7 +244,7 @@ impl Fetcher {
                 }
             }
         }
-        let (flight, leader) = self.join_or_start(t, stale.clone());
+        let (flight, leader, reader) = self.join_or_start(t, stale.clone());
         if !leader {
             self.inner.stats.collapsed.fetch_add(1, Ordering::Relaxed);
         }
@@ -271,7 +277,11 @@ impl Fetcher {
                 Err(End::Complete(_)) => {}
             }
         }
-        Ok(Lookup::Flight { flight, leader })
+        Ok(Lookup::Flight {
+            flight,
+            leader,
+            reader,
+        })
     }
 
     /// Opens a stored object; a first mapping (which touches every page) happens on a blocking thread.
@@ -291,12 +301,14 @@ impl Fetcher {
         &self,
         t: &Target,
         stale: Option<crate::store::KeyEntry>,
-    ) -> (Arc<Flight>, bool) {
+    ) -> (Arc<Flight>, bool, FlightReader) {
         let mut flights = lock(&self.inner.flights);
         if let Some(f) = flights.get(&t.key) {
-            return (f.clone(), false);
+            let reader = f.reader(0, None);
+            return (f.clone(), false, reader);
         }
         let flight = Flight::new();
+        let reader = flight.reader(0, None);
         flights.insert(t.key.clone(), flight.clone());
         drop(flights);
         self.inner.stats.transfers.fetch_add(1, Ordering::Relaxed);
@@ -307,7 +319,7 @@ impl Fetcher {
             stale,
         };
         tokio::spawn(job.run());
-        (flight, true)
+        (flight, true, reader)
     }
 
     fn forget_flight(&self, key: &str, flight: &Arc<Flight>) {

@@ -250,7 +250,11 @@ impl App {
         }
         match self.fetcher.get(&t, revalidate).await {
             Ok(Lookup::Hit { hit, meta, how }) => respond::hit(hit, meta, how, &ask),
-            Ok(Lookup::Flight { flight, leader }) => respond::flight(flight, leader, &ask).await,
+            Ok(Lookup::Flight {
+                flight,
+                leader,
+                reader,
+            }) => respond::flight(flight, leader, reader, &ask).await,
             Err(e) => error::fetch_error_response(e),
         }
     }

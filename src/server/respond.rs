@@ -207,7 +207,12 @@ fn with(status: StatusCode, h: HeaderMap, body: Body) -> Response<Body> {
 }
 
 /// Answers from a transfer in flight, streaming its bytes as they arrive.
-pub async fn flight(flight: Arc<Flight>, leader: bool, ask: &Ask) -> Response<Body> {
+pub async fn flight(
+    flight: Arc<Flight>,
+    leader: bool,
+    reader: FlightReader,
+    ask: &Ask,
+) -> Response<Body> {
     let head = match flight.head().await {
         Ok(h) => h,
         Err(crate::fetch::End::Failed(e)) => return fetch_error_response(e),
@@ -250,7 +255,7 @@ pub async fn flight(flight: Arc<Flight>, leader: bool, ask: &Ask) -> Response<Bo
             let b = if ask.head {
                 empty()
             } else {
-                stream(flight.reader(start, Some(end)))
+                stream(reader, start, Some(end))
             };
             return with(StatusCode::PARTIAL_CONTENT, h, b);
         }
@@ -264,12 +269,9 @@ pub async fn flight(flight: Arc<Flight>, leader: bool, ask: &Ask) -> Response<Bo
         }
     }
     match repr.size {
-        Some(size) => {
-            let f = flight.clone();
-            answer(&repr, ask, size, move |start, end| {
-                stream(f.reader(start, Some(end)))
-            })
-        }
+        Some(size) => answer(&repr, ask, size, move |start, end| {
+            stream(reader, start, Some(end))
+        }),
         None => {
             let mut h = HeaderMap::new();
             repr.headers(&mut h);
@@ -281,14 +283,15 @@ pub async fn flight(flight: Arc<Flight>, leader: bool, ask: &Ask) -> Response<Bo
             let b = if ask.head {
                 empty()
             } else {
-                stream(flight.reader(0, None))
+                stream(reader, 0, None)
             };
             with(StatusCode::OK, h, b)
         }
     }
 }
 
-fn stream(reader: FlightReader) -> Body {
+fn stream(mut reader: FlightReader, from: u64, to: Option<u64>) -> Body {
+    reader.seek(from, to);
     let s = futures_util::stream::unfold(reader, |mut r| async move {
         let item = r.next().await?;
         Some((
