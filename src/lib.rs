@@ -37,6 +37,32 @@ pub fn open_store(cfg: &Config) -> anyhow::Result<Store> {
         .with_context(|| format!("opening store {}", cfg.store.dir.display()))
 }
 
+/// Adds the IoT Edge trust bundle to the upstream trust (a child trusts its parent through it): written
+/// with `upstream.ca_file`'s own roots to `<store>/edge-trust.pem`, which becomes the CA file.
+async fn trust_edge_bundle(cfg: &mut Config, w: &server::edge::Workload) {
+    match w.trust_bundle().await {
+        Ok(pem) => {
+            let mut all = if cfg.upstream.ca_file.is_empty() {
+                String::new()
+            } else {
+                std::fs::read_to_string(&cfg.upstream.ca_file).unwrap_or_default()
+            };
+            all.push('\n');
+            all.push_str(&pem);
+            let path = cfg.store.dir.join("edge-trust.pem");
+            let written =
+                std::fs::create_dir_all(&cfg.store.dir).and_then(|_| std::fs::write(&path, all));
+            match written {
+                Ok(()) => cfg.upstream.ca_file = path.display().to_string(),
+                Err(e) => tracing::warn!(error = %e, "cannot write the IoT Edge trust bundle"),
+            }
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "IoT Edge trust bundle unavailable; using the configured trust only")
+        }
+    }
+}
+
 /// Opens the status relay beside the store, with its next hop: `status.forward_to`, else the parents.
 async fn open_relay(cfg: &Config) -> anyhow::Result<relay::Relay> {
     let s = &cfg.status;
@@ -97,13 +123,27 @@ pub struct Gateway {
 impl Gateway {
     /// Binds, opens the store and starts serving in the background.
     pub async fn start(cfg: Config) -> anyhow::Result<Gateway> {
+        let mut cfg = cfg;
+        let workload = server::edge::Workload::from_env();
+        if let Some(w) = &workload {
+            trust_edge_bundle(&mut cfg, w).await;
+        }
         let cfg = Arc::new(cfg);
         let tls = if cfg.server.tls_listen.is_empty() {
             None
         } else {
             let s = &cfg.server;
-            let acceptor = server::tls_acceptor(&s.tls_cert, &s.tls_key, &s.client_ca)
-                .map_err(anyhow::Error::msg)?;
+            let acceptor = match (&workload, s.tls_cert.is_empty()) {
+                // Under IoT Edge without certificate files: the workload API's, renewed.
+                (Some(w), true) => {
+                    let resolver = server::edge::renewing_resolver(w.clone())
+                        .await
+                        .map_err(|e| anyhow::anyhow!("server.tls_listen: {e}"))?;
+                    server::edge::acceptor(resolver).map_err(anyhow::Error::msg)?
+                }
+                _ => server::tls_acceptor(&s.tls_cert, &s.tls_key, &s.client_ca)
+                    .map_err(anyhow::Error::msg)?,
+            };
             Some((s.tls_listen.as_str(), acceptor))
         };
         let listeners = server::Listeners::bind(&cfg.server.listen, tls)

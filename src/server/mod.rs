@@ -6,6 +6,7 @@
 mod admin;
 pub mod body;
 mod connect;
+pub mod edge;
 pub mod error;
 mod listener;
 pub mod range;
