@@ -529,3 +529,81 @@ async fn redirects_are_followed_and_checked() {
     assert_eq!(g.status, 502);
     assert_eq!(g.json()["error"], "redirect-not-allowed");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_of_unknown_length_stream_verify_and_store() {
+    let origin = Origin::start().await;
+    let body = random_bytes(1 << 20, 18);
+    let cc = Some("max-age=600".to_string());
+    let chunked = |cc: &Option<String>| Behaviour {
+        chunked: true,
+        rate: Some(8 << 20),
+        cache_control: cc.clone(),
+        ..Default::default()
+    };
+    origin.put("/c.bin", body.clone(), chunked(&cc));
+    origin.put("/c2.bin", body.clone(), chunked(&cc));
+    origin.put(
+        "/cbad.bin",
+        body.clone(),
+        Behaviour {
+            wrong_digest: true,
+            ..chunked(&cc)
+        },
+    );
+    let node = Node::start(&origin, "").await;
+    let url = node.url("/o/t/c.bin");
+    let (a, b) = tokio::join!(get(&url), get(&url));
+    for g in [&a, &b] {
+        assert!(!g.aborted);
+        assert_eq!(g.body, body);
+    }
+    assert_eq!(origin.gets("/c.bin"), 1);
+    eventually(5, "stored", || node.blobs() == vec![sha256_hex(&body)]).await;
+    // `a-b` on an object whose size is not known yet: 206 as the bytes arrive, `a-b/*`.
+    let g = request("GET", &node.url("/o/t/c2.bin"), &[("range", "bytes=10-19")]).await;
+    assert_eq!(g.status, 206);
+    assert_eq!(g.header("content-range"), "bytes 10-19/*");
+    assert_eq!(g.body, body.slice(10..20));
+    // A corrupt body of unknown length never ends cleanly: its last chunk is withheld.
+    let g = get(&node.url("/o/t/cbad.bin")).await;
+    assert!(
+        g.aborted,
+        "a corrupt chunked body looked complete ({} bytes)",
+        g.body.len()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_outside_allowed_clients_and_admin_without_token_are_refused() {
+    let origin = Origin::start().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cfg = config(tmp.path(), &origin, "");
+    cfg.server.allowed_clients = vec!["10.0.0.0/8".parse().unwrap()];
+    let fenced = Node::start_with(cfg).await;
+    let g = get(&fenced.url("/healthz")).await;
+    assert_eq!(g.status, 403);
+    assert_eq!(g.json()["error"], "client-not-allowed");
+
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cfg = config(tmp.path(), &origin, "");
+    cfg.server.admin_token = "s3cret".into();
+    let node = Node::start_with(cfg).await;
+    let g = get(&node.url("/v1/admin/content")).await;
+    assert_eq!(g.status, 401);
+    assert_eq!(g.header("www-authenticate"), "Bearer");
+    let g = request(
+        "GET",
+        &node.url("/v1/admin/content"),
+        &[("authorization", "Bearer wrong")],
+    )
+    .await;
+    assert_eq!(g.status, 401);
+    let g = request(
+        "GET",
+        &node.url("/v1/admin/content"),
+        &[("authorization", "Bearer s3cret")],
+    )
+    .await;
+    assert_eq!(g.status, 200);
+}

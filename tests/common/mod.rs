@@ -37,6 +37,8 @@ pub struct Behaviour {
     pub status: Option<u16>,
     /// Answer 302 to this Location.
     pub location: Option<String>,
+    /// Send no Content-Length (a chunked body of unknown length).
+    pub chunked: bool,
 }
 
 pub struct OriginFile {
@@ -285,7 +287,9 @@ fn serve(
         });
     let mut r = resp(status, StreamBody::new(stream).boxed());
     let h = r.headers_mut();
-    h.insert("content-length", len.to_string().parse().unwrap());
+    if !b.chunked {
+        h.insert("content-length", len.to_string().parse().unwrap());
+    }
     h.insert("content-type", "application/x-test".parse().unwrap());
     if status == StatusCode::PARTIAL_CONTENT {
         h.insert(
