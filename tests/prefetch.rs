@@ -30,7 +30,7 @@ async fn a_prefetch_job_stages_verified_pinned_objects() {
     let b = random_bytes(1000, 52);
     origin.put("/c/a.swu", a.clone(), Behaviour::default());
     origin.put("/c/b.swu", b.clone(), Behaviour::default());
-    let node = Node::start(&origin, "").await;
+    let mut node = Node::start(&origin, "").await;
     let base = origin.url();
     let manifest = json!({
         "files": [
@@ -67,7 +67,7 @@ async fn a_prefetch_job_stages_verified_pinned_objects() {
     assert_eq!(g.header("cache-status"), "cistern; hit");
     assert_eq!(origin.gets("/c/a.swu"), 1);
 
-    // Purged, then asked for by digest: fetched again from the URL the manifest named.
+    // Purged, restarted, then asked for by digest: fetched again from the URL the manifest named.
     let hex = sha256_hex(&a);
     assert_eq!(
         request(
@@ -79,6 +79,7 @@ async fn a_prefetch_job_stages_verified_pinned_objects() {
         .status,
         204
     );
+    node.restart().await;
     let g = get(&node.url(&format!("/v1/content/sha256/{hex}"))).await;
     assert_eq!(g.status, 200);
     assert_eq!(g.body, a);

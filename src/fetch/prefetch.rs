@@ -144,9 +144,6 @@ pub struct Job {
 pub struct Jobs {
     next: AtomicU64,
     jobs: Mutex<HashMap<String, Arc<Mutex<Job>>>>,
-    /// Digest -> the URL a manifest named for it; key -> digest for staged URLs.
-    pub(super) staged_urls: Mutex<HashMap<Digest, Uri>>,
-    pub(super) staged_keys: Mutex<HashMap<String, Digest>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -162,12 +159,13 @@ impl Fetcher {
             crate::store::now_ms(),
             jobs.next.fetch_add(1, Ordering::Relaxed)
         );
-        {
-            let mut urls = lock(&jobs.staged_urls);
-            let mut keys = lock(&jobs.staged_keys);
-            for w in &files {
-                urls.insert(w.digest, w.url.clone());
-                keys.insert(self.key_of(&w.url), w.digest);
+        for w in &files {
+            if let Err(e) =
+                self.inner
+                    .store
+                    .stage(&w.digest, &self.key_of(&w.url), &w.url.to_string())
+            {
+                tracing::warn!(error = %e, "cannot record a staged mapping");
             }
         }
         let job = Arc::new(Mutex::new(Job {
@@ -270,12 +268,12 @@ impl Fetcher {
 
     /// The URL a staged manifest named for a digest.
     pub fn staged_url(&self, d: &Digest) -> Option<Uri> {
-        lock(&self.inner.jobs.staged_urls).get(d).cloned()
+        self.inner.store.staged_url(d)?.parse().ok()
     }
 
     /// The digest a staged manifest gave a key.
     pub fn staged_digest(&self, key: &str) -> Option<Digest> {
-        lock(&self.inner.jobs.staged_keys).get(key).copied()
+        self.inner.store.staged_digest(key)
     }
 }
 

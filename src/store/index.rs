@@ -28,6 +28,8 @@ pub struct Index {
     db: sled::Db,
     keys: sled::Tree,
     objects: sled::Tree,
+    /// What staged manifests said before the objects were stored: `u`+digest -> URL, `k`+key -> digest.
+    staged: sled::Tree,
 }
 
 impl Index {
@@ -38,7 +40,13 @@ impl Index {
             .open()?;
         let keys = db.open_tree("keys")?;
         let objects = db.open_tree("objects")?;
-        Ok(Index { db, keys, objects })
+        let staged = db.open_tree("staged")?;
+        Ok(Index {
+            db,
+            keys,
+            objects,
+            staged,
+        })
     }
 
     pub fn key(&self, key: &str) -> Option<KeyEntry> {
@@ -89,6 +97,26 @@ impl Index {
             let d = Digest(k.as_ref().try_into().ok()?);
             Some((d, serde_json::from_slice(&v).ok()?))
         })
+    }
+
+    pub fn stage(&self, d: &Digest, key: &str, url: &str) -> sled::Result<()> {
+        let mut b = sled::Batch::default();
+        b.insert([b"u".as_slice(), &d.0].concat(), url.as_bytes());
+        b.insert([b"k".as_slice(), key.as_bytes()].concat(), &d.0);
+        self.staged.apply_batch(b)
+    }
+
+    pub fn staged_url(&self, d: &Digest) -> Option<String> {
+        let v = self.staged.get([b"u".as_slice(), &d.0].concat()).ok()??;
+        String::from_utf8(v.to_vec()).ok()
+    }
+
+    pub fn staged_digest(&self, key: &str) -> Option<Digest> {
+        let v = self
+            .staged
+            .get([b"k".as_slice(), key.as_bytes()].concat())
+            .ok()??;
+        Some(Digest(v.as_ref().try_into().ok()?))
     }
 
     pub fn flush(&self) -> sled::Result<()> {

@@ -278,6 +278,22 @@ impl Store {
         })
     }
 
+    /// Records what a staged manifest says (SPEC 6): `key` holds `d`, which is fetched from `url`. Kept
+    /// across restarts, so that devices asking later by URL or by digest get verified objects.
+    pub fn stage(&self, d: &Digest, key: &str, url: &str) -> Result<(), StoreError> {
+        Ok(self.shared.index.stage(d, key, url)?)
+    }
+
+    /// The URL a staged manifest named for a digest.
+    pub fn staged_url(&self, d: &Digest) -> Option<String> {
+        self.shared.index.staged_url(d)
+    }
+
+    /// The digest a staged manifest gave a key.
+    pub fn staged_digest(&self, key: &str) -> Option<Digest> {
+        self.shared.index.staged_digest(key)
+    }
+
     /// Whether serving the object needs no new mapping (then `open_object` does no blocking work).
     pub fn is_mapped(&self, d: &Digest) -> bool {
         self.shared
