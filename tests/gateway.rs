@@ -607,3 +607,56 @@ async fn clients_outside_allowed_clients_and_admin_without_token_are_refused() {
     .await;
     assert_eq!(g.status, 200);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_range_of_an_unstored_object_goes_upstream_as_a_range() {
+    let origin = Origin::start().await;
+    let body = random_bytes(2 << 20, 19);
+    origin.put(
+        "/big.img",
+        body.clone(),
+        Behaviour {
+            etag: Some("\"b\"".into()),
+            ..Default::default()
+        },
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cfg = config(tmp.path(), &origin, "");
+    cfg.store.max_object_size = cistern::config::ByteSize(1 << 20);
+    let node = Node::start_with(cfg).await;
+    let url = node.url("/o/t/big.img");
+    assert_eq!(get(&url).await.body, body);
+    assert!(node.blobs().is_empty());
+    // A device resuming its download of the over-size image: its own upstream request, Range included.
+    let g = request("GET", &url, &[("range", "bytes=2000000-")]).await;
+    assert_eq!(g.status, 206);
+    assert_eq!(g.body, body.slice(2_000_000..));
+    let reqs = origin.requests("/big.img");
+    assert_eq!(reqs.len(), 2);
+    assert_eq!(reqs[1].1.get("range").unwrap(), "bytes=2000000-");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_lets_a_transfer_in_flight_finish() {
+    let origin = Origin::start().await;
+    let body = random_bytes(1 << 20, 20);
+    origin.put(
+        "/s.bin",
+        body.clone(),
+        Behaviour {
+            rate: Some(2 << 20),
+            ..Default::default()
+        },
+    );
+    let mut node = Node::start(&origin, "").await;
+    let url = node.url("/o/t/s.bin");
+    let client = tokio::spawn(async move { get(&url).await });
+    eventually(5, "transfer under way", || {
+        origin.bytes_sent.load(std::sync::atomic::Ordering::Relaxed) > 0
+    })
+    .await;
+    node.stop().await;
+    let g = client.await.unwrap();
+    assert!(!g.aborted);
+    assert_eq!(g.body, body);
+}

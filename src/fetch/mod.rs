@@ -29,6 +29,9 @@ use upstream::UpstreamClient;
 
 /// How long a key answers 502 after a digest mismatch before it is fetched again (SPEC 4).
 const MISMATCH_HOLD: Duration = Duration::from_secs(60);
+/// How long a key is remembered as streamed through unstored, and how many are remembered.
+const UNSTORED_FOR: Duration = Duration::from_secs(600);
+const UNSTORED_MAX: usize = 10_000;
 
 /// Why an object could not be had. Cloned to every client of a failed transfer.
 #[derive(Clone, Debug, thiserror::Error)]
@@ -147,6 +150,9 @@ struct Inner {
     flights: Mutex<HashMap<String, Arc<Flight>>>,
     /// Keys whose last transfer failed verification, and when.
     mismatches: Mutex<HashMap<String, Instant>>,
+    /// Keys whose last transfer was streamed through without being stored (too big, no room, not
+    /// cacheable), and when: a range of one goes upstream as a range (SPEC 4).
+    unstored: Mutex<HashMap<String, Instant>>,
     stats: FetchStats,
     /// Prefetch jobs and the mappings staged manifests made.
     jobs: prefetch::Jobs,
@@ -165,6 +171,7 @@ impl Fetcher {
                 cfg,
                 flights: Mutex::new(HashMap::new()),
                 mismatches: Mutex::new(HashMap::new()),
+                unstored: Mutex::new(HashMap::new()),
                 stats: FetchStats::default(),
                 jobs: prefetch::Jobs::default(),
             }),
@@ -327,6 +334,24 @@ impl Fetcher {
         if flights.get(key).is_some_and(|f| Arc::ptr_eq(f, flight)) {
             flights.remove(key);
         }
+    }
+
+    fn record_unstored(&self, key: &str) {
+        let mut m = lock(&self.inner.unstored);
+        if m.len() >= UNSTORED_MAX {
+            m.retain(|_, at| at.elapsed() < UNSTORED_FOR);
+        }
+        if m.len() < UNSTORED_MAX {
+            m.insert(key.to_string(), Instant::now());
+        }
+    }
+
+    /// Whether the object behind `key` was recently streamed through unstored: a client asking for a
+    /// range of it then gets its own upstream request for that range, not a refetch from byte 0.
+    pub fn recently_unstored(&self, key: &str) -> bool {
+        lock(&self.inner.unstored)
+            .get(key)
+            .is_some_and(|at| at.elapsed() < UNSTORED_FOR)
     }
 
     fn record_mismatch(&self, key: &str) {

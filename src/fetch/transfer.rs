@@ -176,6 +176,9 @@ impl Transfer {
         };
         self.flight
             .set_head(head.clone(), fill.as_ref().map(|f| f.file()), map);
+        if fill.is_none() {
+            self.fetcher.record_unstored(&self.target.key);
+        }
         let mut sink = Sink {
             hasher: Some(Sha256::new()),
             fill,

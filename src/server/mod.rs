@@ -231,6 +231,18 @@ impl App {
                 Err(e) => error::fetch_error_response(e),
             };
         }
+        if !head && ask.range.is_some() && self.fetcher.recently_unstored(&t.key) {
+            // Not stored last time (too big, no room, not cacheable): the range goes upstream as a
+            // range instead of refetching the object from its first byte (SPEC 4).
+            return match self
+                .fetcher
+                .pass_through(m.clone(), &t, req.headers())
+                .await
+            {
+                Ok(r) => respond::pass(r, "cistern; fwd=bypass"),
+                Err(e) => error::fetch_error_response(e),
+            };
+        }
         let revalidate = freshness::request_wants_revalidation(req.headers());
         if head {
             // A HEAD on a miss goes upstream as a HEAD and starts no download (SPEC 3).
