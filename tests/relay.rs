@@ -20,14 +20,6 @@ const DEVICES: usize = 500;
 const PER_DEVICE: usize = 20;
 const FAILING: usize = 50;
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// The sink at the top of the chain: records every batch it is sent.
 #[derive(Clone, Default)]
 struct Sink {

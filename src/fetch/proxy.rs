@@ -38,54 +38,59 @@ impl ProxyConnector {
     }
 }
 
-pub struct Proxied<T>(T);
+/// A connection as hyper's pool sees it: the stream, and what to tell the pool about it (whether
+/// requests on it go out in absolute form, to a proxy).
+pub struct Wrapped<T> {
+    io: T,
+    proxied: bool,
+}
 
-impl<T: Connection> Connection for Proxied<T> {
+impl<T> Connection for Wrapped<T> {
     fn connected(&self) -> Connected {
-        self.0.connected().proxy(true)
+        Connected::new().proxy(self.proxied)
     }
 }
 
-impl<T: hyper::rt::Read + Unpin> hyper::rt::Read for Proxied<T> {
+impl<T: hyper::rt::Read + Unpin> hyper::rt::Read for Wrapped<T> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: hyper::rt::ReadBufCursor<'_>,
     ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.0).poll_read(cx, buf)
+        Pin::new(&mut self.io).poll_read(cx, buf)
     }
 }
 
-impl<T: hyper::rt::Write + Unpin> hyper::rt::Write for Proxied<T> {
+impl<T: hyper::rt::Write + Unpin> hyper::rt::Write for Wrapped<T> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.0).poll_write(cx, buf)
+        Pin::new(&mut self.io).poll_write(cx, buf)
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.0).poll_flush(cx)
+        Pin::new(&mut self.io).poll_flush(cx)
     }
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.0).poll_shutdown(cx)
+        Pin::new(&mut self.io).poll_shutdown(cx)
     }
     fn is_write_vectored(&self) -> bool {
-        self.0.is_write_vectored()
+        self.io.is_write_vectored()
     }
     fn poll_write_vectored(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.0).poll_write_vectored(cx, bufs)
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
     }
 }
 
 type Stream = <Inner as tower_service::Service<Uri>>::Response;
 
 impl tower_service::Service<Uri> for ProxyConnector {
-    type Response = Proxied<Stream>;
+    type Response = Wrapped<Stream>;
     type Error = Box<dyn std::error::Error + Send + Sync>;
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
 
@@ -95,7 +100,12 @@ impl tower_service::Service<Uri> for ProxyConnector {
 
     fn call(&mut self, _dst: Uri) -> Self::Future {
         let fut = self.inner.call(self.target.clone());
-        Box::pin(async move { fut.await.map(Proxied) })
+        Box::pin(async move {
+            Ok(Wrapped {
+                io: fut.await?,
+                proxied: true,
+            })
+        })
     }
 }
 
@@ -136,39 +146,8 @@ pub struct TunnelConnector {
     connect_timeout: Duration,
 }
 
-pub struct Tunnel(TokioIo<tokio_rustls::client::TlsStream<TcpStream>>);
-
-impl Connection for Tunnel {
-    fn connected(&self) -> Connected {
-        Connected::new()
-    }
-}
-
-impl hyper::rt::Read for Tunnel {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: hyper::rt::ReadBufCursor<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.0).poll_read(cx, buf)
-    }
-}
-
-impl hyper::rt::Write for Tunnel {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.0).poll_write(cx, buf)
-    }
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.0).poll_flush(cx)
-    }
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.0).poll_shutdown(cx)
-    }
-}
+/// A TLS stream to the origin inside a CONNECT tunnel: requests on it go in origin form.
+pub type Tunnel = Wrapped<TokioIo<tokio_rustls::client::TlsStream<TcpStream>>>;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -223,7 +202,10 @@ impl tower_service::Service<Uri> for TunnelConnector {
             }
             let name = rustls::pki_types::ServerName::try_from(host.clone())?;
             let tls = this.tls.connect(name, tcp).await?;
-            Ok(Tunnel(TokioIo::new(tls)))
+            Ok(Wrapped {
+                io: TokioIo::new(tls),
+                proxied: false,
+            })
         })
     }
 }

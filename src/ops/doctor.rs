@@ -113,12 +113,7 @@ async fn tcp_check(what: &str, url: &str, timeout: Duration) -> Check {
             "fix the URL in the config",
         );
     };
-    let host = u
-        .host()
-        .unwrap_or_default()
-        .trim_matches(['[', ']'])
-        .to_string();
-    let port = crate::fetch::upstream::port_of(&u);
+    let (host, port) = host_port(&u);
     match resolve_and_connect(&host, port, timeout).await {
         Ok(addr) => pass(what, format!("{host}:{port} reachable at {addr}")),
         Err(e) => fail(
@@ -127,6 +122,16 @@ async fn tcp_check(what: &str, url: &str, timeout: Duration) -> Check {
             "check DNS, routes and firewalls between this gateway and it",
         ),
     }
+}
+
+/// The host (without IPv6 brackets) and port to connect to for a URL.
+fn host_port(u: &Uri) -> (String, u16) {
+    let host = u
+        .host()
+        .unwrap_or_default()
+        .trim_matches(['[', ']'])
+        .to_string();
+    (host, crate::fetch::upstream::port_of(u))
 }
 
 async fn resolve_and_connect(
@@ -156,12 +161,7 @@ async fn parent_checks(cfg: &Config, parent: &str, timeout: Duration) -> Vec<Che
     let Ok(u) = parent.parse::<Uri>() else {
         return vec![fail(&what, "not a URL", "fix upstream.parents")];
     };
-    let host = u
-        .host()
-        .unwrap_or_default()
-        .trim_matches(['[', ']'])
-        .to_string();
-    let port = crate::fetch::upstream::port_of(&u);
+    let (host, port) = host_port(&u);
     let addr = match resolve_and_connect(&host, port, timeout).await {
         Ok(a) => a,
         Err(e) => {

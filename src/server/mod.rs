@@ -220,20 +220,12 @@ impl App {
         }
         let head = m == Method::HEAD;
         let ask = Ask::from_headers(req.headers(), head);
-        if by_url && req.headers().contains_key(http::header::AUTHORIZATION) {
-            // Requests with credentials are passed through, never stored (RFC 9111 §3.5).
-            return match self
-                .fetcher
-                .pass_through(m.clone(), &t, req.headers())
-                .await
-            {
-                Ok(r) => respond::pass(r, "cistern; fwd=bypass"),
-                Err(e) => error::fetch_error_response(e),
-            };
-        }
-        if !head && ask.range.is_some() && self.fetcher.recently_unstored(&t.key) {
-            // Not stored last time (too big, no room, not cacheable): the range goes upstream as a
-            // range instead of refetching the object from its first byte (SPEC 4).
+        // Requests with credentials are passed through, never stored (RFC 9111 §3.5). A range of an
+        // object that was not stored last time (too big, no room, not cacheable) goes upstream as a
+        // range instead of refetching the object from its first byte (SPEC 4).
+        let credentials = by_url && req.headers().contains_key(http::header::AUTHORIZATION);
+        let unstored_range = !head && ask.range.is_some() && self.fetcher.recently_unstored(&t.key);
+        if credentials || unstored_range {
             return match self
                 .fetcher
                 .pass_through(m.clone(), &t, req.headers())

@@ -62,6 +62,15 @@ pub struct Origin {
     pub bytes_sent: Arc<AtomicUsize>,
 }
 
+/// A loopback port free right now (for processes that must be told their port in a config file).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 pub fn random_bytes(n: usize, seed: u64) -> Bytes {
     let mut out = Vec::with_capacity(n);
     let mut x = seed
