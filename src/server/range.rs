@@ -83,7 +83,7 @@ impl ByteRange {
             ByteRange::From {
                 first,
                 last: Some(l),
-            } => Some((first, l + 1)),
+            } => Some((first, l.saturating_add(1))),
             _ => None,
         }
     }
@@ -154,5 +154,12 @@ mod tests {
         assert_eq!(r("bytes=-5").resolve(0), Resolved::Whole);
         assert_eq!(r("bytes=10-19").bounded(), Some((10, 20)));
         assert_eq!(r("bytes=10-").bounded(), None);
+        // Regression: a last byte of u64::MAX overflowed while the size was still unknown.
+        let huge = format!("bytes=0-{}", u64::MAX);
+        assert_eq!(r(&huge).bounded(), Some((0, u64::MAX)));
+        assert_eq!(
+            r(&huge).resolve(10),
+            Resolved::Partial { start: 0, end: 10 }
+        );
     }
 }
