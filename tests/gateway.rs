@@ -660,3 +660,56 @@ async fn shutdown_lets_a_transfer_in_flight_finish() {
     assert!(!g.aborted);
     assert_eq!(g.body, body);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_object_still_being_sent_is_not_evicted() {
+    let origin = Origin::start().await;
+    let cc = || Behaviour {
+        cache_control: Some("max-age=600".into()),
+        ..Default::default()
+    };
+    let (a, b, c) = (
+        random_bytes(16 << 20, 71),
+        random_bytes(16 << 20, 72),
+        random_bytes(16 << 20, 73),
+    );
+    origin.put("/a", a.clone(), cc());
+    origin.put("/b", b.clone(), cc());
+    origin.put("/c", c.clone(), cc());
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cfg = config(tmp.path(), &origin, "");
+    cfg.store.max_size = cistern::config::ByteSize(33 << 20);
+    let node = Node::start_with(cfg).await;
+    assert_eq!(get(&node.url("/o/t/a")).await.body, a);
+    eventually(5, "a stored", || node.blobs().len() == 1).await;
+    assert_eq!(get(&node.url("/o/t/b")).await.body, b);
+    eventually(5, "b stored", || node.blobs().len() == 2).await;
+    // A slow client starts on `a` (the least recently used) and reads nothing for now.
+    let sock = tokio::net::TcpStream::connect(node.addr).await.unwrap();
+    let (mut tx, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(sock))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let req = http::Request::get("/o/t/a")
+        .header("host", "x")
+        .body(http_body_util::Empty::<Bytes>::new())
+        .unwrap();
+    let slow = tx.send_request(req).await.unwrap();
+    assert_eq!(slow.status(), 200);
+    // `b` is read after `a`'s headers went out, so `a` is the least recently used object now.
+    tokio::time::sleep(std::time::Duration::from_millis(5)).await; // access times are in ms
+    assert_eq!(
+        get(&node.url("/o/t/b")).await.header("cache-status"),
+        "cistern; hit"
+    );
+    // Room for `c` must come from `b`, not from the object still being sent.
+    assert_eq!(get(&node.url("/o/t/c")).await.body, c);
+    let (ha, hb, hc) = (sha256_hex(&a), sha256_hex(&b), sha256_hex(&c));
+    eventually(5, "c stored", || node.blobs().contains(&hc)).await;
+    let blobs = node.blobs();
+    assert!(blobs.contains(&ha), "the object being sent was evicted");
+    assert!(!blobs.contains(&hb));
+    use http_body_util::BodyExt;
+    let got = slow.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(got, a);
+}

@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 
+use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Response, StatusCode};
 use http_body_util::{BodyExt, StreamBody};
 use hyper::body::Frame;
@@ -135,11 +136,29 @@ pub fn hit(hit: Hit, meta: Option<KeyMeta>, how: HitKind, ask: &Ask) -> Response
         content_type: hit.content_type.clone(),
         cache_status: member,
     };
-    let bytes = hit.bytes.clone();
-    let size = bytes.len() as u64;
+    let size = hit.bytes.len() as u64;
     answer(&repr, ask, size, move |start, end| {
-        full(bytes.slice(start as usize..end as usize))
+        // The bytes own the hit, so the object counts as being read (and is not evicted) until hyper
+        // has written the last of them, not only until the headers were built.
+        full(Bytes::from_owner(Sending {
+            hit,
+            start: start as usize,
+            end: end as usize,
+        }))
     })
+}
+
+/// A slice of a stored object that keeps the object's read guard for as long as it lives.
+struct Sending {
+    hit: Hit,
+    start: usize,
+    end: usize,
+}
+
+impl AsRef<[u8]> for Sending {
+    fn as_ref(&self) -> &[u8] {
+        &self.hit.bytes[self.start..self.end]
+    }
 }
 
 /// Builds the answer for a representation of known size; `body(start, end)` gives the bytes.
