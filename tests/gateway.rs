@@ -42,6 +42,9 @@ async fn fifty_cold_clients_make_one_origin_transfer() {
         statuses.iter().filter(|s| s.ends_with("collapsed")).count(),
         49
     );
+    let m = String::from_utf8_lossy(&get(&node.url("/metrics")).await.body).to_string();
+    assert!(m.contains("cistern_collapsed_total 49"), "{m}");
+    assert!(m.contains("cistern_upstream_fetches_total 1\n"), "{m}");
     let hex = sha256_hex(&body);
     eventually(5, "object on disk", || node.blobs() == vec![hex.clone()]).await;
     assert_eq!(

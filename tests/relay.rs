@@ -320,4 +320,28 @@ async fn ten_thousand_reports_survive_an_outage_and_a_kill() {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
+    // The queue's figures on /metrics.
+    let m = String::from_utf8_lossy(&get(&top.url("/metrics")).await.body).to_string();
+    assert!(m.contains("cistern_status_queue_depth 0"), "{m}");
+    assert!(
+        m.contains(&format!(
+            "cistern_status_forwarded_total {}",
+            DEVICES * PER_DEVICE
+        )),
+        "{m}"
+    );
+    assert!(
+        m.contains("cistern_status_oldest_undelivered_seconds 0"),
+        "{m}"
+    );
+    let relay_errors = m
+        .lines()
+        .find(|l| l.starts_with("cistern_status_relay_errors_total "))
+        .unwrap();
+    assert_ne!(
+        relay_errors, "cistern_status_relay_errors_total 0",
+        "the sink outage left no error count"
+    );
+    let m = String::from_utf8_lossy(&get(&leaf.url("/metrics")).await.body).to_string();
+    assert!(!m.contains("cistern_status_duplicates_total 0\n"), "{m}");
 }

@@ -88,6 +88,7 @@ impl Ops {
     pub fn metrics(&self) -> String {
         let mut o = String::new();
         let f = self.fetcher.stats();
+        let r = self.relay.stats();
         let u = self.store.usage();
         let ld = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
         let _ = writeln!(o, "# TYPE cistern_requests_total counter");
@@ -106,64 +107,112 @@ impl Ops {
                 "cistern_requests_total{{form=\"{form}\",cache_status=\"{cache}\"}} {n}"
             );
         }
-        let mut counter = |name: &str, help: &str, v: u64| {
-            let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
-        };
-        counter(
-            "cistern_hit_bytes_total",
-            "Body bytes served from the store.",
-            ld(&self.server.hit_bytes),
-        );
-        counter(
-            "cistern_miss_bytes_total",
-            "Body bytes served from upstream transfers.",
-            ld(&self.server.miss_bytes),
-        );
-        counter(
-            "cistern_upstream_bytes_total",
-            "Bytes fetched from upstream.",
-            ld(&f.bytes_fetched),
-        );
-        counter(
-            "cistern_upstream_fetches_total",
-            "Upstream transfers started.",
-            ld(&f.transfers),
-        );
-        counter(
-            "cistern_collapsed_total",
-            "Clients that joined a transfer in flight.",
-            ld(&f.collapsed),
-        );
-        counter(
-            "cistern_digest_mismatches_total",
-            "Payloads that failed verification.",
-            ld(&f.digest_mismatches),
-        );
-        counter(
-            "cistern_resumes_total",
-            "Broken transfers resumed or restarted.",
-            ld(&f.resumes),
-        );
-        counter(
-            "cistern_revalidations_total",
-            "Conditional requests for stale objects.",
-            ld(&f.revalidations),
-        );
-        counter(
-            "cistern_stale_served_total",
-            "Stale copies served because upstream failed.",
-            ld(&f.stale_served),
-        );
-        counter(
-            "cistern_evictions_total",
-            "Objects evicted for room.",
-            ld(&self.store.stats().evictions),
-        );
-        counter(
-            "cistern_connections_total",
-            "Client connections accepted.",
-            ld(&self.server.connections),
-        );
+        let counters = [
+            (
+                "cistern_hit_bytes_total",
+                "Body bytes served from the store.",
+                ld(&self.server.hit_bytes),
+            ),
+            (
+                "cistern_miss_bytes_total",
+                "Body bytes served from upstream transfers.",
+                ld(&self.server.miss_bytes),
+            ),
+            (
+                "cistern_upstream_bytes_total",
+                "Bytes fetched from upstream.",
+                ld(&f.bytes_fetched),
+            ),
+            (
+                "cistern_upstream_fetches_total",
+                "Upstream transfers started.",
+                ld(&f.transfers),
+            ),
+            (
+                "cistern_collapsed_total",
+                "Clients that joined a transfer in flight.",
+                ld(&f.collapsed),
+            ),
+            (
+                "cistern_digest_mismatches_total",
+                "Payloads that failed verification.",
+                ld(&f.digest_mismatches),
+            ),
+            (
+                "cistern_resumes_total",
+                "Broken transfers resumed or restarted.",
+                ld(&f.resumes),
+            ),
+            (
+                "cistern_revalidations_total",
+                "Conditional requests for stale objects.",
+                ld(&f.revalidations),
+            ),
+            (
+                "cistern_stale_served_total",
+                "Stale copies served because upstream failed.",
+                ld(&f.stale_served),
+            ),
+            (
+                "cistern_evictions_total",
+                "Objects evicted for room.",
+                ld(&self.store.stats().evictions),
+            ),
+            (
+                "cistern_connections_total",
+                "Client connections accepted.",
+                ld(&self.server.connections),
+            ),
+            (
+                "cistern_status_accepted_total",
+                "Status reports accepted.",
+                ld(&r.accepted),
+            ),
+            (
+                "cistern_status_duplicates_total",
+                "Status reports dropped as already accepted.",
+                ld(&r.duplicates),
+            ),
+            (
+                "cistern_status_forwarded_total",
+                "Status reports delivered to the next hop.",
+                ld(&r.forwarded),
+            ),
+            (
+                "cistern_status_relay_errors_total",
+                "Failed forwarding attempts.",
+                ld(&r.errors),
+            ),
+        ];
+        let gauges = [
+            ("cistern_store_bytes", "Bytes of stored objects.", u.bytes),
+            ("cistern_store_objects", "Stored objects.", u.objects),
+            (
+                "cistern_store_free_bytes",
+                "Free bytes on the store's filesystem.",
+                u.free,
+            ),
+            (
+                "cistern_transfers_in_flight",
+                "Upstream transfers in progress.",
+                self.fetcher.in_flight().len() as u64,
+            ),
+            (
+                "cistern_status_queue_depth",
+                "Status reports not yet delivered.",
+                self.relay.queue_depth(),
+            ),
+            (
+                "cistern_status_oldest_undelivered_seconds",
+                "Age of the oldest undelivered status report.",
+                self.relay.oldest_age_secs().unwrap_or(0),
+            ),
+        ];
+        for (kind, list) in [("counter", &counters[..]), ("gauge", &gauges[..])] {
+            for (name, help, v) in list {
+                let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
+            }
+        }
         let _ = writeln!(o, "# TYPE cistern_upstream_errors_total counter");
         for (kind, v) in [
             ("unreachable", ld(&f.errors_unreachable)),
@@ -173,26 +222,15 @@ impl Ops {
         ] {
             let _ = writeln!(o, "cistern_upstream_errors_total{{kind=\"{kind}\"}} {v}");
         }
-        let _ = writeln!(
-            o,
-            "# TYPE cistern_store_bytes gauge\ncistern_store_bytes {}",
-            u.bytes
-        );
-        let _ = writeln!(
-            o,
-            "# TYPE cistern_store_objects gauge\ncistern_store_objects {}",
-            u.objects
-        );
-        let _ = writeln!(
-            o,
-            "# TYPE cistern_store_free_bytes gauge\ncistern_store_free_bytes {}",
-            u.free
-        );
-        let _ = writeln!(
-            o,
-            "# TYPE cistern_transfers_in_flight gauge\ncistern_transfers_in_flight {}",
-            self.fetcher.in_flight().len()
-        );
+        let _ = writeln!(o, "# TYPE cistern_parent_up gauge");
+        for p in self.fetcher.parents_health() {
+            let _ = writeln!(
+                o,
+                "cistern_parent_up{{parent=\"{}\"}} {}",
+                p.url,
+                u8::from(p.healthy)
+            );
+        }
         o
     }
 
