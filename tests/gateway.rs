@@ -57,6 +57,11 @@ async fn fifty_cold_clients_make_one_origin_transfer() {
     assert_eq!(g.header("etag"), format!("\"{hex}\""));
     assert!(g.header("repr-digest").starts_with("sha-256=:"));
     assert_eq!(origin.gets("/fw.bin"), 1);
+    // The Connected Cache style summary counts that hit (and spells egress both ways).
+    let sum = get(&node.url("/summary")).await.json();
+    assert_eq!(sum["hitBytes"], body.len() as u64);
+    assert_eq!(sum["missBytes"], 50 * body.len() as u64);
+    assert_eq!(sum["eggressBytes"], sum["egressBytes"]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
