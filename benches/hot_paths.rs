@@ -6,19 +6,25 @@ use sha2::Digest as _;
 use cistern::server::range;
 use cistern::store::{Digest, KeyMeta, Store, StoreConfig};
 
+/// An empty store in a temporary directory, with no budget limits (kept alive by the returned dir).
+fn scratch_store() -> (tempfile::TempDir, Store) {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = StoreConfig {
+        dir: tmp.path().into(),
+        max_size: 0,
+        min_free: 0,
+        max_object_size: 0,
+    };
+    let store = Store::open(&cfg).unwrap();
+    (tmp, store)
+}
+
 fn hashing_and_fill(c: &mut Criterion) {
     let data = vec![7u8; 4 << 20];
     let mut g = c.benchmark_group("fill");
     g.throughput(Throughput::Bytes(data.len() as u64));
     g.bench_function("sha256 4MiB", |b| b.iter(|| sha2::Sha256::digest(&data)));
-    let tmp = tempfile::tempdir().unwrap();
-    let store = Store::open(&StoreConfig {
-        dir: tmp.path().into(),
-        max_size: 0,
-        min_free: 0,
-        max_object_size: 0,
-    })
-    .unwrap();
+    let (_tmp, store) = scratch_store();
     g.bench_function("hash+write 4MiB in 256KiB chunks (no commit)", |b| {
         b.iter(|| {
             let mut f = store.begin_fill(Some(data.len() as u64)).unwrap();
@@ -42,14 +48,7 @@ fn ranges(c: &mut Criterion) {
 }
 
 fn index(c: &mut Criterion) {
-    let tmp = tempfile::tempdir().unwrap();
-    let store = Store::open(&StoreConfig {
-        dir: tmp.path().into(),
-        max_size: 0,
-        min_free: 0,
-        max_object_size: 0,
-    })
-    .unwrap();
+    let (_tmp, store) = scratch_store();
     let mut last = None;
     for i in 0..1000u32 {
         let body = i.to_le_bytes();
