@@ -108,6 +108,20 @@ pub async fn serve(
     }
 }
 
+/// Bounds a client connection's kernel send buffer (`server.send_buffer`; 0 keeps autotuning). With
+/// the kernel's default of up to 4 MiB queued per connection, bytes wait long enough to leave the CPU
+/// caches before they go out; 256 KiB (the kernel doubles it) served about a quarter more bytes per CPU
+/// second to local clients, whether the bytes go out by `sendfile` or by copy.
+fn set_send_buffer(sock: &tokio::net::TcpStream, bytes: u64) {
+    if bytes == 0 {
+        return;
+    }
+    let size = usize::try_from(bytes).unwrap_or(usize::MAX).min(1 << 30);
+    if let Err(e) = socket2::SockRef::from(sock).set_send_buffer_size(size) {
+        tracing::debug!(error = %e, "could not set the send buffer size");
+    }
+}
+
 async fn accept_loop(
     app: Arc<App>,
     listener: TcpListener,
@@ -136,6 +150,7 @@ async fn accept_loop(
             },
         };
         let _ = sock.set_nodelay(true);
+        set_send_buffer(&sock, app.cfg.server.send_buffer.0);
         app.stats
             .connections
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -240,4 +255,31 @@ pub fn tls_acceptor(cert: &str, key: &str, client_ca: &str) -> Result<TlsAccepto
         .with_single_cert(certs, key_der)
         .map_err(|e| format!("server.tls_cert/tls_key: {e}"))?;
     Ok(TlsAcceptor::from(Arc::new(cfg)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn accepted() -> (tokio::net::TcpStream, tokio::net::TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let c = tokio::net::TcpStream::connect(l.local_addr().unwrap());
+        let (c, a) = tokio::join!(c, l.accept());
+        (c.unwrap(), a.unwrap().0)
+    }
+
+    #[tokio::test]
+    async fn the_send_buffer_is_bounded_unless_zero() {
+        let (_c, s) = accepted().await;
+        let before = socket2::SockRef::from(&s).send_buffer_size().unwrap();
+        set_send_buffer(&s, 0);
+        assert_eq!(
+            socket2::SockRef::from(&s).send_buffer_size().unwrap(),
+            before
+        );
+        set_send_buffer(&s, 256 << 10);
+        // Linux doubles the value for its bookkeeping.
+        let got = socket2::SockRef::from(&s).send_buffer_size().unwrap();
+        assert!((256 << 10..=512 << 10).contains(&got), "{got}");
+    }
 }
