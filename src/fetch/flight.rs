@@ -70,6 +70,9 @@ struct State {
     /// old generation are cut off.
     generation: u32,
     end: Option<End>,
+    /// Every byte arrived and matched its digest: readers may take the last one, while the transfer
+    /// still stores the object (its fsync is no reason to keep a client waiting).
+    verified: bool,
     /// Position of each reader, for pass-through back-pressure.
     readers: HashMap<u64, u64>,
     next_reader: u64,
@@ -93,6 +96,7 @@ impl Flight {
                 map: None,
                 generation: 0,
                 end: None,
+                verified: false,
                 readers: HashMap::new(),
                 next_reader: 0,
             }),
@@ -208,6 +212,13 @@ impl Flight {
             st.window.clear();
             st.window_start = at;
         }
+        self.bump();
+    }
+
+    /// Releases the held-back last byte to readers: the bytes are complete and verified. The flight
+    /// ends (and new clients go to the store) only once the object is stored, with `finish`.
+    pub fn verified(&self) {
+        self.state().verified = true;
         self.bump();
     }
 
@@ -368,7 +379,7 @@ impl FlightReader {
             Some(End::Complete(_)) => (true, None),
             Some(End::Failed(e)) => (false, Some(e.clone())),
             Some(_) => (true, None),
-            None => (false, None),
+            None => (st.verified, None),
         };
         let end = match (self.to, size) {
             (Some(t), Some(s)) => t.min(s),
@@ -472,6 +483,32 @@ mod tests {
         f.finish(End::Complete(Digest([0; 32])));
         assert_eq!(&r.next().await.unwrap().unwrap()[..], b"d");
         assert!(r.next().await.is_none());
+    }
+
+    /// Clients get the last byte once the digest checks, without waiting for the object's fsync.
+    #[tokio::test]
+    async fn verified_bytes_are_released_before_the_flight_ends() {
+        let f = Flight::new();
+        f.set_head(
+            Head {
+                size: Some(4),
+                storing: true,
+                ..Default::default()
+            },
+            None,
+            None,
+        );
+        let mut r = f.reader(0, None);
+        f.append(vec![Bytes::from_static(b"abcd")]);
+        assert_eq!(&r.next().await.unwrap().unwrap()[..], b"abc");
+        f.verified();
+        assert_eq!(drain(&mut r).await.unwrap(), b"d");
+        assert!(
+            f.end().is_none(),
+            "the flight ended before the object was stored"
+        );
+        // A client joining now still reads the whole object from the flight.
+        assert_eq!(drain(&mut f.reader(0, None)).await.unwrap(), b"abcd");
     }
 
     /// Regression: a pass-through transfer used to see no reader (the client attached only once the

@@ -281,6 +281,9 @@ impl Transfer {
                 )));
             }
         }
+        // The bytes are whole and verified: clients get their last bytes now; new clients keep joining
+        // this flight until the object is stored.
+        self.flight.verified();
         if let Some(fill) = sink.fill.take() {
             let immutable = self.target.immutable || self.target.digest.is_some();
             let meta: KeyMeta = freshness::key_meta(&h, immutable);
