@@ -463,13 +463,13 @@ mod tests {
         Ok(out)
     }
 
-    #[tokio::test]
-    async fn last_byte_is_held_until_complete() {
+    /// A flight of the 4 bytes `abcd`, all arrived, and a reader that took the 3 it may before the end.
+    async fn all_but_last_byte_read(storing: bool) -> (Arc<Flight>, FlightReader) {
         let f = Flight::new();
         f.set_head(
             Head {
                 size: Some(4),
-                storing: false,
+                storing,
                 ..Default::default()
             },
             None,
@@ -478,6 +478,12 @@ mod tests {
         let mut r = f.reader(0, None);
         f.append(vec![Bytes::from_static(b"abcd")]);
         assert_eq!(&r.next().await.unwrap().unwrap()[..], b"abc");
+        (f, r)
+    }
+
+    #[tokio::test]
+    async fn last_byte_is_held_until_complete() {
+        let (f, mut r) = all_but_last_byte_read(false).await;
         let pending = tokio::time::timeout(std::time::Duration::from_millis(50), r.next()).await;
         assert!(pending.is_err(), "last byte delivered before the end");
         f.finish(End::Complete(Digest([0; 32])));
@@ -488,19 +494,7 @@ mod tests {
     /// Clients get the last byte once the digest checks, without waiting for the object's fsync.
     #[tokio::test]
     async fn verified_bytes_are_released_before_the_flight_ends() {
-        let f = Flight::new();
-        f.set_head(
-            Head {
-                size: Some(4),
-                storing: true,
-                ..Default::default()
-            },
-            None,
-            None,
-        );
-        let mut r = f.reader(0, None);
-        f.append(vec![Bytes::from_static(b"abcd")]);
-        assert_eq!(&r.next().await.unwrap().unwrap()[..], b"abc");
+        let (f, mut r) = all_but_last_byte_read(true).await;
         f.verified();
         assert_eq!(drain(&mut r).await.unwrap(), b"d");
         assert!(
