@@ -128,9 +128,10 @@ impl Fill {
         // SAFETY: the file is never shortened while mapped (see `truncate`); bytes in it are only ever
         // written before readers are allowed to see them, or rewritten after those readers were cut off.
         let map = unsafe { memmap2::Mmap::map(&*self.file) }.ok()?;
-        // Not registered for sendfile: bytes just written are hot in the CPU cache, and copying them
-        // out measured as fast or faster than sending from the page cache (the bench's fan-out).
-        Some(bytes::Bytes::from_owner(map))
+        // Registered for sendfile like a stored object's mapping: most clients of a large fill lag
+        // behind its head, where the bytes are no longer in the CPU cache. Measured on the bench's fan-out
+        // (32 clients x 256 MiB): the gateway's CPU time fell from 3.5 s to 2.45 s, wall time unchanged.
+        Some(super::mapped::into_bytes(self.file.clone(), map))
     }
 
     /// Reads back bytes already written (to compare a restarted transfer with them). Blocking.

@@ -44,6 +44,21 @@ fn dropped_fill_leaves_nothing() {
 }
 
 #[test]
+fn bytes_of_a_fill_in_flight_can_go_out_by_sendfile() {
+    let t = tempfile::tempdir().unwrap();
+    let s = Store::open(&cfg(t.path())).unwrap();
+    let mut f = s.begin_fill(Some(8)).unwrap();
+    let map = f.map(8).unwrap();
+    f.write(b"abcd").unwrap();
+    let part = map.slice(1..4);
+    let (file, off) = mapped::source_of(part.as_ptr(), part.len()).unwrap();
+    assert_eq!(off, 1);
+    let mut buf = [0u8; 3];
+    std::os::unix::fs::FileExt::read_at(&*file, &mut buf, off).unwrap();
+    assert_eq!(&buf, b"bcd");
+}
+
+#[test]
 fn second_open_is_refused_while_the_first_holds_the_store() {
     let t = tempfile::tempdir().unwrap();
     let _s = Store::open(&cfg(t.path())).unwrap();
