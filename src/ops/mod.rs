@@ -98,7 +98,10 @@ impl Ops {
             .lock()
             .map(|m| m.clone())
             .unwrap_or_default();
-        let mut reqs: Vec<_> = reqs.into_iter().collect();
+        let mut reqs: Vec<_> = reqs
+            .into_iter()
+            .flat_map(|(form, per)| per.into_iter().map(move |(cache, n)| ((form, cache), n)))
+            .collect();
         reqs.sort();
         for ((form, cache), n) in reqs {
             let cache = cache.replace('"', "'");

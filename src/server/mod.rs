@@ -45,7 +45,8 @@ pub trait OwnEndpoints: Send + Sync {
 #[derive(Default)]
 pub struct ServerStats {
     /// Requests by (form, cache status).
-    pub requests: Mutex<HashMap<(String, String), u64>>,
+    /// Requests by form, then by the `Cache-Status` member this node added.
+    pub requests: Mutex<HashMap<&'static str, HashMap<String, u64>>>,
     /// Body bytes answered from the store.
     pub hit_bytes: AtomicU64,
     /// Body bytes answered from upstream transfers.
@@ -82,8 +83,7 @@ impl App {
             .headers()
             .get("cache-status")
             .and_then(|v| v.to_str().ok())
-            .unwrap_or("")
-            .to_string();
+            .unwrap_or("");
         let len = resp
             .headers()
             .get(http::header::CONTENT_LENGTH)
@@ -91,7 +91,7 @@ impl App {
             .and_then(|v| v.parse::<u64>().ok())
             .unwrap_or(0);
         if let Some(f) = form {
-            let member = cache.rsplit(", ").next().unwrap_or("").to_string();
+            let member = cache.rsplit(", ").next().unwrap_or("");
             if method != Method::HEAD {
                 let from_store = member.contains("; hit") || member.contains("fwd=stale");
                 let counter = if from_store {
@@ -106,7 +106,13 @@ impl App {
                 .requests
                 .lock()
                 .unwrap_or_else(|p| p.into_inner());
-            *m.entry((f.as_str().to_string(), member)).or_default() += 1;
+            let per_form = m.entry(f.as_str()).or_default();
+            match per_form.get_mut(member) {
+                Some(n) => *n += 1,
+                None => {
+                    per_form.insert(member.to_string(), 1);
+                }
+            }
         }
         let _e = span.enter();
         tracing::info!(

@@ -1,6 +1,10 @@
 //! The sled index: key -> (digest, key metadata) and digest -> object record. It is a cache of the
 //! `.meta` files (see `recover`), so losing it loses nothing.
 
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
+
 use serde::{Deserialize, Serialize};
 
 use super::meta::KeyMeta;
@@ -30,7 +34,15 @@ pub struct Index {
     objects: sled::Tree,
     /// What staged manifests said before the objects were stored: `u`+digest -> URL, `k`+key -> digest.
     staged: sled::Tree,
+    /// Whether `staged` holds anything: most gateways never stage, and then a request costs no read.
+    any_staged: Arc<AtomicBool>,
+    /// Key entries read so far, written through: a hit costs a hash lookup instead of a sled read and
+    /// a JSON decode (about a tenth of the request handling's CPU on 64 KiB ranges).
+    key_cache: Arc<RwLock<HashMap<String, KeyEntry>>>,
 }
+
+/// Entries kept in `key_cache`; it starts over when full.
+const KEY_CACHE_MAX: usize = 1 << 16;
 
 impl Index {
     pub fn open(path: &std::path::Path) -> sled::Result<Index> {
@@ -45,22 +57,51 @@ impl Index {
             db,
             keys,
             objects,
+            any_staged: Arc::new(AtomicBool::new(!staged.is_empty())),
             staged,
+            key_cache: Arc::default(),
         })
     }
 
+    fn cache_write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<String, KeyEntry>> {
+        self.key_cache.write().unwrap_or_else(|p| p.into_inner())
+    }
+
     pub fn key(&self, key: &str) -> Option<KeyEntry> {
+        if let Some(e) = self
+            .key_cache
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(key)
+        {
+            return Some(e.clone());
+        }
+        // Read and remember under the write lock, so that a concurrent put cannot be overtaken by the
+        // value read before it.
+        let mut cache = self.cache_write();
+        if let Some(e) = cache.get(key) {
+            return Some(e.clone());
+        }
         let raw = self.keys.get(key.as_bytes()).ok()??;
-        serde_json::from_slice(&raw).ok()
+        let e: KeyEntry = serde_json::from_slice(&raw).ok()?;
+        if cache.len() >= KEY_CACHE_MAX {
+            cache.clear();
+        }
+        cache.insert(key.to_string(), e.clone());
+        Some(e)
     }
 
     pub fn put_key(&self, key: &str, e: &KeyEntry) -> sled::Result<()> {
         let v = serde_json::to_vec(e).unwrap_or_default();
+        let mut cache = self.cache_write();
+        cache.remove(key);
         self.keys.insert(key.as_bytes(), v)?;
         Ok(())
     }
 
     pub fn remove_key(&self, key: &str) -> sled::Result<()> {
+        let mut cache = self.cache_write();
+        cache.remove(key);
         self.keys.remove(key.as_bytes())?;
         Ok(())
     }
@@ -103,15 +144,23 @@ impl Index {
         let mut b = sled::Batch::default();
         b.insert([b"u".as_slice(), &d.0].concat(), url.as_bytes());
         b.insert([b"k".as_slice(), key.as_bytes()].concat(), &d.0);
-        self.staged.apply_batch(b)
+        self.staged.apply_batch(b)?;
+        self.any_staged.store(true, Ordering::Release);
+        Ok(())
     }
 
     pub fn staged_url(&self, d: &Digest) -> Option<String> {
+        if !self.any_staged.load(Ordering::Acquire) {
+            return None;
+        }
         let v = self.staged.get([b"u".as_slice(), &d.0].concat()).ok()??;
         String::from_utf8(v.to_vec()).ok()
     }
 
     pub fn staged_digest(&self, key: &str) -> Option<Digest> {
+        if !self.any_staged.load(Ordering::Acquire) {
+            return None;
+        }
         let v = self
             .staged
             .get([b"k".as_slice(), key.as_bytes()].concat())
@@ -122,5 +171,57 @@ impl Index {
     pub fn flush(&self) -> sled::Result<()> {
         self.db.flush()?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(byte: u8, etag: &str) -> KeyEntry {
+        KeyEntry {
+            digest: Digest([byte; 32]),
+            meta: KeyMeta {
+                etag: Some(etag.into()),
+                ..KeyMeta::default()
+            },
+        }
+    }
+
+    #[test]
+    fn key_reads_see_every_write_and_removal() {
+        let t = tempfile::tempdir().unwrap();
+        let ix = Index::open(&t.path().join("index")).unwrap();
+        assert!(ix.key("a").is_none());
+        ix.put_key("a", &entry(1, "v1")).unwrap();
+        assert_eq!(ix.key("a").unwrap().meta.etag.as_deref(), Some("v1"));
+        // Now cached: a rewrite must not leave the old entry behind.
+        ix.put_key("a", &entry(2, "v2")).unwrap();
+        let e = ix.key("a").unwrap();
+        assert_eq!(
+            (e.digest, e.meta.etag.as_deref()),
+            (Digest([2; 32]), Some("v2"))
+        );
+        ix.remove_key("a").unwrap();
+        assert!(ix.key("a").is_none());
+    }
+
+    #[test]
+    fn staged_entries_are_found_after_a_reopen() {
+        let t = tempfile::tempdir().unwrap();
+        let path = t.path().join("index");
+        {
+            let ix = Index::open(&path).unwrap();
+            assert!(ix.staged_digest("k").is_none());
+            ix.stage(&Digest([7; 32]), "k", "http://o/x").unwrap();
+            assert_eq!(ix.staged_digest("k"), Some(Digest([7; 32])));
+            ix.flush().unwrap();
+        }
+        let ix = Index::open(&path).unwrap();
+        assert_eq!(ix.staged_digest("k"), Some(Digest([7; 32])));
+        assert_eq!(
+            ix.staged_url(&Digest([7; 32])).as_deref(),
+            Some("http://o/x")
+        );
     }
 }
