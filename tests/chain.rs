@@ -116,11 +116,16 @@ async fn a_loop_through_the_chain_gets_508() {
     assert_eq!(g.status, 508);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_child_reaches_its_parent_over_tls() {
-    let origin = Origin::start().await;
-    let body = random_bytes(500_000, 34);
-    origin.put("/tls.bin", body.clone(), Behaviour::default());
+/// A node with a TLS listener (certificate for 127.0.0.1) in front of `origin`: the node, its TLS
+/// address and the certificate's PEM file (kept in the returned directory).
+async fn tls_node(
+    origin: &Origin,
+) -> (
+    Node,
+    std::net::SocketAddr,
+    std::path::PathBuf,
+    tempfile::TempDir,
+) {
     let certs = tempfile::tempdir().unwrap();
     let ck =
         rcgen::generate_simple_self_signed(vec!["127.0.0.1".into(), "localhost".into()]).unwrap();
@@ -132,12 +137,23 @@ async fn a_child_reaches_its_parent_over_tls() {
     std::fs::write(&key, ck.key_pair.serialize_pem()).unwrap();
 
     let top_dir = tempfile::tempdir().unwrap();
-    let mut cfg = config(top_dir.path(), &origin, "");
+    let mut cfg = config(top_dir.path(), origin, "");
     cfg.server.tls_listen = "127.0.0.1:0".into();
     cfg.server.tls_cert = cert.display().to_string();
     cfg.server.tls_key = key.display().to_string();
     let top = Node::start_with(cfg).await;
     let tls_addr = top.gw.as_ref().unwrap().tls_addr.unwrap();
+    let mut top = top;
+    top.keep(top_dir);
+    (top, tls_addr, cert, certs)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_child_reaches_its_parent_over_tls() {
+    let origin = Origin::start().await;
+    let body = random_bytes(500_000, 34);
+    origin.put("/tls.bin", body.clone(), Behaviour::default());
+    let (top, tls_addr, cert, _certs) = tls_node(&origin).await;
 
     let child_dir = tempfile::tempdir().unwrap();
     let mut cfg = config(child_dir.path(), &origin, "");
@@ -189,4 +205,99 @@ async fn origins_are_reached_through_the_site_proxy() {
     // The host-pattern check still applies before anything reaches the proxy.
     let g = get(&node.url("/x?cacheHostOrigin=evil.example.com")).await;
     assert_eq!(g.status, 403);
+}
+
+/// A site proxy that only tunnels: it answers `CONNECT host:port` with 200 and splices bytes. It records
+/// the targets it was asked for.
+async fn connect_proxy() -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((mut client, _)) = listener.accept().await {
+            let log = log.clone();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    if client.read(&mut byte).await.unwrap_or(0) == 0 {
+                        return;
+                    }
+                    head.push(byte[0]);
+                }
+                let head = String::from_utf8_lossy(&head).to_string();
+                let line = head.lines().next().unwrap_or("").to_string();
+                log.lock().unwrap().push(line.clone());
+                let Some(target) = line
+                    .strip_prefix("CONNECT ")
+                    .and_then(|r| r.split(' ').next())
+                else {
+                    let _ = client.write_all(b"HTTP/1.1 405 Only CONNECT\r\n\r\n").await;
+                    return;
+                };
+                let Ok(mut up) = tokio::net::TcpStream::connect(target).await else {
+                    let _ = client.write_all(b"HTTP/1.1 502 Bad Gateway\r\n\r\n").await;
+                    return;
+                };
+                let _ = client
+                    .write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
+                    .await;
+                let _ = tokio::io::copy_bidirectional(&mut client, &mut up).await;
+            });
+        }
+    });
+    (addr, seen)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_origins_are_reached_through_a_connect_tunnel_of_the_site_proxy() {
+    let origin = Origin::start().await;
+    let body = random_bytes(300_000, 36);
+    origin.put("/s.bin", body.clone(), Behaviour::default());
+    // The https origin: a node's TLS listener, which serves the plain origin as named origin `t`.
+    let (_https, tls_addr, cert, _certs) = tls_node(&origin).await;
+    let (proxy, seen) = connect_proxy().await;
+    let node_with = |ca: Option<&std::path::Path>| {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = config(dir.path(), &origin, "");
+        cfg.node.id = "behind-proxy".into();
+        cfg.origins[0].url = format!("https://127.0.0.1:{}/o/t", tls_addr.port());
+        cfg.upstream.allowed_origins = vec![format!("127.0.0.1:{}", tls_addr.port())];
+        cfg.upstream.proxy = format!("http://{proxy}");
+        cfg.upstream.ca_file = ca.map(|c| c.display().to_string()).unwrap_or_default();
+        (cfg, dir)
+    };
+    let (cfg, dir) = node_with(Some(&cert));
+    let mut node = Node::start_with(cfg).await;
+    node.keep(dir);
+    let g = get(&node.url("/o/t/s.bin")).await;
+    assert_eq!(g.status, 200, "{:?}", g.body);
+    assert_eq!(g.body, body);
+    assert_eq!(
+        seen.lock().unwrap().first().map(String::as_str),
+        Some(format!("CONNECT 127.0.0.1:{} HTTP/1.1", tls_addr.port()).as_str()),
+        "the origin was not reached through a tunnel"
+    );
+    assert_eq!(origin.gets("/s.bin"), 1);
+
+    // TLS runs end to end inside the tunnel: without the origin's CA the certificate is refused.
+    origin.put("/u.bin", random_bytes(1000, 37), Behaviour::default());
+    let (cfg, dir) = node_with(None);
+    let mut untrusting = Node::start_with(cfg).await;
+    untrusting.keep(dir);
+    let g = get(&untrusting.url("/o/t/u.bin")).await;
+    assert_eq!(g.status, 504, "{:?}", g.body);
+    let msg = g.json()["detail"].as_str().unwrap_or("").to_lowercase();
+    assert!(msg.contains("certificate"), "{msg}");
+    assert_eq!(
+        seen.lock().unwrap().len(),
+        2,
+        "the second node did not use the tunnel"
+    );
+    assert_eq!(origin.gets("/u.bin"), 0);
 }
