@@ -132,6 +132,9 @@ async fn doctor_checks_parents_and_says_what_to_do() {
         .unwrap();
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("a cistern answers /healthz"), "{out}");
+    // Checking changes nothing: the store directory is not created by doctor.
+    assert!(out.contains("not created yet"), "{out}");
+    assert!(!t.path().join("data").exists());
     write("\"http://127.0.0.1:1\"");
     let (code, out, _) =
         tokio::task::spawn_blocking(move || cistern(&["doctor", "--config", &conf_s]))

@@ -68,36 +68,52 @@ pub async fn run(cfg: &Config) -> Vec<Check> {
 
 fn store_check(cfg: &Config) -> Check {
     let dir = &cfg.store.dir;
-    let probe = dir.join(".doctor-probe");
-    let written = std::fs::create_dir_all(dir)
-        .and_then(|_| std::fs::write(&probe, b"probe"))
-        .and_then(|_| std::fs::File::open(&probe)?.sync_all());
+    // A check changes nothing: a store directory that does not exist yet is left to `serve`, which
+    // creates it; what must hold then is that its nearest existing parent is writable.
+    let Some(existing) = dir.ancestors().find(|p| p.is_dir()) else {
+        return fail(
+            "store",
+            format!("{}: no part of the path exists", dir.display()),
+            "set store.dir to a path on a mounted volume",
+        );
+    };
+    let probe = existing.join(format!(".cistern-doctor-probe-{}", std::process::id()));
+    let written =
+        std::fs::write(&probe, b"probe").and_then(|_| std::fs::File::open(&probe)?.sync_all());
     let _ = std::fs::remove_file(&probe);
     if let Err(e) = written {
         return fail(
             "store",
-            format!("{} is not writable: {e}", dir.display()),
+            format!("{} is not writable: {e}", existing.display()),
             "give the cistern user write access or set store.dir",
         );
     }
-    let budget = crate::store::free_bytes(dir).unwrap_or(0);
+    let budget = crate::store::free_bytes(existing).unwrap_or(0);
     let min_free = cfg.store.min_free.0;
     if budget < min_free {
         return fail(
             "store",
             format!(
                 "{} has {} MiB free, below min_free {} MiB",
-                dir.display(),
+                existing.display(),
                 budget >> 20,
                 min_free >> 20
             ),
             "free disk space, or lower store.min_free",
         );
     }
+    let state = if existing == dir.as_path() {
+        "writable".to_string()
+    } else {
+        format!(
+            "not created yet ({} is writable; serve creates it)",
+            existing.display()
+        )
+    };
     pass(
         "store",
         format!(
-            "{} writable, {} MiB free (min_free {} MiB)",
+            "{} {state}, {} MiB free (min_free {} MiB)",
             dir.display(),
             budget >> 20,
             min_free >> 20
