@@ -49,6 +49,17 @@ pub fn apply(tree: &mut Table, vars: &[(String, String)]) -> Result<(), ConfigEr
 
 fn typed(default: &Value, raw: &str) -> Result<Value, String> {
     Ok(match default {
+        // Comma-separated (SPEC 2), or written as in the file: `["a", "b"]`.
+        Value::Array(_) if raw.trim_start().starts_with('[') => {
+            let doc: Table = toml::from_str(&format!("v = {raw}"))
+                .map_err(|_| format!("`{raw}` is not a list: write a, b or [\"a\", \"b\"]"))?;
+            match doc.get("v") {
+                Some(Value::Array(items)) if items.iter().all(Value::is_str) => {
+                    Value::Array(items.clone())
+                }
+                _ => return Err(format!("`{raw}` is not a list of strings")),
+            }
+        }
         Value::Array(_) => Value::Array(
             raw.split(',')
                 .map(str::trim)

@@ -479,6 +479,33 @@ mod tests {
     }
 
     #[test]
+    fn env_lists_may_be_written_as_in_the_file() {
+        let c = load(
+            "",
+            &[(
+                "CISTERN_UPSTREAM__ALLOWED_ORIGINS",
+                r#"["a.example", "b.example:8080"]"#,
+            )],
+        )
+        .unwrap();
+        assert_eq!(
+            c.upstream.allowed_origins,
+            vec!["a.example", "b.example:8080"]
+        );
+        let e = load("", &[("CISTERN_UPSTREAM__ALLOWED_ORIGINS", "[a.example")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("CISTERN_UPSTREAM__ALLOWED_ORIGINS") && e.contains("not a list"),
+            "{e}"
+        );
+        let e = load("", &[("CISTERN_UPSTREAM__ALLOWED_ORIGINS", "[1, 2]")])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("not a list of strings"), "{e}");
+    }
+
+    #[test]
     fn env_named_origins() {
         let c = load(
             "",
