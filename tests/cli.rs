@@ -244,8 +244,10 @@ async fn import_prefetch_and_verify_through_a_running_gateway() {
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("2 objects checked, 0 bad"), "{out}");
 
-    // A wrong token is one clear line.
-    let (f, s) = (file.to_str().unwrap().to_string(), server.clone());
+    // A wrong token is one clear line, even when the gateway refuses before the upload is through.
+    let big = tmp.path().join("big.swu");
+    std::fs::write(&big, random_bytes(16 << 20, 45)).unwrap();
+    let (f, s) = (big.to_str().unwrap().to_string(), server.clone());
     let (code, _, err) = tokio::task::spawn_blocking(move || {
         std::process::Command::new(env!("CARGO_BIN_EXE_cistern"))
             .args(["import", &f, "--server", &s])
@@ -264,4 +266,19 @@ async fn import_prefetch_and_verify_through_a_running_gateway() {
     .unwrap();
     assert_eq!(code, 1);
     assert!(err.contains("admin token"), "{err}");
+
+    // Importing what is already stored is answered at once; the upload still ends cleanly.
+    for _ in 0..2 {
+        let (f, s, t) = (
+            big.to_str().unwrap().to_string(),
+            server.clone(),
+            token.to_str().unwrap().to_string(),
+        );
+        let (code, _, err) = tokio::task::spawn_blocking(move || {
+            cistern(&["import", &f, "--server", &s, "--token-file", &t])
+        })
+        .await
+        .unwrap();
+        assert_eq!(code, 0, "{err}");
+    }
 }

@@ -121,6 +121,21 @@ impl Remote {
         pin: bool,
         progress: indicatif::ProgressBar,
     ) -> anyhow::Result<()> {
+        // A gateway that refuses the token answers before reading the body and closes the connection;
+        // the upload then breaks off with a broken pipe that hides the answer. Ask first.
+        let empty = Full::new(Bytes::new()).map_err(|n| match n {}).boxed();
+        let (status, _) = self.send(Method::HEAD, "/v1/admin/content", empty).await?;
+        if !status.is_success() {
+            bail!(
+                "{}: the gateway's admin API answered {status}{}",
+                self.base,
+                if status == StatusCode::FORBIDDEN {
+                    " (without server.admin_token it answers loopback clients only)"
+                } else {
+                    ""
+                }
+            );
+        }
         let f = tokio::fs::File::open(file)
             .await
             .with_context(|| file.display().to_string())?;

@@ -18,7 +18,8 @@ pub async fn handle(app: &App, req: Request<Incoming>) -> Response<Body> {
     let path = req.uri().path().trim_start_matches("/v1/admin").to_string();
     let method = req.method().clone();
     let r = match (method.clone(), path.as_str()) {
-        (Method::GET, "/content") => Ok(json(StatusCode::OK, &app.store.list())),
+        // HEAD also serves clients as a cheap check of their token before a long upload.
+        (Method::GET | Method::HEAD, "/content") => Ok(json(StatusCode::OK, &app.store.list())),
         (Method::POST, "/verify") => verify(app, req).await,
         (Method::POST, "/prefetch") => prefetch(app, req).await,
         (Method::GET, p) if p.starts_with("/prefetch/") => app
@@ -121,6 +122,27 @@ async fn sideload(
         .uri()
         .query()
         .is_some_and(|q| q.split('&').any(|p| p == "pin=true"));
+    let len = req
+        .headers()
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let mut body = req.into_body();
+    let r = store_upload(app, &mut body, want, pin, len).await;
+    // An answer given before the whole body is read (already stored, no room, a failed write) makes
+    // the connection close under a client still sending, which then sees a broken pipe instead of the
+    // answer: read the rest first. Only clients holding the admin token get here.
+    while let Some(Ok(_)) = body.frame().await {}
+    r
+}
+
+async fn store_upload(
+    app: &App,
+    body: &mut Incoming,
+    want: Digest,
+    pin: bool,
+    len: Option<u64>,
+) -> Result<Response<Body>, ApiError> {
     if app.store.contains(&want) {
         if pin {
             app.store.set_pin(&want, true).map_err(store_error)?;
@@ -130,18 +152,12 @@ async fn sideload(
             &serde_json::json!({"sha256": want, "stored": true}),
         ));
     }
-    let len = req
-        .headers()
-        .get(http::header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
     let store = app.store.clone();
     let mut fill = tokio::task::spawn_blocking(move || store.begin_fill(len))
         .await
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?
         .map_err(store_error)?;
     let mut hasher = Sha256::new();
-    let mut body = req.into_body();
     while let Some(frame) = body.frame().await {
         let frame =
             frame.map_err(|e| ApiError::bad_request("body", format!("reading the body: {e}")))?;
