@@ -7,8 +7,13 @@ use std::process::Command;
 use common::*;
 
 fn cistern(args: &[&str]) -> (i32, String, String) {
+    cistern_env(args, &[])
+}
+
+fn cistern_env(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_cistern"))
         .args(args)
+        .envs(env.iter().copied())
         .output()
         .unwrap();
     (
@@ -16,6 +21,22 @@ fn cistern(args: &[&str]) -> (i32, String, String) {
         String::from_utf8_lossy(&out.stdout).to_string(),
         String::from_utf8_lossy(&out.stderr).to_string(),
     )
+}
+
+/// `cistern_env` on a blocking thread, for tests whose gateway runs on the test's runtime.
+async fn cistern_bg(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
+    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    let env: Vec<(String, String)> = env
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    tokio::task::spawn_blocking(move || {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        cistern_env(&args, &env)
+    })
+    .await
+    .unwrap()
 }
 
 #[test]
@@ -125,21 +146,15 @@ async fn doctor_checks_parents_and_says_what_to_do() {
         .unwrap();
     };
     write(&format!("\"http://{}\"", parent.addr));
-    let conf_s = conf.to_str().unwrap().to_string();
-    let c2 = conf_s.clone();
-    let (code, out, _) = tokio::task::spawn_blocking(move || cistern(&["doctor", "--config", &c2]))
-        .await
-        .unwrap();
+    let conf_s = conf.to_str().unwrap();
+    let (code, out, _) = cistern_bg(&["doctor", "--config", conf_s], &[]).await;
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("a cistern answers /healthz"), "{out}");
     // Checking changes nothing: the store directory is not created by doctor.
     assert!(out.contains("not created yet"), "{out}");
     assert!(!t.path().join("data").exists());
     write("\"http://127.0.0.1:1\"");
-    let (code, out, _) =
-        tokio::task::spawn_blocking(move || cistern(&["doctor", "--config", &conf_s]))
-            .await
-            .unwrap();
+    let (code, out, _) = cistern_bg(&["doctor", "--config", conf_s], &[]).await;
     assert_eq!(code, 1, "{out}");
     let line = out.lines().find(|l| l.starts_with("FAIL")).unwrap();
     assert!(line.contains("parent") && line.contains("->"), "{line}");
@@ -171,27 +186,16 @@ async fn import_prefetch_and_verify_through_a_running_gateway() {
     let file = tmp.path().join("usb.swu");
     let body = random_bytes(50_000, 44);
     std::fs::write(&file, &body).unwrap();
-    let (f, c) = (
-        file.to_str().unwrap().to_string(),
-        conf.to_str().unwrap().to_string(),
-    );
-    let (code, _, err) =
-        tokio::task::spawn_blocking(move || cistern(&["import", &f, "--config", &c]))
-            .await
-            .unwrap();
+    let (f, t) = (file.to_str().unwrap(), token.to_str().unwrap());
+    let (code, _, err) = cistern_bg(&["import", f, "--config", conf.to_str().unwrap()], &[]).await;
     assert_eq!(code, 1);
     assert!(err.contains("--server"), "{err}");
 
-    let (f, s, t) = (
-        file.to_str().unwrap().to_string(),
-        server.clone(),
-        token.to_str().unwrap().to_string(),
-    );
-    let (code, out, err) = tokio::task::spawn_blocking(move || {
-        cistern(&["import", &f, "--pin", "--server", &s, "--token-file", &t])
-    })
-    .await
-    .unwrap();
+    let (code, out, err) = cistern_bg(
+        &["import", f, "--pin", "--server", &server, "--token-file", t],
+        &[],
+    )
+    .await;
     assert_eq!(code, 0, "{err}");
     assert!(out.contains(&sha256_hex(&body)));
     assert!(node.blobs().contains(&sha256_hex(&body)));
@@ -200,85 +204,52 @@ async fn import_prefetch_and_verify_through_a_running_gateway() {
     let m = serde_json::json!({"files": [{"filename": "staged.swu", "sizeInBytes": staged.len(),
         "hashes": {"sha256": sha256_hex(&staged)}}]});
     std::fs::write(&manifest, m.to_string()).unwrap();
-    let (mf, s, t) = (
-        manifest.to_str().unwrap().to_string(),
-        server.clone(),
-        token.to_str().unwrap().to_string(),
-    );
     let base = format!("{}/fw", origin.url());
-    let (code, out, err) = tokio::task::spawn_blocking(move || {
-        cistern(&[
+    let (code, out, err) = cistern_bg(
+        &[
             "prefetch",
-            &mf,
+            manifest.to_str().unwrap(),
             "--base-url",
             &base,
             "--server",
-            &s,
+            &server,
             "--token-file",
-            &t,
-        ])
-    })
-    .await
-    .unwrap();
+            t,
+        ],
+        &[],
+    )
+    .await;
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.contains("stored"), "{out}");
     assert!(node.blobs().contains(&sha256_hex(&staged)));
 
-    let s = server.clone();
-    let (code, out, _) = tokio::task::spawn_blocking(move || {
-        std::process::Command::new(env!("CARGO_BIN_EXE_cistern"))
-            .args(["verify", "--server", &s])
-            .env("CISTERN_TOKEN", "t0ken")
-            .output()
-            .map(|o| {
-                (
-                    o.status.code().unwrap_or(-1),
-                    String::from_utf8_lossy(&o.stdout).to_string(),
-                    String::new(),
-                )
-            })
-            .unwrap()
-    })
-    .await
-    .unwrap();
+    let (code, out, _) = cistern_bg(
+        &["verify", "--server", &server],
+        &[("CISTERN_TOKEN", "t0ken")],
+    )
+    .await;
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("2 objects checked, 0 bad"), "{out}");
 
     // A wrong token is one clear line, even when the gateway refuses before the upload is through.
     let big = tmp.path().join("big.swu");
     std::fs::write(&big, random_bytes(16 << 20, 45)).unwrap();
-    let (f, s) = (big.to_str().unwrap().to_string(), server.clone());
-    let (code, _, err) = tokio::task::spawn_blocking(move || {
-        std::process::Command::new(env!("CARGO_BIN_EXE_cistern"))
-            .args(["import", &f, "--server", &s])
-            .env("CISTERN_TOKEN", "wrong")
-            .output()
-            .map(|o| {
-                (
-                    o.status.code().unwrap_or(-1),
-                    String::new(),
-                    String::from_utf8_lossy(&o.stderr).to_string(),
-                )
-            })
-            .unwrap()
-    })
-    .await
-    .unwrap();
+    let big = big.to_str().unwrap();
+    let (code, _, err) = cistern_bg(
+        &["import", big, "--server", &server],
+        &[("CISTERN_TOKEN", "wrong")],
+    )
+    .await;
     assert_eq!(code, 1);
     assert!(err.contains("admin token"), "{err}");
 
     // Importing what is already stored is answered at once; the upload still ends cleanly.
     for _ in 0..2 {
-        let (f, s, t) = (
-            big.to_str().unwrap().to_string(),
-            server.clone(),
-            token.to_str().unwrap().to_string(),
-        );
-        let (code, _, err) = tokio::task::spawn_blocking(move || {
-            cistern(&["import", &f, "--server", &s, "--token-file", &t])
-        })
-        .await
-        .unwrap();
+        let (code, _, err) = cistern_bg(
+            &["import", big, "--server", &server, "--token-file", t],
+            &[],
+        )
+        .await;
         assert_eq!(code, 0, "{err}");
     }
 }
