@@ -16,6 +16,11 @@ use tokio::io::AsyncReadExt;
 
 type Body = BoxBody<Bytes, std::io::Error>;
 
+/// A request body held whole in memory.
+fn whole(b: Bytes) -> Body {
+    Full::new(b).map_err(|n| match n {}).boxed()
+}
+
 pub struct Remote {
     base: Uri,
     token: Option<String>,
@@ -103,10 +108,9 @@ impl Remote {
         path: &str,
         v: &serde_json::Value,
     ) -> anyhow::Result<(StatusCode, serde_json::Value)> {
-        let body = Full::new(Bytes::from(v.to_string()))
-            .map_err(|n| match n {})
-            .boxed();
-        let (s, b) = self.send(method, path, body).await?;
+        let (s, b) = self
+            .send(method, path, whole(Bytes::from(v.to_string())))
+            .await?;
         Ok((
             s,
             serde_json::from_slice(&b).unwrap_or(serde_json::Value::Null),
@@ -123,8 +127,9 @@ impl Remote {
     ) -> anyhow::Result<()> {
         // A gateway that refuses the token answers before reading the body and closes the connection;
         // the upload then breaks off with a broken pipe that hides the answer. Ask first.
-        let empty = Full::new(Bytes::new()).map_err(|n| match n {}).boxed();
-        let (status, _) = self.send(Method::HEAD, "/v1/admin/content", empty).await?;
+        let (status, _) = self
+            .send(Method::HEAD, "/v1/admin/content", whole(Bytes::new()))
+            .await?;
         if !status.is_success() {
             bail!(
                 "{}: the gateway's admin API answered {status}{}",

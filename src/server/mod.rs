@@ -44,7 +44,6 @@ pub trait OwnEndpoints: Send + Sync {
 /// Counters other modules read (ops renders them).
 #[derive(Default)]
 pub struct ServerStats {
-    /// Requests by (form, cache status).
     /// Requests by form, then by the `Cache-Status` member this node added.
     pub requests: Mutex<HashMap<&'static str, HashMap<String, u64>>>,
     /// Body bytes answered from the store.
