@@ -5,23 +5,6 @@ mod common;
 
 use common::*;
 
-async fn top_and_child(origin: &Origin, parents: &str) -> (Node, Node) {
-    let top = Node::start(origin, "").await;
-    let tmp = tempfile::tempdir().unwrap();
-    let mut cfg = config(tmp.path(), origin, "");
-    cfg.node.id = "child".into();
-    cfg.upstream.parents = parents
-        .replace("TOP", &format!("http://{}", top.addr))
-        .split(',')
-        .map(str::to_string)
-        .collect();
-    // The child names the origin only through its named origin; its allowlist is otherwise empty.
-    cfg.upstream.allowed_origins.clear();
-    let mut child = Node::start_with(cfg).await;
-    child.keep(tmp);
-    (top, child)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_chain_makes_one_origin_transfer() {
     let origin = Origin::start().await;

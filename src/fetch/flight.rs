@@ -16,7 +16,7 @@ use bytes::Bytes;
 use tokio::sync::watch;
 
 use super::FetchError;
-use crate::store::Digest;
+use crate::store::{Digest, StoredHeaders};
 
 /// Bytes kept in memory behind the newest byte while a file backs the flight.
 const WINDOW: u64 = 2 << 20;
@@ -28,8 +28,10 @@ const MAP_CHUNK: u64 = 1 << 20;
 const READ_CHUNK: usize = 256 << 10;
 
 /// What the upstream said about the object, known once its response headers arrived.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct Head {
+    /// The upstream's status (200, or another cacheable one).
+    pub status: http::StatusCode,
     /// Object length, when the upstream announced it.
     pub size: Option<u64>,
     pub content_type: Option<String>,
@@ -38,10 +40,62 @@ pub struct Head {
     /// The upstream's ETag and Last-Modified, passed to clients.
     pub etag: Option<String>,
     pub last_modified: Option<String>,
+    /// The upstream's end-to-end fields, as they are stored and passed to clients.
+    pub headers: StoredHeaders,
     /// Whether the object will be stored (false: streamed through only).
     pub storing: bool,
+    /// Whether the response may serve later requests without revalidation (it has freshness left).
+    pub fresh: bool,
+    /// `Cache-Control: private`: never shared with another client, not even a collapsed one.
+    pub private: bool,
+    /// The request fields the response varies on, with the first client's values; None for `Vary: *`.
+    pub vary: Option<Vec<(String, Option<String>)>>,
     /// Cache-Status members of upstream caches (a parent cistern), kept before ours.
     pub upstream_cache_status: Option<String>,
+    /// The response's age when it arrived (RFC 9111 §4.2.3), when the upstream said anything of it.
+    pub age: Option<u64>,
+}
+
+impl Default for Head {
+    fn default() -> Head {
+        Head {
+            status: http::StatusCode::OK,
+            size: None,
+            content_type: None,
+            digest: None,
+            etag: None,
+            last_modified: None,
+            headers: StoredHeaders::default(),
+            storing: false,
+            fresh: true,
+            private: false,
+            vary: Some(Vec::new()),
+            upstream_cache_status: None,
+            age: None,
+        }
+    }
+}
+
+impl Head {
+    /// Whether this response may be given to a client whose request has fields `req`.
+    pub fn shareable_with(&self, req: &http::HeaderMap) -> bool {
+        !self.private
+            && self
+                .vary
+                .as_ref()
+                .is_some_and(|v| super::freshness::vary_matches(v, req))
+    }
+}
+
+/// How a client came to a flight.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Joined {
+    /// Its request started the transfer.
+    Leader,
+    /// It joined while the bytes were arriving (collapsed).
+    InFlight,
+    /// It joined once every byte had arrived and verified, while the object was being stored: a hit.
+    Verified,
 }
 
 /// How a flight ended.
@@ -51,8 +105,9 @@ pub enum End {
     Complete(Digest),
     /// A revalidation answered 304: the stored object is fresh again.
     Revalidated(Digest),
-    /// Revalidation failed (upstream unreachable or 5xx): serve the stored copy, stale.
-    ServeStale(Digest),
+    /// Revalidation failed (upstream unreachable or 5xx, said by the string): the stored copy may be
+    /// served stale, if it allows that.
+    ServeStale(Digest, String),
     Failed(FetchError),
 }
 
@@ -73,6 +128,8 @@ struct State {
     /// Every byte arrived and matched its digest: readers may take the last one, while the transfer
     /// still stores the object (its fsync is no reason to keep a client waiting).
     verified: bool,
+    /// The digest of the verified bytes.
+    digest: Option<Digest>,
     /// Position of each reader, for pass-through back-pressure.
     readers: HashMap<u64, u64>,
     next_reader: u64,
@@ -97,6 +154,7 @@ impl Flight {
                 generation: 0,
                 end: None,
                 verified: false,
+                digest: None,
                 readers: HashMap::new(),
                 next_reader: 0,
             }),
@@ -131,6 +189,32 @@ impl Flight {
         if let Some(h) = st.head.as_mut() {
             h.storing = false;
         }
+    }
+
+    /// How a new client with request fields `req` may join this flight; None when it needs a
+    /// transfer of its own (the response is not shareable with it, not reusable, or failed).
+    pub fn joinable(&self, req: &http::HeaderMap) -> Option<Joined> {
+        let st = self.state();
+        match &st.end {
+            None | Some(End::Complete(_)) => {}
+            Some(_) => return None,
+        }
+        let Some(head) = &st.head else {
+            return Some(Joined::InFlight);
+        };
+        if !head.storing || !head.shareable_with(req) {
+            return None;
+        }
+        if st.verified || st.end.is_some() {
+            return head.fresh.then_some(Joined::Verified);
+        }
+        Some(Joined::InFlight)
+    }
+
+    /// Every byte arrived and verified, and the object is being stored.
+    pub fn is_committing(&self) -> bool {
+        let st = self.state();
+        st.verified && st.end.is_none() && st.head.as_ref().is_some_and(|h| h.storing)
     }
 
     pub fn is_storing(&self) -> bool {
@@ -217,9 +301,18 @@ impl Flight {
 
     /// Releases the held-back last byte to readers: the bytes are complete and verified. The flight
     /// ends (and new clients go to the store) only once the object is stored, with `finish`.
-    pub fn verified(&self) {
-        self.state().verified = true;
+    pub fn verified(&self, d: Digest) {
+        {
+            let mut st = self.state();
+            st.verified = true;
+            st.digest = Some(d);
+        }
         self.bump();
+    }
+
+    /// The digest of the bytes, once they are verified.
+    pub fn digest(&self) -> Option<Digest> {
+        self.state().digest
     }
 
     pub fn finish(&self, end: End) {
@@ -495,7 +588,7 @@ mod tests {
     #[tokio::test]
     async fn verified_bytes_are_released_before_the_flight_ends() {
         let (f, mut r) = all_but_last_byte_read(true).await;
-        f.verified();
+        f.verified(Digest([0; 32]));
         assert_eq!(drain(&mut r).await.unwrap(), b"d");
         assert!(
             f.end().is_none(),

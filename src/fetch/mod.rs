@@ -4,6 +4,7 @@
 
 pub mod flight;
 pub mod freshness;
+pub mod headers;
 pub mod key;
 pub mod parents;
 pub mod policy;
@@ -23,7 +24,8 @@ use hyper::body::Incoming;
 use serde::Serialize;
 
 use crate::store::{now_ms, Digest, Hit, KeyMeta, Store};
-pub use flight::{End, Flight, FlightReader, Head};
+pub use flight::{End, Flight, FlightReader, Head, Joined};
+use freshness::{RequestCc, Reuse};
 use policy::OriginPolicy;
 use upstream::UpstreamClient;
 
@@ -50,6 +52,8 @@ pub enum FetchError {
     Status {
         status: StatusCode,
         content_type: Option<String>,
+        /// The upstream's end-to-end fields, passed on with its answer.
+        headers: Box<HeaderMap>,
         body: Bytes,
     },
     #[error("payload digest mismatch: {0}")]
@@ -58,6 +62,10 @@ pub enum FetchError {
     Diverged,
     #[error("{0}")]
     NotFound(String),
+    #[error(
+        "the object is not stored and the request asked for cached content only (only-if-cached)"
+    )]
+    NotCached,
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -83,11 +91,15 @@ pub struct Target {
     pub digest: Option<Digest>,
     /// The mapping never goes stale (digest URL, manifest, immutable named origin).
     pub immutable: bool,
-    /// The Via of the request that asked (it travels upstream with this node appended).
-    pub via: Option<String>,
+    /// The request said `Cache-Control: no-store`: nothing of its answer is stored.
+    pub no_store: bool,
+    /// The request fields of the client that asked (end-to-end ones travel upstream; Vary selects by
+    /// them).
+    pub headers: HeaderMap,
 }
 
-/// The answer to a GET.
+/// The answer to a GET. Short-lived (matched at once), so its variants' sizes do not matter.
+#[allow(clippy::large_enum_variant)]
 pub enum Lookup {
     /// Served from the store. `ttl` is the freshness left (negative when served stale).
     Hit {
@@ -95,12 +107,12 @@ pub enum Lookup {
         meta: Option<KeyMeta>,
         how: HitKind,
     },
-    /// Streamed from a transfer in flight; `leader` is false for clients that joined one. `reader` was
+    /// Streamed from a transfer in flight; `joined` says how the client came to it. `reader` was
     /// attached when the client joined (at byte 0), so that no byte it may need is let go before it
     /// positions the reader (`FlightReader::seek`) or drops it.
     Flight {
         flight: Arc<Flight>,
-        leader: bool,
+        joined: Joined,
         reader: FlightReader,
     },
 }
@@ -158,6 +170,31 @@ struct Inner {
     jobs: prefetch::Jobs,
 }
 
+/// The index key of one variant of a key's response (RFC 9111 §4.1): the key and the request fields the
+/// response varies on, with their values.
+pub fn variant_key(key: &str, vary: &[(String, Option<String>)]) -> String {
+    let mut k = key.to_string();
+    for (n, v) in vary {
+        k.push('\u{1f}');
+        k.push_str(n);
+        if let Some(v) = v {
+            k.push('=');
+            k.push_str(v);
+        }
+    }
+    k
+}
+
+/// The request's values for the fields a stored response varies on.
+fn vary_for(stored: &[(String, Option<String>)], req: &HeaderMap) -> Vec<(String, Option<String>)> {
+    let names: Vec<String> = stored.iter().map(|(n, _)| n.clone()).collect();
+    let mut fake = HeaderMap::new();
+    if let Ok(v) = http::HeaderValue::from_str(&names.join(", ")) {
+        fake.insert(http::header::VARY, v);
+    }
+    freshness::vary_of(&fake, req).unwrap_or_default()
+}
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -211,36 +248,62 @@ impl Fetcher {
             .collect()
     }
 
-    /// The GET path: a hit, or a transfer to stream from (started or joined).
-    pub async fn get(&self, t: &Target, revalidate: bool) -> Result<Lookup, FetchError> {
+    /// The GET path: a hit, or a transfer to stream from (started or joined). Every reuse, of a stored
+    /// response or of a transfer in flight, goes through the same freshness decision.
+    pub async fn get(&self, t: &Target, req: &RequestCc) -> Result<Lookup, FetchError> {
         let store = &self.inner.store;
         if let Some(d) = t.digest {
+            // Bytes with this digest that are verified and being stored count as stored.
+            let committing = lock(&self.inner.flights)
+                .values()
+                .find(|f| f.is_committing() && f.digest() == Some(d))
+                .cloned();
+            if let Some(f) = committing {
+                f.wait_end().await;
+            }
             if store.contains(&d) {
                 if t.key != format!("sha256/{d}")
                     && store.lookup(&t.key).is_none_or(|e| e.digest != d)
                 {
                     let _ = store.map_key(&t.key, &d, KeyMeta::immutable());
                 }
-                let hit = self.open(d).await?;
-                return Ok(Lookup::Hit {
-                    hit,
-                    meta: None,
-                    how: HitKind::Fresh,
-                });
+                return self.hit(d, None, HitKind::Fresh).await;
             }
         }
-        let mut stale = None;
-        if let Some(e) = store.lookup(&t.key) {
-            let fresh = t.immutable || e.meta.ttl(now_ms()).is_none_or(|ttl| ttl > 0);
-            if fresh && !(revalidate && e.meta.fresh_for.is_some()) {
-                let hit = self.open(e.digest).await?;
-                return Ok(Lookup::Hit {
-                    hit,
-                    meta: Some(e.meta),
-                    how: HitKind::Fresh,
+        // A transfer that has every byte verified and is storing them: a fresh response is served
+        // from it as a hit; otherwise the commit is awaited, so that the freshness decision below sees
+        // the stored response.
+        if let Some(f) = self.committing(&t.key) {
+            if f.joinable(&t.headers) == Some(Joined::Verified) {
+                let reader = f.reader(0, None);
+                return Ok(Lookup::Flight {
+                    flight: f,
+                    joined: Joined::Verified,
+                    reader,
                 });
             }
-            stale = Some(e);
+            f.wait_end().await;
+        }
+        let mut stale = None;
+        if let Some(e) = self.stored(t) {
+            let how = if t.immutable {
+                Reuse::Fresh
+            } else {
+                freshness::reuse(&e.meta, req, now_ms())
+            };
+            match how {
+                Reuse::Fresh => return self.hit(e.digest, Some(e.meta), HitKind::Fresh).await,
+                Reuse::Stale => return self.hit(e.digest, Some(e.meta), HitKind::Stale).await,
+                Reuse::StaleRevalidating => {
+                    // Served now; the revalidation runs on as a transfer of its own.
+                    drop(self.join_or_start(t, Some(e.clone())));
+                    return self.hit(e.digest, Some(e.meta), HitKind::Stale).await;
+                }
+                Reuse::Revalidate => stale = Some(e),
+            }
+        }
+        if req.only_if_cached {
+            return Err(FetchError::NotCached);
         }
         if stale.is_none() {
             if let Some(at) = lock(&self.inner.mismatches).get(&t.key) {
@@ -251,44 +314,67 @@ impl Fetcher {
                 }
             }
         }
-        let (flight, leader, reader) = self.join_or_start(t, stale.clone());
-        if !leader {
+        let (flight, joined, reader) = self.join_or_start(t, stale.clone());
+        if joined == Joined::InFlight {
             self.inner.stats.collapsed.fetch_add(1, Ordering::Relaxed);
         }
         if let Some(e) = stale {
             // A revalidation flight: wait for its verdict.
             match flight.head().await {
-                Ok(_) => {}
+                Ok(_) | Err(End::Complete(_)) => {}
                 Err(End::Revalidated(d)) => {
-                    let hit = self.open(d).await?;
-                    let meta = store.lookup(&t.key).map(|e| e.meta);
-                    return Ok(Lookup::Hit {
-                        hit,
-                        meta,
-                        how: HitKind::Revalidated,
-                    });
+                    let meta = self.stored(t).map(|e| e.meta);
+                    return self.hit(d, meta, HitKind::Revalidated).await;
                 }
-                Err(End::ServeStale(d)) => {
+                Err(End::ServeStale(d, why)) => {
+                    if !freshness::stale_on_error(&e.meta, now_ms()) {
+                        return Err(FetchError::Unreachable(format!(
+                            "{why}; the stored copy may not be served stale (must-revalidate)"
+                        )));
+                    }
                     self.inner
                         .stats
                         .stale_served
                         .fetch_add(1, Ordering::Relaxed);
-                    let hit = self.open(d).await?;
-                    return Ok(Lookup::Hit {
-                        hit,
-                        meta: Some(e.meta),
-                        how: HitKind::Stale,
-                    });
+                    return self.hit(d, Some(e.meta), HitKind::Stale).await;
                 }
                 Err(End::Failed(err)) => return Err(err),
-                Err(End::Complete(_)) => {}
             }
         }
         Ok(Lookup::Flight {
             flight,
-            leader,
+            joined,
             reader,
         })
+    }
+
+    /// The transfer of a key that has verified its bytes and is storing them, if any.
+    fn committing(&self, key: &str) -> Option<Arc<Flight>> {
+        lock(&self.inner.flights)
+            .get(key)
+            .filter(|f| f.is_committing())
+            .cloned()
+    }
+
+    /// The stored response for a target: the key's, or the variant whose Vary matches the request.
+    fn stored(&self, t: &Target) -> Option<crate::store::KeyEntry> {
+        let store = &self.inner.store;
+        let e = store.lookup(&t.key)?;
+        if freshness::vary_matches(&e.meta.vary, &t.headers) {
+            return Some(e);
+        }
+        let v = store.lookup(&variant_key(&t.key, &vary_for(&e.meta.vary, &t.headers)))?;
+        freshness::vary_matches(&v.meta.vary, &t.headers).then_some(v)
+    }
+
+    async fn hit(
+        &self,
+        d: Digest,
+        meta: Option<KeyMeta>,
+        how: HitKind,
+    ) -> Result<Lookup, FetchError> {
+        let hit = self.open(d).await?;
+        Ok(Lookup::Hit { hit, meta, how })
     }
 
     /// Opens a stored object; a first mapping (which touches every page) happens on a blocking thread.
@@ -304,15 +390,24 @@ impl Fetcher {
         r.map_err(|e| FetchError::Internal(e.to_string()))
     }
 
+    /// Joins the transfer in flight for the key when its response may be reused for this request,
+    /// else starts one (which replaces it in the table for later clients).
     fn join_or_start(
         &self,
         t: &Target,
         stale: Option<crate::store::KeyEntry>,
-    ) -> (Arc<Flight>, bool, FlightReader) {
+    ) -> (Arc<Flight>, Joined, FlightReader) {
         let mut flights = lock(&self.inner.flights);
         if let Some(f) = flights.get(&t.key) {
-            let reader = f.reader(0, None);
-            return (f.clone(), false, reader);
+            match f.joinable(&t.headers) {
+                Some(joined) => {
+                    let reader = f.reader(0, None);
+                    return (f.clone(), joined, reader);
+                }
+                None => {
+                    flights.remove(&t.key);
+                }
+            }
         }
         let flight = Flight::new();
         let reader = flight.reader(0, None);
@@ -326,7 +421,16 @@ impl Fetcher {
             stale,
         };
         tokio::spawn(job.run());
-        (flight, true, reader)
+        (flight, Joined::Leader, reader)
+    }
+
+    /// The index keys a response is stored under: the key, and the variant's when it has a Vary.
+    fn keys_for(&self, key: &str, vary: &[(String, Option<String>)]) -> Vec<String> {
+        let mut keys = vec![key.to_string()];
+        if !vary.is_empty() {
+            keys.push(variant_key(key, vary));
+        }
+        keys
     }
 
     fn forget_flight(&self, key: &str, flight: &Arc<Flight>) {
@@ -364,24 +468,15 @@ impl Fetcher {
         m.insert(key.to_string(), Instant::now());
     }
 
-    /// Requests that are not cached (HEAD on a miss, requests with Authorization): sent upstream as they
-    /// are, the answer passed back.
+    /// Requests that are not cached (HEAD on a miss, requests with Authorization, ranges of objects
+    /// not stored): sent upstream with the client's end-to-end fields, the answer passed back.
     pub async fn pass_through(
         &self,
         method: Method,
         t: &Target,
-        headers: &HeaderMap,
     ) -> Result<Response<Incoming>, FetchError> {
-        let mut h = self.upstream_headers(t.via.as_deref());
-        for name in [
-            http::header::RANGE,
-            http::header::AUTHORIZATION,
-            http::header::IF_RANGE,
-        ] {
-            if let Some(v) = headers.get(&name) {
-                h.insert(name, v.clone());
-            }
-        }
+        let mut h = headers::end_to_end(&t.headers);
+        headers::add_ours(&mut h, &self.inner.cfg.node_id);
         self.inner
             .client
             .fetch(method, t.url.as_ref(), t.digest, &h)
@@ -389,26 +484,11 @@ impl Fetcher {
             .inspect_err(|e| self.count_error(e))
     }
 
-    /// Headers of every upstream request: identity coding, and Via with this node appended to the hops
-    /// the request already passed (RFC 9110 §7.6.3), so that a loop in a chain is seen.
-    fn upstream_headers(&self, prior_via: Option<&str>) -> HeaderMap {
-        let mut h = HeaderMap::new();
-        h.insert(
-            http::header::ACCEPT_ENCODING,
-            http::HeaderValue::from_static("identity"),
-        );
-        let ours = format!("1.1 {}", self.inner.cfg.node_id);
-        let via = match prior_via {
-            Some(p) if !p.trim().is_empty() => format!("{p}, {ours}"),
-            _ => ours,
-        };
-        if let Ok(v) = http::HeaderValue::from_str(&via) {
-            h.insert(http::header::VIA, v);
-        }
-        h.insert(
-            http::header::USER_AGENT,
-            http::HeaderValue::from_static(concat!("cistern/", env!("CARGO_PKG_VERSION"))),
-        );
+    /// The fields of a fill's upstream request: the (first) client's end-to-end fields without its
+    /// range and conditions, and ours.
+    fn fill_headers(&self, t: &Target) -> HeaderMap {
+        let mut h = headers::for_fill(&t.headers);
+        headers::add_ours(&mut h, &self.inner.cfg.node_id);
         h
     }
 

@@ -52,9 +52,11 @@ pub struct ParentHealth {
 impl Parent {
     pub fn new(url: Uri, connector: Inner) -> Parent {
         let proxied = Client::builder(TokioExecutor::new())
+            .http1_title_case_headers(true)
             .pool_idle_timeout(Duration::from_secs(90))
             .build(ProxyConnector::new(connector.clone(), url.clone()));
         let direct = Client::builder(TokioExecutor::new())
+            .http1_title_case_headers(true)
             .pool_idle_timeout(Duration::from_secs(90))
             .build(connector);
         Parent {

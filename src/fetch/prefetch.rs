@@ -229,9 +229,14 @@ impl Fetcher {
             url: Some(w.url.clone()),
             digest: Some(w.digest),
             immutable: true,
-            via: None,
+            no_store: false,
+            headers: http::HeaderMap::new(),
         };
-        match self.get(&t, false).await.map_err(|e| e.to_string())? {
+        match self
+            .get(&t, &super::freshness::RequestCc::default())
+            .await
+            .map_err(|e| e.to_string())?
+        {
             Lookup::Hit { .. } => {}
             Lookup::Flight { flight, .. } => {
                 // Follow the transfer's progress for the job's `bytes`.

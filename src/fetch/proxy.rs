@@ -127,13 +127,16 @@ impl ProxyClients {
             .enable_http1()
             .wrap_connector(plain);
         let http = Client::builder(TokioExecutor::new())
+            .http1_title_case_headers(true)
             .build(ProxyConnector::new(to_proxy, proxy.clone()));
         let tunnel = TunnelConnector {
             proxy,
             tls: tokio_rustls::TlsConnector::from(Arc::new(tls)),
             connect_timeout,
         };
-        let https = Client::builder(TokioExecutor::new()).build(tunnel);
+        let https = Client::builder(TokioExecutor::new())
+            .http1_title_case_headers(true)
+            .build(tunnel);
         ProxyClients { http, https }
     }
 }

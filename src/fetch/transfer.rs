@@ -13,8 +13,8 @@ use hyper::body::Incoming;
 use sha2::{Digest as _, Sha256};
 
 use super::flight::{End, Flight, Head};
-use super::{freshness, FetchError, Fetcher, Target};
-use crate::store::{Digest, Fill, KeyEntry, KeyMeta, StoreError};
+use super::{freshness, headers, FetchError, Fetcher, Target};
+use crate::store::{now_ms, Digest, Fill, KeyEntry, KeyMeta, StoreError};
 
 /// Bytes gathered from the body before one hash-and-write step on a blocking thread.
 const BATCH: usize = 256 << 10;
@@ -35,6 +35,18 @@ struct Sink {
     fill: Option<Fill>,
     written: u64,
 }
+
+/// How a broken body goes on.
+enum Resumed {
+    /// A 206 that continues the bytes held.
+    Continue(Incoming),
+    /// A 200 from byte 0, to compare with the bytes held.
+    Restart(Incoming),
+}
+
+/// The first wait before a resume request; it doubles per attempt, up to the max.
+const RESUME_BACKOFF: std::time::Duration = std::time::Duration::from_millis(100);
+const RESUME_BACKOFF_MAX: std::time::Duration = std::time::Duration::from_secs(5);
 
 enum BodyEnd {
     Complete,
@@ -58,23 +70,19 @@ impl Transfer {
 
     async fn transfer(self) -> End {
         let started = std::time::Instant::now();
-        let mut headers = self.fetcher.upstream_headers(self.target.via.as_deref());
+        let mut headers = self.fetcher.fill_headers(&self.target);
         if let Some(stale) = &self.stale {
-            if let Some(v) = stale
-                .meta
-                .etag
-                .as_deref()
-                .and_then(|e| HeaderValue::from_str(e).ok())
-            {
-                headers.insert(http::header::IF_NONE_MATCH, v);
-            }
-            if let Some(v) = stale
-                .meta
-                .last_modified
-                .as_deref()
-                .and_then(|e| HeaderValue::from_str(e).ok())
-            {
-                headers.insert(http::header::IF_MODIFIED_SINCE, v);
+            let validators = [
+                (http::header::IF_NONE_MATCH, stale.meta.etag.as_deref()),
+                (
+                    http::header::IF_MODIFIED_SINCE,
+                    stale.meta.last_modified.as_deref(),
+                ),
+            ];
+            for (name, v) in validators {
+                if let Some(v) = v.and_then(|v| HeaderValue::from_str(v).ok()) {
+                    headers.insert(name, v);
+                }
             }
             self.fetcher
                 .inner
@@ -82,32 +90,33 @@ impl Transfer {
                 .revalidations
                 .fetch_add(1, Ordering::Relaxed);
         }
+        let request_ms = now_ms();
         let resp = self.upstream(&headers).await;
         let resp = match (resp, &self.stale) {
             (Ok(r), Some(stale)) if r.status() == StatusCode::NOT_MODIFIED => {
-                let mut meta = freshness::key_meta(r.headers(), self.target.immutable);
-                meta.etag = meta.etag.or(stale.meta.etag.clone());
-                meta.last_modified = meta.last_modified.or(stale.meta.last_modified.clone());
-                let _ = self.fetcher.inner.store.refresh_key(&self.target.key, meta);
-                return End::Revalidated(stale.digest);
+                return self.revalidated(stale, r.headers(), request_ms);
             }
             (Ok(r), Some(stale)) if r.status().is_server_error() => {
-                tracing::warn!(status = %r.status(), "revalidation failed; serving stale");
-                return End::ServeStale(stale.digest);
+                tracing::warn!(status = %r.status(), "revalidation failed");
+                return End::ServeStale(stale.digest, format!("upstream answered {}", r.status()));
             }
             (Err(e), Some(stale))
                 if matches!(e, FetchError::Unreachable(_) | FetchError::Timeout(_)) =>
             {
-                tracing::warn!(error = %e, "revalidation failed; serving stale");
-                return End::ServeStale(stale.digest);
+                tracing::warn!(error = %e, "revalidation failed");
+                return End::ServeStale(stale.digest, e.to_string());
             }
             (Ok(r), _) => r,
             (Err(e), _) => return End::Failed(e),
         };
-        if resp.status() != StatusCode::OK {
+        let status = resp.status();
+        let cacheable = status == StatusCode::OK
+            || (freshness::storable(status, resp.headers(), false)
+                && status != StatusCode::PARTIAL_CONTENT);
+        if !cacheable {
             return End::Failed(error_status(resp).await);
         }
-        let end = self.fill(headers, resp).await;
+        let end = self.fill(headers, resp, request_ms).await;
         let secs = started.elapsed().as_secs_f64();
         match &end {
             End::Complete(d) => tracing::info!(digest = %d, secs, "transfer complete"),
@@ -115,6 +124,30 @@ impl Transfer {
             _ => {}
         }
         end
+    }
+
+    /// A 304 to a revalidation: the stored header block takes the 304's fields and the key its new
+    /// freshness (RFC 9111 §3.2, §4.3.4).
+    fn revalidated(&self, stale: &KeyEntry, h: &HeaderMap, request_ms: u64) -> End {
+        let merged = headers::to_map(&headers::updated_by(&stale.meta.headers, h));
+        let mut meta = freshness::key_meta(freshness::Received {
+            status: StatusCode::from_u16(stale.meta.status).unwrap_or(StatusCode::OK),
+            headers: &merged,
+            immutable: self.target.immutable,
+            request_ms,
+            response_ms: now_ms(),
+            vary: stale.meta.vary.clone(),
+        });
+        meta.initial_age = freshness::initial_age(h, request_ms, meta.fetched_at);
+        meta.etag = meta.etag.or(stale.meta.etag.clone());
+        meta.last_modified = meta.last_modified.or(stale.meta.last_modified.clone());
+        let store = &self.fetcher.inner.store;
+        for key in self.fetcher.keys_for(&self.target.key, &meta.vary) {
+            if store.lookup(&key).is_some_and(|e| e.digest == stale.digest) {
+                let _ = store.refresh_key(&key, meta.clone());
+            }
+        }
+        End::Revalidated(stale.digest)
     }
 
     /// Asks upstream (the parents, or the origin) for the target.
@@ -130,20 +163,54 @@ impl Transfer {
             .await
     }
 
-    async fn fill(&self, mut headers: HeaderMap, resp: Response<Incoming>) -> End {
-        let fetcher = &self.fetcher;
-        let store = &fetcher.inner.store;
-        let h = resp.headers().clone();
-        let size = content_length(&h);
+    /// What the response's head says: how it is framed, whether it is stored, and for whom.
+    fn head_of(&self, status: StatusCode, h: &HeaderMap, storing: bool) -> Head {
+        let s = |n: http::header::HeaderName| {
+            h.get(n).and_then(|v| v.to_str().ok()).map(str::to_string)
+        };
+        let ds = freshness::directives(h);
+        Head {
+            status,
+            size: content_length(h),
+            content_type: s(http::header::CONTENT_TYPE),
+            digest: self.target.digest.or_else(|| Digest::from_headers(h)),
+            etag: s(http::header::ETAG),
+            last_modified: s(http::header::LAST_MODIFIED),
+            headers: headers::capture(h),
+            storing,
+            fresh: self.target.immutable
+                || freshness::lifetime(status, h) > freshness::initial_age(h, now_ms(), now_ms()),
+            private: ds.iter().any(|(k, _)| k == "private"),
+            vary: freshness::vary_of(h, &self.target.headers),
+            upstream_cache_status: s(http::header::HeaderName::from_static("cache-status")),
+            age: (h.contains_key(http::header::AGE) || h.contains_key(http::header::DATE))
+                .then(|| freshness::initial_age(h, now_ms(), now_ms())),
+        }
+    }
+
+    /// Whether the response is to be stored: identity coding, cacheable, Vary usable, a digest when
+    /// one is required, and a request that allows storing.
+    fn storable(&self, status: StatusCode, h: &HeaderMap) -> bool {
         let identity = h
             .get(http::header::CONTENT_ENCODING)
             .and_then(|v| v.to_str().ok())
             .is_none_or(|v| v.trim().eq_ignore_ascii_case("identity"));
-        let digest = self.target.digest.or_else(|| Digest::from_headers(&h));
-        let storable = identity
-            && freshness::storable(&h)
-            && !(fetcher.inner.cfg.require_digest && digest.is_none());
-        let mut fill = if storable {
+        let digest = self.target.digest.or_else(|| Digest::from_headers(h));
+        identity
+            && !self.target.no_store
+            && freshness::storable(status, h, false)
+            && freshness::vary_of(h, &self.target.headers).is_some()
+            && !(self.fetcher.inner.cfg.require_digest && digest.is_none())
+    }
+
+    async fn fill(&self, mut headers: HeaderMap, resp: Response<Incoming>, request_ms: u64) -> End {
+        let fetcher = &self.fetcher;
+        let store = &fetcher.inner.store;
+        let h = resp.headers().clone();
+        let status = resp.status();
+        let response_ms = now_ms();
+        let size = content_length(&h);
+        let mut fill = if self.storable(status, &h) {
             let store = store.clone();
             match tokio::task::spawn_blocking(move || store.begin_fill(size)).await {
                 Ok(Ok(f)) => Some(f),
@@ -156,20 +223,9 @@ impl Transfer {
         } else {
             None
         };
-        let s = |n: http::header::HeaderName| {
-            h.get(n).and_then(|v| v.to_str().ok()).map(str::to_string)
-        };
-        let etag = s(http::header::ETAG);
-        let last_modified = s(http::header::LAST_MODIFIED);
-        let head = Head {
-            size,
-            content_type: s(http::header::CONTENT_TYPE),
-            digest,
-            etag: etag.clone(),
-            last_modified: last_modified.clone(),
-            storing: fill.is_some(),
-            upstream_cache_status: s(http::header::HeaderName::from_static("cache-status")),
-        };
+        let head = self.head_of(status, &h, fill.is_some());
+        let digest = head.digest;
+        let (etag, last_modified) = (head.etag.clone(), head.last_modified.clone());
         let map = match (fill.as_mut(), size) {
             (Some(f), Some(n)) => f.map(n),
             _ => None,
@@ -189,62 +245,41 @@ impl Transfer {
         // Bytes of a restarted transfer still to be compared with those already held.
         let mut compare_until = 0u64;
         loop {
-            let outcome = self.pump(&mut body, &mut sink, &mut compare_until).await;
-            match outcome {
+            // A body is complete only when its framing says so: hyper ends a Content-Length body at its
+            // length and a chunked one at its last chunk, and reports either cut short as an error; a
+            // close-delimited body ends at a clean close. Anything else is broken, and a broken body
+            // is never read again: it is resumed from a new response, or the transfer fails.
+            let msg = match self.pump(&mut body, &mut sink, &mut compare_until).await {
                 BodyEnd::NoReaders => {
                     return End::Failed(FetchError::Internal(
                         "every client left a pass-through transfer".into(),
                     ))
                 }
                 BodyEnd::Complete if size.is_none_or(|s| s == sink.written) => break,
-                BodyEnd::Complete => {
-                    let msg = format!(
-                        "body ended at {} of {} bytes",
-                        sink.written,
-                        size.unwrap_or(0)
-                    );
-                    if let Err(e) = self.resume_or_fail(&mut attempts, &msg) {
-                        return End::Failed(e);
-                    }
-                }
-                BodyEnd::Broken(msg) => {
-                    if let Err(e) = self.resume_or_fail(&mut attempts, &msg) {
-                        return End::Failed(e);
-                    }
-                }
+                BodyEnd::Complete => format!(
+                    "body ended at {} of {} bytes",
+                    sink.written,
+                    size.unwrap_or(0)
+                ),
+                BodyEnd::Broken(msg) => msg,
+            };
+            if status != StatusCode::OK {
+                return End::Failed(FetchError::Unreachable(format!(
+                    "the {status} body broke: {msg}"
+                )));
             }
-            // Resume: ask for the rest, guarded by the upstream's validator (RFC 9110 §13.1.5).
-            let validator = etag
+            let v = etag
                 .as_deref()
                 .filter(|e| !e.starts_with("W/"))
-                .or(last_modified.as_deref());
-            headers.remove(http::header::RANGE);
-            headers.remove(http::header::IF_RANGE);
-            if let Some(v) = validator.and_then(|v| HeaderValue::from_str(v).ok()) {
-                if sink.written > 0 {
-                    if let Ok(r) = HeaderValue::from_str(&format!("bytes={}-", sink.written)) {
-                        headers.insert(http::header::RANGE, r);
-                        headers.insert(http::header::IF_RANGE, v);
-                    }
-                }
-            }
-            let resp = match self.upstream(&headers).await {
-                Ok(r) => r,
-                Err(e) => {
-                    tracing::warn!(error = %e, attempt = attempts, "resume request failed");
-                    continue;
-                }
-            };
-            match resp.status() {
-                StatusCode::PARTIAL_CONTENT if continues(resp.headers(), sink.written, size) => {
-                    tracing::info!(from = sink.written, "resumed with Range");
-                    fetcher.inner.stats.resumes.fetch_add(1, Ordering::Relaxed);
-                    body = resp.into_body();
-                }
-                StatusCode::OK if content_length(resp.headers()) == size => {
+                .or(last_modified.as_deref().filter(|lm| strong_date(lm, &h)));
+            let resumed = self
+                .resume(&mut headers, &mut attempts, &msg, v, &sink, size)
+                .await;
+            match resumed {
+                Err(e) => return End::Failed(e),
+                Ok(Resumed::Continue(b)) => body = b,
+                Ok(Resumed::Restart(b)) => {
                     // A restart from zero: compare with what is held; diverge at the first difference.
-                    tracing::info!(held = sink.written, "upstream restarted from zero");
-                    fetcher.inner.stats.resumes.fetch_add(1, Ordering::Relaxed);
                     compare_until = sink.written;
                     if sink.fill.is_none() {
                         // Nothing held to compare with: the clients attached cannot be given a mix.
@@ -258,16 +293,80 @@ impl Transfer {
                             let _ = f.truncate(0);
                         }
                     }
-                    body = resp.into_body();
-                }
-                status => {
-                    tracing::warn!(%status, "resume answered with an unusable status");
-                    if status.is_client_error() {
-                        return End::Failed(error_status(resp).await);
-                    }
+                    body = b;
                 }
             }
         }
+        self.finish(sink, digest, &head, &h, request_ms, response_ms)
+            .await
+    }
+
+    /// Asks for the rest of a broken body, guarded by the upstream's validator `v` (RFC 9110
+    /// §13.1.5), retrying with backoff until a usable answer or `upstream.retries` breaks in all.
+    async fn resume(
+        &self,
+        headers: &mut HeaderMap,
+        attempts: &mut u32,
+        first: &str,
+        v: Option<&str>,
+        sink: &Sink,
+        size: Option<u64>,
+    ) -> Result<Resumed, FetchError> {
+        let mut msg = first.to_string();
+        loop {
+            self.resume_or_fail(attempts, &msg)?;
+            let backoff = RESUME_BACKOFF * 2u32.saturating_pow(*attempts - 1);
+            tokio::time::sleep(backoff.min(RESUME_BACKOFF_MAX)).await;
+            headers.remove(http::header::RANGE);
+            headers.remove(http::header::IF_RANGE);
+            if let (Some(v), true) = (
+                v.and_then(|v| HeaderValue::from_str(v).ok()),
+                sink.written > 0,
+            ) {
+                if let Ok(r) = HeaderValue::from_str(&format!("bytes={}-", sink.written)) {
+                    headers.insert(http::header::RANGE, r);
+                    headers.insert(http::header::IF_RANGE, v);
+                }
+            }
+            let resp = match self.upstream(headers).await {
+                Ok(r) => r,
+                Err(e) => {
+                    msg = format!("resume request failed: {e}");
+                    continue;
+                }
+            };
+            let stats = &self.fetcher.inner.stats;
+            match resp.status() {
+                StatusCode::PARTIAL_CONTENT
+                    if continues(resp.headers(), sink.written, size)
+                        && same_etag(resp.headers(), v) =>
+                {
+                    tracing::info!(from = sink.written, "resumed with Range");
+                    stats.resumes.fetch_add(1, Ordering::Relaxed);
+                    return Ok(Resumed::Continue(resp.into_body()));
+                }
+                StatusCode::OK if content_length(resp.headers()) == size => {
+                    tracing::info!(held = sink.written, "upstream restarted from zero");
+                    stats.resumes.fetch_add(1, Ordering::Relaxed);
+                    return Ok(Resumed::Restart(resp.into_body()));
+                }
+                status if status.is_client_error() => return Err(error_status(resp).await),
+                status => msg = format!("resume answered {status}"),
+            }
+        }
+    }
+
+    /// The body is whole: verify it, release the last byte, store it.
+    async fn finish(
+        &self,
+        mut sink: Sink,
+        digest: Option<Digest>,
+        head: &Head,
+        h: &HeaderMap,
+        request_ms: u64,
+        response_ms: u64,
+    ) -> End {
+        let fetcher = &self.fetcher;
         let Some(hasher) = sink.hasher.take() else {
             return End::Failed(FetchError::Internal("hasher lost".into()));
         };
@@ -282,24 +381,39 @@ impl Transfer {
             }
         }
         // The bytes are whole and verified: clients get their last bytes now; new clients keep joining
-        // this flight until the object is stored.
-        self.flight.verified();
-        if let Some(fill) = sink.fill.take() {
-            let immutable = self.target.immutable || self.target.digest.is_some();
-            let meta: KeyMeta = freshness::key_meta(&h, immutable);
-            let key = self.target.key.clone();
-            let is_digest_key = key.starts_with("sha256/");
-            let ct = head.content_type.clone();
-            let r = tokio::task::spawn_blocking(move || {
-                let k = (!is_digest_key).then_some((key.as_str(), meta));
-                fill.commit(&got, k, ct, false)
-            })
-            .await;
-            match r {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => tracing::error!(error = %e, "commit failed; object not stored"),
-                Err(e) => tracing::error!(error = %e, "commit task failed"),
+        // this flight (as hits) until the object is stored.
+        self.flight.verified(got);
+        let Some(fill) = sink.fill.take() else {
+            return End::Complete(got);
+        };
+        let meta: KeyMeta = freshness::key_meta(freshness::Received {
+            status: head.status,
+            headers: h,
+            immutable: self.target.immutable || self.target.digest.is_some(),
+            request_ms,
+            response_ms,
+            vary: head.vary.clone().unwrap_or_default(),
+        });
+        let keys = if self.target.key.starts_with("sha256/") {
+            Vec::new()
+        } else {
+            fetcher.keys_for(&self.target.key, &meta.vary)
+        };
+        let ct = head.content_type.clone();
+        let store = fetcher.inner.store.clone();
+        let r = tokio::task::spawn_blocking(move || {
+            let first = keys.first().map(|k| (k.as_str(), meta.clone()));
+            fill.commit(&got, first, ct, false)?;
+            for k in keys.iter().skip(1) {
+                store.map_key(k, &got, meta.clone())?;
             }
+            Ok::<_, StoreError>(())
+        })
+        .await;
+        match r {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!(error = %e, "commit failed; object not stored"),
+            Err(e) => tracing::error!(error = %e, "commit task failed"),
         }
         End::Complete(got)
     }
@@ -494,6 +608,27 @@ impl Transfer {
     }
 }
 
+/// Whether a Last-Modified date is a strong validator (RFC 9110 §8.8.2.2): at least a second older
+/// than the response's Date, so that it cannot have changed twice within its second.
+fn strong_date(lm: &str, h: &HeaderMap) -> bool {
+    let date = h
+        .get(http::header::DATE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|d| httpdate::parse_http_date(d).ok());
+    match (httpdate::parse_http_date(lm).ok(), date) {
+        (Some(lm), Some(d)) => d.duration_since(lm).is_ok_and(|g| g.as_secs() >= 1),
+        _ => false,
+    }
+}
+
+/// A 206 resumes the same representation: when the validator was an ETag, the 206 carries it too.
+fn same_etag(h: &HeaderMap, v: Option<&str>) -> bool {
+    match (v, h.get(http::header::ETAG).and_then(|e| e.to_str().ok())) {
+        (Some(v), Some(e)) if v.starts_with('"') => v == e,
+        _ => true,
+    }
+}
+
 fn content_length(h: &HeaderMap) -> Option<u64> {
     h.get(http::header::CONTENT_LENGTH)?
         .to_str()
@@ -530,6 +665,7 @@ fn continues(h: &HeaderMap, written: u64, size: Option<u64>) -> bool {
 
 async fn error_status(resp: Response<Incoming>) -> FetchError {
     let status = resp.status();
+    let headers = Box::new(headers::end_to_end(resp.headers()));
     let content_type = resp
         .headers()
         .get(http::header::CONTENT_TYPE)
@@ -544,6 +680,7 @@ async fn error_status(resp: Response<Incoming>) -> FetchError {
     FetchError::Status {
         status,
         content_type,
+        headers,
         body,
     }
 }

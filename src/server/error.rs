@@ -56,14 +56,18 @@ pub fn fetch_error_response(e: FetchError) -> Response<Body> {
         FetchError::DigestMismatch(_) => (S::BAD_GATEWAY, "digest-mismatch"),
         FetchError::Diverged => (S::BAD_GATEWAY, "upstream-changed"),
         FetchError::NotFound(_) => (S::NOT_FOUND, "not-found"),
+        FetchError::NotCached => (S::GATEWAY_TIMEOUT, "not-cached"),
         FetchError::Internal(_) => (S::INTERNAL_SERVER_ERROR, "internal"),
         FetchError::Status {
             status,
             content_type,
+            headers,
             body,
         } => {
             let mut r = Response::new(full(body.clone()));
             *r.status_mut() = *status;
+            *r.headers_mut() = (**headers).clone();
+            r.headers_mut().remove(http::header::CONTENT_LENGTH);
             if let Some(ct) = content_type
                 .as_deref()
                 .and_then(|c| HeaderValue::from_str(c).ok())

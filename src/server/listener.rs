@@ -194,6 +194,9 @@ async fn connection<I>(
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(HEADER_TIMEOUT)
+        // Canonical header case on the wire: the Delivery Optimization agent looks up
+        // `Content-Length` and `Content-Range` by exact case and cannot resume without them.
+        .title_case_headers(true)
         .max_buf_size(MAX_HEAD_BYTES)
         .serve_connection(io, svc)
         .with_upgrades();

@@ -30,7 +30,8 @@ pub use error::ApiError;
 pub use listener::{serve, tls_acceptor, Listeners};
 
 use crate::config::Config;
-use crate::fetch::{freshness, Fetcher, Lookup, Target};
+use crate::fetch::freshness::RequestCc;
+use crate::fetch::{Fetcher, Joined, Lookup, Target};
 use crate::store::Store;
 use respond::Ask;
 use route::{FormKind, Route, Router};
@@ -90,7 +91,8 @@ impl App {
             .and_then(|v| v.parse::<u64>().ok())
             .unwrap_or(0);
         if let Some(f) = form {
-            let member = cache.rsplit(", ").next().unwrap_or("");
+            let member = metric_label(cache.rsplit(", ").next().unwrap_or(""));
+            let member = member.as_str();
             if method != Method::HEAD {
                 let from_store = member.contains("; hit") || member.contains("fwd=stale");
                 let counter = if from_store {
@@ -158,14 +160,6 @@ impl App {
             Ok(r) => r,
             Err(e) => return (e.into_response(), None, None),
         };
-        let via = req
-            .headers()
-            .get_all(http::header::VIA)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .collect::<Vec<_>>()
-            .join(", ");
-        let via = (!via.is_empty()).then_some(via);
         match route {
             Route::Connect { authority } => {
                 (connect::tunnel(&self, req, authority).await, None, None)
@@ -177,7 +171,8 @@ impl App {
                     url: self.fetcher.staged_url(&digest),
                     digest: Some(digest),
                     immutable: true,
-                    via,
+                    no_store: false,
+                    headers: req.headers().clone(),
                 };
                 let key = t.key.clone();
                 (
@@ -202,7 +197,8 @@ impl App {
                     url: Some(url),
                     digest: staged,
                     immutable: immutable || staged.is_some(),
-                    via,
+                    no_store: RequestCc::parse(req.headers()).no_store,
+                    headers: req.headers().clone(),
                 };
                 (self.object(req, t, true).await, Some(kind), Some(key))
             }
@@ -225,46 +221,62 @@ impl App {
         }
         let head = m == Method::HEAD;
         let ask = Ask::from_headers(req.headers(), head);
+        let cc = RequestCc::parse(req.headers());
         // Requests with credentials are passed through, never stored (RFC 9111 §3.5). A range of an
         // object that was not stored last time (too big, no room, not cacheable) goes upstream as a
         // range instead of refetching the object from its first byte (SPEC 4).
         let credentials = by_url && req.headers().contains_key(http::header::AUTHORIZATION);
         let unstored_range = !head && ask.range.is_some() && self.fetcher.recently_unstored(&t.key);
         if credentials || unstored_range {
-            return match self
-                .fetcher
-                .pass_through(m.clone(), &t, req.headers())
-                .await
-            {
-                Ok(r) => respond::pass(r, "cistern; fwd=bypass"),
-                Err(e) => error::fetch_error_response(e),
-            };
+            return self.bypass(m.clone(), &t).await;
         }
-        let revalidate = freshness::request_wants_revalidation(req.headers());
         if head {
             // A HEAD on a miss goes upstream as a HEAD and starts no download (SPEC 3).
             let stored = match t.digest {
                 Some(d) => self.store.contains(&d),
                 None => self.store.lookup(&t.key).is_some(),
             };
-            if !stored {
-                return match self
-                    .fetcher
-                    .pass_through(Method::HEAD, &t, req.headers())
-                    .await
-                {
-                    Ok(r) => respond::pass(r, "cistern; fwd=uri-miss"),
-                    Err(e) => error::fetch_error_response(e),
-                };
+            if !stored && !cc.only_if_cached {
+                return self.bypass(Method::HEAD, &t).await;
             }
         }
-        match self.fetcher.get(&t, revalidate).await {
+        match self.fetcher.get(&t, &cc).await {
             Ok(Lookup::Hit { hit, meta, how }) => respond::hit(hit, meta, how, &ask),
             Ok(Lookup::Flight {
                 flight,
-                leader,
+                joined,
                 reader,
-            }) => respond::flight(flight, leader, reader, &ask).await,
+            }) => {
+                let h = match flight.head().await {
+                    Ok(h) => h,
+                    Err(crate::fetch::End::Failed(e)) => return error::fetch_error_response(e),
+                    Err(_) => {
+                        return error::fetch_error_response(crate::fetch::FetchError::Internal(
+                            "transfer ended oddly".into(),
+                        ))
+                    }
+                };
+                // A collapsed client whose request the response does not suit (private, another
+                // variant) makes its own request; so does an open range of an object passed through
+                // whose size is unknown (it cannot be answered from the stream: SPEC 4).
+                let unsuited = joined != Joined::Leader && !h.shareable_with(&t.headers);
+                let open_range = !h.storing
+                    && h.size.is_none()
+                    && ask.range.is_some_and(|r| r.bounded().is_none());
+                if unsuited || open_range {
+                    drop(reader);
+                    return self.bypass(m.clone(), &t).await;
+                }
+                respond::flight(flight, joined, h, reader, &ask).await
+            }
+            Err(e) => error::fetch_error_response(e),
+        }
+    }
+
+    /// Passes a request through uncached, its answer labelled `fwd=bypass`.
+    async fn bypass(&self, method: Method, t: &Target) -> Response<Body> {
+        match self.fetcher.pass_through(method, t).await {
+            Ok(r) => respond::pass(r, "cistern; fwd=bypass"),
             Err(e) => error::fetch_error_response(e),
         }
     }
@@ -341,6 +353,17 @@ impl App {
     }
 }
 
+/// This node's Cache-Status member as a metrics label: without the parameters that carry numbers
+/// (`ttl=`), so that the label set stays bounded.
+fn metric_label(member: &str) -> String {
+    member
+        .split(';')
+        .map(str::trim)
+        .filter(|p| !p.starts_with("ttl="))
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
 fn canonical(ip: IpAddr) -> IpAddr {
     match ip {
         IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
@@ -371,5 +394,14 @@ mod tests {
         assert!(!via_has(&h, "gw-1"));
         assert!(via_has(&h, "gw-10"));
         assert!(via_has(&h, "fred"));
+    }
+
+    #[test]
+    fn metric_labels_carry_no_numbers() {
+        assert_eq!(
+            metric_label("cistern; hit; ttl=-42; detail=stale"),
+            "cistern; hit; detail=stale"
+        );
+        assert_eq!(metric_label("cistern; hit"), "cistern; hit");
     }
 }

@@ -11,7 +11,7 @@ use hyper::body::Frame;
 use super::body::{empty, full, Body, BodyError};
 use super::error::fetch_error_response;
 use super::range::{self, ByteRange, Resolved};
-use crate::fetch::{Flight, FlightReader, HitKind};
+use crate::fetch::{headers, Flight, FlightReader, Head, HitKind, Joined};
 use crate::store::{now_ms, Digest, Hit, KeyMeta};
 
 /// What the client asked for, beyond the object itself.
@@ -38,37 +38,55 @@ impl Ask {
 
 /// What is known of the representation when the headers go out.
 struct Repr {
+    status: StatusCode,
     size: Option<u64>,
     digest: Option<Digest>,
     upstream_etag: Option<String>,
     last_modified: Option<String>,
     content_type: Option<String>,
     cache_status: String,
+    /// The upstream's end-to-end fields (stored, or of the response arriving).
+    base: HeaderMap,
+    /// The response's current age (RFC 9111 §4.2.3), when it came from upstream.
+    age: Option<u64>,
 }
 
 impl Repr {
     fn headers(&self, h: &mut HeaderMap) {
+        *h = self.base.clone();
         let mut set = |name: &'static str, v: &str| {
             if let Ok(v) = HeaderValue::from_str(v) {
                 h.insert(name, v);
             }
         };
+        // URL forms keep the origin's ETag; the content-addressed form, and objects whose upstream
+        // sent none, carry the digest's (SPEC 4).
+        match (&self.upstream_etag, self.digest) {
+            (Some(e), _) => set("etag", e),
+            (None, Some(d)) => set("etag", &d.etag()),
+            (None, None) => {}
+        }
         if let Some(d) = self.digest {
-            set("etag", &d.etag());
             set("repr-digest", &d.repr_digest_header());
-        } else if let Some(e) = &self.upstream_etag {
-            set("etag", e);
         }
         if let Some(lm) = &self.last_modified {
             set("last-modified", lm);
         }
-        set(
-            "content-type",
-            self.content_type
-                .as_deref()
-                .unwrap_or("application/octet-stream"),
-        );
-        set("accept-ranges", "bytes");
+        let typed = self.base.contains_key(http::header::CONTENT_TYPE);
+        if !typed {
+            set(
+                "content-type",
+                self.content_type
+                    .as_deref()
+                    .unwrap_or("application/octet-stream"),
+            );
+        }
+        if self.status == StatusCode::OK {
+            set("accept-ranges", "bytes");
+        }
+        if let Some(age) = self.age {
+            set("age", &age.to_string());
+        }
         set("cache-status", &self.cache_status);
     }
 
@@ -116,25 +134,34 @@ fn cache_status(upstream: Option<&str>, ours: &str) -> String {
 
 /// Answers from a stored object.
 pub fn hit(hit: Hit, meta: Option<KeyMeta>, how: HitKind, ask: &Ask) -> Response<Body> {
+    let now = now_ms();
     let member = match how {
         HitKind::Fresh => "cistern; hit".to_string(),
         HitKind::Revalidated => "cistern; fwd=stale; fwd-status=304".to_string(),
         HitKind::Stale => {
-            let ttl = meta
-                .as_ref()
-                .and_then(|m| m.ttl(now_ms()))
-                .unwrap_or(-1)
-                .min(-1);
+            let ttl = meta.as_ref().and_then(|m| m.ttl(now)).unwrap_or(-1).min(-1);
             format!("cistern; hit; ttl={ttl}; detail=stale")
         }
     };
     let repr = Repr {
+        status: meta
+            .as_ref()
+            .and_then(|m| StatusCode::from_u16(m.status).ok())
+            .unwrap_or(StatusCode::OK),
         size: Some(hit.bytes.len() as u64),
         digest: Some(hit.digest),
         upstream_etag: meta.as_ref().and_then(|m| m.etag.clone()),
         last_modified: meta.as_ref().and_then(|m| m.last_modified.clone()),
         content_type: hit.content_type.clone(),
         cache_status: member,
+        base: meta
+            .as_ref()
+            .map(|m| headers::to_map(&m.headers))
+            .unwrap_or_default(),
+        age: meta
+            .as_ref()
+            .filter(|m| m.fresh_for.is_some())
+            .map(|m| m.age(now)),
     };
     let size = hit.bytes.len() as u64;
     answer(&repr, ask, size, move |start, end| {
@@ -170,6 +197,12 @@ fn answer(
 ) -> Response<Body> {
     let mut h = HeaderMap::new();
     repr.headers(&mut h);
+    if repr.status != StatusCode::OK {
+        // Ranges and validators are about 200 representations (RFC 9110 §14.2, §13.1).
+        set(&mut h, "content-length", &size.to_string());
+        let b = if ask.head { empty() } else { body(0, size) };
+        return with(repr.status, h, b);
+    }
     if let Some(inm) = &ask.if_none_match {
         if repr.not_modified(inm) {
             return with(StatusCode::NOT_MODIFIED, h, empty());
@@ -225,36 +258,35 @@ fn with(status: StatusCode, h: HeaderMap, body: Body) -> Response<Body> {
     r
 }
 
-/// Answers from a transfer in flight, streaming its bytes as they arrive.
+/// The Cache-Status member of a client of a flight.
+fn flight_member(joined: Joined, head: &Head) -> &'static str {
+    match joined {
+        Joined::Verified => "cistern; hit",
+        Joined::InFlight => "cistern; fwd=uri-miss; collapsed",
+        Joined::Leader if head.storing => "cistern; fwd=uri-miss; stored",
+        Joined::Leader => "cistern; fwd=bypass",
+    }
+}
+
+/// Answers from a transfer in flight whose head is known, streaming its bytes as they arrive.
 pub async fn flight(
     flight: Arc<Flight>,
-    leader: bool,
+    joined: Joined,
+    head: Head,
     reader: FlightReader,
     ask: &Ask,
 ) -> Response<Body> {
-    let head = match flight.head().await {
-        Ok(h) => h,
-        Err(crate::fetch::End::Failed(e)) => return fetch_error_response(e),
-        Err(_) => {
-            return fetch_error_response(crate::fetch::FetchError::Internal(
-                "transfer ended oddly".into(),
-            ))
-        }
-    };
-    let member = if !leader {
-        "cistern; fwd=uri-miss; collapsed"
-    } else if head.storing {
-        "cistern; fwd=uri-miss; stored"
-    } else {
-        "cistern; fwd=uri-miss"
-    };
+    let member = flight_member(joined, &head);
     let mut repr = Repr {
+        status: head.status,
         size: head.size,
-        digest: head.digest,
+        digest: head.digest.or_else(|| flight.digest()),
         upstream_etag: head.etag.clone(),
         last_modified: head.last_modified.clone(),
         content_type: head.content_type.clone(),
         cache_status: cache_status(head.upstream_cache_status.as_deref(), member),
+        base: headers::to_map(&head.headers),
+        age: head.age,
     };
     let range = ask.range.filter(|_| {
         ask.if_range
@@ -324,15 +356,7 @@ fn stream(mut reader: FlightReader, from: u64, to: Option<u64>) -> Body {
 /// Passes an upstream response through (HEAD on a miss, requests with Authorization, bypass).
 pub fn pass(resp: Response<hyper::body::Incoming>, member: &str) -> Response<Body> {
     let (mut parts, body) = resp.into_parts();
-    for h in [
-        "connection",
-        "keep-alive",
-        "transfer-encoding",
-        "proxy-connection",
-        "upgrade",
-    ] {
-        parts.headers.remove(h);
-    }
+    parts.headers = headers::end_to_end(&parts.headers);
     let upstream = parts
         .headers
         .get("cache-status")

@@ -5,40 +5,92 @@
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
 use super::Digest;
 
-/// What cistern knows about one key (one URL form) that maps to an object.
+/// What cistern knows about one key (one URL form, or one variant of one) that maps to an object.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 pub struct KeyMeta {
-    /// When the mapping was made or last revalidated (Unix ms): "the one fetched last wins" on rebuild,
-    /// and the age for RFC 9111 freshness.
+    /// When the response was received or last revalidated (Unix ms): "the one fetched last wins" on
+    /// rebuild, and the response time of RFC 9111 §4.2.3.
     pub fetched_at: u64,
-    /// Freshness lifetime in seconds from `fetched_at`; None = never goes stale (digest URL, manifest,
-    /// immutable origin).
+    /// Freshness lifetime in seconds; None = never goes stale (digest URL, manifest, immutable origin).
     pub fresh_for: Option<u64>,
     /// The upstream's ETag as it sent it, for If-None-Match on revalidation and for If-Range on resume.
     pub etag: Option<String>,
     /// The upstream's Last-Modified, for If-Modified-Since and heuristic freshness.
     pub last_modified: Option<String>,
+    /// The response's corrected initial age in seconds at `fetched_at` (RFC 9111 §4.2.3): what the
+    /// upstream's `Age` and `Date` said, plus the time the request took.
+    #[serde(default)]
+    pub initial_age: u64,
+    /// The status the upstream answered (200, or another cacheable one such as 404 or 301).
+    #[serde(default = "status_ok")]
+    pub status: u16,
+    /// The upstream's end-to-end response fields, replayed on hits.
+    #[serde(default)]
+    pub headers: StoredHeaders,
+    /// The response forbids serving it stale (`must-revalidate`, `proxy-revalidate`, `s-maxage`,
+    /// `no-cache`: RFC 9111 §4.2.4), even while the upstream is unreachable.
+    #[serde(default)]
+    pub no_stale: bool,
+    /// `stale-if-error` and `stale-while-revalidate` (RFC 5861), in seconds.
+    #[serde(default)]
+    pub stale_if_error: Option<u64>,
+    #[serde(default)]
+    pub stale_while_revalidate: Option<u64>,
+    /// The request fields the response varies on (RFC 9111 §4.1) and their values, normalised, in the
+    /// request it answered (None: the field was absent). Empty: the response has no `Vary`.
+    #[serde(default)]
+    pub vary: Vec<(String, Option<String>)>,
+}
+
+fn status_ok() -> u16 {
+    200
+}
+
+/// A stored response header block: the upstream's end-to-end fields in the order it sent them, lower-
+/// case names. Shared, so that a hit costs no copy of it.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct StoredHeaders(pub Arc<Vec<(String, String)>>);
+
+impl StoredHeaders {
+    /// The first value of a field, by lower-case name.
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.0
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &(String, String)> {
+        self.0.iter()
+    }
 }
 
 impl KeyMeta {
     pub fn immutable() -> Self {
         KeyMeta {
             fetched_at: now_ms(),
+            status: 200,
             ..Default::default()
         }
+    }
+
+    /// The response's current age in seconds (RFC 9111 §4.2.3).
+    pub fn age(&self, now_ms: u64) -> u64 {
+        self.initial_age + now_ms.saturating_sub(self.fetched_at) / 1000
     }
 
     /// Seconds left before the mapping goes stale (negative once stale); None when it never does.
     pub fn ttl(&self, now_ms: u64) -> Option<i64> {
         let fresh = self.fresh_for? as i64;
-        let age = (now_ms.saturating_sub(self.fetched_at) / 1000) as i64;
-        Some(fresh - age)
+        Some(fresh - self.age(now_ms) as i64)
     }
 
     /// The upstream's ETag when it is strong (usable for If-Range, RFC 9110 §13.1.5).

@@ -25,7 +25,7 @@ use serde::Serialize;
 pub use digest::{BadDigest, Digest};
 pub use fill::Fill;
 pub use index::KeyEntry;
-pub use meta::{now_ms, KeyMeta, ObjectMeta};
+pub use meta::{now_ms, KeyMeta, ObjectMeta, StoredHeaders};
 
 pub use budget::free_bytes;
 use budget::Budget;

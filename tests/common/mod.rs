@@ -39,6 +39,13 @@ pub struct Behaviour {
     pub location: Option<String>,
     /// Send no Content-Length (a chunked body of unknown length).
     pub chunked: bool,
+    /// More response fields, on every answer (200, 304, other statuses).
+    pub headers: Vec<(&'static str, String)>,
+    /// The body depends on this request field (its value is appended), and the response says
+    /// `Vary: <field>`.
+    pub vary_body: Option<&'static str>,
+    /// Answer every Range request with this status (a resume that fails).
+    pub range_status: Option<u16>,
 }
 
 pub struct OriginFile {
@@ -219,7 +226,17 @@ fn serve(
         if let Some(l) = &b.location {
             r.headers_mut().insert("location", l.parse().unwrap());
         }
+        if let Some(cc) = &b.cache_control {
+            r.headers_mut().insert("cache-control", cc.parse().unwrap());
+        }
+        extra_headers(&mut r, b);
         return r;
+    }
+    if let (Some(s), true) = (b.range_status, req.headers().contains_key("range")) {
+        let body = Full::new(Bytes::from_static(b"no ranges today"))
+            .map_err(|n| match n {})
+            .boxed();
+        return resp(StatusCode::from_u16(s).unwrap(), body);
     }
     let etag = b.etag.clone();
     if let (Some(e), Some(inm)) = (&etag, req.headers().get("if-none-match")) {
@@ -232,10 +249,18 @@ fn serve(
             if let Some(cc) = &b.cache_control {
                 r.headers_mut().insert("cache-control", cc.parse().unwrap());
             }
+            extra_headers(&mut r, b);
             return r;
         }
     }
-    let total = file.body.len();
+    let full_body = match b.vary_body {
+        Some(n) => {
+            let v = req.headers().get(n).map(|v| v.as_bytes()).unwrap_or(b"-");
+            Bytes::from([&file.body[..], v].concat())
+        }
+        None => file.body.clone(),
+    };
+    let total = full_body.len();
     let mut start = 0usize;
     let mut status = StatusCode::OK;
     if let Some(r) = req.headers().get("range").and_then(|v| v.to_str().ok()) {
@@ -251,7 +276,7 @@ fn serve(
             }
         }
     }
-    let mut body_bytes = file.body.slice(start..);
+    let mut body_bytes = full_body.slice(start..);
     let mut break_now = false;
     if let Some(n) = b.break_after {
         let mut sb = served_breaks.lock().unwrap();
@@ -314,6 +339,11 @@ fn serve(
     if let Some(cc) = &b.cache_control {
         h.insert("cache-control", cc.parse().unwrap());
     }
+    if let Some(n) = b.vary_body {
+        h.insert("vary", n.parse().unwrap());
+    }
+    extra_headers(&mut r, b);
+    let h = r.headers_mut();
     if b.wrong_digest || b.right_digest {
         use base64::Engine;
         let d = if b.wrong_digest {
@@ -328,6 +358,12 @@ fn serve(
         h.insert("repr-digest", v.parse().unwrap());
     }
     r
+}
+
+fn extra_headers(r: &mut Response<Body>, b: &Behaviour) {
+    for (k, v) in &b.headers {
+        r.headers_mut().append(*k, v.parse().unwrap());
+    }
 }
 
 fn resp(status: StatusCode, body: Body) -> Response<Body> {
@@ -438,6 +474,24 @@ impl Node {
     }
 }
 
+/// A top gateway and a child whose `upstream.parents` is `parents` (`TOP` stands for the top's URL).
+pub async fn top_and_child(origin: &Origin, parents: &str) -> (Node, Node) {
+    let top = Node::start(origin, "").await;
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cfg = config(tmp.path(), origin, "");
+    cfg.node.id = "child".into();
+    cfg.upstream.parents = parents
+        .replace("TOP", &format!("http://{}", top.addr))
+        .split(',')
+        .map(str::to_string)
+        .collect();
+    // The child names the origin only through its named origin; its allowlist is otherwise empty.
+    cfg.upstream.allowed_origins.clear();
+    let mut child = Node::start_with(cfg).await;
+    child.keep(tmp);
+    (top, child)
+}
+
 /// What a client saw.
 pub struct Got {
     pub status: StatusCode,
@@ -484,6 +538,12 @@ pub async fn request_body(method: &str, url: &str, headers: &[(&str, &str)], bod
         .send_request(req.body(Full::new(body)).unwrap())
         .await
         .unwrap();
+    got(resp).await
+}
+
+/// Reads a response whole. A body that ends with an error keeps every byte received before it, so
+/// that a test can tell how far a cut-off download got.
+async fn got(resp: Response<hyper::body::Incoming>) -> Got {
     let (parts, mut b) = resp.into_parts();
     let mut out = Vec::new();
     let mut aborted = false;
@@ -512,8 +572,19 @@ pub async fn get(url: &str) -> Got {
     request("GET", url, &[]).await
 }
 
-/// Sends a request in forward-proxy form (absolute URL) to `proxy`.
+/// Sends a GET in forward-proxy form (absolute URL) to `proxy`.
 pub async fn proxy_get(proxy: SocketAddr, url: &str, headers: &[(&str, &str)]) -> Got {
+    proxy_request(proxy, "GET", url, headers, Bytes::new()).await
+}
+
+/// Sends a request in forward-proxy form (absolute URL) to `proxy`.
+pub async fn proxy_request(
+    proxy: SocketAddr,
+    method: &str,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: Bytes,
+) -> Got {
     let sock = tokio::net::TcpStream::connect(proxy).await.unwrap();
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(sock))
         .await
@@ -521,27 +592,17 @@ pub async fn proxy_get(proxy: SocketAddr, url: &str, headers: &[(&str, &str)]) -
     tokio::spawn(conn);
     let uri: http::Uri = url.parse().unwrap();
     let mut req = Request::builder()
-        .method("GET")
+        .method(method)
         .uri(uri.clone())
         .header("host", uri.authority().unwrap().as_str());
     for (k, v) in headers {
         req = req.header(*k, *v);
     }
     let resp = sender
-        .send_request(req.body(Full::new(Bytes::new())).unwrap())
+        .send_request(req.body(Full::new(body)).unwrap())
         .await
         .unwrap();
-    let (parts, b) = resp.into_parts();
-    let (body, aborted) = match b.collect().await {
-        Ok(c) => (c.to_bytes(), false),
-        Err(_) => (Bytes::new(), true),
-    };
-    Got {
-        status: parts.status,
-        headers: parts.headers,
-        body,
-        aborted,
-    }
+    got(resp).await
 }
 
 /// Waits until `cond` holds, failing the test after `secs`.
