@@ -25,9 +25,8 @@ const HOP_BY_HOP: [&str; 9] = [
 
 /// Response fields that cistern computes itself for each answer and so never stores: framing, the
 /// age (recomputed, RFC 9111 §4.2.3) and the fields it adds as a cache.
-const NOT_STORED: [&str; 7] = [
+const NOT_STORED: [&str; 6] = [
     "content-length",
-    "content-range",
     "age",
     "accept-ranges",
     "repr-digest",

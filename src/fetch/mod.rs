@@ -3,6 +3,7 @@
 //! revalidation (SPEC 4). Calls `store` and the upstream; called by `server`.
 
 pub mod flight;
+mod framing;
 pub mod freshness;
 pub mod headers;
 pub mod key;

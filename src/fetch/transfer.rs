@@ -13,6 +13,7 @@ use hyper::body::Incoming;
 use sha2::{Digest as _, Sha256};
 
 use super::flight::{End, Flight, Head};
+use super::framing::{content_length, continues, same_etag, strong_date};
 use super::{freshness, headers, FetchError, Fetcher, Target};
 use crate::store::{now_ms, Digest, Fill, KeyEntry, KeyMeta, StoreError};
 
@@ -608,61 +609,6 @@ impl Transfer {
     }
 }
 
-/// Whether a Last-Modified date is a strong validator (RFC 9110 §8.8.2.2): at least a second older
-/// than the response's Date, so that it cannot have changed twice within its second.
-fn strong_date(lm: &str, h: &HeaderMap) -> bool {
-    let date = h
-        .get(http::header::DATE)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|d| httpdate::parse_http_date(d).ok());
-    match (httpdate::parse_http_date(lm).ok(), date) {
-        (Some(lm), Some(d)) => d.duration_since(lm).is_ok_and(|g| g.as_secs() >= 1),
-        _ => false,
-    }
-}
-
-/// A 206 resumes the same representation: when the validator was an ETag, the 206 carries it too.
-fn same_etag(h: &HeaderMap, v: Option<&str>) -> bool {
-    match (v, h.get(http::header::ETAG).and_then(|e| e.to_str().ok())) {
-        (Some(v), Some(e)) if v.starts_with('"') => v == e,
-        _ => true,
-    }
-}
-
-fn content_length(h: &HeaderMap) -> Option<u64> {
-    h.get(http::header::CONTENT_LENGTH)?
-        .to_str()
-        .ok()?
-        .trim()
-        .parse()
-        .ok()
-}
-
-/// A 206 continues the held bytes when its Content-Range starts where they end and names the same size.
-fn continues(h: &HeaderMap, written: u64, size: Option<u64>) -> bool {
-    let Some(cr) = h
-        .get(http::header::CONTENT_RANGE)
-        .and_then(|v| v.to_str().ok())
-    else {
-        return false;
-    };
-    let Some(rest) = cr.trim().strip_prefix("bytes ") else {
-        return false;
-    };
-    let Some((range, total)) = rest.split_once('/') else {
-        return false;
-    };
-    let Some((a, _)) = range.split_once('-') else {
-        return false;
-    };
-    let total_ok = match (total.trim().parse::<u64>().ok(), size) {
-        (Some(t), Some(s)) => t == s,
-        (None, _) => total.trim() == "*",
-        (Some(_), None) => true,
-    };
-    a.trim().parse::<u64>().ok() == Some(written) && total_ok
-}
-
 async fn error_status(resp: Response<Incoming>) -> FetchError {
     let status = resp.status();
     let headers = Box::new(headers::end_to_end(resp.headers()));
@@ -686,23 +632,4 @@ async fn error_status(resp: Response<Incoming>) -> FetchError {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn content_range_continuation() {
-        let mut h = HeaderMap::new();
-        h.insert(
-            http::header::CONTENT_RANGE,
-            "bytes 100-199/200".parse().unwrap(),
-        );
-        assert!(continues(&h, 100, Some(200)));
-        assert!(!continues(&h, 50, Some(200)));
-        assert!(!continues(&h, 100, Some(300)));
-        h.insert(
-            http::header::CONTENT_RANGE,
-            "bytes 100-199/*".parse().unwrap(),
-        );
-        assert!(continues(&h, 100, None));
-    }
-}
+mod tests;

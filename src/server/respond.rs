@@ -20,6 +20,7 @@ pub struct Ask {
     pub range: Option<ByteRange>,
     pub if_range: Option<String>,
     pub if_none_match: Option<String>,
+    pub if_modified_since: Option<String>,
 }
 
 impl Ask {
@@ -32,6 +33,7 @@ impl Ask {
             range: s(http::header::RANGE).and_then(|v| range::parse(&v)),
             if_range: s(http::header::IF_RANGE),
             if_none_match: s(http::header::IF_NONE_MATCH),
+            if_modified_since: s(http::header::IF_MODIFIED_SINCE),
         }
     }
 }
@@ -90,8 +92,24 @@ impl Repr {
         set("cache-status", &self.cache_status);
     }
 
+    /// The conditions of a GET (RFC 9110 §13.2.2): If-None-Match when present, else
+    /// If-Modified-Since against the Last-Modified date.
+    fn not_modified(&self, ask: &Ask) -> bool {
+        if let Some(inm) = &ask.if_none_match {
+            return self.none_match_fails(inm);
+        }
+        let date = |v: &str| httpdate::parse_http_date(v.trim()).ok();
+        match (
+            ask.if_modified_since.as_deref().and_then(date),
+            self.last_modified.as_deref().and_then(date),
+        ) {
+            (Some(since), Some(lm)) => lm <= since,
+            _ => false,
+        }
+    }
+
     /// If-None-Match with weak comparison (RFC 9110 §13.1.2).
-    fn not_modified(&self, inm: &str) -> bool {
+    fn none_match_fails(&self, inm: &str) -> bool {
         let ours = self.digest.map(|d| d.etag());
         inm.split(',').map(str::trim).any(|t| {
             if t == "*" {
@@ -203,10 +221,8 @@ fn answer(
         let b = if ask.head { empty() } else { body(0, size) };
         return with(repr.status, h, b);
     }
-    if let Some(inm) = &ask.if_none_match {
-        if repr.not_modified(inm) {
-            return with(StatusCode::NOT_MODIFIED, h, empty());
-        }
+    if repr.not_modified(ask) {
+        return with(StatusCode::NOT_MODIFIED, h, empty());
     }
     let range = ask.range.filter(|_| {
         ask.if_range
@@ -326,17 +342,15 @@ pub async fn flight(
         None => {
             let mut h = HeaderMap::new();
             repr.headers(&mut h);
-            if let Some(inm) = &ask.if_none_match {
-                if repr.not_modified(inm) {
-                    return with(StatusCode::NOT_MODIFIED, h, empty());
-                }
+            if repr.status == StatusCode::OK && repr.not_modified(ask) {
+                return with(StatusCode::NOT_MODIFIED, h, empty());
             }
             let b = if ask.head {
                 empty()
             } else {
                 stream(reader, 0, None)
             };
-            with(StatusCode::OK, h, b)
+            with(repr.status, h, b)
         }
     }
 }

@@ -175,15 +175,18 @@ impl Fill {
                 path: self.path.display().to_string(),
                 source,
             })?;
-        let r = self.store.commit_blob(
-            &self.path,
-            digest,
-            self.len,
-            self.reserved,
+        // The reservation moves into the commit, which releases it exactly once.
+        let reserved = std::mem::take(&mut self.reserved);
+        let r = self.store.commit_blob(super::Commit {
+            tmp: &self.path,
+            digest: *digest,
+            size: self.len,
+            reserved,
             key,
             content_type,
             pin,
-        );
+        });
+        // Whatever happened, the temp file is the commit's now (renamed, or left for Drop to remove).
         self.committed = r.is_ok();
         r
     }

@@ -7,6 +7,7 @@
 //! to run on blocking threads.
 
 mod budget;
+mod catalog;
 mod digest;
 mod fill;
 mod index;
@@ -22,6 +23,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use bytes::Bytes;
 use serde::Serialize;
 
+pub(crate) use catalog::Commit;
 pub use digest::{BadDigest, Digest};
 pub use fill::Fill;
 pub use index::KeyEntry;
@@ -89,6 +91,8 @@ struct Shared {
     /// Held for the life of the store: a second process cannot open it (SPEC 1: `--server`).
     _lock: std::fs::File,
     next_tmp: AtomicU64,
+    /// The per-digest locks around everything that changes an object's files or `.meta`.
+    catalog: catalog::Catalog,
 }
 
 #[derive(Default)]
@@ -188,6 +192,7 @@ impl Store {
                 stats: StoreStats::default(),
                 _lock: lock,
                 next_tmp: AtomicU64::new(0),
+                catalog: catalog::Catalog::default(),
             }),
         };
         Ok(store)
@@ -303,27 +308,6 @@ impl Store {
             .contains_key(d)
     }
 
-    /// Maps `key` to an already stored object (and records its freshness), in the index and in `.meta`.
-    pub fn map_key(&self, key: &str, d: &Digest, meta: KeyMeta) -> Result<(), StoreError> {
-        if !self.contains(d) {
-            return Err(StoreError::NotFound(*d));
-        }
-        let mpath = self.meta_path(d);
-        let mut m = ObjectMeta::read(&mpath).unwrap_or_else(|_| self.meta_from_state(d));
-        m.keys.insert(key.to_string(), meta.clone());
-        m.write(&mpath).map_err(io_err(&mpath))?;
-        self.index_key(key, d, meta)
-    }
-
-    fn drop_key_from_meta(&self, d: &Digest, key: &str) {
-        let mpath = self.meta_path(d);
-        if let Ok(mut m) = ObjectMeta::read(&mpath) {
-            if m.keys.remove(key).is_some() {
-                let _ = m.write(&mpath);
-            }
-        }
-    }
-
     fn meta_from_state(&self, d: &Digest) -> ObjectMeta {
         let st = self.state();
         let o = st.objects.get(d);
@@ -378,7 +362,7 @@ impl Store {
             victims
         };
         for d in victims {
-            self.unlink(&d);
+            self.unlink(&d, true);
             self.shared.stats.evictions.fetch_add(1, Ordering::Relaxed);
             tracing::info!(digest = %d, "evicted");
         }
@@ -394,113 +378,13 @@ impl Store {
         self.shared.max_object_size
     }
 
-    /// Makes a verified fill visible: meta, rename, directory fsync, index. Blocking.
-    #[allow(clippy::too_many_arguments)] // one call site, in Fill::commit; a struct would only rename them
-    pub(crate) fn commit_blob(
-        &self,
-        tmp: &Path,
-        d: &Digest,
-        size: u64,
-        reserved: u64,
-        key: Option<(&str, KeyMeta)>,
-        content_type: Option<String>,
-        pin: bool,
-    ) -> Result<(), StoreError> {
-        let exists = self.contains(d);
-        if exists {
-            let _ = std::fs::remove_file(tmp);
-            self.release(reserved);
-        } else {
-            let final_path = self.blob_path(d);
-            let parent = final_path
-                .parent()
-                .unwrap_or(&self.shared.objects_dir)
-                .to_path_buf();
-            std::fs::create_dir_all(&parent).map_err(io_err(&parent))?;
-            let mpath = self.meta_path(d);
-            let mut m = ObjectMeta::read(&mpath).unwrap_or(ObjectMeta {
-                digest: *d,
-                size,
-                pinned: false,
-                content_type: content_type.clone(),
-                keys: Default::default(),
-            });
-            m.size = size;
-            m.pinned |= pin;
-            if let Some((k, km)) = &key {
-                m.keys.insert(k.to_string(), km.clone());
-            }
-            m.write(&mpath).map_err(io_err(&mpath))?;
-            std::fs::rename(tmp, &final_path).map_err(io_err(&final_path))?;
-            if let Ok(dir) = std::fs::File::open(&parent) {
-                let _ = dir.sync_all();
-            }
-            let rec = ObjectRecord {
-                size,
-                pinned: m.pinned,
-                last_access: now_ms(),
-                hits: 0,
-                content_type,
-            };
-            self.shared.index.put_object(d, &rec)?;
-            let mut st = self.state();
-            st.reserved = st.reserved.saturating_sub(reserved);
-            st.used += size;
-            st.objects.insert(
-                *d,
-                Obj {
-                    size,
-                    pinned: rec.pinned,
-                    last_access: rec.last_access,
-                    hits: 0,
-                    readers: 0,
-                    content_type: rec.content_type,
-                },
-            );
-            self.shared.stats.commits.fetch_add(1, Ordering::Relaxed);
-        }
-        if pin && exists {
-            self.set_pin(d, true)?;
-        }
-        if let Some((k, km)) = key {
-            if exists {
-                self.map_key(k, d, km)?;
-            } else {
-                self.index_key(k, d, km)?;
-            }
-        }
-        Ok(())
-    }
-
-    /// Points `key` at `d` in the index, removing it from the meta of the object it pointed at before.
-    fn index_key(&self, key: &str, d: &Digest, meta: KeyMeta) -> Result<(), StoreError> {
-        if let Some(old) = self.shared.index.key(key) {
-            if old.digest != *d {
-                self.drop_key_from_meta(&old.digest, key);
-            }
-        }
+    /// Drops the shared mapping of an object that is going away.
+    fn forget_map(&self, d: &Digest) {
         self.shared
-            .index
-            .put_key(key, &KeyEntry { digest: *d, meta })?;
-        Ok(())
-    }
-
-    /// Pins or unpins an object (pinned objects are never evicted).
-    pub fn set_pin(&self, d: &Digest, pinned: bool) -> Result<(), StoreError> {
-        {
-            let mut st = self.state();
-            let o = st.objects.get_mut(d).ok_or(StoreError::NotFound(*d))?;
-            o.pinned = pinned;
-        }
-        let mpath = self.meta_path(d);
-        let mut m = ObjectMeta::read(&mpath).unwrap_or_else(|_| self.meta_from_state(d));
-        m.pinned = pinned;
-        m.write(&mpath).map_err(io_err(&mpath))?;
-        if let Some(mut r) = self.shared.index.object(d) {
-            r.pinned = pinned;
-            self.shared.index.put_object(d, &r)?;
-        }
-        Ok(())
+            .maps
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(d);
     }
 
     /// Removes an object, its meta and every key that maps to it.
@@ -508,31 +392,8 @@ impl Store {
         if !self.contains(d) {
             return Err(StoreError::NotFound(*d));
         }
-        self.unlink(d);
+        self.unlink(d, false);
         Ok(())
-    }
-
-    fn unlink(&self, d: &Digest) {
-        let keys = ObjectMeta::read(&self.meta_path(d))
-            .map(|m| m.keys)
-            .unwrap_or_default();
-        for k in keys.keys() {
-            if self.shared.index.key(k).is_some_and(|e| e.digest == *d) {
-                let _ = self.shared.index.remove_key(k);
-            }
-        }
-        let _ = self.shared.index.remove_object(d);
-        let _ = std::fs::remove_file(self.blob_path(d));
-        let _ = std::fs::remove_file(self.meta_path(d));
-        self.shared
-            .maps
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(d);
-        let mut st = self.state();
-        if let Some(o) = st.objects.remove(d) {
-            st.used = st.used.saturating_sub(o.size);
-        }
     }
 
     /// Every stored object with its keys, for the admin listing and the dashboard.
@@ -613,7 +474,7 @@ impl Store {
                 Err(e) => e.to_string(),
             };
             if repair {
-                self.unlink(&d);
+                self.unlink(&d, false);
             }
             bad.push((d, problem));
         }

@@ -60,7 +60,7 @@ pub fn reconcile(objects_dir: &Path, tmp_dir: &Path, index: &Index) -> Result<St
         for e in rd.flatten() {
             let path = e.path();
             let name = e.file_name().to_string_lossy().to_string();
-            if name.ends_with(".meta.tmp") {
+            if name.contains(".meta.tmp") {
                 let _ = std::fs::remove_file(&path);
                 continue;
             }

@@ -1,0 +1,59 @@
+//! What an upstream response's head says about its body and about resuming it: its length, whether a
+//! 206 continues the bytes held, and which validators may guard a resume (RFC 9110 §13.1.5, §14.4).
+
+use http::HeaderMap;
+
+/// Whether a Last-Modified date is a strong validator (RFC 9110 §8.8.2.2): at least a second older
+/// than the response's Date, so that it cannot have changed twice within its second.
+pub fn strong_date(lm: &str, h: &HeaderMap) -> bool {
+    let date = h
+        .get(http::header::DATE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|d| httpdate::parse_http_date(d).ok());
+    match (httpdate::parse_http_date(lm).ok(), date) {
+        (Some(lm), Some(d)) => d.duration_since(lm).is_ok_and(|g| g.as_secs() >= 1),
+        _ => false,
+    }
+}
+
+/// A 206 resumes the same representation: when the validator was an ETag, the 206 carries it too.
+pub fn same_etag(h: &HeaderMap, v: Option<&str>) -> bool {
+    match (v, h.get(http::header::ETAG).and_then(|e| e.to_str().ok())) {
+        (Some(v), Some(e)) if v.starts_with('"') => v == e,
+        _ => true,
+    }
+}
+
+pub fn content_length(h: &HeaderMap) -> Option<u64> {
+    h.get(http::header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// A 206 continues the held bytes when its Content-Range starts where they end and names the same size.
+pub fn continues(h: &HeaderMap, written: u64, size: Option<u64>) -> bool {
+    let Some(cr) = h
+        .get(http::header::CONTENT_RANGE)
+        .and_then(|v| v.to_str().ok())
+    else {
+        return false;
+    };
+    let Some(rest) = cr.trim().strip_prefix("bytes ") else {
+        return false;
+    };
+    let Some((range, total)) = rest.split_once('/') else {
+        return false;
+    };
+    let Some((a, _)) = range.split_once('-') else {
+        return false;
+    };
+    let total_ok = match (total.trim().parse::<u64>().ok(), size) {
+        (Some(t), Some(s)) => t == s,
+        (None, _) => total.trim() == "*",
+        (Some(_), None) => true,
+    };
+    a.trim().parse::<u64>().ok() == Some(written) && total_ok
+}
