@@ -343,3 +343,49 @@ async fn a_request_after_the_last_byte_is_a_hit() {
     let s = get(&node.url("/summary")).await.json();
     assert!(s["hitBytes"].as_u64().unwrap() >= 5 * 300_000, "{s}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_post_passes_through_and_invalidates() {
+    let origin = Origin::start().await;
+    let mut b = cc("max-age=600");
+    b.headers = vec![("content-location", "/other".into())];
+    origin.put("/inv", random_bytes(200, 30), b);
+    origin.put("/other", random_bytes(200, 31), cc("max-age=600"));
+    let node = Node::start(&origin, "").await;
+    let (inv, other) = (
+        format!("{}/inv", origin.url()),
+        format!("{}/other", origin.url()),
+    );
+    for u in [&inv, &other] {
+        proxy_get(node.addr, u, &[]).await;
+        let g = proxy_get(node.addr, u, &[]).await;
+        assert_eq!(g.header("cache-status"), "cistern; hit");
+    }
+    let body = bytes::Bytes::from_static(b"abc");
+    let p = proxy_request(
+        node.addr,
+        "POST",
+        &inv,
+        &[("content-type", "text/plain")],
+        body,
+    )
+    .await;
+    assert_eq!(p.status, 200);
+    assert_eq!(p.header("cache-status"), "cistern; fwd=bypass");
+    let methods: Vec<String> = origin.log_methods("/inv");
+    assert_eq!(methods, ["GET", "POST"]);
+    for u in [&inv, &other] {
+        let g = proxy_get(node.addr, u, &[]).await;
+        assert_ne!(
+            g.header("cache-status"),
+            "cistern; hit",
+            "{u} not invalidated"
+        );
+    }
+    assert_eq!(origin.gets("/inv"), 2);
+    // The cache-host form serves GET and HEAD only.
+    let host = origin.url().trim_start_matches("http://").to_string();
+    let url = node.url(&format!("/inv?cacheHostOrigin={host}"));
+    let g = request_body("POST", &url, &[], bytes::Bytes::from_static(b"x")).await;
+    assert_eq!(g.status, 405);
+}

@@ -11,6 +11,7 @@ pub mod parents;
 pub mod policy;
 pub mod prefetch;
 mod proxy;
+mod sink;
 mod transfer;
 pub mod upstream;
 
@@ -483,6 +484,47 @@ impl Fetcher {
             .fetch(method, t.url.as_ref(), t.digest, &h)
             .await
             .inspect_err(|e| self.count_error(e))
+    }
+
+    /// Another method than GET or HEAD on a URL form: passed upstream with its body, uncached; a
+    /// successful (2xx, 3xx) answer to an unsafe method invalidates what is stored for the URL and for
+    /// its `Location` and `Content-Location` on the same origin (RFC 9111 §4.4).
+    pub async fn forward(
+        &self,
+        method: Method,
+        t: &Target,
+        strip: &[String],
+        body: upstream::ReqBody,
+    ) -> Result<Response<Incoming>, FetchError> {
+        let Some(url) = &t.url else {
+            return Err(FetchError::NotFound("no upstream for this request".into()));
+        };
+        let mut h = headers::end_to_end(&t.headers);
+        headers::add_ours(&mut h, &self.inner.cfg.node_id);
+        let resp = self
+            .inner
+            .client
+            .forward(method.clone(), url, &h, body)
+            .await
+            .inspect_err(|e| self.count_error(e))?;
+        let safe = matches!(method, Method::OPTIONS | Method::TRACE);
+        let ok = resp.status().is_success() || resp.status().is_redirection();
+        if !safe && ok {
+            let store = &self.inner.store;
+            store.invalidate(&t.key);
+            for name in [http::header::LOCATION, http::header::CONTENT_LOCATION] {
+                let target = resp
+                    .headers()
+                    .get(&name)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| upstream::resolve_location(url, v))
+                    .filter(|u| u.authority() == url.authority());
+                if let Some(u) = target {
+                    store.invalidate(&key::cache_key(&u, strip));
+                }
+            }
+        }
+        Ok(resp)
     }
 
     /// The fields of a fill's upstream request: the (first) client's end-to-end fields without its

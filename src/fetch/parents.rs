@@ -6,9 +6,7 @@
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use http::{HeaderMap, Method, Request, Response, Uri};
-use http_body_util::Empty;
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
@@ -16,6 +14,7 @@ use serde::Serialize;
 
 use super::policy::host_of;
 use super::proxy::ProxyConnector;
+use super::upstream::ReqBody;
 use super::FetchError;
 
 /// How long a parent that failed to connect, timed out or answered 503 is skipped.
@@ -27,9 +26,9 @@ use super::proxy::Inner;
 pub struct Parent {
     pub url: Uri,
     /// Sends absolute-form requests to the parent (URL forms).
-    proxied: Client<ProxyConnector, Empty<Bytes>>,
+    proxied: Client<ProxyConnector, ReqBody>,
     /// Sends origin-form requests to the parent (its own endpoints, content by digest).
-    direct: Client<Inner, Empty<Bytes>>,
+    direct: Client<Inner, ReqBody>,
     health: Mutex<Health>,
 }
 
@@ -115,6 +114,7 @@ impl Parent {
         url: Uri,
         own_path: bool,
         headers: &HeaderMap,
+        body: ReqBody,
         timeout: Duration,
     ) -> Result<Response<Incoming>, FetchError> {
         let mut req = Request::builder().method(method).uri(url);
@@ -122,7 +122,7 @@ impl Parent {
             h.extend(headers.clone());
         }
         let req = req
-            .body(Empty::new())
+            .body(body)
             .map_err(|e| FetchError::Internal(e.to_string()))?;
         let fut = if own_path {
             self.direct.request(req)

@@ -9,11 +9,11 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::Bytes;
 use http::Uri;
-use http_body_util::Empty;
 use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
 use hyper_util::client::legacy::Client;
+
+use super::upstream::ReqBody;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -112,8 +112,8 @@ impl tower_service::Service<Uri> for ProxyConnector {
 /// The two clients that go through the proxy.
 #[derive(Clone)]
 pub struct ProxyClients {
-    pub http: Client<ProxyConnector, Empty<Bytes>>,
-    pub https: Client<TunnelConnector, Empty<Bytes>>,
+    pub http: Client<ProxyConnector, ReqBody>,
+    pub https: Client<TunnelConnector, ReqBody>,
 }
 
 impl ProxyClients {

@@ -14,8 +14,9 @@ use sha2::{Digest as _, Sha256};
 
 use super::flight::{End, Flight, Head};
 use super::framing::{content_length, continues, same_etag, strong_date};
+use super::sink::{self, Sink};
 use super::{freshness, headers, FetchError, Fetcher, Target};
-use crate::store::{now_ms, Digest, Fill, KeyEntry, KeyMeta, StoreError};
+use crate::store::{now_ms, Digest, KeyEntry, KeyMeta, StoreError};
 
 /// Bytes gathered from the body before one hash-and-write step on a blocking thread.
 const BATCH: usize = 256 << 10;
@@ -28,13 +29,6 @@ pub(super) struct Transfer {
     pub target: Target,
     /// The stored entry being revalidated, if this transfer is a revalidation.
     pub stale: Option<KeyEntry>,
-}
-
-/// Where the bytes go while they arrive.
-struct Sink {
-    hasher: Option<Sha256>,
-    fill: Option<Fill>,
-    written: u64,
 }
 
 /// How a broken body goes on.
@@ -508,75 +502,12 @@ impl Transfer {
         sink: &mut Sink,
         compare_until: &mut u64,
     ) -> Result<(), String> {
-        let mut hasher = sink.hasher.take();
-        let mut fill = sink.fill.take();
+        let hasher = sink.hasher.take();
+        let fill = sink.fill.take();
         let start = sink.written;
         let held = *compare_until;
         let job = tokio::task::spawn_blocking(move || {
-            let mut pos = start;
-            let mut fresh: Vec<Bytes> = Vec::new();
-            let mut diverged_at = None;
-            let mut store_err = None;
-            for chunk in batch {
-                let mut chunk = chunk;
-                if pos < held {
-                    // Compare the overlap with the held bytes.
-                    let n = ((held - pos) as usize).min(chunk.len());
-                    let mut buf = vec![0u8; n];
-                    let same = fill
-                        .as_ref()
-                        .is_some_and(|f| f.read_at(&mut buf, pos).ok() == Some(n))
-                        && buf[..] == chunk[..n];
-                    if same {
-                        pos += n as u64;
-                        chunk = chunk.slice(n..);
-                    } else {
-                        // First difference somewhere in this piece: find it, cut back, re-hash the prefix.
-                        let at = pos
-                            + buf
-                                .iter()
-                                .zip(chunk.iter())
-                                .take_while(|(a, b)| a == b)
-                                .count() as u64;
-                        diverged_at = Some(at);
-                        if let Some(f) = fill.as_mut() {
-                            let _ = f.truncate(at);
-                            let mut h = Sha256::new();
-                            let mut off = 0u64;
-                            let mut buf = vec![0u8; 1 << 20];
-                            while off < at {
-                                let want = ((at - off) as usize).min(buf.len());
-                                match f.read_at(&mut buf[..want], off) {
-                                    Ok(0) | Err(_) => break,
-                                    Ok(n) => {
-                                        h.update(&buf[..n]);
-                                        off += n as u64;
-                                    }
-                                }
-                            }
-                            hasher = Some(h);
-                        }
-                        let skip = (at - pos) as usize;
-                        pos = at;
-                        chunk = chunk.slice(skip..);
-                    }
-                    if chunk.is_empty() {
-                        continue;
-                    }
-                }
-                if let Some(h) = hasher.as_mut() {
-                    h.update(&chunk);
-                }
-                if let Some(f) = fill.as_mut() {
-                    if let Err(e) = f.write(&chunk) {
-                        store_err = Some(e);
-                        fill = None;
-                    }
-                }
-                pos += chunk.len() as u64;
-                fresh.push(chunk);
-            }
-            (hasher, fill, pos, fresh, diverged_at, store_err)
+            sink::absorb_batch(hasher, fill, start, held, batch)
         });
         let (hasher, fill, pos, fresh, diverged_at, store_err) =
             job.await.map_err(|e| e.to_string())?;

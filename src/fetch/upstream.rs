@@ -12,7 +12,6 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderMap, Method, Request, Response, StatusCode, Uri};
-use http_body_util::Empty;
 use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::dns::Name;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -27,6 +26,17 @@ use super::FetchError;
 use crate::store::Digest;
 
 const MAX_REDIRECTS: usize = 5;
+
+/// The body of an upstream request: empty for cistern's own requests, a client's streamed body for
+/// the other methods it passes through.
+pub type ReqBody = http_body_util::combinators::BoxBody<Bytes, hyper::Error>;
+
+pub fn empty_body() -> ReqBody {
+    use http_body_util::BodyExt;
+    http_body_util::Empty::new()
+        .map_err(|never| match never {})
+        .boxed()
+}
 
 /// Raised by the resolver when DNS gave only refused addresses; found again in the client's error chain.
 #[derive(Debug, thiserror::Error)]
@@ -86,7 +96,7 @@ pub struct ClientConfig {
 
 #[derive(Clone)]
 pub struct UpstreamClient {
-    client: Client<Connector, Empty<Bytes>>,
+    client: Client<Connector, ReqBody>,
     policy: Arc<OriginPolicy>,
     /// Bound on the wait for response headers (connect + first byte).
     head_timeout: Duration,
@@ -208,7 +218,14 @@ impl UpstreamClient {
                 }
             };
             match p
-                .request(method.clone(), target, own, headers, self.head_timeout)
+                .request(
+                    method.clone(),
+                    target,
+                    own,
+                    headers,
+                    empty_body(),
+                    self.head_timeout,
+                )
                 .await
             {
                 Ok(r) if matches!(r.status().as_u16(), 502..=504) => {
@@ -271,23 +288,9 @@ impl UpstreamClient {
         let mut url = url;
         self.check(&url)?;
         for _ in 0..=MAX_REDIRECTS {
-            let mut req = Request::builder().method(method.clone()).uri(url.clone());
-            if let Some(h) = req.headers_mut() {
-                h.extend(headers.clone());
-            }
-            let req = req
-                .body(Empty::new())
-                .map_err(|e| FetchError::Internal(e.to_string()))?;
-            let fut = match &self.proxy {
-                None => self.client.request(req),
-                Some(p) if url.scheme_str() == Some("https") => p.https.request(req),
-                Some(p) => p.http.request(req),
-            };
-            let resp = match tokio::time::timeout(self.head_timeout, fut).await {
-                Err(_) => return Err(FetchError::Timeout(host_of(&url))),
-                Ok(Err(e)) => return Err(classify(&url, &e)),
-                Ok(Ok(r)) => r,
-            };
+            let resp = self
+                .send_once(method.clone(), &url, headers, empty_body())
+                .await?;
             if !is_redirect(resp.status()) {
                 return Ok((url, resp));
             }
@@ -314,6 +317,63 @@ impl UpstreamClient {
             "more than {MAX_REDIRECTS} redirects"
         )))
     }
+
+    /// One request, no redirect followed.
+    async fn send_once(
+        &self,
+        method: Method,
+        url: &Uri,
+        headers: &HeaderMap,
+        body: ReqBody,
+    ) -> Result<Response<Incoming>, FetchError> {
+        let mut req = Request::builder().method(method).uri(url.clone());
+        if let Some(h) = req.headers_mut() {
+            h.extend(headers.clone());
+        }
+        let req = req
+            .body(body)
+            .map_err(|e| FetchError::Internal(e.to_string()))?;
+        let fut = match &self.proxy {
+            None => self.client.request(req),
+            Some(p) if url.scheme_str() == Some("https") => p.https.request(req),
+            Some(p) => p.http.request(req),
+        };
+        match tokio::time::timeout(self.head_timeout, fut).await {
+            Err(_) => Err(FetchError::Timeout(host_of(url))),
+            Ok(Err(e)) => Err(classify(url, &e)),
+            Ok(Ok(r)) => Ok(r),
+        }
+    }
+
+    /// Passes a request of another method (with its body) to the first healthy parent, or to the
+    /// origin: once, since a streamed body cannot be sent again; redirects go back to the client.
+    pub async fn forward(
+        &self,
+        method: Method,
+        url: &Uri,
+        headers: &HeaderMap,
+        body: ReqBody,
+    ) -> Result<Response<Incoming>, FetchError> {
+        let (host, port) = (url.host().unwrap_or_default(), port_of(url));
+        if !self.policy.host_allowed(host, port) {
+            return Err(FetchError::NotAllowed(format!("{host}:{port}")));
+        }
+        let parent = self
+            .parents
+            .iter()
+            .find(|p| p.healthy())
+            .or(self.parents.first());
+        match parent {
+            Some(p) => {
+                p.request(method, url.clone(), false, headers, body, self.head_timeout)
+                    .await
+            }
+            None => {
+                self.check(url)?;
+                self.send_once(method, url, headers, body).await
+            }
+        }
+    }
 }
 
 fn is_redirect(s: StatusCode) -> bool {
@@ -321,7 +381,7 @@ fn is_redirect(s: StatusCode) -> bool {
 }
 
 /// A redirect target: an absolute URL, or a path on the same origin. Built from parsed parts.
-fn resolve_location(base: &Uri, loc: &str) -> Option<Uri> {
+pub fn resolve_location(base: &Uri, loc: &str) -> Option<Uri> {
     if let Ok(u) = loc.parse::<Uri>() {
         if u.scheme().is_some() {
             return matches!(u.scheme_str(), Some("http" | "https"))

@@ -176,7 +176,7 @@ impl App {
                 };
                 let key = t.key.clone();
                 (
-                    self.object(req, t, false).await,
+                    self.object(req, t, FormKind::Content).await,
                     Some(FormKind::Content),
                     Some(key),
                 )
@@ -200,14 +200,19 @@ impl App {
                     no_store: RequestCc::parse(req.headers()).no_store,
                     headers: req.headers().clone(),
                 };
-                (self.object(req, t, true).await, Some(kind), Some(key))
+                (self.object(req, t, kind).await, Some(kind), Some(key))
             }
         }
     }
 
     /// The data plane: GET and HEAD on one of the object forms.
-    async fn object(&self, req: Request<Incoming>, t: Target, by_url: bool) -> Response<Body> {
+    async fn object(&self, req: Request<Incoming>, t: Target, kind: FormKind) -> Response<Body> {
         let m = req.method();
+        let by_url = kind != FormKind::Content;
+        let passes_methods = matches!(kind, FormKind::ForwardProxy | FormKind::Named);
+        if m != Method::GET && m != Method::HEAD && passes_methods {
+            return self.forward(req, t).await;
+        }
         if m != Method::GET && m != Method::HEAD {
             let mut r = ApiError::new(
                 StatusCode::METHOD_NOT_ALLOWED,
@@ -269,6 +274,18 @@ impl App {
                 }
                 respond::flight(flight, joined, h, reader, &ask).await
             }
+            Err(e) => error::fetch_error_response(e),
+        }
+    }
+
+    /// Another method on the forward-proxy or named-origin form: passed through with its body (SPEC 3).
+    async fn forward(&self, req: Request<Incoming>, t: Target) -> Response<Body> {
+        use http_body_util::BodyExt;
+        let method = req.method().clone();
+        let body = req.into_body().boxed();
+        let strip = &self.cfg.upstream.strip_query;
+        match self.fetcher.forward(method, &t, strip, body).await {
+            Ok(r) => respond::pass(r, "cistern; fwd=bypass"),
             Err(e) => error::fetch_error_response(e),
         }
     }

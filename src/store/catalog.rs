@@ -204,6 +204,20 @@ impl Store {
         Ok(old)
     }
 
+    /// Forgets what is stored for a key and its variants (`<key>\u{1f}...`), as an unsafe request to
+    /// it demands (RFC 9111 §4.4). The objects stay: other keys may map to them.
+    pub fn invalidate(&self, key: &str) {
+        let mut keys = self.shared.index.keys_with_prefix(&format!("{key}\u{1f}"));
+        keys.push(key.to_string());
+        for k in keys {
+            let Some(e) = self.shared.index.key(&k) else {
+                continue;
+            };
+            let _ = self.shared.index.remove_key(&k);
+            self.drop_moved_key(Some(e.digest), &k);
+        }
+    }
+
     /// Pins or unpins an object (pinned objects are never evicted).
     pub fn set_pin(&self, d: &Digest, pinned: bool) -> Result<(), StoreError> {
         let _g = self.shared.catalog.lock(d);

@@ -107,6 +107,15 @@ impl Index {
         Ok(())
     }
 
+    /// Keys that start with `prefix` (a key's Vary variants).
+    pub fn keys_with_prefix(&self, prefix: &str) -> Vec<String> {
+        self.keys
+            .scan_prefix(prefix.as_bytes())
+            .keys()
+            .filter_map(|k| String::from_utf8(k.ok()?.to_vec()).ok())
+            .collect()
+    }
+
     pub fn keys(&self) -> impl Iterator<Item = (String, KeyEntry)> {
         self.keys.iter().filter_map(|r| {
             let (k, v) = r.ok()?;

@@ -175,6 +175,11 @@ impl Origin {
             .count()
     }
 
+    /// The methods of every request for `path`, in order.
+    pub fn log_methods(&self, path: &str) -> Vec<String> {
+        self.requests(path).into_iter().map(|(m, _)| m).collect()
+    }
+
     pub fn requests(&self, path: &str) -> Vec<(String, HeaderMap)> {
         self.log
             .lock()
