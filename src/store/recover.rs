@@ -27,16 +27,23 @@ pub fn lock(dir: &Path) -> Result<std::fs::File, StoreError> {
     Ok(f)
 }
 
+/// Opens the index; one that cannot be opened (an error, or sled panicking on a damaged file, as it
+/// does on a `conf` left empty by a power cut) is moved aside and rebuilt from the object files.
 pub fn open_index(path: &Path) -> Result<Index, StoreError> {
-    match Index::open(path) {
-        Ok(i) => Ok(i),
-        Err(e) => {
-            let aside = path.with_extension(format!("corrupt-{}", now_ms()));
-            tracing::warn!(error = %e, moved_to = %aside.display(), "store index cannot be opened; rebuilding it from the object files");
-            std::fs::rename(path, &aside).map_err(io_err(path))?;
-            Ok(Index::open(path)?)
-        }
-    }
+    let tried = std::panic::catch_unwind(|| Index::open(path));
+    let why = match tried {
+        Ok(Ok(i)) => return Ok(i),
+        Ok(Err(e)) => e.to_string(),
+        Err(panic) => panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "sled panicked".into()),
+    };
+    let aside = path.with_extension(format!("corrupt-{}", now_ms()));
+    tracing::warn!(error = %why, moved_to = %aside.display(), "store index cannot be opened; rebuilding it from the object files");
+    std::fs::rename(path, &aside).map_err(io_err(path))?;
+    Ok(Index::open(path)?)
 }
 
 /// Brings the index in line with the files and returns the in-memory state.
