@@ -510,6 +510,10 @@ impl Fetcher {
         let safe = matches!(method, Method::OPTIONS | Method::TRACE);
         let ok = resp.status().is_success() || resp.status().is_redirection();
         if !safe && ok {
+            // A fill of the key still being stored would index it after the invalidation: let it end.
+            if let Some(f) = self.committing(&t.key) {
+                f.wait_end().await;
+            }
             let store = &self.inner.store;
             store.invalidate(&t.key);
             for name in [http::header::LOCATION, http::header::CONTENT_LOCATION] {

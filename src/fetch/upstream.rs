@@ -192,10 +192,7 @@ impl UpstreamClient {
         }
         if let Some(u) = url {
             // Never an open proxy, not even towards a parent.
-            let (host, port) = (u.host().unwrap_or_default(), port_of(u));
-            if !self.policy.host_allowed(host, port) {
-                return Err(FetchError::NotAllowed(format!("{host}:{port}")));
-            }
+            self.host_check(u)?;
         }
         let mut order: Vec<&Arc<Parent>> = self.parents.iter().filter(|p| p.healthy()).collect();
         if order.is_empty() {
@@ -260,6 +257,15 @@ impl UpstreamClient {
             return self.send(method, u.clone(), headers).await.map(|(_, r)| r);
         }
         Err(last)
+    }
+
+    /// The host-pattern check alone (towards a parent, which resolves and connects itself).
+    fn host_check(&self, url: &Uri) -> Result<(), FetchError> {
+        let (host, port) = (url.host().unwrap_or_default(), port_of(url));
+        if !self.policy.host_allowed(host, port) {
+            return Err(FetchError::NotAllowed(format!("{host}:{port}")));
+        }
+        Ok(())
     }
 
     /// Checks a URL against the host patterns and, for an address literal, the address rules.
@@ -354,10 +360,7 @@ impl UpstreamClient {
         headers: &HeaderMap,
         body: ReqBody,
     ) -> Result<Response<Incoming>, FetchError> {
-        let (host, port) = (url.host().unwrap_or_default(), port_of(url));
-        if !self.policy.host_allowed(host, port) {
-            return Err(FetchError::NotAllowed(format!("{host}:{port}")));
-        }
+        self.host_check(url)?;
         let parent = self
             .parents
             .iter()
