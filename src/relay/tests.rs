@@ -82,7 +82,7 @@ async fn the_queue_is_bounded_and_survives_reopening() {
     }
     let r = Relay::open(t.path(), c, hop).unwrap();
     assert_eq!(r.queue_depth(), 2);
-    let (keys, b, _) = r.peek(10);
+    let (keys, b, _) = r.peek(10).unwrap();
     assert_eq!(keys.len(), 2);
     let sent: serde_json::Value = serde_json::from_slice(&b).unwrap();
     assert_eq!(sent[0]["reportId"], "1");
