@@ -82,6 +82,8 @@ pub enum DbError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("failure injected at {0}")]
+    Injected(&'static str),
 }
 
 macro_rules! engine_error {

@@ -102,9 +102,13 @@ impl Relay {
             let n = keys.len();
             match self.send(&client, &hop, &health, Bytes::from(body)).await {
                 Ok(()) => {
+                    // Forwarded but still queued: a crash here re-forwards it, and the next hop's
+                    // dedup counts it once.
+                    failpoint!("relay-forward-sent");
                     if let Err(e) = self.delivered(keys, bytes).await {
                         tracing::error!(error = %e, "status queue: cannot remove delivered reports");
                     }
+                    failpoint!("relay-after-delete");
                     self.inner
                         .stats
                         .forwarded

@@ -98,6 +98,9 @@ fn write_group(state: &State, jobs: Vec<Job>) {
                 forgotten,
                 state.cfg.history_per_device,
             );
+            if group.accepts {
+                failpoint!("relay-after-commit");
+            }
             None
         }
         Err(e) => {
@@ -109,6 +112,11 @@ fn write_group(state: &State, jobs: Vec<Job>) {
 }
 
 fn commit(state: &State, group: &Group) -> Result<Vec<u128>, DbError> {
+    if group.accepts {
+        failpoint!("relay-before-commit", |_| Err(DbError::Injected(
+            "relay-before-commit"
+        )));
+    }
     state.db.commit(&group.batch)
 }
 
