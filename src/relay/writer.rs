@@ -138,55 +138,22 @@ enum Planned {
 
 /// Plans the group's batch, and what each job will get.
 fn plan(jobs: &[Job], mem: &Mem, state: &State) -> (Group, Vec<Planned>) {
-    let cfg = &state.cfg;
     let mut g = Group::default();
-    let mut seq = mem.next_seq;
+    g.batch.next_seq = mem.next_seq;
     let mut planned = Vec::with_capacity(jobs.len());
     for job in jobs {
-        let mut outcome = Planned::Done;
-        match job {
-            Job::Accept { reports, dups, .. } => {
-                let fresh: Vec<&Prepared> = reports
-                    .iter()
-                    .filter(|p| !mem.dedup.contains(&p.hash) && !g.pairs.contains(&p.hash))
-                    .collect();
-                let bytes: u64 = fresh
-                    .iter()
-                    .filter_map(|p| p.fwd.as_ref())
-                    .map(|f| f.len() as u64)
-                    .sum();
-                let queued = mem.queue_bytes + g.added_bytes;
-                if state.forwarding && queued + bytes > cfg.max_queue {
-                    outcome = Planned::Full(queued);
-                } else {
-                    outcome = Planned::Accepted(fresh.len(), dups + reports.len() - fresh.len());
-                    g.accepts = true;
-                    g.added_bytes += bytes;
-                    for p in fresh {
-                        if let Some(f) = &p.fwd {
-                            g.batch.queue.push((seq, f.clone()));
-                        }
-                        g.batch.dedup.push((seq, p.hash));
-                        g.batch
-                            .history
-                            .push((p.device.clone(), seq, p.stored.clone()));
-                        g.history.entry(p.device.clone()).or_default().push(seq);
-                        g.pairs.insert(p.hash);
-                        seq += 1;
-                    }
-                }
-            }
+        planned.push(match job {
+            Job::Accept { reports, dups, .. } => plan_accept(&mut g, reports, *dups, mem, state),
             Job::Deliver { seqs, bytes, .. } => {
                 g.batch.delivered.extend_from_slice(seqs);
                 g.delivered_bytes += bytes;
+                Planned::Done
             }
-            Job::Barrier(_) => {}
-        }
-        planned.push(outcome);
+            Job::Barrier(_) => Planned::Done,
+        });
     }
-    g.batch.next_seq = seq;
     // History per device, oldest first out; the same rule `apply` follows in memory.
-    let keep = cfg.history_per_device.max(1);
+    let keep = state.cfg.history_per_device.max(1);
     for (dev, added) in &g.history {
         let old = mem.history.get(dev);
         let total = old.map_or(0, |h| h.len()) + added.len();
@@ -196,8 +163,47 @@ fn plan(jobs: &[Job], mem: &Mem, state: &State) -> (Group, Vec<Planned>) {
         }
     }
     // Dedup memory is bounded: the oldest pairs are forgotten first.
-    g.batch.forget = (mem.dedup.len() + g.pairs.len()).saturating_sub(cfg.dedup_entries);
+    g.batch.forget = (mem.dedup.len() + g.pairs.len()).saturating_sub(state.cfg.dedup_entries);
     (g, planned)
+}
+
+/// Adds one request's fresh reports to the group, unless they would overfill the queue.
+fn plan_accept(
+    g: &mut Group,
+    reports: &[Prepared],
+    dups: usize,
+    mem: &Mem,
+    state: &State,
+) -> Planned {
+    // Known: accepted by an earlier commit (memory holds only committed pairs) or earlier in the group.
+    let fresh: Vec<&Prepared> = reports
+        .iter()
+        .filter(|p| !mem.dedup.contains(&p.hash) && !g.pairs.contains(&p.hash))
+        .collect();
+    let bytes: u64 = fresh
+        .iter()
+        .filter_map(|p| p.fwd.as_ref())
+        .map(|f| f.len() as u64)
+        .sum();
+    let queued = mem.queue_bytes + g.added_bytes;
+    if state.forwarding && queued + bytes > state.cfg.max_queue {
+        return Planned::Full(queued);
+    }
+    g.accepts = true;
+    g.added_bytes += bytes;
+    let b = &mut g.batch;
+    for p in &fresh {
+        let seq = b.next_seq;
+        if let Some(f) = &p.fwd {
+            b.queue.push((seq, f.clone()));
+        }
+        b.dedup.push((seq, p.hash));
+        b.history.push((p.device.clone(), seq, p.stored.clone()));
+        g.history.entry(p.device.clone()).or_default().push(seq);
+        g.pairs.insert(p.hash);
+        b.next_seq += 1;
+    }
+    Planned::Accepted(fresh.len(), dups + reports.len() - fresh.len())
 }
 
 /// The group is durable: the in-memory state follows it.
