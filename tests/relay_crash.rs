@@ -402,6 +402,17 @@ mod failpoints {
         assert_eq!(leaf.history("dev-1").await, ["only"]);
     }
 
+    /// A panic while writing fails that request, not the writer: the next post is accepted.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_panic_while_writing_fails_only_that_request() {
+        let tmp = tempfile::tempdir().unwrap();
+        let leaf = leaf(tmp.path(), "", "relay-before-commit=1*panic").await;
+        let (s, v) = post(&leaf, &one()).await.expect("an answer");
+        assert_eq!(s, 500, "{v}");
+        let (s, v) = post(&leaf, &one()).await.expect("an answer");
+        assert_eq!((s, v["accepted"].as_u64()), (202, Some(1)), "{v}");
+    }
+
     /// Killed while the commit has not happened: the request was never answered and nothing of it
     /// is kept; its retry is accepted.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -83,6 +83,7 @@ pub enum DbError {
         path: PathBuf,
         source: std::io::Error,
     },
+    /// Raised only by the fail points of the crash tests (`--features failpoints`).
     #[error("failure injected at {0}")]
     Injected(&'static str),
 }

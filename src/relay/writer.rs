@@ -79,7 +79,13 @@ fn run(state: Weak<State>, mut rx: mpsc::Receiver<Job>) {
         let Some(state) = state.upgrade() else {
             return;
         };
-        write_group(&state, jobs);
+        // A panic in the engine fails this group's requests (their replies are dropped: 500), not
+        // every later one: nothing of the group was applied in memory, its transaction is aborted.
+        let group =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| write_group(&state, jobs)));
+        if group.is_err() {
+            tracing::error!("status relay: the status database panicked; those requests failed");
+        }
     }
 }
 
