@@ -63,7 +63,7 @@ async fn trust_edge_bundle(cfg: &mut Config, w: &server::edge::Workload) {
     }
 }
 
-/// Opens the status relay beside the store (`status.redb`), with its next hop: `status.forward_to`, else the parents.
+/// Opens the status relay beside the store, with its next hop: `status.forward_to`, else the parents.
 async fn open_relay(cfg: &Config) -> anyhow::Result<relay::Relay> {
     let s = &cfg.status;
     let next_hop = if !s.forward_to.is_empty() {
