@@ -1,4 +1,4 @@
-//! Power cuts and kills, the relay's part: a 202 from `POST /v1/status` means the reports are durable (SPEC 5).
+//! The relay's crash safety: a 202 from `POST /v1/status` means the reports are durable (SPEC 5).
 //! The real binary is killed with SIGKILL while reports are being posted, and (built with
 //! `--features failpoints`) at each of the relay's fail points: before and after the commit, after
 //! the next hop took a batch and after the batch left the queue. After each restart, nothing that was

@@ -466,7 +466,8 @@ mod tests {
         assert_eq!(db.history("dev").unwrap().len(), 1);
     }
 
-    /// A damaged file (a torn or foreign write) must open as a fresh one, never panic, and be kept aside.
+    /// A damaged file (a torn or foreign write) opens as a fresh one, never panics, and is kept
+    /// aside.
     #[test]
     fn a_damaged_file_opens_as_a_fresh_one() {
         let t = tempfile::tempdir().unwrap();
