@@ -99,13 +99,13 @@ async fn open_relay(cfg: &Config) -> anyhow::Result<relay::Relay> {
         max_backoff: s.max_backoff.0,
         dedup_entries: s.dedup_entries,
     };
-    let dir = cfg.store.dir.join("status");
+    let dir = cfg.store.dir.clone();
     tokio::task::spawn_blocking(move || relay::Relay::open(&dir, rc, next_hop))
         .await?
         .with_context(|| {
             format!(
-                "opening the status queue in {}",
-                cfg.store.dir.join("status").display()
+                "opening the status queue {}",
+                cfg.store.dir.join("status.redb").display()
             )
         })
 }

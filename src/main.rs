@@ -129,6 +129,9 @@ async fn serve(config: Option<PathBuf>) -> anyhow::Result<()> {
 }
 
 fn main() -> ExitCode {
+    // The crash tests configure fail points through $FAILPOINTS (tests/relay_crash.rs).
+    #[cfg(feature = "failpoints")]
+    let _failpoints = fail::FailScenario::setup();
     let cli = Cli::parse();
     let result: anyhow::Result<bool> = match cli.cmd {
         Cmd::Serve { config } => runtime()

@@ -42,41 +42,36 @@ pub fn client(tls: rustls::ClientConfig, connect_timeout: Duration) -> HttpsClie
     Client::builder(TokioExecutor::new()).build(https)
 }
 
+/// Bytes of one forwarded batch at most (beside `batch_size`), well under a parent's body limit.
+const MAX_BATCH_BYTES: usize = 16 << 20;
+
 impl Relay {
-    /// The oldest undelivered reports, up to `n`: their queue keys and the JSON array to send.
-    pub(super) fn peek(&self, n: usize) -> (Vec<sled::IVec>, Vec<u8>, u64) {
+    /// The oldest undelivered reports, up to `n`: their queue seqs, the JSON array to send, its bytes.
+    pub(super) fn peek(&self, n: usize) -> Result<(Vec<u64>, Vec<u8>, u64), super::DbError> {
         let mut keys = Vec::new();
         let mut body = b"[".to_vec();
         let mut bytes = 0u64;
-        for r in self.inner.tree.scan_prefix(b"q").take(n) {
-            let Ok((k, v)) = r else { break };
+        for (seq, v) in self.db().peek(n, MAX_BATCH_BYTES)? {
             if !keys.is_empty() {
                 body.push(b',');
             }
             body.extend_from_slice(&v);
             bytes += v.len() as u64;
-            keys.push(k);
+            keys.push(seq);
         }
         body.push(b']');
-        (keys, body, bytes)
+        Ok((keys, body, bytes))
     }
 
-    fn delivered(&self, keys: Vec<sled::IVec>, bytes: u64) -> sled::Result<()> {
-        let n = keys.len() as u64;
-        let mut batch = sled::Batch::default();
-        for k in keys {
-            batch.remove(k);
-        }
-        self.inner.tree.apply_batch(batch)?;
-        let mut mem = self.mem();
-        mem.queue_len = mem.queue_len.saturating_sub(n);
-        mem.queue_bytes = mem.queue_bytes.saturating_sub(bytes);
-        Ok(())
+    /// Removes delivered reports from the queue, durably, through the writer.
+    async fn delivered(&self, seqs: Vec<u64>, bytes: u64) -> Result<(), super::RelayError> {
+        self.submit(|reply| super::writer::Job::Deliver { seqs, bytes, reply })
+            .await
     }
 
     /// Age in seconds of the oldest undelivered report.
     pub fn oldest_age_secs(&self) -> Option<u64> {
-        let (_, v) = self.inner.tree.scan_prefix(b"q").next()?.ok()?;
+        let v = self.db().oldest_queued().ok()??;
         let v: serde_json::Value = serde_json::from_slice(&v).ok()?;
         let at = v.get("receivedAt")?.as_str()?;
         let t = humantime::parse_rfc3339(at).ok()?;
@@ -88,10 +83,17 @@ impl Relay {
         let Some(hop) = self.inner.next_hop.clone() else {
             return;
         };
-        let max = self.inner.cfg.max_backoff;
+        let max = self.cfg().max_backoff;
         let mut backoff = Duration::from_secs(1);
         loop {
-            let (keys, body, bytes) = self.peek(self.inner.cfg.batch_size);
+            let (keys, body, bytes) = match self.peek(self.cfg().batch_size) {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::error!(error = %e, "status queue: cannot read the queue");
+                    tokio::time::sleep(backoff).await;
+                    continue;
+                }
+            };
             if keys.is_empty() {
                 let _ =
                     tokio::time::timeout(Duration::from_secs(5), self.inner.wake.notified()).await;
@@ -100,9 +102,13 @@ impl Relay {
             let n = keys.len();
             match self.send(&client, &hop, &health, Bytes::from(body)).await {
                 Ok(()) => {
-                    if let Err(e) = self.delivered(keys, bytes) {
+                    // Forwarded but still queued: a crash here re-forwards it, and the next hop's
+                    // dedup counts it once.
+                    failpoint!("relay-forward-sent");
+                    if let Err(e) = self.delivered(keys, bytes).await {
                         tracing::error!(error = %e, "status queue: cannot remove delivered reports");
                     }
+                    failpoint!("relay-after-delete");
                     self.inner
                         .stats
                         .forwarded
@@ -165,7 +171,7 @@ impl Relay {
         for (url, token) in targets {
             let mut req = Request::post(url.clone())
                 .header(http::header::CONTENT_TYPE, "application/json")
-                .header(http::header::VIA, format!("1.1 {}", self.inner.cfg.node_id));
+                .header(http::header::VIA, format!("1.1 {}", self.cfg().node_id));
             if let Some(t) = &token {
                 req = req.header(http::header::AUTHORIZATION, format!("Bearer {t}"));
             }

@@ -2,25 +2,47 @@
 //! kept as per-device history and latest state for this node's subtree, and forwarded upward in order,
 //! in batches, for as long as the outage lasts and across restarts.
 //!
-//! Everything lives in one sled tree under prefixes, so that one accepted request is one atomic batch:
-//! `q`+seq -> report to forward, `o`+seq -> 128-bit hash of (deviceId, reportId) (the dedup record,
-//! oldest first), `h`+device\0+seq -> history (the last entry is the device's latest state), `mseq` ->
-//! next sequence number. The dedup set is held in memory and rebuilt from the `o` entries at start. The relay reads the parents'
-//! health that `fetch` exposes and calls nothing else of cistern's.
+//! The durable state is one redb file (`db`, which says why redb and not sled); every write goes
+//! through one writer thread (`writer`, group commit), and a 202 is answered only after the commit
+//! that holds the request's reports, dedup records and history returned. The dedup set, the queue's
+//! size and the history index are held in memory, rebuilt from the file at start, and changed only
+//! after a commit. The relay reads the parents' health that `fetch` exposes and calls nothing else of
+//! cistern's.
 
+/// A fail point for the crash tests (`--features failpoints`); nothing without the feature.
+macro_rules! failpoint {
+    ($name:literal) => {
+        #[cfg(feature = "failpoints")]
+        fail::fail_point!($name);
+    };
+    ($name:literal, $e:expr) => {
+        #[cfg(feature = "failpoints")]
+        fail::fail_point!($name, $e);
+    };
+}
+
+mod db;
 mod forward;
+mod legacy;
 pub mod report;
 mod view;
+mod writer;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use serde_json::Value;
+use tokio::sync::{mpsc, oneshot};
 
+pub use db::DbError;
 pub use forward::{client as forward_client, NextHop, ParentHealth};
 pub use report::BadReport;
+use writer::{Job, Prepared};
+
+/// Requests waiting for the writer at most; a post beyond it waits for room.
+const JOBS: usize = 256;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RelayError {
@@ -28,8 +50,14 @@ pub enum RelayError {
     Bad(#[from] BadReport),
     #[error("the status queue is full ({0} bytes undelivered, status.max_queue)")]
     Full(u64),
-    #[error("status queue: {0}")]
-    Db(#[from] sled::Error),
+    #[error("status database: {0}")]
+    Db(#[from] DbError),
+    #[error("status database: the write failed, nothing of the request was kept: {0}")]
+    Write(String),
+    #[error("the status writer has stopped")]
+    Stopped,
+    #[error("cannot start the status writer: {0}")]
+    Thread(std::io::Error),
 }
 
 /// Relay settings, from `[status]` and `[node]`.
@@ -60,27 +88,53 @@ pub struct Relay {
 }
 
 struct Inner {
-    db: sled::Db,
-    tree: sled::Tree,
-    cfg: RelayConfig,
+    /// The database and the memory that mirrors it; the writer thread holds it weakly.
+    state: Arc<State>,
     /// Where reports go; None: this node keeps them for its own read-back only.
     next_hop: Option<NextHop>,
-    /// Serialises accepts: the dedup check and the batch that records it are one step.
-    write: tokio::sync::Mutex<()>,
-    mem: Mutex<Mem>,
+    /// To the writer thread; dropping the last one ends it.
+    jobs: mpsc::Sender<Job>,
     wake: tokio::sync::Notify,
     stats: RelayStats,
 }
 
+/// What the writer thread and the readers share.
+struct State {
+    db: db::StatusDb,
+    cfg: RelayConfig,
+    /// Whether there is a next hop, so reports are queued.
+    forwarding: bool,
+    mem: Mutex<Mem>,
+}
+
+impl State {
+    fn mem(&self) -> std::sync::MutexGuard<'_, Mem> {
+        self.mem.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// The in-memory mirror of the file; only the writer changes it, after a commit.
 #[derive(Default)]
 struct Mem {
     next_seq: u64,
     queue_bytes: u64,
     queue_len: u64,
     /// (deviceId, reportId) pairs accepted, as 128-bit hashes; bounded by `dedup_entries`.
-    dedup: std::collections::HashSet<u128>,
+    dedup: HashSet<u128>,
     /// History seqs per device, oldest first, to trim to `history_per_device`.
     history: HashMap<String, VecDeque<u64>>,
+}
+
+impl From<db::Loaded> for Mem {
+    fn from(l: db::Loaded) -> Mem {
+        Mem {
+            next_seq: l.next_seq,
+            queue_bytes: l.queue_bytes,
+            queue_len: l.queue_len,
+            dedup: l.dedup.into_iter().collect(),
+            history: l.history,
+        }
+    }
 }
 
 /// A 128-bit hash of (deviceId, reportId): two SipHash runs with different keys. Collisions (which would
@@ -94,79 +148,39 @@ fn pair_hash(device: &str, report: &str) -> u128 {
     ((a.finish() as u128) << 64) | b.finish() as u128
 }
 
-fn key(prefix: u8, parts: &[&[u8]]) -> Vec<u8> {
-    let mut k = vec![prefix];
-    for (i, p) in parts.iter().enumerate() {
-        if i > 0 {
-            k.push(0);
-        }
-        k.extend_from_slice(p);
-    }
-    k
-}
-
-fn seq_key(prefix: u8, seq: u64) -> Vec<u8> {
-    let mut k = vec![prefix];
-    k.extend_from_slice(&seq.to_be_bytes());
-    k
-}
-
-fn device_seq_key(device: &str, seq: u64) -> Vec<u8> {
-    let mut k = key(b'h', &[device.as_bytes()]);
-    k.push(0);
-    k.extend_from_slice(&seq.to_be_bytes());
-    k
-}
-
 impl Relay {
-    /// Opens (or creates) the relay's database under `dir`. Blocking.
+    /// Opens (or creates) the relay's database `<store_dir>/status.redb`, importing once the sled
+    /// store of earlier versions from `<store_dir>/status`, and starts its writer. Blocking.
     pub fn open(
-        dir: &Path,
+        store_dir: &Path,
         cfg: RelayConfig,
         next_hop: Option<NextHop>,
     ) -> Result<Relay, RelayError> {
-        let db = sled::Config::new().path(dir).open()?;
-        let tree = db.open_tree("status")?;
-        let mut mem = Mem::default();
-        if let Some(v) = tree.get(b"mseq")? {
-            mem.next_seq = u64::from_be_bytes(v.as_ref().try_into().unwrap_or([0; 8]));
-        }
-        for r in tree.scan_prefix(b"q") {
-            let (_, v) = r?;
-            mem.queue_bytes += v.len() as u64;
-            mem.queue_len += 1;
-        }
-        for r in tree.scan_prefix(b"o") {
-            let (_, v) = r?;
-            if let Ok(b) = <[u8; 16]>::try_from(v.as_ref()) {
-                mem.dedup.insert(u128::from_be_bytes(b));
-            }
-        }
-        for r in tree.scan_prefix(b"h") {
-            let (k, _) = r?;
-            if k.len() < 10 {
-                continue;
-            }
-            let (dev, seq) = k[1..].split_at(k.len() - 1 - 9);
-            let seq = u64::from_be_bytes(seq[1..].try_into().unwrap_or([0; 8]));
-            mem.history
-                .entry(String::from_utf8_lossy(dev).to_string())
-                .or_default()
-                .push_back(seq);
-        }
+        std::fs::create_dir_all(store_dir).map_err(|source| DbError::Io {
+            path: store_dir.to_path_buf(),
+            source,
+        })?;
+        let (db, loaded) = db::StatusDb::open(&store_dir.join("status.redb"))?;
+        let loaded = legacy::migrate(&store_dir.join("status"), &db, loaded)?;
+        let mem = Mem::from(loaded);
         tracing::info!(
             queued = mem.queue_len,
             devices = mem.history.len(),
             "status relay opened"
         );
+        let state = Arc::new(State {
+            db,
+            cfg,
+            forwarding: next_hop.is_some(),
+            mem: Mutex::new(mem),
+        });
+        let (jobs, rx) = mpsc::channel(JOBS);
+        writer::spawn(Arc::downgrade(&state), rx).map_err(RelayError::Thread)?;
         Ok(Relay {
             inner: Arc::new(Inner {
-                db,
-                tree,
-                cfg,
+                state,
                 next_hop,
-                write: tokio::sync::Mutex::new(()),
-                mem: Mutex::new(mem),
+                jobs,
                 wake: tokio::sync::Notify::new(),
                 stats: RelayStats::default(),
             }),
@@ -174,7 +188,15 @@ impl Relay {
     }
 
     fn mem(&self) -> std::sync::MutexGuard<'_, Mem> {
-        self.inner.mem.lock().unwrap_or_else(|p| p.into_inner())
+        self.inner.state.mem()
+    }
+
+    fn db(&self) -> &db::StatusDb {
+        &self.inner.state.db
+    }
+
+    fn cfg(&self) -> &RelayConfig {
+        &self.inner.state.cfg
     }
 
     pub fn stats(&self) -> &RelayStats {
@@ -185,107 +207,78 @@ impl Relay {
         self.mem().queue_len
     }
 
+    /// Hands a job to the writer and waits for its answer.
+    async fn submit<T>(&self, job: impl FnOnce(writer::Reply<T>) -> Job) -> Result<T, RelayError> {
+        let (tx, rx) = oneshot::channel();
+        self.inner
+            .jobs
+            .send(job(tx))
+            .await
+            .map_err(|_| RelayError::Stopped)?;
+        rx.await.map_err(|_| RelayError::Stopped)?
+    }
+
     /// Accepts a `POST /v1/status` body; returns (accepted, duplicates) once durably written.
     pub async fn accept(&self, body: &[u8]) -> Result<(usize, usize), RelayError> {
         let reports = report::parse_body(body)?;
-        let forwarding = self.inner.next_hop.is_some();
-        let (accepted, duplicates) = {
-            let _w = self.inner.write.lock().await;
-            let tree = &self.inner.tree;
-            let mut batch = sled::Batch::default();
-            let mut mem = self.mem();
-            let mut seen = std::collections::HashSet::new();
-            let mut fresh = Vec::new();
-            let mut dups = 0usize;
-            for r in reports {
-                let h = pair_hash(&r.device_id, &r.report_id);
-                if mem.dedup.contains(&h) || !seen.insert(h) {
-                    dups += 1;
-                    continue;
-                }
-                fresh.push((h, r));
-            }
-            let mut seq = mem.next_seq;
-            let mut added_bytes = 0u64;
-            let mut queued = Vec::new();
-            let now = chrono_now();
-            for (h, r) in fresh.iter_mut() {
-                r.json
-                    .entry("receivedAt")
-                    .or_insert(Value::String(now.clone()));
-                let stored = serde_json::to_vec(&r.json).unwrap_or_default();
-                if forwarding {
-                    if let Some(Value::Array(via)) = r.json.get_mut("via") {
-                        via.push(Value::String(self.inner.cfg.node_id.clone()));
-                    }
-                    let fwd = serde_json::to_vec(&r.json).unwrap_or_default();
-                    added_bytes += fwd.len() as u64;
-                    queued.push((seq_key(b'q', seq), fwd));
-                }
-                batch.insert(seq_key(b'o', seq), &h.to_be_bytes());
-                batch.insert(device_seq_key(&r.device_id, seq), stored);
-                seq += 1;
-            }
-            if forwarding && mem.queue_bytes + added_bytes > self.inner.cfg.max_queue {
-                return Err(RelayError::Full(mem.queue_bytes));
-            }
-            for (k, v) in &queued {
-                batch.insert(k.clone(), v.clone());
-            }
-            // History per device, oldest first out.
-            let first_seq = mem.next_seq;
-            for (i, (_, r)) in fresh.iter().enumerate() {
-                let h = mem.history.entry(r.device_id.clone()).or_default();
-                h.push_back(first_seq + i as u64);
-                while h.len() > self.inner.cfg.history_per_device.max(1) {
-                    if let Some(old) = h.pop_front() {
-                        batch.remove(device_seq_key(&r.device_id, old));
-                    }
-                }
-            }
-            // Dedup memory is bounded: the oldest pairs are forgotten first.
-            let total = mem.dedup.len() + fresh.len();
-            let excess = total.saturating_sub(self.inner.cfg.dedup_entries);
-            let mut forgotten = Vec::new();
-            if excess > 0 {
-                for r in tree.scan_prefix(b"o").take(excess) {
-                    let (k, v) = r?;
-                    batch.remove(k);
-                    if let Ok(b) = <[u8; 16]>::try_from(v.as_ref()) {
-                        forgotten.push(u128::from_be_bytes(b));
-                    }
-                }
-            }
-            batch.insert(b"mseq".to_vec(), &seq.to_be_bytes());
-            tree.apply_batch(batch)?;
-            mem.next_seq = seq;
-            mem.queue_bytes += added_bytes;
-            mem.queue_len += queued.len() as u64;
-            for h in forgotten {
-                mem.dedup.remove(&h);
-            }
-            mem.dedup.extend(fresh.iter().map(|(h, _)| *h));
-            (fresh.len(), dups)
-        };
-        // Durable before the answer (group commit: concurrent requests share flushes).
-        self.inner.db.flush_async().await?;
-        self.inner
-            .stats
-            .accepted
-            .fetch_add(accepted as u64, Ordering::Relaxed);
-        self.inner
-            .stats
-            .duplicates
-            .fetch_add(duplicates as u64, Ordering::Relaxed);
-        if accepted > 0 && forwarding {
+        let (reports, dups) = self.prepare(reports);
+        let (accepted, duplicates) = self
+            .submit(|reply| Job::Accept {
+                reports,
+                dups,
+                reply,
+            })
+            .await?;
+        let s = &self.inner.stats;
+        s.accepted.fetch_add(accepted as u64, Ordering::Relaxed);
+        s.duplicates.fetch_add(duplicates as u64, Ordering::Relaxed);
+        if accepted > 0 && self.inner.next_hop.is_some() {
             self.inner.wake.notify_one();
         }
         Ok((accepted, duplicates))
     }
 
-    /// Flushes the queue to disk (at shutdown).
+    /// Stamps and serialises a request's reports (on the request's own task, not the writer's);
+    /// returns them with how many repeated a pair earlier in the same request.
+    fn prepare(&self, reports: Vec<report::Report>) -> (Vec<Prepared>, usize) {
+        let forwarding = self.inner.next_hop.is_some();
+        let now = chrono_now();
+        let mut seen = HashSet::new();
+        let mut out = Vec::with_capacity(reports.len());
+        let mut dups = 0;
+        for mut r in reports {
+            let hash = pair_hash(&r.device_id, &r.report_id);
+            if !seen.insert(hash) {
+                dups += 1;
+                continue;
+            }
+            r.json
+                .entry("receivedAt")
+                .or_insert(Value::String(now.clone()));
+            let stored = serde_json::to_vec(&r.json).unwrap_or_default();
+            let fwd = forwarding.then(|| {
+                if let Some(Value::Array(via)) = r.json.get_mut("via") {
+                    via.push(Value::String(self.cfg().node_id.clone()));
+                }
+                serde_json::to_vec(&r.json).unwrap_or_default()
+            });
+            out.push(Prepared {
+                hash,
+                device: r.device_id,
+                stored,
+                fwd,
+            });
+        }
+        (out, dups)
+    }
+
+    /// Waits until everything handed to the writer so far is written (at shutdown). Every accept is
+    /// durable when answered, so there is nothing else to flush.
     pub async fn flush(&self) {
-        let _ = self.inner.db.flush_async().await;
+        let (tx, rx) = oneshot::channel();
+        if self.inner.jobs.send(Job::Barrier(tx)).await.is_ok() {
+            let _ = rx.await;
+        }
     }
 }
 

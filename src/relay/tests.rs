@@ -82,7 +82,7 @@ async fn the_queue_is_bounded_and_survives_reopening() {
     }
     let r = Relay::open(t.path(), c, hop).unwrap();
     assert_eq!(r.queue_depth(), 2);
-    let (keys, b, _) = r.peek(10);
+    let (keys, b, _) = r.peek(10).unwrap();
     assert_eq!(keys.len(), 2);
     let sent: serde_json::Value = serde_json::from_slice(&b).unwrap();
     assert_eq!(sent[0]["reportId"], "1");
@@ -116,4 +116,34 @@ async fn deployments_explain_failures() {
         d[0]["failed"][0]["explanation"],
         "HTTP 403 from the download source"
     );
+}
+
+#[tokio::test]
+async fn concurrent_posts_of_one_report_count_it_once() {
+    let t = tempfile::tempdir().unwrap();
+    let r = Relay::open(t.path(), cfg(), None).unwrap();
+    let b = body(json!({"reportId": "1", "deviceId": "d", "state": 1}));
+    let all = futures_util::future::join_all((0..8).map(|_| r.accept(&b))).await;
+    let accepted: usize = all.iter().map(|x| x.as_ref().unwrap().0).sum();
+    let dups: usize = all.iter().map(|x| x.as_ref().unwrap().1).sum();
+    assert_eq!((accepted, dups), (1, 7));
+    assert_eq!(r.device("d").unwrap().as_array().unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn the_oldest_pairs_are_forgotten_past_dedup_entries() {
+    let t = tempfile::tempdir().unwrap();
+    let post = |i: usize| body(json!({"reportId": i.to_string(), "deviceId": "d", "state": 1}));
+    {
+        let r = Relay::open(t.path(), cfg(), None).unwrap();
+        for i in 0..150 {
+            assert_eq!(r.accept(&post(i)).await.unwrap(), (1, 0));
+        }
+    }
+    // dedup_entries is 100: after a restart, 0..50 are forgotten, 50..150 remembered.
+    let r = Relay::open(t.path(), cfg(), None).unwrap();
+    assert_eq!(r.accept(&post(149)).await.unwrap(), (0, 1));
+    assert_eq!(r.accept(&post(50)).await.unwrap(), (0, 1));
+    assert_eq!(r.accept(&post(0)).await.unwrap(), (1, 0));
+    assert_eq!(r.mem().dedup.len(), 100);
 }

@@ -7,37 +7,24 @@ use std::sync::atomic::Ordering;
 use serde_json::{json, Value};
 
 use super::report::{explain, hex_code, FAILED};
-use super::{key, Relay};
+use super::Relay;
+
+fn parse(raw: Vec<Vec<u8>>) -> Vec<Value> {
+    raw.iter()
+        .filter_map(|v| serde_json::from_slice(v).ok())
+        .collect()
+}
 
 impl Relay {
-    fn scan(&self, prefix: &[u8]) -> Vec<Value> {
-        self.inner
-            .tree
-            .scan_prefix(prefix)
-            .filter_map(|r| r.ok())
-            .filter_map(|(_, v)| serde_json::from_slice(&v).ok())
-            .collect()
-    }
-
-    /// The latest report of every device: the last history entry under each device's prefix.
+    /// The latest report of every device: the last history entry of each.
     fn latest(&self) -> Vec<Value> {
-        let mut out: Vec<Value> = Vec::new();
-        let mut current: Option<Vec<u8>> = None;
-        for (k, v) in self.inner.tree.scan_prefix(b"h").filter_map(|r| r.ok()) {
-            let dev = k[..k.len().saturating_sub(9)].to_vec();
-            let Ok(v) = serde_json::from_slice::<Value>(&v) else {
-                continue;
-            };
-            if current.as_ref() == Some(&dev) {
-                if let Some(last) = out.last_mut() {
-                    *last = v;
-                }
-            } else {
-                current = Some(dev);
-                out.push(v);
+        match self.db().latest() {
+            Ok(v) => parse(v),
+            Err(e) => {
+                tracing::error!(error = %e, "status relay: cannot read the history");
+                Vec::new()
             }
         }
-        out
     }
 
     /// `GET /v1/devices`: the latest report of every device in this node's subtree.
@@ -47,9 +34,13 @@ impl Relay {
 
     /// `GET /v1/devices/<id>`: that device's history, oldest first; None for an unknown device.
     pub fn device(&self, id: &str) -> Option<Value> {
-        let mut prefix = key(b'h', &[id.as_bytes()]);
-        prefix.push(0);
-        let h = self.scan(&prefix);
+        let h = match self.db().history(id) {
+            Ok(v) => parse(v),
+            Err(e) => {
+                tracing::error!(error = %e, "status relay: cannot read the history");
+                Vec::new()
+            }
+        };
         (!h.is_empty()).then_some(Value::Array(h))
     }
 
