@@ -344,10 +344,8 @@ async fn a_request_after_the_last_byte_is_a_hit() {
     assert!(s["hitBytes"].as_u64().unwrap() >= 5 * 300_000, "{s}");
 }
 
-// Flaky when run beside the other tests here (about 1 run in 3): a GET after the POST is still a hit,
-// so some fill or mapping of the key lands after the invalidation. Ignored until that race is found;
-// run it with `cargo test --test http -- --ignored`.
-#[ignore]
+/// Regression: the invalidation of a Content-Location whose fill was still being stored was undone by
+/// that fill's commit (a hit after the POST, about one run in three).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_post_passes_through_and_invalidates() {
     let origin = Origin::start().await;
@@ -394,7 +392,7 @@ async fn a_post_passes_through_and_invalidates() {
             "{u} not invalidated"
         );
     }
-    assert!(origin.gets("/inv") >= 2);
+    assert_eq!(origin.gets("/inv"), 2);
     // The cache-host form serves GET and HEAD only.
     let host = origin.url().trim_start_matches("http://").to_string();
     let url = node.url(&format!("/inv?cacheHostOrigin={host}"));

@@ -510,12 +510,7 @@ impl Fetcher {
         let safe = matches!(method, Method::OPTIONS | Method::TRACE);
         let ok = resp.status().is_success() || resp.status().is_redirection();
         if !safe && ok {
-            // A fill of the key still being stored would index it after the invalidation: let it end.
-            if let Some(f) = self.committing(&t.key) {
-                f.wait_end().await;
-            }
-            let store = &self.inner.store;
-            store.invalidate(&t.key);
+            let mut keys = vec![t.key.clone()];
             for name in [http::header::LOCATION, http::header::CONTENT_LOCATION] {
                 let target = resp
                     .headers()
@@ -524,11 +519,23 @@ impl Fetcher {
                     .and_then(|v| upstream::resolve_location(url, v))
                     .filter(|u| u.authority() == url.authority());
                 if let Some(u) = target {
-                    store.invalidate(&key::cache_key(&u, strip));
+                    keys.push(key::cache_key(&u, strip));
                 }
+            }
+            for k in keys {
+                self.invalidate(&k).await;
             }
         }
         Ok(resp)
+    }
+
+    /// Forgets what is stored for a key. A fill of it that is still being stored would map the key
+    /// after this, so it is let end first.
+    async fn invalidate(&self, key: &str) {
+        if let Some(f) = self.committing(key) {
+            f.wait_end().await;
+        }
+        self.inner.store.invalidate(key);
     }
 
     /// The fields of a fill's upstream request: the (first) client's end-to-end fields without its
