@@ -130,6 +130,9 @@ struct State {
     verified: bool,
     /// The digest of the verified bytes.
     digest: Option<Digest>,
+    /// Bytes of the fill file below this are what was written (u64::MAX while the file takes every
+    /// byte); at and past it the file may hold a hole, never read.
+    file_valid: u64,
     /// Position of each reader, for pass-through back-pressure.
     readers: HashMap<u64, u64>,
     next_reader: u64,
@@ -155,6 +158,7 @@ impl Flight {
                 end: None,
                 verified: false,
                 digest: None,
+                file_valid: u64::MAX,
                 readers: HashMap::new(),
                 next_reader: 0,
             }),
@@ -182,13 +186,16 @@ impl Flight {
         self.bump();
     }
 
-    /// Drops the file backing (the store gave up on the object half-way): from now on the window keeps
-    /// what readers still need. Bytes before the window stay readable from the file handle readers hold.
-    pub fn stop_storing(&self) {
+    /// The store gave up on the object half-way: bytes from `at` on are not in the file (a full disk
+    /// leaves a hole there, which must never reach a reader), so from now on they are kept in the window
+    /// until every reader has them. Bytes before `at` stay readable from the file (mapped or not),
+    /// which readers hold open.
+    pub fn stop_storing(&self, at: u64) {
         let mut st = self.state();
         if let Some(h) = st.head.as_mut() {
             h.storing = false;
         }
+        st.file_valid = st.file_valid.min(at);
     }
 
     /// How a new client with request fields `req` may join this flight; None when it needs a
@@ -237,14 +244,19 @@ impl Flight {
     pub fn append(&self, chunks: Vec<Bytes>) {
         {
             let mut st = self.state();
-            let mapped = st.map.is_some();
             for c in chunks {
+                let at = st.written;
                 st.written += c.len() as u64;
-                if !mapped {
-                    st.window.push_back(c);
+                // Bytes in the mapped file are read from the mapping; the others from memory.
+                if st.map.is_some() && st.written <= st.file_valid {
+                    continue;
                 }
+                if st.window.is_empty() {
+                    st.window_start = at;
+                }
+                st.window.push_back(c);
             }
-            if mapped {
+            if st.window.is_empty() {
                 st.window_start = st.written;
             }
             let storing = st.head.as_ref().is_some_and(|h| h.storing) && st.file.is_some();
@@ -497,7 +509,10 @@ impl FlightReader {
         let readable = readable.min(end);
         if self.pos < readable {
             if let Some(map) = &st.map {
-                let end = readable.min(self.pos + MAP_CHUNK).min(map.len() as u64);
+                let end = readable
+                    .min(self.pos + MAP_CHUNK)
+                    .min(map.len() as u64)
+                    .min(st.file_valid);
                 if self.pos < end {
                     return Ok(Step::Data(map.slice(self.pos as usize..end as usize)));
                 }
@@ -516,12 +531,14 @@ impl FlightReader {
                 }
             }
             return match &st.file {
-                Some(f) => {
-                    let limit = readable.min(st.window_start.max(self.pos + 1));
+                Some(f) if self.pos < st.file_valid => {
+                    let limit = readable
+                        .min(st.window_start.max(self.pos + 1))
+                        .min(st.file_valid);
                     let len = (limit - self.pos).min(READ_CHUNK as u64) as usize;
                     Ok(Step::FromFile(f.clone(), self.pos, len))
                 }
-                None => Err(FetchError::Internal(
+                _ => Err(FetchError::Internal(
                     "reader fell behind a pass-through transfer".into(),
                 )),
             };

@@ -15,14 +15,15 @@ pub(super) struct Sink {
 }
 
 /// What one batch did: the hasher and fill back, the position reached, the bytes new to readers, where
-/// a restarted transfer diverged, and a store error that ended the storing.
+/// a restarted transfer diverged, and a store error that ended the storing (with the position of the
+/// first byte that is not in the file).
 pub(super) type Absorbed = (
     Option<Sha256>,
     Option<Fill>,
     u64,
     Vec<Bytes>,
     Option<u64>,
-    Option<StoreError>,
+    Option<(u64, StoreError)>,
 );
 
 /// Hashes and writes (or compares, below `held`) one batch that starts at `start`. Blocking.
@@ -89,7 +90,7 @@ pub(super) fn absorb_batch(
         }
         if let Some(f) = fill.as_mut() {
             if let Err(e) = f.write(&chunk) {
-                store_err = Some(e);
+                store_err = Some((pos, e));
                 fill = None;
             }
         }

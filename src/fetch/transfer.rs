@@ -524,14 +524,14 @@ impl Transfer {
         } else if pos >= *compare_until {
             *compare_until = 0;
         }
-        if let Some(e) = store_err {
+        if let Some((at, e)) = store_err {
             match e {
                 StoreError::NoRoom(_) => {
                     tracing::warn!("store out of room mid-transfer; streaming through")
                 }
                 other => tracing::error!(error = %other, "store write failed; streaming through"),
             }
-            self.flight.stop_storing();
+            self.flight.stop_storing(at);
         }
         if !fresh.is_empty() {
             self.flight.append(fresh);

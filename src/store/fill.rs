@@ -30,23 +30,36 @@ pub struct Fill {
 const WRITEBACK_STEP: u64 = 8 << 20;
 
 impl Fill {
+    /// Creates the temp file; with an announced length, its room is taken on the filesystem now
+    /// (`fallocate`), so that a full disk refuses the fill before a byte is written instead of failing
+    /// it half-way.
     pub(super) fn create(store: Store, path: PathBuf, reserved: u64) -> Result<Fill, StoreError> {
+        let io = |source| StoreError::Io {
+            path: path.display().to_string(),
+            source,
+        };
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
             .create_new(true)
             .open(&path)
-            .map_err(|source| StoreError::Io {
-                path: path.display().to_string(),
-                source,
-            })?;
+            .map_err(io)?;
+        if reserved > 0 {
+            if let Err(e) = allocate(&file, reserved) {
+                let _ = std::fs::remove_file(&path);
+                return Err(match e.raw_os_error() {
+                    Some(libc::ENOSPC) => StoreError::NoRoom(reserved),
+                    _ => io(e),
+                });
+            }
+        }
         Ok(Fill {
             store,
             path,
             file: Arc::new(file),
             len: 0,
             reserved,
-            preallocated: false,
+            preallocated: reserved > 0,
             committed: false,
             flushed: 0,
         })
@@ -121,7 +134,8 @@ impl Fill {
     /// Sizes the file to the announced length and maps it, so that readers of the object in flight get
     /// zero-copy slices of what has been written (they never read past the bytes written so far).
     pub fn map(&mut self, size: u64) -> Option<bytes::Bytes> {
-        if size == 0 || self.file.set_len(size).is_err() {
+        let sized = self.file.metadata().is_ok_and(|m| m.len() >= size);
+        if size == 0 || (!sized && self.file.set_len(size).is_err()) {
             return None;
         }
         self.preallocated = true;
@@ -189,6 +203,22 @@ impl Fill {
         // Whatever happened, the temp file is the commit's now (renamed, or left for Drop to remove).
         self.committed = r.is_ok();
         r
+    }
+}
+
+/// Takes `len` bytes of room for the file on the filesystem (it also sizes the file). Filesystems
+/// without `fallocate` get a plain size instead: no room is taken, writes may still fail later.
+fn allocate(file: &File, len: u64) -> std::io::Result<()> {
+    use std::os::unix::io::AsRawFd;
+    // SAFETY: a plain syscall on an open descriptor; no memory is passed.
+    let r = unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, len as libc::off_t) };
+    if r == 0 {
+        return Ok(());
+    }
+    let e = std::io::Error::last_os_error();
+    match e.raw_os_error() {
+        Some(libc::EOPNOTSUPP) => file.set_len(len),
+        _ => Err(e),
     }
 }
 

@@ -130,3 +130,27 @@ async fn divergence_cuts_old_readers() {
     // The new reader starts behind the window of a pass-through flight: it cannot be served.
     assert!(drain(&mut r2).await.is_err());
 }
+
+/// Regression: a fill that ran out of disk went on serving its mapped file, whose hole past the last
+/// written byte reads as zeros. Bytes from the failure on come from memory.
+#[tokio::test]
+async fn bytes_past_a_failed_write_never_come_from_the_file() {
+    let f = Flight::new();
+    // The "file": the first two bytes written, then a hole.
+    let map = Bytes::from(vec![b'a', b'b', 0, 0, 0, 0]);
+    f.set_head(
+        Head {
+            size: Some(6),
+            storing: true,
+            ..Default::default()
+        },
+        None,
+        Some(map),
+    );
+    let mut r = f.reader(0, None);
+    f.append(vec![Bytes::from_static(b"ab")]);
+    f.stop_storing(2);
+    f.append(vec![Bytes::from_static(b"cdef")]);
+    f.finish(End::Complete(Digest([0; 32])));
+    assert_eq!(drain(&mut r).await.unwrap(), b"abcdef");
+}
