@@ -2,8 +2,6 @@
 //! it, the request fields sent upstream on a client's behalf, and the response header block that is
 //! stored per key and replayed on hits (RFC 9111 §3.1).
 
-use std::sync::Arc;
-
 use http::header::{self, HeaderName};
 use http::{HeaderMap, HeaderValue};
 
@@ -119,12 +117,21 @@ pub fn capture(h: &HeaderMap) -> StoredHeaders {
         .filter(|(n, _)| !hop_by_hop(n, h) && !NOT_STORED.contains(&n.as_str()))
         .filter_map(|(n, v)| Some((n.as_str().to_string(), v.to_str().ok()?.to_string())))
         .collect();
-    StoredHeaders(Arc::new(v))
+    StoredHeaders::new(v)
 }
 
-/// A stored block as header fields.
+/// A stored block as header fields (built once per block, then shared).
+pub fn fields(s: &StoredHeaders) -> &HeaderMap {
+    s.fields(build)
+}
+
+/// A stored block as an owned copy of its header fields.
 pub fn to_map(s: &StoredHeaders) -> HeaderMap {
-    let mut out = HeaderMap::with_capacity(s.0.len());
+    fields(s).clone()
+}
+
+fn build(s: &StoredHeaders) -> HeaderMap {
+    let mut out = HeaderMap::with_capacity(s.len());
     for (n, v) in s.iter() {
         if let (Ok(n), Ok(v)) = (
             HeaderName::from_bytes(n.as_bytes()),
@@ -157,7 +164,7 @@ pub fn updated_by(s: &StoredHeaders, h: &HeaderMap) -> StoredHeaders {
         .cloned()
         .collect();
     v.extend(fresh.iter().filter(|(n, _)| !skip(n)).cloned());
-    StoredHeaders(Arc::new(v))
+    StoredHeaders::new(v)
 }
 
 #[cfg(test)]

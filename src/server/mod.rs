@@ -130,7 +130,7 @@ impl App {
 
     async fn dispatch(
         self: Arc<Self>,
-        req: Request<Incoming>,
+        mut req: Request<Incoming>,
         peer: SocketAddr,
     ) -> (Response<Body>, Option<FormKind>, Option<String>) {
         let ip = canonical(peer.ip());
@@ -172,7 +172,7 @@ impl App {
                     digest: Some(digest),
                     immutable: true,
                     no_store: false,
-                    headers: req.headers().clone(),
+                    headers: std::mem::take(req.headers_mut()),
                 };
                 let key = t.key.clone();
                 (
@@ -198,7 +198,8 @@ impl App {
                     digest: staged,
                     immutable: immutable || staged.is_some(),
                     no_store: RequestCc::parse(req.headers()).no_store,
-                    headers: req.headers().clone(),
+                    // Moved, not copied: from here on the request's fields are the target's.
+                    headers: std::mem::take(req.headers_mut()),
                 };
                 (self.object(req, t, kind).await, Some(kind), Some(key))
             }
@@ -225,12 +226,12 @@ impl App {
             return r;
         }
         let head = m == Method::HEAD;
-        let ask = Ask::from_headers(req.headers(), head);
-        let cc = RequestCc::parse(req.headers());
+        let ask = Ask::from_headers(&t.headers, head);
+        let cc = RequestCc::parse(&t.headers);
         // Requests with credentials are passed through, never stored (RFC 9111 §3.5). A range of an
         // object that was not stored last time (too big, no room, not cacheable) goes upstream as a
         // range instead of refetching the object from its first byte (SPEC 4).
-        let credentials = by_url && req.headers().contains_key(http::header::AUTHORIZATION);
+        let credentials = by_url && t.headers.contains_key(http::header::AUTHORIZATION);
         let unstored_range = !head && ask.range.is_some() && self.fetcher.recently_unstored(&t.key);
         if credentials || unstored_range {
             return self.bypass(m.clone(), &t).await;

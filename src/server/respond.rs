@@ -39,7 +39,7 @@ impl Ask {
 }
 
 /// What is known of the representation when the headers go out.
-struct Repr {
+struct Repr<'a> {
     status: StatusCode,
     size: Option<u64>,
     digest: Option<Digest>,
@@ -48,14 +48,17 @@ struct Repr {
     content_type: Option<String>,
     cache_status: String,
     /// The upstream's end-to-end fields (stored, or of the response arriving).
-    base: HeaderMap,
+    base: Option<&'a HeaderMap>,
     /// The response's current age (RFC 9111 §4.2.3), when it came from upstream.
     age: Option<u64>,
 }
 
-impl Repr {
+impl Repr<'_> {
     fn headers(&self, h: &mut HeaderMap) {
-        *h = self.base.clone();
+        match self.base {
+            Some(b) => h.clone_from(b),
+            None => h.clear(),
+        }
         let mut set = |name: &'static str, v: &str| {
             if let Ok(v) = HeaderValue::from_str(v) {
                 h.insert(name, v);
@@ -74,7 +77,9 @@ impl Repr {
         if let Some(lm) = &self.last_modified {
             set("last-modified", lm);
         }
-        let typed = self.base.contains_key(http::header::CONTENT_TYPE);
+        let typed = self
+            .base
+            .is_some_and(|b| b.contains_key(http::header::CONTENT_TYPE));
         if !typed {
             set(
                 "content-type",
@@ -172,10 +177,7 @@ pub fn hit(hit: Hit, meta: Option<KeyMeta>, how: HitKind, ask: &Ask) -> Response
         last_modified: meta.as_ref().and_then(|m| m.last_modified.clone()),
         content_type: hit.content_type.clone(),
         cache_status: member,
-        base: meta
-            .as_ref()
-            .map(|m| headers::to_map(&m.headers))
-            .unwrap_or_default(),
+        base: meta.as_ref().map(|m| headers::fields(&m.headers)),
         age: meta
             .as_ref()
             .filter(|m| m.fresh_for.is_some())
@@ -208,7 +210,7 @@ impl AsRef<[u8]> for Sending {
 
 /// Builds the answer for a representation of known size; `body(start, end)` gives the bytes.
 fn answer(
-    repr: &Repr,
+    repr: &Repr<'_>,
     ask: &Ask,
     size: u64,
     body: impl FnOnce(u64, u64) -> Body,
@@ -301,7 +303,7 @@ pub async fn flight(
         last_modified: head.last_modified.clone(),
         content_type: head.content_type.clone(),
         cache_status: cache_status(head.upstream_cache_status.as_deref(), member),
-        base: headers::to_map(&head.headers),
+        base: Some(headers::fields(&head.headers)),
         age: head.age,
     };
     let range = ask.range.filter(|_| {

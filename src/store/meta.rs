@@ -54,22 +54,65 @@ fn status_ok() -> u16 {
 }
 
 /// A stored response header block: the upstream's end-to-end fields in the order it sent them, lower-
-/// case names. Shared, so that a hit costs no copy of it.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-#[serde(transparent)]
-pub struct StoredHeaders(pub Arc<Vec<(String, String)>>);
+/// case names. Shared, so that a hit costs no copy of it, and built into header fields once (by the
+/// caller's `build`, on first use), so that a hit costs one clone of those.
+#[derive(Clone, Debug, Default)]
+pub struct StoredHeaders(Arc<Block>);
+
+#[derive(Debug, Default)]
+struct Block {
+    pairs: Vec<(String, String)>,
+    fields: std::sync::OnceLock<http::HeaderMap>,
+}
 
 impl StoredHeaders {
+    pub fn new(pairs: Vec<(String, String)>) -> StoredHeaders {
+        StoredHeaders(Arc::new(Block {
+            pairs,
+            fields: std::sync::OnceLock::new(),
+        }))
+    }
+
     /// The first value of a field, by lower-case name.
     pub fn get(&self, name: &str) -> Option<&str> {
-        self.0
-            .iter()
+        self.iter()
             .find(|(n, _)| n == name)
             .map(|(_, v)| v.as_str())
     }
 
     pub fn iter(&self) -> impl Iterator<Item = &(String, String)> {
-        self.0.iter()
+        self.0.pairs.iter()
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.pairs.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.pairs.is_empty()
+    }
+
+    /// The block as header fields, built by `build` the first time.
+    pub fn fields(&self, build: impl FnOnce(&Self) -> http::HeaderMap) -> &http::HeaderMap {
+        self.0.fields.get_or_init(|| build(self))
+    }
+}
+
+impl PartialEq for StoredHeaders {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.pairs == other.0.pairs
+    }
+}
+
+impl Serialize for StoredHeaders {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.0.pairs.serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for StoredHeaders {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Vec::<(String, String)>::deserialize(d).map(StoredHeaders::new)
     }
 }
 
