@@ -399,3 +399,61 @@ async fn a_post_passes_through_and_invalidates() {
     let g = request_body("POST", &url, &[], bytes::Bytes::from_static(b"x")).await;
     assert_eq!(g.status, 405);
 }
+
+/// cistern follows an origin's redirect itself (SPEC 2) and stores the object under the original key,
+/// with the freshness of the response it got: reused without asking again while fresh.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redirected_object_is_stored_with_its_freshness() {
+    let origin = Origin::start().await;
+    let body = random_bytes(2000, 32);
+    origin.put("/real.bin", body.clone(), cc("max-age=600"));
+    origin.redirect("/moved.bin", "/real.bin");
+    let node = Node::start(&origin, "").await;
+    let url = node.url("/o/t/moved.bin");
+    assert_eq!(get(&url).await.body, body);
+    let mut status = String::new();
+    for _ in 0..40 {
+        let g = get(&url).await;
+        assert_eq!(g.body, body);
+        status = g.header("cache-status");
+        if status == "cistern; hit" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(status, "cistern; hit");
+    assert_eq!(origin.gets("/moved.bin"), 1);
+    assert_eq!(origin.gets("/real.bin"), 1);
+}
+
+/// `stale-while-revalidate` (RFC 5861): a copy stale within the window is served at once, and
+/// revalidated behind the client's back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stale_while_revalidate_serves_at_once_and_revalidates() {
+    let origin = Origin::start().await;
+    let mut b = cc("max-age=2, stale-while-revalidate=60");
+    b.etag = Some("\"s1\"".into());
+    origin.put("/swr", random_bytes(500, 33), b);
+    let node = Node::start(&origin, "").await;
+    let url = node.url("/o/t/swr");
+    get(&url).await;
+    tokio::time::sleep(Duration::from_millis(3100)).await;
+    let g = get(&url).await;
+    assert!(
+        g.header("cache-status").contains("detail=stale"),
+        "{}",
+        g.header("cache-status")
+    );
+    eventually(10, "the background revalidation", || {
+        origin.requests("/swr").len() == 2
+    })
+    .await;
+    assert!(origin.requests("/swr")[1].1.contains_key("if-none-match"));
+    let g = get(&url).await;
+    assert!(
+        g.header("cache-status").starts_with("cistern; hit"),
+        "{}",
+        g.header("cache-status")
+    );
+    assert!(!g.header("cache-status").contains("stale"));
+}
