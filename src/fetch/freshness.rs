@@ -76,6 +76,23 @@ pub fn storable(status: StatusCode, h: &HeaderMap, authorized: bool) -> bool {
     heuristically_cacheable(status) || explicit || has(&ds, "public")
 }
 
+/// Whether a stored response may answer a request with credentials (RFC 9111 §3.5): its
+/// Cache-Control says `public`, `s-maxage` or `must-revalidate`.
+pub fn shareable_with_credentials(m: &KeyMeta) -> bool {
+    m.headers
+        .iter()
+        .filter(|(n, _)| n == "cache-control")
+        .flat_map(|(_, v)| v.split(','))
+        .map(|d| {
+            d.split('=')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_ascii_lowercase()
+        })
+        .any(|d| d == "public" || d == "s-maxage" || d == "must-revalidate")
+}
+
 /// The freshness lifetime in seconds of a response, as a shared cache computes it.
 pub fn lifetime(status: StatusCode, h: &HeaderMap) -> u64 {
     let ds = directives(h);

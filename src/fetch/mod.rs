@@ -100,6 +100,13 @@ pub struct Target {
     pub headers: HeaderMap,
 }
 
+impl Target {
+    /// The request carries credentials (URL forms only: content by digest is the same for everyone).
+    pub fn authorized(&self) -> bool {
+        !self.key.starts_with("sha256/") && self.headers.contains_key(http::header::AUTHORIZATION)
+    }
+}
+
 /// The answer to a GET. Short-lived (matched at once), so its variants' sizes do not matter.
 #[allow(clippy::large_enum_variant)]
 pub enum Lookup {
@@ -275,7 +282,8 @@ impl Fetcher {
         // A transfer that has every byte verified and is storing them: a fresh response is served
         // from it as a hit; otherwise the commit is awaited, so that the freshness decision below sees
         // the stored response.
-        if let Some(f) = self.committing(&t.key) {
+        let committing = self.committing(&t.key).filter(|_| !t.authorized());
+        if let Some(f) = committing {
             if f.joinable(&t.headers) == Some(Joined::Verified) {
                 let reader = f.reader(0, None);
                 return Ok(Lookup::Flight {
@@ -287,7 +295,11 @@ impl Fetcher {
             f.wait_end().await;
         }
         let mut stale = None;
-        if let Some(e) = self.stored(t) {
+        // A request with credentials may reuse only what says it may be shared (RFC 9111 §3.5).
+        let usable = |e: &crate::store::KeyEntry| {
+            !t.authorized() || freshness::shareable_with_credentials(&e.meta)
+        };
+        if let Some(e) = self.stored(t).filter(usable) {
             let how = if t.immutable {
                 Reuse::Fresh
             } else {
@@ -400,7 +412,9 @@ impl Fetcher {
         stale: Option<crate::store::KeyEntry>,
     ) -> (Arc<Flight>, Joined, FlightReader) {
         let mut flights = lock(&self.inner.flights);
-        if let Some(f) = flights.get(&t.key) {
+        // A request with credentials never shares a transfer, and none joins its own.
+        let shared = !t.authorized();
+        if let Some(f) = flights.get(&t.key).filter(|_| shared) {
             match f.joinable(&t.headers) {
                 Some(joined) => {
                     let reader = f.reader(0, None);
@@ -413,7 +427,9 @@ impl Fetcher {
         }
         let flight = Flight::new();
         let reader = flight.reader(0, None);
-        flights.insert(t.key.clone(), flight.clone());
+        if shared {
+            flights.insert(t.key.clone(), flight.clone());
+        }
         drop(flights);
         self.inner.stats.transfers.fetch_add(1, Ordering::Relaxed);
         let job = transfer::Transfer {

@@ -105,9 +105,16 @@ impl Transfer {
             (Err(e), _) => return End::Failed(e),
         };
         let status = resp.status();
+        // Besides 200s, a cacheable status is kept only when it can serve again: it has freshness or
+        // a validator (an origin's bare 404 page is passed on, not stored: SPEC 4).
+        let h = resp.headers();
+        let reusable = freshness::lifetime(status, h) > 0
+            || h.contains_key(http::header::ETAG)
+            || h.contains_key(http::header::LAST_MODIFIED);
         let cacheable = status == StatusCode::OK
-            || (freshness::storable(status, resp.headers(), false)
-                && status != StatusCode::PARTIAL_CONTENT);
+            || (freshness::storable(status, h, false)
+                && status != StatusCode::PARTIAL_CONTENT
+                && reusable);
         if !cacheable {
             return End::Failed(error_status(resp).await);
         }
@@ -193,7 +200,7 @@ impl Transfer {
         let digest = self.target.digest.or_else(|| Digest::from_headers(h));
         identity
             && !self.target.no_store
-            && freshness::storable(status, h, false)
+            && freshness::storable(status, h, self.target.authorized())
             && freshness::vary_of(h, &self.target.headers).is_some()
             && !(self.fetcher.inner.cfg.require_digest && digest.is_none())
     }

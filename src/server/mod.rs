@@ -209,7 +209,6 @@ impl App {
     /// The data plane: GET and HEAD on one of the object forms.
     async fn object(&self, req: Request<Incoming>, t: Target, kind: FormKind) -> Response<Body> {
         let m = req.method();
-        let by_url = kind != FormKind::Content;
         let passes_methods = matches!(kind, FormKind::ForwardProxy | FormKind::Named);
         if m != Method::GET && m != Method::HEAD && passes_methods {
             return self.forward(req, t).await;
@@ -228,12 +227,10 @@ impl App {
         let head = m == Method::HEAD;
         let ask = Ask::from_headers(&t.headers, head);
         let cc = RequestCc::parse(&t.headers);
-        // Requests with credentials are passed through, never stored (RFC 9111 §3.5). A range of an
-        // object that was not stored last time (too big, no room, not cacheable) goes upstream as a
-        // range instead of refetching the object from its first byte (SPEC 4).
-        let credentials = by_url && t.headers.contains_key(http::header::AUTHORIZATION);
+        // A range of an object that was not stored last time (too big, no room, not cacheable) goes
+        // upstream as a range instead of refetching the object from its first byte (SPEC 4).
         let unstored_range = !head && ask.range.is_some() && self.fetcher.recently_unstored(&t.key);
-        if credentials || unstored_range {
+        if unstored_range {
             return self.bypass(m.clone(), &t).await;
         }
         if head {
