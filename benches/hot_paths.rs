@@ -14,6 +14,7 @@ fn scratch_store() -> (tempfile::TempDir, Store) {
         max_size: 0,
         min_free: 0,
         max_object_size: 0,
+        max_filling: 0,
     };
     let store = Store::open(&cfg).unwrap();
     (tmp, store)

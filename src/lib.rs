@@ -28,6 +28,7 @@ pub fn store_config(cfg: &Config) -> StoreConfig {
         max_size: cfg.store.max_size.0,
         min_free: cfg.store.min_free.0,
         max_object_size: cfg.store.max_object_size.0,
+        max_filling: cfg.store.max_filling.0,
     }
 }
 
@@ -192,6 +193,9 @@ impl Gateway {
                 node_id: cfg.node.id.clone(),
                 retries: cfg.upstream.retries,
                 idle_timeout: cfg.upstream.idle_timeout.0,
+                connect_timeout: cfg.upstream.connect_timeout.0,
+                min_rate: cfg.upstream.min_rate.0,
+                max_transfers: cfg.upstream.max_transfers as usize,
                 require_digest: cfg.upstream.require_digest,
                 strip_query: cfg.upstream.strip_query.clone(),
             },

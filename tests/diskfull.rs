@@ -65,6 +65,8 @@ fn fill_disk(path: PathBuf, max: usize) -> usize {
 async fn node_on(fs: &Tmpfs, origin: &Origin) -> Node {
     let mut cfg = config(fs.path(), origin, "");
     cfg.store.min_free = cistern::config::ByteSize(0);
+    // The default bound on reservations, half the store (32 MiB here), would refuse a 40 MiB fill.
+    cfg.store.max_filling = cistern::config::ByteSize(48 << 20);
     Node::start_with(cfg).await
 }
 

@@ -126,3 +126,84 @@ async fn an_open_range_of_an_unstored_object_of_unknown_length_is_answered() {
         }
     }
 }
+
+/// `upstream.min_rate`: an upstream that trickles (1 KB/s in 500-byte frames here: never idle for the
+/// 2 s idle timeout of the tests' config, but under the 4 KiB/s default averaged over it) is a broken
+/// transfer; after the retries the fill
+/// fails, its client's download is cut off, and nothing is held or stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trickling_upstream_does_not_hold_a_fill_for_ever() {
+    let origin = Origin::start().await;
+    let body = random_bytes(40_000, 44);
+    let b = Behaviour {
+        rate: Some(1000),
+        chunk: Some(500),
+        etag: Some("\"slow\"".into()),
+        ..Default::default()
+    };
+    origin.put("/slow.bin", body, b);
+    let node = Node::start(&origin, "").await;
+    let started = std::time::Instant::now();
+    let g = tokio::time::timeout(Duration::from_secs(30), get(&node.url("/o/t/slow.bin")))
+        .await
+        .expect("the trickle held the client");
+    assert!(g.aborted, "the trickle was served whole");
+    assert!(started.elapsed() < Duration::from_secs(25));
+    assert!(origin.gets("/slow.bin") >= 2, "not resumed before failing");
+    assert!(node.blobs().is_empty());
+}
+
+/// `upstream.max_transfers` bounds the transfers at once: beyond it a miss waits for a slot up to the
+/// connect timeout, then gets 503.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transfers_are_bounded() {
+    let origin = Origin::start().await;
+    let slow = Behaviour {
+        rate: Some(256 << 10),
+        ..Default::default()
+    };
+    origin.put("/hold.bin", random_bytes(2 << 20, 45), slow);
+    let body = random_bytes(2 << 20, 46);
+    origin.put("/next.bin", body.clone(), Behaviour::default());
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cfg = config(tmp.path(), &origin, "");
+    cfg.upstream.max_transfers = 1;
+    let mut node = Node::start_with(cfg).await;
+    node.keep(tmp);
+    let hold = node.url("/o/t/hold.bin");
+    let holder = tokio::spawn(async move { get(&hold).await });
+    eventually(10, "the first transfer", || origin.gets("/hold.bin") == 1).await;
+    let g = get(&node.url("/o/t/next.bin")).await;
+    assert_eq!(g.status, 503);
+    assert_eq!(g.json()["error"], "upstream-busy");
+    assert_eq!(origin.gets("/next.bin"), 0);
+    assert_eq!(holder.await.unwrap().status, 200);
+}
+
+/// `store.max_filling` bounds the room fills reserve together: beyond it an object is streamed
+/// through, unstored (2 MiB being filled + 2 MiB more would pass a 3 MiB bound).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reservations_of_fills_are_bounded() {
+    let origin = Origin::start().await;
+    let slow = Behaviour {
+        rate: Some(512 << 10),
+        ..Default::default()
+    };
+    origin.put("/hold.bin", random_bytes(2 << 20, 47), slow);
+    let body = random_bytes(2 << 20, 48);
+    origin.put("/next.bin", body.clone(), Behaviour::default());
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cfg = config(tmp.path(), &origin, "");
+    cfg.store.max_filling = cistern::config::ByteSize(3 << 20);
+    let mut node = Node::start_with(cfg).await;
+    node.keep(tmp);
+    let hold = node.url("/o/t/hold.bin");
+    let holder = tokio::spawn(async move { get(&hold).await });
+    eventually(10, "the first fill", || origin.gets("/hold.bin") == 1).await;
+    let g = get(&node.url("/o/t/next.bin")).await;
+    assert!(g.body == body);
+    assert_eq!(g.header("cache-status"), "cistern; fwd=bypass");
+    assert_eq!(holder.await.unwrap().status, 200);
+    let next = sha256_hex(&body);
+    assert!(!node.blobs().contains(&next), "stored past the bound");
+}

@@ -101,6 +101,8 @@ pub struct Store {
     pub max_size: ByteSize,
     pub min_free: ByteSize,
     pub max_object_size: ByteSize,
+    /// Room that fills in flight may reserve together; 0 = half of what the store may use.
+    pub max_filling: ByteSize,
 }
 
 impl Default for Store {
@@ -110,6 +112,7 @@ impl Default for Store {
             max_size: ByteSize(0),
             min_free: ByteSize(1 << 30),
             max_object_size: ByteSize(0),
+            max_filling: ByteSize(0),
         }
     }
 }
@@ -128,6 +131,11 @@ pub struct Upstream {
     pub connect_timeout: Span,
     pub idle_timeout: Span,
     pub retries: u32,
+    /// Per second, averaged over a minute (or over `idle_timeout` when shorter): a slower transfer is
+    /// a failure (retry / resume), so that a trickling upstream cannot hold a reservation for ever.
+    pub min_rate: ByteSize,
+    /// Upstream transfers at once; a miss beyond it waits for a slot up to `connect_timeout`, then 503.
+    pub max_transfers: u32,
     pub strip_query: Vec<String>,
     pub require_digest: bool,
 }
@@ -153,6 +161,8 @@ impl Default for Upstream {
             connect_timeout: Span::secs(10),
             idle_timeout: Span::secs(60),
             retries: 5,
+            min_rate: ByteSize(4 << 10),
+            max_transfers: 256,
             strip_query: s(&[
                 "sig", "se", "st", "sp", "sv", "sr", "spr", "skoid", "sktid", "skt", "ske", "sks",
                 "skv", "ss", "srt",
@@ -324,6 +334,9 @@ impl Config {
         }
         if self.server.max_connections == 0 {
             return Err(invalid("server.max_connections", "must be at least 1"));
+        }
+        if self.upstream.max_transfers == 0 {
+            return Err(invalid("upstream.max_transfers", "must be at least 1"));
         }
         if !matches!(self.upstream.origin_scheme.as_str(), "http" | "https") {
             return Err(invalid(

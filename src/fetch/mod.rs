@@ -68,6 +68,8 @@ pub enum FetchError {
         "the object is not stored and the request asked for cached content only (only-if-cached)"
     )]
     NotCached,
+    #[error("{0} upstream transfers are running (upstream.max_transfers); try again shortly")]
+    Busy(usize),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -78,6 +80,10 @@ pub struct FetchConfig {
     pub node_id: String,
     pub retries: u32,
     pub idle_timeout: Duration,
+    pub connect_timeout: Duration,
+    /// Bytes per second below which a transfer counts as broken (`upstream.min_rate`).
+    pub min_rate: u64,
+    pub max_transfers: usize,
     pub require_digest: bool,
     pub strip_query: Vec<String>,
 }
@@ -175,6 +181,8 @@ struct Inner {
     /// cacheable), and when: a range of one goes upstream as a range (SPEC 4).
     unstored: Mutex<HashMap<String, Instant>>,
     stats: FetchStats,
+    /// Slots for upstream transfers (`upstream.max_transfers`).
+    slots: Arc<tokio::sync::Semaphore>,
     /// Prefetch jobs and the mappings staged manifests made.
     jobs: prefetch::Jobs,
 }
@@ -214,11 +222,12 @@ impl Fetcher {
             inner: Arc::new(Inner {
                 store,
                 client,
-                cfg,
                 flights: Mutex::new(HashMap::new()),
                 mismatches: Mutex::new(HashMap::new()),
                 unstored: Mutex::new(HashMap::new()),
                 stats: FetchStats::default(),
+                slots: Arc::new(tokio::sync::Semaphore::new(cfg.max_transfers)),
+                cfg,
                 jobs: prefetch::Jobs::default(),
             }),
         }

@@ -31,6 +31,52 @@ pub(super) struct Transfer {
     pub stale: Option<KeyEntry>,
 }
 
+/// `upstream.min_rate`: bytes per second averaged over a minute, or over the idle timeout when that
+/// is shorter. A slower upstream is a broken transfer (resumed or failed), so that a trickle cannot
+/// hold a reservation and its waiting clients for ever.
+struct Rate {
+    min: u64,
+    window: std::time::Duration,
+    since: std::time::Instant,
+    bytes: u64,
+}
+
+impl Rate {
+    fn new(min: u64, idle: std::time::Duration) -> Rate {
+        Rate {
+            min,
+            window: idle.clamp(
+                std::time::Duration::from_secs(1),
+                std::time::Duration::from_secs(60),
+            ),
+            since: std::time::Instant::now(),
+            bytes: 0,
+        }
+    }
+
+    fn arrived(&mut self, n: u64) -> Result<(), String> {
+        self.bytes += n;
+        let secs = self.since.elapsed().as_secs_f64();
+        if secs < self.window.as_secs_f64() {
+            return Ok(());
+        }
+        let per_sec = self.bytes as f64 / secs;
+        if self.min > 0 && per_sec < self.min as f64 {
+            return Err(format!(
+                "upstream sent {per_sec:.0} bytes/s, under upstream.min_rate ({} bytes/s)",
+                self.min
+            ));
+        }
+        self.since = std::time::Instant::now();
+        self.bytes = 0;
+        Ok(())
+    }
+
+    fn paused(&mut self, d: std::time::Duration) {
+        self.since += d;
+    }
+}
+
 /// How a broken body goes on.
 enum Resumed {
     /// A 206 that continues the bytes held.
@@ -55,7 +101,14 @@ impl Transfer {
         let span = tracing::info_span!("transfer", key = %key);
         let flight = self.flight.clone();
         let fetcher = self.fetcher.clone();
-        let end = tracing::Instrument::instrument(self.transfer(), span).await;
+        // One of `upstream.max_transfers` slots for the whole transfer, waited for up to the connect
+        // timeout (then the clients get 503).
+        let slots = fetcher.inner.slots.clone();
+        let wait = fetcher.inner.cfg.connect_timeout;
+        let end = match tokio::time::timeout(wait, slots.acquire_owned()).await {
+            Ok(Ok(_slot)) => tracing::Instrument::instrument(self.transfer(), span).await,
+            _ => End::Failed(FetchError::Busy(fetcher.inner.cfg.max_transfers)),
+        };
         if let End::Failed(e) = &end {
             fetcher.count_error(e);
         }
@@ -444,6 +497,7 @@ impl Transfer {
     /// Moves body bytes into the sink and the flight until the body ends or breaks.
     async fn pump(&self, body: &mut Incoming, sink: &mut Sink, compare_until: &mut u64) -> BodyEnd {
         let idle = self.fetcher.inner.cfg.idle_timeout;
+        let mut rate = Rate::new(self.fetcher.inner.cfg.min_rate, idle);
         loop {
             let mut batch: Vec<Bytes> = Vec::new();
             let mut batch_len = 0usize;
@@ -487,12 +541,18 @@ impl Transfer {
                 if let Err(e) = self.absorb(batch, sink, compare_until).await {
                     return BodyEnd::Broken(e);
                 }
+                if let Err(e) = rate.arrived(batch_len as u64) {
+                    return BodyEnd::Broken(e);
+                }
                 if !self.flight.is_storing() {
-                    // Later clients make their own request; this one keeps pace with its readers.
+                    // Later clients make their own request; this one keeps pace with its readers
+                    // (time spent waiting for them does not count against the upstream's rate).
                     self.fetcher.forget_flight(&self.target.key, &self.flight);
+                    let waiting = std::time::Instant::now();
                     if !self.flight.wait_for_readers().await {
                         return BodyEnd::NoReaders;
                     }
+                    rate.paused(waiting.elapsed());
                 }
             }
             if let Some(e) = ended {

@@ -57,6 +57,7 @@ pub fn fetch_error_response(e: FetchError) -> Response<Body> {
         FetchError::Diverged => (S::BAD_GATEWAY, "upstream-changed"),
         FetchError::NotFound(_) => (S::NOT_FOUND, "not-found"),
         FetchError::NotCached => (S::GATEWAY_TIMEOUT, "not-cached"),
+        FetchError::Busy(_) => (S::SERVICE_UNAVAILABLE, "upstream-busy"),
         FetchError::Internal(_) => (S::INTERNAL_SERVER_ERROR, "internal"),
         FetchError::Status {
             status,

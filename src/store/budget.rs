@@ -21,6 +21,8 @@ pub struct Budget {
     /// 0 = no cap besides `min_free`.
     pub max_size: u64,
     pub min_free: u64,
+    /// Bound on the room reserved by fills in flight together; 0 = half of what the store may use.
+    pub max_filling: u64,
 }
 
 impl Budget {
@@ -29,14 +31,30 @@ impl Budget {
         free_bytes(&self.dir)
     }
 
+    /// The bound on reservations: `max_filling`, else half of what the store may use (its `max_size`,
+    /// or what it holds plus what the filesystem has free above `min_free`), so that a burst of fills
+    /// cannot evict the whole cache for objects that may never complete.
+    fn filling_cap(&self, used: u64, fs_free: u64) -> u64 {
+        if self.max_filling > 0 {
+            return self.max_filling;
+        }
+        let usable = if self.max_size > 0 {
+            self.max_size
+        } else {
+            used.saturating_add(fs_free.saturating_sub(self.min_free))
+        };
+        usable / 2
+    }
+
     /// Chooses the objects to evict so that `n` more bytes fit, removes them from `st` and returns them
     /// for the caller to unlink; NoRoom (and nothing evicted) when even evicting every candidate would
     /// not make room.
     pub fn make_room(&self, st: &mut State, n: u64) -> Result<Vec<Digest>, StoreError> {
-        let free = self
-            .free_bytes()
-            .unwrap_or(u64::MAX)
-            .saturating_sub(st.reserved);
+        let fs_free = self.free_bytes().unwrap_or(u64::MAX);
+        if st.reserved + n > self.filling_cap(st.used, fs_free) {
+            return Err(StoreError::NoRoom(n));
+        }
+        let free = fs_free.saturating_sub(st.reserved);
         let over_size = |freed: u64| {
             self.max_size > 0 && st.used + st.reserved + n > self.max_size.saturating_add(freed)
         };

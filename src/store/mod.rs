@@ -64,6 +64,8 @@ pub struct StoreConfig {
     pub max_size: u64,
     pub min_free: u64,
     pub max_object_size: u64,
+    /// Room fills in flight may reserve together; 0 = half of what the store may use.
+    pub max_filling: u64,
 }
 
 /// A cheap-to-clone handle on the store.
@@ -186,6 +188,7 @@ impl Store {
                     dir: cfg.dir.clone(),
                     max_size: cfg.max_size,
                     min_free: cfg.min_free,
+                    max_filling: cfg.max_filling,
                 },
                 max_object_size: cfg.max_object_size,
                 maps: Mutex::new(HashMap::new()),

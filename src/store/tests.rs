@@ -7,6 +7,7 @@ fn cfg(dir: &Path) -> StoreConfig {
         max_size: 0,
         min_free: 0,
         max_object_size: 0,
+        max_filling: 0,
     }
 }
 

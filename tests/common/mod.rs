@@ -46,6 +46,9 @@ pub struct Behaviour {
     pub vary_body: Option<&'static str>,
     /// Answer every Range request with this status (a resume that fails).
     pub range_status: Option<u16>,
+    /// Bytes per body frame (default 16 KiB): small frames at a low rate make a trickle that never
+    /// goes idle.
+    pub chunk: Option<usize>,
 }
 
 pub struct OriginFile {
@@ -293,6 +296,7 @@ fn serve(
         }
     }
     let rate = b.rate;
+    let chunk = b.chunk.unwrap_or(16 << 10);
     let len = total - start;
     let sent = bytes_sent.clone();
     let stream =
@@ -312,7 +316,6 @@ fn serve(
                         None
                     };
                 }
-                let chunk = 16 << 10;
                 let n = chunk.min(rest.len());
                 if let Some(r) = rate {
                     tokio::time::sleep(Duration::from_micros((n as u64) * 1_000_000 / r)).await;
