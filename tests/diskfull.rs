@@ -62,11 +62,12 @@ fn fill_disk(path: PathBuf, max: usize) -> usize {
     n
 }
 
-async fn node_on(fs: &Tmpfs, origin: &Origin) -> Node {
+/// A node storing on `fs`, fills bounded together by `filling` MiB.
+async fn node_on(fs: &Tmpfs, origin: &Origin, filling: u64) -> Node {
     let mut cfg = config(fs.path(), origin, "");
     cfg.store.min_free = cistern::config::ByteSize(0);
-    // The default bound on reservations, half the store (32 MiB here), would refuse a 40 MiB fill.
-    cfg.store.max_filling = cistern::config::ByteSize(48 << 20);
+    // The default bound on reservations, half the store (32 MiB here), would refuse the fills here.
+    cfg.store.max_filling = cistern::config::ByteSize(filling << 20);
     Node::start_with(cfg).await
 }
 
@@ -86,7 +87,7 @@ async fn fill_then_flood(chunked: bool) -> (Got, usize, Node, bytes::Bytes, Tmpf
             ..Default::default()
         },
     );
-    let node = node_on(&fs, &origin).await;
+    let node = node_on(&fs, &origin, 48).await;
     let url = node.url("/o/t/big.bin");
     let client = tokio::spawn(async move { get(&url).await });
     let end = Instant::now() + Duration::from_secs(20);
@@ -150,7 +151,7 @@ async fn no_room_for_an_announced_length_streams_it_through() {
     let origin = Origin::start().await;
     let body = random_bytes(20 << 20, 52);
     origin.put("/sized.bin", body.clone(), Behaviour::default());
-    let node = node_on(&fs, &origin).await;
+    let node = node_on(&fs, &origin, 48).await;
     // With 52 MiB of junk beside it, no room for the 20 MiB object can be had: it is passed through
     // whole, unstored.
     let junk = fs.path().join("junk");
@@ -161,4 +162,33 @@ async fn no_room_for_an_announced_length_streams_it_through() {
     assert!(!g.aborted);
     assert!(g.body == body);
     assert!(node.blobs().is_empty());
+}
+
+/// Regression: room a fill had already taken on the filesystem was counted twice (out of the free
+/// space, and again as a reservation), so a second fill that fits was refused. On 64 MiB: 30 MiB being
+/// filled leaves 34 MiB, and a 25 MiB object fits beside it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn room_a_fill_took_is_not_counted_twice() {
+    let Some(fs) = Tmpfs::mount("64m") else {
+        return;
+    };
+    let origin = Origin::start().await;
+    let slow = Behaviour {
+        rate: Some(10 << 20),
+        ..Default::default()
+    };
+    origin.put("/first.bin", random_bytes(30 << 20, 53), slow);
+    let body = random_bytes(25 << 20, 54);
+    origin.put("/second.bin", body.clone(), Behaviour::default());
+    let node = node_on(&fs, &origin, 60).await;
+    let first = node.url("/o/t/first.bin");
+    let filling = tokio::spawn(async move { get(&first).await });
+    eventually(10, "the first fill", || {
+        origin.bytes_sent.load(Ordering::Relaxed) > 1 << 20
+    })
+    .await;
+    let g = get(&node.url("/o/t/second.bin")).await;
+    assert!(g.body == body);
+    assert_eq!(g.header("cache-status"), "cistern; fwd=uri-miss; stored");
+    assert_eq!(filling.await.unwrap().status, 200);
 }

@@ -54,7 +54,8 @@ impl Budget {
         if st.reserved + n > self.filling_cap(st.used, fs_free) {
             return Err(StoreError::NoRoom(n));
         }
-        let free = fs_free.saturating_sub(st.reserved);
+        // Room fills already took is out of the filesystem's free space: count only the rest.
+        let free = fs_free.saturating_sub(st.reserved.saturating_sub(st.on_disk));
         let over_size = |freed: u64| {
             self.max_size > 0 && st.used + st.reserved + n > self.max_size.saturating_add(freed)
         };

@@ -41,8 +41,10 @@ pub(crate) struct Commit<'a> {
     pub tmp: &'a Path,
     pub digest: Digest,
     pub size: u64,
-    /// Room the fill reserved: released exactly once, whatever the outcome.
+    /// Room the fill reserved, and how much of it is on disk: released exactly once, whatever the
+    /// outcome.
     pub reserved: u64,
+    pub on_disk: u64,
     pub key: Option<(&'a str, KeyMeta)>,
     pub content_type: Option<String>,
     pub pin: bool,
@@ -52,11 +54,12 @@ pub(crate) struct Commit<'a> {
 struct Reservation<'a> {
     store: &'a Store,
     bytes: u64,
+    on_disk: u64,
 }
 
 impl Drop for Reservation<'_> {
     fn drop(&mut self) {
-        self.store.release(self.bytes);
+        self.store.release(self.bytes, self.on_disk);
     }
 }
 
@@ -102,6 +105,7 @@ impl Store {
         let _release = Reservation {
             store: self,
             bytes: c.reserved,
+            on_disk: c.on_disk,
         };
         let d = &c.digest;
         let moved = {

@@ -18,6 +18,9 @@ pub struct Fill {
     len: u64,
     /// Bytes reserved in the budget for this fill.
     reserved: u64,
+    /// Of those, bytes the fill already occupies on the filesystem (allocated ahead, or written): the
+    /// filesystem's free space no longer counts them, so the budget must not count them twice.
+    on_disk: u64,
     /// The file was sized to the announced length up front (see `map`): it is never shortened while
     /// readers may hold a mapping of it, so that no mapped page can vanish under them.
     preallocated: bool,
@@ -44,21 +47,28 @@ impl Fill {
             .create_new(true)
             .open(&path)
             .map_err(io)?;
+        let mut on_disk = 0;
         if reserved > 0 {
-            if let Err(e) = allocate(&file, reserved) {
-                let _ = std::fs::remove_file(&path);
-                return Err(match e.raw_os_error() {
-                    Some(libc::ENOSPC) => StoreError::NoRoom(reserved),
-                    _ => io(e),
-                });
+            match allocate(&file, reserved) {
+                Ok(true) => on_disk = reserved,
+                Ok(false) => {}
+                Err(e) => {
+                    let _ = std::fs::remove_file(&path);
+                    return Err(match e.raw_os_error() {
+                        Some(libc::ENOSPC) => StoreError::NoRoom(reserved),
+                        _ => io(e),
+                    });
+                }
             }
         }
+        store.note_on_disk(on_disk);
         Ok(Fill {
             store,
             path,
             file: Arc::new(file),
             len: 0,
             reserved,
+            on_disk,
             preallocated: reserved > 0,
             committed: false,
             flushed: 0,
@@ -98,6 +108,10 @@ impl Fill {
                 source,
             })?;
         self.len = end;
+        if end > self.on_disk {
+            self.store.note_on_disk(end - self.on_disk);
+            self.on_disk = end;
+        }
         if self.len - self.flushed >= WRITEBACK_STEP {
             self.start_writeback();
         }
@@ -191,11 +205,13 @@ impl Fill {
             })?;
         // The reservation moves into the commit, which releases it exactly once.
         let reserved = std::mem::take(&mut self.reserved);
+        let on_disk = std::mem::take(&mut self.on_disk);
         let r = self.store.commit_blob(super::Commit {
             tmp: &self.path,
             digest: *digest,
             size: self.len,
             reserved,
+            on_disk,
             key,
             content_type,
             pin,
@@ -206,18 +222,18 @@ impl Fill {
     }
 }
 
-/// Takes `len` bytes of room for the file on the filesystem (it also sizes the file). Filesystems
-/// without `fallocate` get a plain size instead: no room is taken, writes may still fail later.
-fn allocate(file: &File, len: u64) -> std::io::Result<()> {
+/// Takes `len` bytes of room for the file on the filesystem (it also sizes the file); false when the
+/// filesystem has no `fallocate` and got a plain size instead: no room taken, writes may fail later.
+fn allocate(file: &File, len: u64) -> std::io::Result<bool> {
     use std::os::unix::io::AsRawFd;
     // SAFETY: a plain syscall on an open descriptor; no memory is passed.
     let r = unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, len as libc::off_t) };
     if r == 0 {
-        return Ok(());
+        return Ok(true);
     }
     let e = std::io::Error::last_os_error();
     match e.raw_os_error() {
-        Some(libc::EOPNOTSUPP) => file.set_len(len),
+        Some(libc::EOPNOTSUPP) => file.set_len(len).map(|_| false),
         _ => Err(e),
     }
 }
@@ -226,7 +242,7 @@ impl Drop for Fill {
     fn drop(&mut self) {
         if !self.committed {
             let _ = std::fs::remove_file(&self.path);
-            self.store.release(self.reserved);
+            self.store.release(self.reserved, self.on_disk);
         }
     }
 }

@@ -104,6 +104,8 @@ struct State {
     used: u64,
     /// Bytes promised to fills in progress.
     reserved: u64,
+    /// Of `reserved`, bytes fills already occupy on the filesystem (allocated ahead or written).
+    on_disk: u64,
 }
 
 #[derive(Clone, Debug)]
@@ -347,7 +349,7 @@ impl Store {
         match Fill::create(self.clone(), path, want) {
             Ok(f) => Ok(f),
             Err(e) => {
-                self.release(want);
+                self.release(want, 0);
                 Err(e)
             }
         }
@@ -372,9 +374,18 @@ impl Store {
         Ok(())
     }
 
-    pub(crate) fn release(&self, n: u64) {
+    /// Gives back a reservation of `n` bytes, `on_disk` of which a fill occupied on the filesystem.
+    pub(crate) fn release(&self, n: u64, on_disk: u64) {
         let mut st = self.state();
         st.reserved = st.reserved.saturating_sub(n);
+        st.on_disk = st.on_disk.saturating_sub(on_disk);
+    }
+
+    /// A fill now occupies `n` more of its reserved bytes on the filesystem.
+    pub(crate) fn note_on_disk(&self, n: u64) {
+        if n > 0 {
+            self.state().on_disk += n;
+        }
     }
 
     pub(crate) fn max_object_size(&self) -> u64 {

@@ -474,9 +474,21 @@ impl Node {
         }
     }
 
+    /// In-process, the stopped node's last tasks may still hold the store's lock for a moment (a new
+    /// process would not share them): the start is retried for a few seconds.
     pub async fn restart(&mut self) {
         self.stop().await;
-        let gw = cistern::Gateway::start(self.cfg.clone()).await.unwrap();
+        let end = Instant::now() + Duration::from_secs(10);
+        let gw = loop {
+            match cistern::Gateway::start(self.cfg.clone()).await {
+                Ok(gw) => break gw,
+                Err(e) if Instant::now() < end => {
+                    eprintln!("restart: {e:#}; retrying");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => panic!("restart: {e:#}"),
+            }
+        };
         self.addr = gw.addr.unwrap();
         self.gw = Some(gw);
     }
