@@ -57,6 +57,10 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
     }
 }
 
+/// Objects up to this size are read into memory when first mapped; larger ones page in as they are
+/// served (their large reads go out by sendfile, which reads the file itself).
+const POPULATE_MAX: u64 = 256 << 20;
+
 /// Store settings, taken from `[store]` by the caller.
 #[derive(Clone, Debug)]
 pub struct StoreConfig {
@@ -104,6 +108,8 @@ struct State {
     used: u64,
     /// Bytes promised to fills in progress.
     reserved: u64,
+    /// Objects read since the last flush: their access time and hits are to be written to the index.
+    touched: std::collections::HashSet<Digest>,
     /// Of `reserved`, bytes fills already occupy on the filesystem (allocated ahead or written).
     on_disk: u64,
 }
@@ -243,7 +249,9 @@ impl Store {
             o.readers += 1;
             o.hits += 1;
             o.last_access = now_ms();
-            o.content_type.clone()
+            let ct = o.content_type.clone();
+            st.touched.insert(*d);
+            ct
         };
         let guard = ReadGuard {
             store: self.clone(),
@@ -267,9 +275,13 @@ impl Store {
                 } else {
                     // SAFETY: stored objects are never written in place; eviction and purge unlink the
                     // file, which leaves an existing mapping valid.
-                    // Populated up front, so that serving the object takes no page fault.
-                    let map = unsafe { memmap2::MmapOptions::new().populate().map(&*f) }
-                        .map_err(io_err(&path))?;
+                    // Populated up front, so that serving the object takes no page fault; not a large
+                    // one, whose 64 KiB range must not read gigabytes from the disk first.
+                    let mut opts = memmap2::MmapOptions::new();
+                    if len <= POPULATE_MAX {
+                        opts.populate();
+                    }
+                    let map = unsafe { opts.map(&*f) }.map_err(io_err(&path))?;
                     mapped::into_bytes(f, map)
                 };
                 let mut maps = self.shared.maps.lock().unwrap_or_else(|p| p.into_inner());
@@ -446,13 +458,17 @@ impl Store {
     }
 
     /// Writes access times and hit counts to the index and flushes it (periodically and at shutdown).
+    /// Only the objects read since the last flush are written: the others' records have not changed
+    /// (rewriting every record every 30 s wore the flash of a gateway for nothing).
     pub fn flush(&self) -> Result<(), StoreError> {
-        let snapshot: Vec<(Digest, Obj)> = self
-            .state()
-            .objects
-            .iter()
-            .map(|(d, o)| (*d, o.clone()))
-            .collect();
+        let snapshot: Vec<(Digest, Obj)> = {
+            let mut st = self.state();
+            let touched = std::mem::take(&mut st.touched);
+            touched
+                .into_iter()
+                .filter_map(|d| Some((d, st.objects.get(&d)?.clone())))
+                .collect()
+        };
         for (d, o) in snapshot {
             let rec = ObjectRecord {
                 size: o.size,

@@ -188,3 +188,20 @@ fn a_damaged_index_is_rebuilt_not_fatal() {
         assert_eq!(s.lookup("k/a").unwrap().digest, a);
     }
 }
+
+/// Only records that changed since the last flush are written back to the index.
+#[test]
+fn flush_writes_only_what_was_read() {
+    let t = tempfile::tempdir().unwrap();
+    let s = Store::open(&cfg(t.path())).unwrap();
+    let a = put(&s, b"aaa", Some("k/a"));
+    let b = put(&s, b"bbb", Some("k/b"));
+    s.flush().unwrap();
+    let before = s.shared.index.object(&b).unwrap().last_access;
+    drop(s.open_object(&a).unwrap());
+    assert_eq!(s.state().touched.len(), 1, "only the object read is due");
+    s.flush().unwrap();
+    assert!(s.state().touched.is_empty());
+    assert_eq!(s.shared.index.object(&a).unwrap().hits, 1);
+    assert_eq!(s.shared.index.object(&b).unwrap().last_access, before);
+}
