@@ -175,6 +175,7 @@ impl Fill {
                 path: self.path.display().to_string(),
                 source,
             })?;
+        failpoint!("store-temp-synced");
         // The reservation moves into the commit, which releases it exactly once.
         let reserved = std::mem::take(&mut self.reserved);
         let r = self.store.commit_blob(super::Commit {
