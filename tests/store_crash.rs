@@ -1,11 +1,11 @@
-//! The store's commit killed at each of its steps (SPEC 4, "Atomic and durable"). The real binary,
-//! built with `--features failpoints`, is held at one fail point of the commit (temp file fsynced,
-//! `.meta` written, blob renamed, directory fsynced, indexed) while a fresh object is stored, then
-//! SIGKILLed and restarted without fail points. After the restart no temp file is left, every blob
-//! hashes to its name, every `.meta` describes its blob, the admin listing holds only complete
-//! objects, and the object is either a hit with the right bytes (the kill came after the rename) or
-//! fetched again and stored (before it). A panic at each step, without a restart, must not wedge the
-//! gateway either.
+//! The store's commit killed at each of its steps (SPEC 4, "Atomic and durable"). The real
+//! binary, built with `--features failpoints`, is held at one fail point of the commit (temp file
+//! fsynced, `.meta` written, blob renamed, directory fsynced, indexed) while a fresh object is
+//! stored, then SIGKILLed and restarted without fail points. After the restart no temp file is
+//! left, every blob hashes to its name, every `.meta` describes its blob, the admin listing holds
+//! only complete objects, and the object is either a hit with the right bytes (the kill came after
+//! the rename) or fetched again and stored (before it). A panic at each step, without a restart,
+//! must not wedge the gateway either.
 //!
 //! `cargo test --features failpoints --test store_crash` (`.ci/run` runs it); without the feature
 //! there is nothing to inject and the scenarios are skipped.
