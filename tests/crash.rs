@@ -1,5 +1,6 @@
-//! The real binary killed with SIGKILL in the middle of a transfer, then restarted on the same store:
-//! nothing partial is served or kept, and the object is fetched and stored again.
+//! The real binary killed with SIGKILL in the middle of a transfer, then restarted on the same
+//! store: nothing partial is served or kept, and the object is fetched and stored again. And
+//! SIGTERM as soon as the node is ready is a graceful stop.
 
 mod common;
 
@@ -30,6 +31,34 @@ async fn spawn(conf: &std::path::Path, port: u16) -> Child {
     child
 }
 
+/// `<dir>/cistern.toml`: a store in `<dir>/data` and the origin as `/o/t/`, on a free port.
+fn config(dir: &std::path::Path, origin: &Origin) -> (std::path::PathBuf, u16) {
+    let port = free_port();
+    let conf = dir.join("cistern.toml");
+    std::fs::write(
+        &conf,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:{port}\"\n[store]\ndir = \"{}\"\nmin_free = \"0\"\n[upstream]\nallowed_origins = []\n[[origins]]\nname = \"t\"\nurl = \"{}\"\n[log]\nlevel = \"warn\"\n",
+            dir.join("data").display(),
+            origin.url()
+        ),
+    )
+    .unwrap();
+    (conf, port)
+}
+
+/// SIGTERM, which flushes the index: what was written before is in it for sure.
+fn stop(mut child: Child) {
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let status = child.wait().unwrap();
+    assert!(status.success(), "serve exited with {status} on SIGTERM");
+}
+
+fn kill9(mut child: Child) {
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_mid_transfer_leaves_nothing_partial() {
     let origin = Origin::start().await;
@@ -44,18 +73,8 @@ async fn kill_9_mid_transfer_leaves_nothing_partial() {
         },
     );
     let tmp = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let conf = tmp.path().join("cistern.toml");
-    std::fs::write(
-        &conf,
-        format!(
-            "[server]\nlisten = \"127.0.0.1:{port}\"\n[store]\ndir = \"{}\"\nmin_free = \"0\"\n[upstream]\nallowed_origins = []\n[[origins]]\nname = \"t\"\nurl = \"{}\"\n[log]\nlevel = \"warn\"\n",
-            tmp.path().join("data").display(),
-            origin.url()
-        ),
-    )
-    .unwrap();
-    let mut child = spawn(&conf, port).await;
+    let (conf, port) = config(tmp.path(), &origin);
+    let child = spawn(&conf, port).await;
     let url = format!("http://127.0.0.1:{port}/o/t/fw.bin");
     let client = tokio::spawn({
         let url = url.clone();
@@ -71,15 +90,14 @@ async fn kill_9_mid_transfer_leaves_nothing_partial() {
         1,
         "the fill's temp file"
     );
-    child.kill().unwrap();
-    child.wait().unwrap();
+    kill9(child);
     let g = client.await.unwrap();
     assert!(
         g.aborted || g.body.len() < body.len(),
         "a killed transfer looked complete"
     );
 
-    let mut child = spawn(&conf, port).await;
+    let child = spawn(&conf, port).await;
     assert_eq!(
         std::fs::read_dir(&tmpdir).unwrap().count(),
         0,
@@ -99,7 +117,17 @@ async fn kill_9_mid_transfer_leaves_nothing_partial() {
     let g = get(&url).await;
     assert_eq!(g.header("cache-status"), "cistern; hit");
     // SIGTERM: graceful stop, exit 0.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    let status = child.wait().unwrap();
-    assert!(status.success(), "serve exited with {status} on SIGTERM");
+    stop(child);
+}
+
+/// SIGTERM as soon as `/readyz` answers is a graceful stop (exit 0), not the signal's default
+/// action: the handler is in place before the node is ready.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_right_after_ready_is_a_graceful_stop() {
+    let origin = Origin::start().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let (conf, port) = config(tmp.path(), &origin);
+    for _ in 0..10 {
+        stop(spawn(&conf, port).await);
+    }
 }
