@@ -1,6 +1,7 @@
-//! The real binary killed with SIGKILL in the middle of a transfer, then restarted on the same
-//! store: nothing partial is served or kept, and the object is fetched and stored again. And
-//! SIGTERM as soon as the node is ready is a graceful stop.
+//! The real binary killed with SIGKILL, then restarted on the same store: in the middle of a
+//! transfer, nothing partial is served or kept and the object is fetched and stored again; right
+//! after an invalidation, a pin or an unpin was answered, it holds after the restart. And SIGTERM as
+//! soon as the node is ready is a graceful stop.
 
 mod common;
 
@@ -118,6 +119,81 @@ async fn kill_9_mid_transfer_leaves_nothing_partial() {
     assert_eq!(g.header("cache-status"), "cistern; hit");
     // SIGTERM: graceful stop, exit 0.
     stop(child);
+}
+
+/// What a 2xx to an unsafe request invalidated (RFC 9111 §4.4) stays invalidated when the process is
+/// killed right after: the index's older entry does not bring the key back at the restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invalidated_key_is_not_brought_back_by_kill_9() {
+    let origin = Origin::start().await;
+    let body = random_bytes(100_000, 22);
+    let b = Behaviour {
+        cache_control: Some("max-age=3600".into()),
+        ..Default::default()
+    };
+    origin.put("/fw.bin", body.clone(), b);
+    let tmp = tempfile::tempdir().unwrap();
+    let (conf, port) = config(tmp.path(), &origin);
+    let child = spawn(&conf, port).await;
+    let url = format!("http://127.0.0.1:{port}/o/t/fw.bin");
+    get(&url).await;
+    let end = Instant::now() + Duration::from_secs(10);
+    while get(&url).await.header("cache-status") != "cistern; hit" {
+        assert!(Instant::now() < end, "never stored");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    stop(child);
+    let child = spawn(&conf, port).await;
+    let p = request_body("POST", &url, &[], bytes::Bytes::from_static(b"x")).await;
+    assert_eq!(p.status, 200);
+    kill9(child);
+
+    let _child = spawn(&conf, port).await;
+    let g = get(&url).await;
+    assert_eq!(g.body, body);
+    assert_ne!(
+        g.header("cache-status"),
+        "cistern; hit",
+        "invalidation undone"
+    );
+    assert_eq!(origin.gets("/fw.bin"), 2);
+}
+
+/// A pin or an unpin, once answered, survives a SIGKILL right after it (the `.meta` says it, and
+/// the index may not have written it yet).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pin_and_an_unpin_survive_kill_9() {
+    let origin = Origin::start().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let (conf, port) = config(tmp.path(), &origin);
+    let body = random_bytes(50_000, 23);
+    let hex = sha256_hex(&body);
+    let base = format!("http://127.0.0.1:{port}/v1/admin");
+    let pinned = || async {
+        let v = get(&format!("{base}/content")).await.json();
+        v[0]["pinned"].as_bool()
+    };
+    let child = spawn(&conf, port).await;
+    let put = format!("{base}/content/sha256/{hex}");
+    let g = request_body("PUT", &put, &[], body.clone()).await;
+    assert_eq!(g.status, 201);
+    stop(child);
+    // Pinned by a second sideload with `?pin=true`, then killed.
+    let child = spawn(&conf, port).await;
+    let g = request_body("PUT", &format!("{put}?pin=true"), &[], body.clone()).await;
+    assert!(g.status.is_success(), "{}", g.status);
+    assert_eq!(pinned().await, Some(true));
+    kill9(child);
+    let child = spawn(&conf, port).await;
+    assert_eq!(pinned().await, Some(true), "the pin was lost");
+    stop(child);
+    // Unpinned, then killed.
+    let child = spawn(&conf, port).await;
+    let g = request("DELETE", &format!("{base}/pins/{hex}"), &[]).await;
+    assert!(g.status.is_success(), "{}", g.status);
+    kill9(child);
+    let _child = spawn(&conf, port).await;
+    assert_eq!(pinned().await, Some(false), "the unpin was lost");
 }
 
 /// SIGTERM as soon as `/readyz` answers is a graceful stop (exit 0), not the signal's default
