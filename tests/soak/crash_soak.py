@@ -4,12 +4,14 @@ checked against what clients were told (SPEC 4 "Atomic and durable", SPEC 5 "202
 reports are durably written").
 
 Each cycle starts `cistern serve` on a fresh port over one persistent store, recovers it, checks it,
-runs fan-out downloads (several clients on a few objects, some with Range) from a slow local origin
-and status posts, and kills the process with SIGKILL at a random moment (now and then during its
-start, before it is ready). After each restart:
+runs fan-out downloads (several clients on a few objects, some with Range) from a slow local origin,
+status posts, and pins, unpins and invalidations (a POST to a stored URL, RFC 9111 section 4.4), and
+kills the process with SIGKILL at a random moment (now and then during its start, before it is
+ready). After each restart:
   - no temp file is left; every blob under sha256/ hashes to its name and its .meta parses and
     describes it; the admin listing and the files agree; sampled objects are served whole and right;
-  - every report that was answered 202 is in its device's history, once.
+  - every report that was answered 202 is in its device's history, once;
+  - every acknowledged pin or unpin holds, and no acknowledged invalidation is undone.
 During the load, every body that a client received complete (its whole Content-Length, or the whole
 range of its Content-Range) must equal the origin's bytes. At the end every acknowledged report is
 checked again and the node is stopped with SIGTERM, which must exit 0.
@@ -45,6 +47,8 @@ OLD_PER_CYCLE = 2  # objects of earlier cycles: hits, or fetched again once evic
 DOWNLOADERS = 8
 POSTERS = 3
 DEVICES_PER_CYCLE = 10
+PINNABLE = 8  # small sideloaded objects whose pin is switched on and off
+INVALIDATED = 4  # origin objects stored, then invalidated by a POST
 HTTP_TIMEOUT = 10
 
 
@@ -76,6 +80,14 @@ class OriginHandler(http.server.BaseHTTPRequestHandler):
 
     def do_GET(self):
         self.answer(body=True)
+
+    def do_POST(self):
+        """An unsafe request: answered 200, so that cistern invalidates what it stored for the URL."""
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        self.send_response(200)
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"ok")
 
     def answer(self, body):
         name = self.path.lstrip("/")
@@ -232,6 +244,9 @@ class Tally:
         self.reports_acked = 0
         self.posts_cut = 0
         self.unexpected = []  # answers that are neither success nor a cut connection
+        self.pins = {}  # digest -> the pin state last acknowledged (absent: unknown)
+        self.invalidated = set()  # names whose last acknowledged request was an invalidating POST
+        self.catalog_acked = 0
 
     def ack(self, batch):
         with self.lock:
@@ -308,6 +323,55 @@ def post_reports(port, cycle, poster, rnd, stop, tally):
         time.sleep(rnd.uniform(0.002, 0.02))
 
 
+def pinnable(i):
+    return hashlib.shake_256(b"pin-%d" % i).digest(4096)
+
+
+def change_catalog(port, rnd, stop, tally):
+    """One client at a time: pins switched on and off (sideload with ?pin=true, DELETE of the pin),
+    and objects stored then invalidated by a POST. A state is recorded only once acknowledged; a
+    request left unanswered makes it unknown."""
+    while not stop.is_set():
+        if rnd.random() < 0.5:
+            body = pinnable(rnd.randrange(PINNABLE))
+            d = hashlib.sha256(body).hexdigest()
+            want = rnd.random() < 0.5
+            with tally.lock:
+                tally.pins.pop(d, None)
+            if want:
+                ok = catalog_call(port, "PUT", "/v1/admin/content/sha256/%s?pin=true" % d, body, tally)
+            else:
+                ok = catalog_call(port, "DELETE", "/v1/admin/pins/" + d, None, tally, absent_ok=True)
+            if ok:
+                with tally.lock:
+                    tally.pins[d] = want
+                    tally.catalog_acked += 1
+        else:
+            name = "inv-%d.bin" % rnd.randrange(INVALIDATED)
+            with tally.lock:
+                tally.invalidated.discard(name)
+            if catalog_call(port, "GET", "/o/t/" + name, None, tally) and catalog_call(
+                port, "POST", "/o/t/" + name, b"x", tally
+            ):
+                with tally.lock:
+                    tally.invalidated.add(name)
+                    tally.catalog_acked += 1
+        time.sleep(rnd.uniform(0.005, 0.03))
+
+
+def catalog_call(port, method, path, body, tally, absent_ok=False):
+    """True when answered 2xx (or 404 with `absent_ok`: nothing to unpin)."""
+    try:
+        status, _, answer = request(port, method, path, body)
+    except (OSError, http.client.HTTPException):
+        return False
+    if 200 <= status < 300 or (absent_ok and status == 404):
+        return True
+    with tally.lock:
+        tally.unexpected.append("%s %s: %d %s" % (method, path, status, answer[:120]))
+    return False
+
+
 def run_load(node, cycle, names, rnd, tally, kill_after):
     """Downloads and posts until the process is killed, `kill_after` seconds in."""
     stop = threading.Event()
@@ -318,6 +382,8 @@ def run_load(node, cycle, names, rnd, tally, kill_after):
             download(node.port, r.choice(names), r, tally)
 
     threads = [threading.Thread(target=downloader, args=(rnd.random(),)) for _ in range(DOWNLOADERS)]
+    args = (node.port, random.Random(rnd.random()), stop, tally)
+    threads.append(threading.Thread(target=change_catalog, args=args))
     for p in range(POSTERS):
         args = (node.port, cycle, p, random.Random(rnd.random()), stop, tally)
         threads.append(threading.Thread(target=post_reports, args=args))
@@ -340,9 +406,10 @@ class Findings:
         self.corrupt_objects = []
         self.reports_lost = []
         self.duplicated = []
+        self.catalog_undone = []
 
 
-def check_store(node, f, rnd):
+def check_store(node, f, rnd, tally):
     """The files after recovery, and the admin listing against them."""
     tmp = list((node.data / "tmp").iterdir())
     if tmp:
@@ -368,8 +435,24 @@ def check_store(node, f, rnd):
             f.corrupt_objects.append("%s listed (size %s) but not on disk whole" % (d, o["size"]))
     for d in set(blobs) - set(listed):
         f.corrupt_objects.append("%s on disk, not listed after recovery" % d)
+    check_catalog(listed, tally, f)
     for d in rnd.sample(sorted(listed), min(3, len(listed))):
-        check_served(node, listed[d], f)
+        check_served(node, listed[d], f, tally)
+
+
+def check_catalog(listed, tally, f):
+    """Acknowledged pins and unpins hold; acknowledged invalidations did not come back."""
+    with tally.lock:
+        pins, invalidated = dict(tally.pins), set(tally.invalidated)
+    for d, want in pins.items():
+        o = listed.get(d)
+        if (o is None and want) or (o is not None and o["pinned"] != want):
+            f.catalog_undone.append("%s: pin acknowledged as %s, now %s" % (d, want, o and o["pinned"]))
+    for o in listed.values():
+        for key in o["keys"]:
+            name = key.rsplit("/", 1)[-1]
+            if name in invalidated:
+                f.catalog_undone.append("%s: invalidated, back after the restart" % name)
 
 
 def check_meta(blob, hexname, f):
@@ -383,7 +466,7 @@ def check_meta(blob, hexname, f):
         f.corrupt_objects.append(why)
 
 
-def check_served(node, obj, f):
+def check_served(node, obj, f, tally):
     """A stored object by digest, and by each of its keys, is served whole and right."""
     d = obj["digest"]
     status, _, body = request(node.port, "GET", "/v1/content/sha256/" + d)
@@ -391,6 +474,8 @@ def check_served(node, obj, f):
         f.corrupt_objects.append("GET by digest %s: %d, %d bytes" % (d, status, len(body)))
     for key in obj["keys"]:
         name = key.rsplit("/", 1)[-1]
+        with tally.lock:
+            tally.invalidated.discard(name)
         status, h, body = request(node.port, "GET", "/o/t/" + name)
         if status != 200 or body != content(name) or hashlib.sha256(body).hexdigest() != d:
             why = "GET %s (key of %s): %d, %d bytes" % (name, d, status, len(body))
@@ -421,7 +506,7 @@ def cycle_once(node, cycle, rnd, tally, f, names_seen):
         node.kill9()
     node.spawn()
     node.wait_ready()
-    check_store(node, f, rnd)
+    check_store(node, f, rnd, tally)
     check_reports(node, tally, ["d%d-%d" % (cycle - 1, k) for k in range(DEVICES_PER_CYCLE)], f)
     names = ["c%d-%d.bin" % (cycle, i) for i in range(NEW_PER_CYCLE)]
     names += rnd.sample(names_seen, min(OLD_PER_CYCLE, len(names_seen)))
@@ -432,7 +517,7 @@ def cycle_once(node, cycle, rnd, tally, f, names_seen):
 def final_check(node, tally, f, rnd):
     node.spawn()
     node.wait_ready()
-    check_store(node, f, rnd)
+    check_store(node, f, rnd, tally)
     with tally.lock:
         devices = sorted(tally.acked)
     check_reports(node, tally, devices, f)
@@ -485,6 +570,8 @@ def report(a, cycles, secs, tally, f, stopped):
     print("downloads: %d complete, %d cut by a kill" % (tally.downloads_complete, tally.downloads_cut))
     print("reports acknowledged: %d" % tally.reports_acked)
     print("reports lost: %d" % len(f.reports_lost))
+    print("pins, unpins and invalidations acknowledged: %d" % tally.catalog_acked)
+    print("of those undone by a restart: %d" % len(f.catalog_undone))
     print("corrupt objects: %d" % len(f.corrupt_objects))
     print("corrupt downloads: %d" % len(tally.corrupt_downloads))
     print("unexpected answers: %d" % len(tally.unexpected))
@@ -495,10 +582,11 @@ def report(a, cycles, secs, tally, f, stopped):
         ("corrupt download", tally.corrupt_downloads),
         ("unexpected", tally.unexpected),
         ("report twice in the history of", f.duplicated),
+        ("undone", f.catalog_undone),
     ]:
         for i in items[:10]:
             print("  %s: %s" % (what, i))
-    bad = f.reports_lost or f.corrupt_objects or f.duplicated
+    bad = f.reports_lost or f.corrupt_objects or f.duplicated or f.catalog_undone
     bad = bad or tally.corrupt_downloads or tally.unexpected
     return cycles > 0 and stopped == 0 and not bad
 
