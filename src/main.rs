@@ -133,7 +133,8 @@ async fn serve(config: Option<PathBuf>) -> anyhow::Result<()> {
 }
 
 fn main() -> ExitCode {
-    // The crash tests configure fail points through $FAILPOINTS (tests/relay_crash.rs, store_crash.rs).
+    // The crash tests configure fail points through $FAILPOINTS (tests/relay_crash.rs and
+    // tests/store_crash.rs).
     #[cfg(feature = "failpoints")]
     let _failpoints = fail::FailScenario::setup();
     let cli = Cli::parse();

@@ -1,7 +1,7 @@
 //! The real binary killed with SIGKILL, then restarted on the same store: in the middle of a
 //! transfer, nothing partial is served or kept and the object is fetched and stored again; right
-//! after an invalidation, a pin or an unpin was answered, it holds after the restart. And SIGTERM as
-//! soon as the node is ready is a graceful stop.
+//! after an invalidation, a pin or an unpin was answered, it holds after the restart. And SIGTERM
+//! as soon as the node is ready is a graceful stop.
 
 mod common;
 
@@ -121,8 +121,8 @@ async fn kill_9_mid_transfer_leaves_nothing_partial() {
     stop(child);
 }
 
-/// What a 2xx to an unsafe request invalidated (RFC 9111 §4.4) stays invalidated when the process is
-/// killed right after: the index's older entry does not bring the key back at the restart.
+/// What a 2xx to an unsafe request invalidated (RFC 9111 §4.4) stays invalidated when the process
+/// is killed right after: the index's older entry does not bring the key back at the restart.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_invalidated_key_is_not_brought_back_by_kill_9() {
     let origin = Origin::start().await;

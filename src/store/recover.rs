@@ -1,7 +1,7 @@
 //! Recovery at start (SPEC 4): the store lock, orphan temp files removed, index entries without files
 //! dropped, files without index entries re-indexed from their `.meta`, and keys and pins where the
-//! index and the `.meta` disagree taken from the `.meta`. A lost or corrupt index is moved aside and
-//! rebuilt from the files without losing objects, keys or pins.
+//! index and the `.meta` disagree taken from the `.meta`. A lost or corrupt index is moved aside
+//! and rebuilt from the files without losing objects, keys or pins.
 
 use std::collections::{HashMap, HashSet};
 use std::path::Path;

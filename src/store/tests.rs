@@ -189,8 +189,8 @@ fn a_damaged_index_is_rebuilt_not_fatal() {
 }
 
 /// The index reaches the disk lazily; after a crash it can be older than the `.meta` files, which
-/// are the truth: a key that was dropped from its `.meta` (invalidated) and a pin changed there must
-/// not come back from the index.
+/// are the truth: a key that was dropped from its `.meta` (invalidated) and a pin changed there
+/// must not come back from the index.
 #[test]
 fn an_index_older_than_the_meta_files_yields_to_them() {
     let t = tempfile::tempdir().unwrap();
