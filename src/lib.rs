@@ -3,6 +3,10 @@
 //! Modules, each owning its state; data flows one way: `server` -> `fetch` -> `store`, and `fetch` ->
 //! upstream. `ops` only reads what the others expose. This file wires them into a running gateway.
 
+// First, so that every module below can use `failpoint!`.
+#[macro_use]
+mod failpoint;
+
 pub mod config;
 pub mod fetch;
 pub mod ops;

@@ -117,11 +117,15 @@ fn init_logs(cfg: &Config) {
 async fn serve(config: Option<PathBuf>) -> anyhow::Result<()> {
     let cfg = load(config)?;
     init_logs(&cfg);
+    use tokio::signal::unix::{signal, SignalKind};
+    // Before the start: /readyz answers from inside it, and a SIGTERM from then on (or during the
+    // store's recovery) must be a graceful stop, not the signal's default action.
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
     let gw = cistern::Gateway::start(cfg).await?;
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
         _ = term.recv() => {},
-        _ = tokio::signal::ctrl_c() => {},
+        _ = int.recv() => {},
     }
     tracing::info!("shutting down");
     gw.shutdown().await;
@@ -129,7 +133,8 @@ async fn serve(config: Option<PathBuf>) -> anyhow::Result<()> {
 }
 
 fn main() -> ExitCode {
-    // The crash tests configure fail points through $FAILPOINTS (tests/relay_crash.rs).
+    // The crash tests configure fail points through $FAILPOINTS (tests/relay_crash.rs and
+    // tests/store_crash.rs).
     #[cfg(feature = "failpoints")]
     let _failpoints = fail::FailScenario::setup();
     let cli = Cli::parse();

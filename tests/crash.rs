@@ -1,5 +1,7 @@
-//! The real binary killed with SIGKILL in the middle of a transfer, then restarted on the same store:
-//! nothing partial is served or kept, and the object is fetched and stored again.
+//! The real binary killed with SIGKILL, then restarted on the same store: in the middle of a
+//! transfer, nothing partial is served or kept and the object is fetched and stored again; right
+//! after an invalidation, a pin or an unpin was answered, it holds after the restart. And SIGTERM
+//! as soon as the node is ready is a graceful stop.
 
 mod common;
 
@@ -30,6 +32,34 @@ async fn spawn(conf: &std::path::Path, port: u16) -> Child {
     child
 }
 
+/// `<dir>/cistern.toml`: a store in `<dir>/data` and the origin as `/o/t/`, on a free port.
+fn config(dir: &std::path::Path, origin: &Origin) -> (std::path::PathBuf, u16) {
+    let port = free_port();
+    let conf = dir.join("cistern.toml");
+    std::fs::write(
+        &conf,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:{port}\"\n[store]\ndir = \"{}\"\nmin_free = \"0\"\n[upstream]\nallowed_origins = []\n[[origins]]\nname = \"t\"\nurl = \"{}\"\n[log]\nlevel = \"warn\"\n",
+            dir.join("data").display(),
+            origin.url()
+        ),
+    )
+    .unwrap();
+    (conf, port)
+}
+
+/// SIGTERM, which flushes the index: what was written before is in it for sure.
+fn stop(mut child: Child) {
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let status = child.wait().unwrap();
+    assert!(status.success(), "serve exited with {status} on SIGTERM");
+}
+
+fn kill9(mut child: Child) {
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_mid_transfer_leaves_nothing_partial() {
     let origin = Origin::start().await;
@@ -44,18 +74,8 @@ async fn kill_9_mid_transfer_leaves_nothing_partial() {
         },
     );
     let tmp = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let conf = tmp.path().join("cistern.toml");
-    std::fs::write(
-        &conf,
-        format!(
-            "[server]\nlisten = \"127.0.0.1:{port}\"\n[store]\ndir = \"{}\"\nmin_free = \"0\"\n[upstream]\nallowed_origins = []\n[[origins]]\nname = \"t\"\nurl = \"{}\"\n[log]\nlevel = \"warn\"\n",
-            tmp.path().join("data").display(),
-            origin.url()
-        ),
-    )
-    .unwrap();
-    let mut child = spawn(&conf, port).await;
+    let (conf, port) = config(tmp.path(), &origin);
+    let child = spawn(&conf, port).await;
     let url = format!("http://127.0.0.1:{port}/o/t/fw.bin");
     let client = tokio::spawn({
         let url = url.clone();
@@ -71,15 +91,14 @@ async fn kill_9_mid_transfer_leaves_nothing_partial() {
         1,
         "the fill's temp file"
     );
-    child.kill().unwrap();
-    child.wait().unwrap();
+    kill9(child);
     let g = client.await.unwrap();
     assert!(
         g.aborted || g.body.len() < body.len(),
         "a killed transfer looked complete"
     );
 
-    let mut child = spawn(&conf, port).await;
+    let child = spawn(&conf, port).await;
     assert_eq!(
         std::fs::read_dir(&tmpdir).unwrap().count(),
         0,
@@ -99,7 +118,92 @@ async fn kill_9_mid_transfer_leaves_nothing_partial() {
     let g = get(&url).await;
     assert_eq!(g.header("cache-status"), "cistern; hit");
     // SIGTERM: graceful stop, exit 0.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    let status = child.wait().unwrap();
-    assert!(status.success(), "serve exited with {status} on SIGTERM");
+    stop(child);
+}
+
+/// What a 2xx to an unsafe request invalidated (RFC 9111 §4.4) stays invalidated when the process
+/// is killed right after: the index's older entry does not bring the key back at the restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invalidated_key_is_not_brought_back_by_kill_9() {
+    let origin = Origin::start().await;
+    let body = random_bytes(100_000, 22);
+    let b = Behaviour {
+        cache_control: Some("max-age=3600".into()),
+        ..Default::default()
+    };
+    origin.put("/fw.bin", body.clone(), b);
+    let tmp = tempfile::tempdir().unwrap();
+    let (conf, port) = config(tmp.path(), &origin);
+    let child = spawn(&conf, port).await;
+    let url = format!("http://127.0.0.1:{port}/o/t/fw.bin");
+    get(&url).await;
+    let end = Instant::now() + Duration::from_secs(10);
+    while get(&url).await.header("cache-status") != "cistern; hit" {
+        assert!(Instant::now() < end, "never stored");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    stop(child);
+    let child = spawn(&conf, port).await;
+    let p = request_body("POST", &url, &[], bytes::Bytes::from_static(b"x")).await;
+    assert_eq!(p.status, 200);
+    kill9(child);
+
+    let _child = spawn(&conf, port).await;
+    let g = get(&url).await;
+    assert_eq!(g.body, body);
+    assert_ne!(
+        g.header("cache-status"),
+        "cistern; hit",
+        "invalidation undone"
+    );
+    assert_eq!(origin.gets("/fw.bin"), 2);
+}
+
+/// A pin or an unpin, once answered, survives a SIGKILL right after it (the `.meta` says it, and
+/// the index may not have written it yet).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pin_and_an_unpin_survive_kill_9() {
+    let origin = Origin::start().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let (conf, port) = config(tmp.path(), &origin);
+    let body = random_bytes(50_000, 23);
+    let hex = sha256_hex(&body);
+    let base = format!("http://127.0.0.1:{port}/v1/admin");
+    let pinned = || async {
+        let v = get(&format!("{base}/content")).await.json();
+        v[0]["pinned"].as_bool()
+    };
+    let child = spawn(&conf, port).await;
+    let put = format!("{base}/content/sha256/{hex}");
+    let g = request_body("PUT", &put, &[], body.clone()).await;
+    assert_eq!(g.status, 201);
+    stop(child);
+    // Pinned by a second sideload with `?pin=true`, then killed.
+    let child = spawn(&conf, port).await;
+    let g = request_body("PUT", &format!("{put}?pin=true"), &[], body.clone()).await;
+    assert!(g.status.is_success(), "{}", g.status);
+    assert_eq!(pinned().await, Some(true));
+    kill9(child);
+    let child = spawn(&conf, port).await;
+    assert_eq!(pinned().await, Some(true), "the pin was lost");
+    stop(child);
+    // Unpinned, then killed.
+    let child = spawn(&conf, port).await;
+    let g = request("DELETE", &format!("{base}/pins/{hex}"), &[]).await;
+    assert!(g.status.is_success(), "{}", g.status);
+    kill9(child);
+    let _child = spawn(&conf, port).await;
+    assert_eq!(pinned().await, Some(false), "the unpin was lost");
+}
+
+/// SIGTERM as soon as `/readyz` answers is a graceful stop (exit 0), not the signal's default
+/// action: the handler is in place before the node is ready.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_right_after_ready_is_a_graceful_stop() {
+    let origin = Origin::start().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let (conf, port) = config(tmp.path(), &origin);
+    for _ in 0..10 {
+        stop(spawn(&conf, port).await);
+    }
 }

@@ -9,18 +9,6 @@
 //! after a commit. The relay reads the parents' health that `fetch` exposes and calls nothing else of
 //! cistern's.
 
-/// A fail point for the crash tests (`--features failpoints`); nothing without the feature.
-macro_rules! failpoint {
-    ($name:literal) => {
-        #[cfg(feature = "failpoints")]
-        fail::fail_point!($name);
-    };
-    ($name:literal, $e:expr) => {
-        #[cfg(feature = "failpoints")]
-        fail::fail_point!($name, $e);
-    };
-}
-
 mod db;
 mod forward;
 mod legacy;

@@ -160,10 +160,13 @@ impl Store {
             m.keys.insert(k.to_string(), km.clone());
         }
         m.write(&mpath).map_err(io_err(&mpath))?;
+        failpoint!("store-meta-written");
         std::fs::rename(c.tmp, &final_path).map_err(io_err(&final_path))?;
+        failpoint!("store-renamed");
         if let Ok(dir) = std::fs::File::open(&parent) {
             let _ = dir.sync_all();
         }
+        failpoint!("store-dir-synced");
         let rec = ObjectRecord {
             size: c.size,
             pinned: m.pinned,
@@ -172,6 +175,7 @@ impl Store {
             content_type: c.content_type.clone(),
         };
         self.shared.index.put_object(d, &rec)?;
+        failpoint!("store-indexed");
         let mut st = self.state();
         st.used += c.size;
         st.objects.insert(

@@ -203,6 +203,7 @@ impl Fill {
                 path: self.path.display().to_string(),
                 source,
             })?;
+        failpoint!("store-temp-synced");
         // The reservation moves into the commit, which releases it exactly once.
         let reserved = std::mem::take(&mut self.reserved);
         let on_disk = std::mem::take(&mut self.on_disk);

@@ -1,8 +1,9 @@
 //! Recovery at start (SPEC 4): the store lock, orphan temp files removed, index entries without files
-//! dropped, files without index entries re-indexed from their `.meta`. A lost or corrupt index is moved
-//! aside and rebuilt from the files without losing objects, keys or pins.
+//! dropped, files without index entries re-indexed from their `.meta`, and keys and pins where the
+//! index and the `.meta` disagree taken from the `.meta`. A lost or corrupt index is moved aside
+//! and rebuilt from the files without losing objects, keys or pins.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 
 use super::index::{Index, KeyEntry, ObjectRecord};
@@ -46,17 +47,17 @@ pub fn open_index(path: &Path) -> Result<Index, StoreError> {
     Ok(Index::open(path)?)
 }
 
-/// Brings the index in line with the files and returns the in-memory state.
+/// Brings the index in line with the files and returns the in-memory state. The `.meta` files are
+/// the truth: the index is written lazily (sled reaches the disk every half second or so), so after
+/// a crash it may still hold a key that was invalidated or moved, or a pin that was changed, after
+/// its `.meta` was rewritten.
 pub fn reconcile(objects_dir: &Path, tmp_dir: &Path, index: &Index) -> Result<State, StoreError> {
     if let Ok(rd) = std::fs::read_dir(tmp_dir) {
         for e in rd.flatten() {
             let _ = std::fs::remove_file(e.path());
         }
     }
-    let mut state = State::default();
-    // Winner per key across all metas: the mapping fetched last.
-    let mut keys: HashMap<String, KeyEntry> = HashMap::new();
-    let mut rebuilt = 0usize;
+    let mut found = Found::default();
     for shard in std::fs::read_dir(objects_dir)
         .map_err(io_err(objects_dir))?
         .flatten()
@@ -65,98 +66,158 @@ pub fn reconcile(objects_dir: &Path, tmp_dir: &Path, index: &Index) -> Result<St
             continue;
         };
         for e in rd.flatten() {
-            let path = e.path();
-            let name = e.file_name().to_string_lossy().to_string();
-            if name.contains(".meta.tmp") {
-                let _ = std::fs::remove_file(&path);
-                continue;
-            }
-            if let Some(hex) = name.strip_suffix(".meta") {
-                if !path.with_file_name(hex).exists() {
-                    let _ = std::fs::remove_file(&path);
-                }
-                continue;
-            }
-            let Ok(d) = name.parse::<Digest>() else {
-                continue;
-            };
-            let Ok(md) = e.metadata() else { continue };
-            let meta = ObjectMeta::read(&path.with_extension("meta"))
-                .ok()
-                .filter(|m| m.digest == d);
-            let rec = match index.object(&d) {
-                Some(r) => r,
-                None => {
-                    rebuilt += 1;
-                    let r = ObjectRecord {
-                        size: md.len(),
-                        pinned: meta.as_ref().is_some_and(|m| m.pinned),
-                        last_access: now_ms(),
-                        hits: 0,
-                        content_type: meta.as_ref().and_then(|m| m.content_type.clone()),
-                    };
-                    index.put_object(&d, &r)?;
-                    r
-                }
-            };
-            if let Some(m) = meta {
-                for (k, km) in m.keys {
-                    let newer = keys
-                        .get(&k)
-                        .is_none_or(|old| old.meta.fetched_at <= km.fetched_at);
-                    if newer {
-                        keys.insert(
-                            k,
-                            KeyEntry {
-                                digest: d,
-                                meta: km,
-                            },
-                        );
-                    }
-                }
-            }
-            state.used += md.len();
-            state.objects.insert(
-                d,
-                Obj {
-                    size: md.len(),
-                    pinned: rec.pinned,
-                    last_access: rec.last_access,
-                    hits: rec.hits,
-                    readers: 0,
-                    content_type: rec.content_type,
-                },
-            );
+            found.file(&e, index)?;
         }
     }
-    let stale: Vec<Digest> = index
-        .objects()
-        .map(|(d, _)| d)
-        .filter(|d| !state.objects.contains_key(d))
-        .collect();
-    for d in &stale {
-        index.remove_object(d)?;
-    }
-    for (k, e) in index.keys() {
-        if !state.objects.contains_key(&e.digest) {
-            index.remove_key(&k)?;
-        }
-    }
-    for (k, e) in keys {
-        let current = index.key(&k);
-        if current.is_none_or(|c| {
-            !state.objects.contains_key(&c.digest) || c.meta.fetched_at < e.meta.fetched_at
-        }) {
-            index.put_key(&k, &e)?;
-        }
-    }
+    let dropped = found.drop_stale(index)?;
+    found.put_keys(index)?;
     index.flush()?;
     tracing::info!(
-        objects = state.objects.len(),
-        bytes = state.used,
-        reindexed = rebuilt,
-        dropped = stale.len(),
+        objects = found.state.objects.len(),
+        bytes = found.state.used,
+        reindexed = found.rebuilt,
+        dropped,
         "store recovered"
     );
-    Ok(state)
+    Ok(found.state)
+}
+
+/// What the object files say, gathered file by file.
+#[derive(Default)]
+struct Found {
+    state: State,
+    /// Winner per key across all metas: the mapping fetched last.
+    keys: HashMap<String, KeyEntry>,
+    /// The keys each readable `.meta` lists: an index entry for a key that its object's `.meta`
+    /// does not list was removed (invalidated, moved) after the index last reached the disk.
+    listed: HashMap<Digest, HashSet<String>>,
+    /// Objects that had no index entry.
+    rebuilt: usize,
+}
+
+impl Found {
+    /// One file under a shard: temp and orphan `.meta` files go, a blob is taken in.
+    fn file(&mut self, e: &std::fs::DirEntry, index: &Index) -> Result<(), StoreError> {
+        let path = e.path();
+        let name = e.file_name().to_string_lossy().to_string();
+        if name.contains(".meta.tmp") {
+            let _ = std::fs::remove_file(&path);
+            return Ok(());
+        }
+        if let Some(hex) = name.strip_suffix(".meta") {
+            if !path.with_file_name(hex).exists() {
+                let _ = std::fs::remove_file(&path);
+            }
+            return Ok(());
+        }
+        let (Ok(d), Ok(md)) = (name.parse::<Digest>(), e.metadata()) else {
+            return Ok(());
+        };
+        let meta = ObjectMeta::read(&path.with_extension("meta"))
+            .ok()
+            .filter(|m| m.digest == d);
+        let rec = self.record(index, &d, md.len(), meta.as_ref())?;
+        if let Some(m) = meta {
+            self.take_keys(d, m);
+        }
+        self.state.used += md.len();
+        self.state.objects.insert(
+            d,
+            Obj {
+                size: md.len(),
+                pinned: rec.pinned,
+                last_access: rec.last_access,
+                hits: rec.hits,
+                readers: 0,
+                content_type: rec.content_type,
+            },
+        );
+        Ok(())
+    }
+
+    /// The object's index record, made from its `.meta` when missing, its pin taken from the
+    /// `.meta` when the two differ.
+    fn record(
+        &mut self,
+        index: &Index,
+        d: &Digest,
+        size: u64,
+        meta: Option<&ObjectMeta>,
+    ) -> Result<ObjectRecord, StoreError> {
+        match (index.object(d), meta.map(|m| m.pinned)) {
+            (Some(mut r), Some(pinned)) if r.pinned != pinned => {
+                r.pinned = pinned;
+                index.put_object(d, &r)?;
+                Ok(r)
+            }
+            (Some(r), _) => Ok(r),
+            (None, pinned) => {
+                self.rebuilt += 1;
+                let r = ObjectRecord {
+                    size,
+                    pinned: pinned.unwrap_or(false),
+                    last_access: now_ms(),
+                    hits: 0,
+                    content_type: meta.and_then(|m| m.content_type.clone()),
+                };
+                index.put_object(d, &r)?;
+                Ok(r)
+            }
+        }
+    }
+
+    fn take_keys(&mut self, d: Digest, m: ObjectMeta) {
+        let listed = self.listed.entry(d).or_default();
+        for (k, km) in m.keys {
+            listed.insert(k.clone());
+            let newer = self
+                .keys
+                .get(&k)
+                .is_none_or(|old| old.meta.fetched_at <= km.fetched_at);
+            if newer {
+                self.keys.insert(
+                    k,
+                    KeyEntry {
+                        digest: d,
+                        meta: km,
+                    },
+                );
+            }
+        }
+    }
+
+    /// Drops index entries of objects that are gone, and keys that their object's `.meta` does not
+    /// list (an object without a readable `.meta` keeps the keys the index gives it). Returns the
+    /// number of objects dropped.
+    fn drop_stale(&self, index: &Index) -> Result<usize, StoreError> {
+        let stale: Vec<Digest> = index
+            .objects()
+            .map(|(d, _)| d)
+            .filter(|d| !self.state.objects.contains_key(d))
+            .collect();
+        for d in &stale {
+            index.remove_object(d)?;
+        }
+        for (k, e) in index.keys() {
+            let gone = !self.state.objects.contains_key(&e.digest);
+            let unlisted = self.listed.get(&e.digest).is_some_and(|l| !l.contains(&k));
+            if gone || unlisted {
+                index.remove_key(&k)?;
+            }
+        }
+        Ok(stale.len())
+    }
+
+    /// Points each key at the object whose `.meta` fetched it last, where the index says otherwise.
+    fn put_keys(&self, index: &Index) -> Result<(), StoreError> {
+        for (k, e) in &self.keys {
+            let current = index.key(k);
+            if current.is_none_or(|c| {
+                !self.state.objects.contains_key(&c.digest) || c.meta.fetched_at < e.meta.fetched_at
+            }) {
+                index.put_key(k, e)?;
+            }
+        }
+        Ok(())
+    }
 }

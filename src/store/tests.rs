@@ -205,3 +205,39 @@ fn flush_writes_only_what_was_read() {
     assert_eq!(s.shared.index.object(&a).unwrap().hits, 1);
     assert_eq!(s.shared.index.object(&b).unwrap().last_access, before);
 }
+
+/// The index reaches the disk lazily; after a crash it can be older than the `.meta` files, which
+/// are the truth: a key that was dropped from its `.meta` (invalidated) and a pin changed there
+/// must not come back from the index.
+#[test]
+fn an_index_older_than_the_meta_files_yields_to_them() {
+    let t = tempfile::tempdir().unwrap();
+    let (a, b);
+    {
+        let s = Store::open(&cfg(t.path())).unwrap();
+        a = put(&s, b"aaa", Some("k/a"));
+        b = put(&s, b"bbb", Some("k/b"));
+        s.set_pin(&b, true).unwrap();
+        s.flush().unwrap();
+        // What an invalidation and an unpin write to the `.meta` before the index is written.
+        let mpath = s.blob_path(&a).with_extension("meta");
+        let mut m = ObjectMeta::read(&mpath).unwrap();
+        m.keys.clear();
+        m.pinned = true;
+        m.write(&mpath).unwrap();
+        let mpath = s.blob_path(&b).with_extension("meta");
+        let mut m = ObjectMeta::read(&mpath).unwrap();
+        m.pinned = false;
+        m.write(&mpath).unwrap();
+    }
+    let s = Store::open(&cfg(t.path())).unwrap();
+    assert!(s.lookup("k/a").is_none(), "an invalidated key came back");
+    assert_eq!(s.lookup("k/b").unwrap().digest, b);
+    let pinned: Vec<_> = s
+        .list()
+        .into_iter()
+        .filter(|o| o.pinned)
+        .map(|o| o.digest)
+        .collect();
+    assert_eq!(pinned, vec![a]);
+}
