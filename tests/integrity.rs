@@ -207,3 +207,45 @@ async fn reservations_of_fills_are_bounded() {
     let next = sha256_hex(&body);
     assert!(!node.blobs().contains(&next), "stored past the bound");
 }
+
+/// Read off the socket: the last byte of a payload whose digest does not match reaches no client,
+/// neither the one that started the transfer nor one that joined it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_last_byte_of_a_mismatching_payload_never_reaches_a_socket() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let origin = Origin::start().await;
+    let body = random_bytes(1 << 20, 49);
+    let b = Behaviour {
+        wrong_digest: true,
+        rate: Some(4 << 20),
+        ..Default::default()
+    };
+    origin.put("/bad.bin", body.clone(), b);
+    let node = Node::start(&origin, "").await;
+    let raw = |addr: std::net::SocketAddr| async move {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let req = "GET /o/t/bad.bin HTTP/1.1\r\nhost: gw\r\nconnection: close\r\n\r\n";
+        s.write_all(req.as_bytes()).await.unwrap();
+        let mut all = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(20), s.read_to_end(&mut all)).await;
+        all
+    };
+    let (a, b) = tokio::join!(raw(node.addr), async {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        raw(node.addr).await
+    });
+    for all in [a, b] {
+        let at = all
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .expect("a response head");
+        let head = String::from_utf8_lossy(&all[..at]).to_string();
+        assert!(head.contains("Content-Length: 1048576"), "{head}");
+        let got = all.len() - at - 4;
+        assert!(
+            got < body.len(),
+            "all {got} bytes of a corrupt payload were sent"
+        );
+        assert_eq!(&all[at + 4..], &body[..got], "wrong bytes before the cut");
+    }
+}

@@ -49,6 +49,9 @@ impl Index {
     pub fn open(path: &std::path::Path) -> sled::Result<Index> {
         let db = sled::Config::new()
             .path(path)
+            // The key cache is ours (above); sled's own page cache need not be large, and its default
+            // (1 GiB) makes it log an ERROR on every start of a gateway with less memory than that.
+            .cache_capacity(64 << 20)
             .mode(sled::Mode::HighThroughput)
             .open()?;
         let keys = db.open_tree("keys")?;
