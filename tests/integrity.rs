@@ -249,3 +249,48 @@ async fn the_last_byte_of_a_mismatching_payload_never_reaches_a_socket() {
         assert_eq!(&all[at + 4..], &body[..got], "wrong bytes before the cut");
     }
 }
+
+/// A close-delimited body (no Content-Length, not chunked) ended by a TCP reset is broken, not
+/// complete: never stored, never delivered as a clean 200.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_close_delimited_body_cut_by_a_reset_is_not_stored() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let body = random_bytes(1 << 20, 50);
+    let half = body.slice(..349_525);
+    tokio::spawn(async move {
+        for _ in 0..20 {
+            let Ok((mut s, _)) = listener.accept().await else {
+                return;
+            };
+            let half = half.clone();
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = s.read(&mut buf).await;
+                let head = "HTTP/1.1 200 OK\r\ncontent-type: application/x-test\r\nconnection: close\r\n\r\n";
+                let _ = s.write_all(head.as_bytes()).await;
+                let _ = s.write_all(&half).await;
+                let _ = s.flush().await;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                // A reset, not a clean close: linger 0, then drop.
+                let _ = socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO));
+                drop(s);
+            });
+        }
+    });
+    let origin = Origin::start().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cfg = config(tmp.path(), &origin, "");
+    cfg.upstream.retries = 1;
+    cfg.origins[0].url = format!("http://{addr}");
+    cfg.upstream.allowed_origins.push(addr.to_string());
+    let mut node = Node::start_with(cfg).await;
+    node.keep(tmp);
+    let url = node.url("/o/t/reset.bin");
+    let g = get(&url).await;
+    assert!(g.aborted || g.status != 200, "a reset body looked complete");
+    assert!(node.blobs().is_empty(), "a body cut by a reset was stored");
+    let again = get(&url).await;
+    assert_ne!(again.header("cache-status"), "cistern; hit");
+}
