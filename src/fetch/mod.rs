@@ -11,6 +11,7 @@ pub mod parents;
 pub mod policy;
 pub mod prefetch;
 mod proxy;
+mod rate;
 mod sink;
 mod transfer;
 pub mod upstream;

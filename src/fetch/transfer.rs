@@ -14,6 +14,7 @@ use sha2::{Digest as _, Sha256};
 
 use super::flight::{End, Flight, Head};
 use super::framing::{content_length, continues, same_etag, strong_date};
+use super::rate::Rate;
 use super::sink::{self, Sink};
 use super::{freshness, headers, FetchError, Fetcher, Target};
 use crate::store::{now_ms, Digest, KeyEntry, KeyMeta, StoreError};
@@ -29,52 +30,6 @@ pub(super) struct Transfer {
     pub target: Target,
     /// The stored entry being revalidated, if this transfer is a revalidation.
     pub stale: Option<KeyEntry>,
-}
-
-/// `upstream.min_rate`: bytes per second averaged over a minute, or over the idle timeout when that
-/// is shorter. A slower upstream is a broken transfer (resumed or failed), so that a trickle cannot
-/// hold a reservation and its waiting clients for ever.
-struct Rate {
-    min: u64,
-    window: std::time::Duration,
-    since: std::time::Instant,
-    bytes: u64,
-}
-
-impl Rate {
-    fn new(min: u64, idle: std::time::Duration) -> Rate {
-        Rate {
-            min,
-            window: idle.clamp(
-                std::time::Duration::from_secs(1),
-                std::time::Duration::from_secs(60),
-            ),
-            since: std::time::Instant::now(),
-            bytes: 0,
-        }
-    }
-
-    fn arrived(&mut self, n: u64) -> Result<(), String> {
-        self.bytes += n;
-        let secs = self.since.elapsed().as_secs_f64();
-        if secs < self.window.as_secs_f64() {
-            return Ok(());
-        }
-        let per_sec = self.bytes as f64 / secs;
-        if self.min > 0 && per_sec < self.min as f64 {
-            return Err(format!(
-                "upstream sent {per_sec:.0} bytes/s, under upstream.min_rate ({} bytes/s)",
-                self.min
-            ));
-        }
-        self.since = std::time::Instant::now();
-        self.bytes = 0;
-        Ok(())
-    }
-
-    fn paused(&mut self, d: std::time::Duration) {
-        self.since += d;
-    }
 }
 
 /// How a broken body goes on.
