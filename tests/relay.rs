@@ -6,7 +6,7 @@
 mod common;
 
 use std::collections::{HashMap, HashSet};
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -105,7 +105,7 @@ impl Proc {
         )
         .unwrap();
         let mut p = Proc {
-            child: spawn(&conf),
+            child: spawn_cistern(&conf, ""),
             port,
             conf,
         };
@@ -139,7 +139,7 @@ impl Proc {
     async fn kill9_and_restart(&mut self) {
         self.child.kill().unwrap();
         self.child.wait().unwrap();
-        self.child = spawn(&self.conf);
+        self.child = spawn_cistern(&self.conf, "");
         self.wait_ready().await;
     }
 
@@ -153,16 +153,6 @@ impl Drop for Proc {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-fn spawn(conf: &std::path::Path) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_cistern"))
-        .args(["serve", "--config"])
-        .arg(conf)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap()
 }
 
 fn report(device: usize, n: usize) -> Value {

@@ -11,7 +11,7 @@
 mod common;
 
 use std::collections::HashSet;
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -43,7 +43,7 @@ impl Proc {
         )
         .unwrap();
         let mut p = Proc {
-            child: spawn(&conf, failpoints),
+            child: spawn_cistern(&conf, failpoints),
             port,
             conf,
         };
@@ -75,7 +75,7 @@ impl Proc {
     /// SIGKILL, then a start on the same store with `failpoints` (none: "").
     async fn restart(&mut self, failpoints: &str) {
         self.kill9();
-        self.child = spawn(&self.conf, failpoints);
+        self.child = spawn_cistern(&self.conf, failpoints);
         self.wait_ready().await;
     }
 
@@ -126,19 +126,6 @@ impl Drop for Proc {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-fn spawn(conf: &std::path::Path, failpoints: &str) -> Child {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_cistern"));
-    c.args(["serve", "--config"])
-        .arg(conf)
-        .env_remove("FAILPOINTS")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    if !failpoints.is_empty() {
-        c.env("FAILPOINTS", failpoints);
-    }
-    c.spawn().unwrap()
 }
 
 /// One request on a fresh connection, within 3 s: (status, JSON body), or None when the node did

@@ -24,7 +24,7 @@ fn store_failpoint_scenarios_skipped_without_the_failpoints_feature() {
 #[cfg(feature = "failpoints")]
 mod failpoints {
     use std::path::{Path, PathBuf};
-    use std::process::{Child, Command, Stdio};
+    use std::process::Child;
     use std::time::{Duration, Instant};
 
     use bytes::Bytes;
@@ -134,7 +134,7 @@ mod failpoints {
             )
             .unwrap();
             let mut p = Proc {
-                child: spawn(&conf, failpoints),
+                child: spawn_cistern(&conf, failpoints),
                 port,
                 conf,
                 data,
@@ -166,7 +166,7 @@ mod failpoints {
         async fn kill9_and_restart(&mut self) {
             self.child.kill().unwrap();
             self.child.wait().unwrap();
-            self.child = spawn(&self.conf, "");
+            self.child = spawn_cistern(&self.conf, "");
             self.wait_ready().await;
         }
 
@@ -198,19 +198,6 @@ mod failpoints {
             let _ = self.child.kill();
             let _ = self.child.wait();
         }
-    }
-
-    fn spawn(conf: &Path, failpoints: &str) -> Child {
-        let mut c = Command::new(env!("CARGO_BIN_EXE_cistern"));
-        c.args(["serve", "--config"])
-            .arg(conf)
-            .env_remove("FAILPOINTS")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
-        if !failpoints.is_empty() {
-            c.env("FAILPOINTS", failpoints);
-        }
-        c.spawn().unwrap()
     }
 
     const PATH: &str = "/fw.bin";

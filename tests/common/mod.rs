@@ -72,6 +72,22 @@ pub struct Origin {
     pub bytes_sent: Arc<AtomicUsize>,
 }
 
+/// Starts the real binary, `cistern serve --config <conf>`, with the fail points `failpoints`
+/// (FAILPOINTS syntax; "" for none; they act only in a binary built with `--features failpoints`).
+pub fn spawn_cistern(conf: &Path, failpoints: &str) -> std::process::Child {
+    use std::process::{Command, Stdio};
+    let mut c = Command::new(env!("CARGO_BIN_EXE_cistern"));
+    c.args(["serve", "--config"])
+        .arg(conf)
+        .env_remove("FAILPOINTS")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    if !failpoints.is_empty() {
+        c.env("FAILPOINTS", failpoints);
+    }
+    c.spawn().unwrap()
+}
+
 /// A loopback port free right now (for processes that must be told their port in a config file).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
