@@ -1,6 +1,7 @@
 //! SPEC 4's integrity promises under faults: a body cut short is never delivered whole nor stored,
 //! concurrent fills of one payload under many keys lose no key (in the index or in `.meta`, so a
-//! rebuilt index has them all), and an open range of an unstored object of unknown length is answered.
+//! rebuilt index has them all), an open range of an unstored object of unknown length is answered, and
+//! a restart that diverges from the bytes held never rewrites bytes already handed to a client.
 
 mod common;
 
@@ -293,4 +294,108 @@ async fn a_close_delimited_body_cut_by_a_reset_is_not_stored() {
     assert!(node.blobs().is_empty(), "a body cut by a reset was stored");
     let again = get(&url).await;
     assert_ne!(again.header("cache-status"), "cistern; hit");
+}
+
+/// A restarted transfer (the resume answered 200 with new bytes) diverges from the bytes held while a
+/// range of them is still on its way to a slow client: the bytes it was handed (slices of the mapped
+/// fill, sent by `sendfile` when the socket has room) are never rewritten under it, so it gets only
+/// bytes of the version its head names, and the new version is stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_divergence_on_restart_never_mixes_versions_in_a_range() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const SIZE: usize = 16 << 20;
+    let v1 = random_bytes(SIZE, 60);
+    let mut v2 = v1.to_vec();
+    v2[512 << 10..].copy_from_slice(&random_bytes(SIZE - (512 << 10), 61));
+    let v2 = bytes::Bytes::from(v2);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let cut = std::sync::Arc::new(tokio::sync::Notify::new());
+    let (o1, o2, c) = (v1.clone(), v2.clone(), cut.clone());
+    tokio::spawn(async move {
+        for n in 0..10 {
+            let Ok((mut s, _)) = listener.accept().await else {
+                return;
+            };
+            let (v1, v2, cut) = (o1.clone(), o2.clone(), c.clone());
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = s.read(&mut buf).await;
+                let (etag, body) = if n == 0 {
+                    ("v1", v1.slice(..12 << 20))
+                } else {
+                    ("v2", v2)
+                };
+                let head = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-length: {SIZE}\r\netag: \"{etag}\"\r\n\
+                     cache-control: max-age=600\r\n\r\n"
+                );
+                let _ = s.write_all(head.as_bytes()).await;
+                let _ = s.write_all(&body).await;
+                if n == 0 {
+                    // Broken before its length: the gateway resumes, and this origin ignores Range.
+                    cut.notified().await;
+                }
+            });
+        }
+    });
+    let origin = Origin::start().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cfg = config(tmp.path(), &origin, "");
+    cfg.origins[0].url = format!("http://{addr}");
+    cfg.upstream.allowed_origins.push(addr.to_string());
+    let mut node = Node::start_with(cfg).await;
+    node.keep(tmp);
+    let url = node.url("/o/t/div.bin");
+    let u = url.clone();
+    let first = tokio::spawn(async move { get(&u).await });
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    // A slow client: a small receive window, and it reads nothing until the restart has diverged.
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    sock.connect(&node.addr.into()).unwrap();
+    sock.set_nonblocking(true).unwrap();
+    let mut s = tokio::net::TcpStream::from_std(sock.into()).unwrap();
+    let (from, to) = (1usize << 20, (2usize << 20) + (256 << 10) - 1);
+    let req = format!(
+        "GET /o/t/div.bin HTTP/1.1\r\nhost: gw\r\nrange: bytes={from}-{to}\r\nconnection: close\r\n\r\n"
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    cut.notify_one();
+    let _ = first.await;
+    // Give the restarted transfer time to pass the range before the slow client reads.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let mut all = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(20), s.read_to_end(&mut all)).await;
+    let at = all
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("a head");
+    let head = String::from_utf8_lossy(&all[..at]).to_string();
+    assert!(head.starts_with("HTTP/1.1 206"), "{head}");
+    let got = &all[at + 4..];
+    assert!(
+        got.len() > 600 << 10,
+        "only {} bytes of the range",
+        got.len()
+    );
+    // Its head named the first version: every byte it gets must be of that version.
+    assert!(head.contains("\"v1\""), "{head}");
+    let old = &v1[from..from + got.len()];
+    let first_diff = got.iter().zip(old).position(|(a, b)| a != b);
+    assert!(
+        first_diff.is_none(),
+        "the range carried bytes of the new version from offset {:?} of {} (complete: {})",
+        first_diff.map(|d| d + from),
+        got.len(),
+        got.len() == to + 1 - from
+    );
+    eventually(20, "the new version stored", || {
+        node.blobs().contains(&sha256_hex(&v2))
+    })
+    .await;
+    let again = get(&url).await;
+    assert_eq!(again.header("cache-status"), "cistern; hit");
+    assert!(again.body == v2, "the stored version is not the new one");
 }

@@ -299,11 +299,16 @@ impl Flight {
     }
 
     /// A restarted transfer differs from the bytes held from `at` on: readers of the current generation
-    /// are cut off; the flight goes on from `at` with the new bytes.
-    pub fn diverge(&self, at: u64) {
+    /// are cut off; the flight goes on from `at` with the new bytes, in `file` (and its mapping) when
+    /// the fill moved to a new one.
+    pub fn diverge(&self, at: u64, file: Option<(Arc<File>, Option<Bytes>)>) {
         {
             let mut st = self.state();
             st.generation += 1;
+            if let Some((file, map)) = file {
+                st.file = Some(file);
+                st.map = map;
+            }
             st.written = at;
             st.window.clear();
             st.window_start = at;

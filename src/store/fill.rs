@@ -24,6 +24,8 @@ pub struct Fill {
     /// The file was sized to the announced length up front (see `map`): it is never shortened while
     /// readers may hold a mapping of it, so that no mapped page can vanish under them.
     preallocated: bool,
+    /// The size the file is mapped at, when it is.
+    mapped: Option<u64>,
     committed: bool,
     /// Bytes already handed to the disk by `start_writeback`.
     flushed: u64,
@@ -70,6 +72,7 @@ impl Fill {
             reserved,
             on_disk,
             preallocated: reserved > 0,
+            mapped: None,
             committed: false,
             flushed: 0,
         })
@@ -153,8 +156,10 @@ impl Fill {
             return None;
         }
         self.preallocated = true;
-        // SAFETY: the file is never shortened while mapped (see `truncate`); bytes in it are only ever
-        // written before readers are allowed to see them, or rewritten after those readers were cut off.
+        self.mapped = Some(size);
+        // SAFETY: the file is never shortened while mapped, and bytes in it are written only before
+        // readers are allowed to see them, never rewritten (a diverging restart moves to a new file:
+        // see `fork`).
         let map = unsafe { memmap2::Mmap::map(&*self.file) }.ok()?;
         // Registered for sendfile like a stored object's mapping: most clients of a large fill lag
         // behind its head, where the bytes are no longer in the CPU cache. Measured on the bench's fan-out
@@ -167,19 +172,54 @@ impl Fill {
         self.file.read_at(buf, offset)
     }
 
-    /// Cuts the fill back to `len` bytes (a restarted transfer that differs from what was held).
-    pub fn truncate(&mut self, len: u64) -> Result<(), StoreError> {
-        self.flushed = self.flushed.min(len);
-        if self.preallocated {
-            self.len = len.min(self.len);
-            return Ok(());
-        }
-        self.file.set_len(len).map_err(|source| StoreError::Io {
-            path: self.path.display().to_string(),
+    /// Moves the fill to a new temp file holding only its first `len` bytes: a restarted transfer
+    /// differs from the bytes held from `len` on. The old file is never written again, so the bytes of
+    /// it that readers were handed (a mapped slice still queued for `sendfile`, a `pread` in progress)
+    /// stay what they were; it goes when the last of them is dropped. Returns the new file's mapping
+    /// when the old one was mapped. Blocking.
+    pub fn fork(&mut self, len: u64) -> Result<Option<bytes::Bytes>, StoreError> {
+        let path = self.store.tmp_path();
+        let io = |source| StoreError::Io {
+            path: path.display().to_string(),
             source,
-        })?;
-        self.len = len.min(self.len);
-        Ok(())
+        };
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .map_err(io)?;
+        let copied = (|| -> std::io::Result<()> {
+            // The old file's room goes back to the filesystem when its last reader drops it.
+            if self.preallocated {
+                allocate(&file, self.reserved.max(len))?;
+            }
+            let mut buf = vec![0u8; 1 << 20];
+            let mut off = 0u64;
+            while off < len {
+                let want = ((len - off) as usize).min(buf.len());
+                let n = self.file.read_at(&mut buf[..want], off)?;
+                if n == 0 {
+                    return Err(std::io::ErrorKind::UnexpectedEof.into());
+                }
+                file.write_all_at(&buf[..n], off)?;
+                off += n as u64;
+            }
+            Ok(())
+        })();
+        if let Err(e) = copied {
+            let _ = std::fs::remove_file(&path);
+            return Err(match e.raw_os_error() {
+                Some(libc::ENOSPC) => StoreError::NoRoom(self.reserved),
+                _ => io(e),
+            });
+        }
+        let _ = std::fs::remove_file(&self.path);
+        self.path = path;
+        self.file = Arc::new(file);
+        self.len = len;
+        self.flushed = 0;
+        Ok(self.mapped.and_then(|size| self.map(size)))
     }
 
     /// Makes the object visible under `digest` (which the caller has verified). Blocking: fsync, rename,

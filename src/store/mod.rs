@@ -353,18 +353,20 @@ impl Store {
             return Err(StoreError::NoRoom(want));
         }
         self.reserve(want)?;
-        let n = self.shared.next_tmp.fetch_add(1, Ordering::Relaxed);
-        let path = self
-            .shared
-            .tmp_dir
-            .join(format!("fill-{}-{n}", std::process::id()));
-        match Fill::create(self.clone(), path, want) {
+        match Fill::create(self.clone(), self.tmp_path(), want) {
             Ok(f) => Ok(f),
             Err(e) => {
                 self.release(want, 0);
                 Err(e)
             }
         }
+    }
+
+    /// A temp file name no other fill of this process uses.
+    pub(super) fn tmp_path(&self) -> std::path::PathBuf {
+        let n = self.shared.next_tmp.fetch_add(1, Ordering::Relaxed);
+        let pid = std::process::id();
+        self.shared.tmp_dir.join(format!("fill-{pid}-{n}"))
     }
 
     /// Reserves `n` more bytes, evicting least-recently-used unpinned objects that nobody is reading.

@@ -122,7 +122,7 @@ async fn divergence_cuts_old_readers() {
     let mut r = f.reader(0, None);
     f.append(vec![Bytes::from_static(b"aaaa")]);
     assert_eq!(&r.next().await.unwrap().unwrap()[..], b"aaa");
-    f.diverge(2);
+    f.diverge(2, None);
     assert!(matches!(r.next().await, Some(Err(FetchError::Diverged))));
     let mut r2 = f.reader(0, None);
     f.append(vec![Bytes::from_static(b"bb")]);
