@@ -3,6 +3,8 @@
 
 mod common;
 
+use std::time::Duration;
+
 use common::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -283,4 +285,75 @@ async fn https_origins_are_reached_through_a_connect_tunnel_of_the_site_proxy() 
         "the second node did not use the tunnel"
     );
     assert_eq!(origin.gets("/u.bin"), 0);
+}
+
+/// A TLS client that trusts only the certificate in `pem`: Ok when the node presents it.
+async fn tls_connect(
+    addr: std::net::SocketAddr,
+    pem: &str,
+) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls_pemfile::certs(&mut pem.as_bytes()) {
+        roots.add(c?).map_err(std::io::Error::other)?;
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(std::io::Error::other)?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(addr).await?;
+    let name =
+        rustls::pki_types::ServerName::try_from("127.0.0.1").map_err(std::io::Error::other)?;
+    tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg))
+        .connect(name, tcp)
+        .await
+}
+
+/// A renewed certificate is served without a restart; a connection opened before keeps its session;
+/// a broken new file is refused and the old certificate kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_renewed_tls_certificate_is_picked_up_without_a_restart() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let origin = Origin::start().await;
+    let (_top, tls_addr, cert, certs) = tls_node(&origin).await;
+    let key = certs.path().join("server.key");
+    let old = std::fs::read_to_string(&cert).unwrap();
+    let mut open = tls_connect(tls_addr, &old)
+        .await
+        .expect("the first certificate");
+    // A half-written renewal: logged, the old certificate kept.
+    std::fs::write(&cert, "-----BEGIN CERTIFICATE-----\nbroken\n").unwrap();
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert!(
+        tls_connect(tls_addr, &old).await.is_ok(),
+        "a broken file replaced the certificate"
+    );
+    let ck =
+        rcgen::generate_simple_self_signed(vec!["127.0.0.1".into(), "localhost".into()]).unwrap();
+    let new = ck.cert.pem();
+    std::fs::write(&key, ck.key_pair.serialize_pem()).unwrap();
+    std::fs::write(&cert, &new).unwrap();
+    let end = std::time::Instant::now() + Duration::from_secs(15);
+    while tls_connect(tls_addr, &new).await.is_err() {
+        assert!(
+            std::time::Instant::now() < end,
+            "the renewed certificate was not picked up"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        tls_connect(tls_addr, &old).await.is_err(),
+        "the old certificate is still served"
+    );
+    open.write_all(b"GET /healthz HTTP/1.1\r\nhost: gw\r\nconnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut resp = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), open.read_to_end(&mut resp)).await;
+    assert!(
+        resp.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&resp)
+    );
 }

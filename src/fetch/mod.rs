@@ -49,6 +49,8 @@ pub enum FetchError {
     RedirectNotAllowed(String),
     #[error("upstream unreachable: {0}")]
     Unreachable(String),
+    #[error("upstream sent a response that cannot be read: {0}")]
+    BadResponse(String),
     #[error("upstream {0} did not answer in time")]
     Timeout(String),
     #[error("upstream answered {status}")]
@@ -576,7 +578,7 @@ impl Fetcher {
         let s = &self.inner.stats;
         let c = match e {
             FetchError::Timeout(_) => &s.errors_timeout,
-            FetchError::Status { .. } => &s.errors_status,
+            FetchError::Status { .. } | FetchError::BadResponse(_) => &s.errors_status,
             FetchError::Unreachable(_) => &s.errors_unreachable,
             _ => return,
         };

@@ -128,12 +128,11 @@ impl OriginPolicy {
         self.patterns.iter().any(|p| p.matches(h, port))
     }
 
-    /// The address check, made on every address DNS returned, before connecting to it.
+    /// The address check, made on every address DNS returned, before connecting to it: the refused
+    /// ranges (an IPv6 form of an IPv4 address judged as that address), unless some pattern names this
+    /// very address (SPEC 2).
     pub fn addr_allowed(&self, ip: IpAddr) -> bool {
-        let ip = match ip {
-            IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
-            v4 => v4,
-        };
+        let ip = embedded_v4(ip);
         if self.named_addrs.contains(&ip) {
             return true;
         }
@@ -155,6 +154,25 @@ impl OriginPolicy {
         };
         !(refused || self.own_addrs.contains(&ip))
     }
+}
+
+/// An IPv6 address that stands for an IPv4 one is judged as that IPv4 address: IPv4-mapped
+/// (`::ffff:a.b.c.d`), IPv4-compatible (`::a.b.c.d`, deprecated but still routed by some stacks) and the
+/// NAT64 well-known prefix (`64:ff9b::/96`, RFC 6052), which a site's NAT64 gateway turns into a
+/// connection to the embedded address.
+fn embedded_v4(ip: IpAddr) -> IpAddr {
+    let IpAddr::V6(v6) = ip else {
+        return ip;
+    };
+    if v6.is_loopback() || v6.is_unspecified() {
+        return ip;
+    }
+    let s = v6.segments();
+    if s[..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
+        let [.., a, b, c, d] = v6.octets();
+        return IpAddr::V4(std::net::Ipv4Addr::new(a, b, c, d));
+    }
+    v6.to_ipv4().map(IpAddr::V4).unwrap_or(ip)
 }
 
 #[cfg(test)]
@@ -202,9 +220,16 @@ mod tests {
             "fe80::1",
             "::ffff:127.0.0.1",
             "224.0.0.1",
+            "64:ff9b::7f00:1",
+            "64:ff9b::169.254.169.254",
+            "::127.0.0.1",
+            "::169.254.169.254",
+            "::ffff:0.0.0.0",
         ] {
             assert!(!p.addr_allowed(a.parse().unwrap()), "{a} allowed");
         }
         assert!(p.addr_allowed("93.184.216.34".parse().unwrap()));
+        assert!(p.addr_allowed("64:ff9b::93.184.216.34".parse().unwrap()));
+        assert!(p.addr_allowed("2001:db8::1".parse().unwrap()));
     }
 }

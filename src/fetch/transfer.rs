@@ -83,7 +83,12 @@ impl Transfer {
                 return End::ServeStale(stale.digest, format!("upstream answered {}", r.status()));
             }
             (Err(e), Some(stale))
-                if matches!(e, FetchError::Unreachable(_) | FetchError::Timeout(_)) =>
+                if matches!(
+                    e,
+                    FetchError::Unreachable(_)
+                        | FetchError::Timeout(_)
+                        | FetchError::BadResponse(_)
+                ) =>
             {
                 tracing::warn!(error = %e, "revalidation failed");
                 return End::ServeStale(stale.digest, e.to_string());

@@ -243,7 +243,11 @@ impl UpstreamClient {
                     p.mark_ok();
                     return Ok(r);
                 }
-                Err(e @ (FetchError::Unreachable(_) | FetchError::Timeout(_))) => {
+                Err(
+                    e @ (FetchError::Unreachable(_)
+                    | FetchError::Timeout(_)
+                    | FetchError::BadResponse(_)),
+                ) => {
                     p.mark_down(e.to_string());
                     last = e;
                 }
@@ -293,9 +297,10 @@ impl UpstreamClient {
     ) -> Result<(Uri, Response<Incoming>), FetchError> {
         let mut url = url;
         self.check(&url)?;
+        let mut headers = std::borrow::Cow::Borrowed(headers);
         for _ in 0..=MAX_REDIRECTS {
             let resp = self
-                .send_once(method.clone(), &url, headers, empty_body())
+                .send_once(method.clone(), &url, &headers, empty_body())
                 .await?;
             if !is_redirect(resp.status()) {
                 return Ok((url, resp));
@@ -317,6 +322,14 @@ impl UpstreamClient {
                 return Err(FetchError::RedirectNotAllowed(e.to_string()));
             }
             tracing::debug!(from = %host_of(&url), to = %host_of(&next), "following redirect");
+            if origin_of(&next) != origin_of(&url) {
+                // Credentials are for the origin they were given to, never for where it points.
+                for name in &CREDENTIALS {
+                    if headers.contains_key(name) {
+                        headers.to_mut().remove(name);
+                    }
+                }
+            }
             url = next;
         }
         Err(FetchError::RedirectNotAllowed(format!(
@@ -379,6 +392,21 @@ impl UpstreamClient {
     }
 }
 
+/// Request fields that carry credentials: dropped when a redirect leaves the origin (as browsers and
+/// curl do).
+const CREDENTIALS: [http::header::HeaderName; 2] =
+    [http::header::AUTHORIZATION, http::header::COOKIE];
+
+/// Scheme, host and port: what RFC 6454 calls the origin.
+fn origin_of(u: &Uri) -> (Option<&str>, Option<&str>, Option<u16>) {
+    let port = u.port_u16().or(match u.scheme_str() {
+        Some("https") => Some(443),
+        Some("http") => Some(80),
+        _ => None,
+    });
+    (u.scheme_str(), u.host(), port)
+}
+
 fn is_redirect(s: StatusCode) -> bool {
     matches!(s.as_u16(), 301 | 302 | 303 | 307 | 308)
 }
@@ -411,10 +439,15 @@ pub fn resolve_location(base: &Uri, loc: &str) -> Option<Uri> {
 
 fn classify(url: &Uri, e: &hyper_util::client::legacy::Error) -> FetchError {
     let mut src: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    let mut unreadable = false;
     while let Some(s) = src {
         if let Some(r) = s.downcast_ref::<AddrRefused>() {
             return FetchError::AddressRefused(r.0.clone());
         }
+        // A head too large, a bad status line, bad fields: the upstream answered, but not in HTTP.
+        unreadable |= s
+            .downcast_ref::<hyper::Error>()
+            .is_some_and(|h| h.is_parse());
         src = s.source();
     }
     let mut detail = e.to_string();
@@ -423,7 +456,11 @@ fn classify(url: &Uri, e: &hyper_util::client::legacy::Error) -> FetchError {
         detail = format!("{detail}: {s}");
         src = s.source();
     }
-    FetchError::Unreachable(format!("{}: {detail}", host_of(url)))
+    let detail = format!("{}: {detail}", host_of(url));
+    match unreadable {
+        true => FetchError::BadResponse(detail),
+        false => FetchError::Unreachable(detail),
+    }
 }
 
 pub fn tls_config(

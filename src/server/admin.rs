@@ -243,13 +243,45 @@ pub async fn read_json_body(req: Request<Incoming>) -> Result<Bytes, ApiError> {
 }
 
 /// Reads a whole request body of at most `max` bytes (413 beyond).
+/// A request body must arrive within this long (a client that trickles one holds a connection).
+const BODY_DEADLINE: std::time::Duration = std::time::Duration::from_secs(60);
+
 pub async fn read_body(req: Request<Incoming>, max: usize) -> Result<Bytes, ApiError> {
-    let limited = http_body_util::Limited::new(req.into_body(), max);
-    limited.collect().await.map(|c| c.to_bytes()).map_err(|_| {
+    let too_large = || {
         ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             "too-large",
             format!("request body over {max} bytes"),
         )
-    })
+    };
+    let mut body = req.into_body();
+    if hyper::body::Body::size_hint(&body).lower() > max as u64 {
+        return Err(too_large());
+    }
+    // Copied as it comes: each frame of a body that trickles in a byte at a time is a slice that
+    // would keep a whole read buffer of the connection alive.
+    let mut buf = bytes::BytesMut::new();
+    let read = async {
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| ApiError::bad_request("bad-body", e.to_string()))?;
+            if let Ok(d) = frame.into_data() {
+                if buf.len() + d.len() > max {
+                    return Err(too_large());
+                }
+                buf.extend_from_slice(&d);
+            }
+        }
+        Ok(())
+    };
+    match tokio::time::timeout(BODY_DEADLINE, read).await {
+        Ok(r) => r.map(|_| buf.freeze()),
+        Err(_) => Err(ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "body-timeout",
+            format!(
+                "the request body did not arrive within {} s",
+                BODY_DEADLINE.as_secs()
+            ),
+        )),
+    }
 }

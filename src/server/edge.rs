@@ -3,7 +3,7 @@
 //! use) and the trust bundle come from the workload API, and the certificate is renewed before it
 //! expires. The API is HTTP over the unix socket that `IOTEDGE_WORKLOADURI` names (or plain HTTP).
 
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
@@ -168,17 +168,12 @@ fn certified(cert_pem: &str, key_pem: &str) -> Result<Arc<CertifiedKey>, String>
 /// Serves the current certificate; the renewal task swaps it.
 #[derive(Debug)]
 pub struct Renewing {
-    current: RwLock<Arc<CertifiedKey>>,
+    current: super::tls::CurrentCert,
 }
 
 impl ResolvesServerCert for Renewing {
     fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        Some(
-            self.current
-                .read()
-                .unwrap_or_else(|p| p.into_inner())
-                .clone(),
-        )
+        Some(self.current.get())
     }
 }
 
@@ -186,7 +181,7 @@ impl ResolvesServerCert for Renewing {
 pub async fn renewing_resolver(w: Workload) -> Result<Arc<Renewing>, String> {
     let (cert, expires) = w.server_cert().await?;
     let r = Arc::new(Renewing {
-        current: RwLock::new(cert),
+        current: super::tls::CurrentCert::new(cert),
     });
     let handle = r.clone();
     tokio::spawn(async move {
@@ -198,7 +193,7 @@ pub async fn renewing_resolver(w: Workload) -> Result<Arc<Renewing>, String> {
             tokio::time::sleep((left * 4 / 5).max(Duration::from_secs(60))).await;
             match w.server_cert().await {
                 Ok((c, e)) => {
-                    *handle.current.write().unwrap_or_else(|p| p.into_inner()) = c;
+                    handle.current.set(c);
                     expires = e;
                     tracing::info!("server certificate renewed from the IoT Edge workload API");
                 }

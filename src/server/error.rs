@@ -52,6 +52,7 @@ pub fn fetch_error_response(e: FetchError) -> Response<Body> {
         FetchError::AddressRefused(_) => (S::FORBIDDEN, "address-not-allowed"),
         FetchError::RedirectNotAllowed(_) => (S::BAD_GATEWAY, "redirect-not-allowed"),
         FetchError::Unreachable(_) => (S::GATEWAY_TIMEOUT, "upstream-unreachable"),
+        FetchError::BadResponse(_) => (S::BAD_GATEWAY, "upstream-bad-response"),
         FetchError::Timeout(_) => (S::GATEWAY_TIMEOUT, "upstream-timeout"),
         FetchError::DigestMismatch(_) => (S::BAD_GATEWAY, "digest-mismatch"),
         FetchError::Diverged => (S::BAD_GATEWAY, "upstream-changed"),

@@ -63,6 +63,22 @@ struct Shutdown {
     _done: mpsc::Sender<()>,
 }
 
+/// What a connection holds while it lasts, put in each request's extensions so that a CONNECT tunnel,
+/// which outlives the HTTP connection it came on, holds it too: the tunnel counts against
+/// `server.max_connections`, keeps the shutdown drain waiting, and sees the stop.
+#[derive(Clone)]
+pub(super) struct ConnHold {
+    _permit: Arc<OwnedSemaphorePermit>,
+    guard: Shutdown,
+}
+
+impl ConnHold {
+    /// Turns true when the process is stopping.
+    pub fn stopping(&self) -> watch::Receiver<bool> {
+        self.guard.stop.clone()
+    }
+}
+
 /// Serves until `shutdown` resolves, then drains for at most `grace`.
 pub async fn serve(
     app: Arc<App>,
@@ -187,8 +203,13 @@ async fn connection<I>(
 ) where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
-    let svc = service_fn(move |req| {
+    let hold = ConnHold {
+        _permit: Arc::new(permit),
+        guard: guard.clone(),
+    };
+    let svc = service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
         let app = app.clone();
+        req.extensions_mut().insert(hold.clone());
         async move { Ok::<_, std::convert::Infallible>(app.handle(req, peer).await) }
     });
     let conn = hyper::server::conn::http1::Builder::new()
@@ -197,7 +218,9 @@ async fn connection<I>(
         // Canonical header case on the wire: the Delivery Optimization agent looks up
         // `Content-Length` and `Content-Range` by exact case and cannot resume without them.
         .title_case_headers(true)
+        // Both: `max_buf_size` alone lets a head larger than it through when it arrives in one read.
         .max_buf_size(MAX_HEAD_BYTES)
+        .max_header_size(MAX_HEAD_BYTES)
         .serve_connection(io, svc)
         .with_upgrades();
     tokio::pin!(conn);
@@ -212,52 +235,7 @@ async fn connection<I>(
     if let Err(e) = r {
         tracing::debug!(error = %e, "connection ended with an error");
     }
-    drop(permit);
     drop(guard);
-}
-
-/// Builds the TLS acceptor from PEM files; with `client_ca`, clients must present a certificate it
-/// signed (mTLS).
-pub fn tls_acceptor(cert: &str, key: &str, client_ca: &str) -> Result<TlsAcceptor, String> {
-    let pem = std::fs::read(cert).map_err(|e| format!("server.tls_cert {cert}: {e}"))?;
-    let certs = rustls_pemfile::certs(&mut pem.as_slice())
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| format!("server.tls_cert {cert}: {e}"))?;
-    if certs.is_empty() {
-        return Err(format!(
-            "server.tls_cert {cert}: no certificate in the file"
-        ));
-    }
-    let pem = std::fs::read(key).map_err(|e| format!("server.tls_key {key}: {e}"))?;
-    let key_der = rustls_pemfile::private_key(&mut pem.as_slice())
-        .map_err(|e| format!("server.tls_key {key}: {e}"))?
-        .ok_or_else(|| format!("server.tls_key {key}: no private key in the file"))?;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?;
-    let builder = if client_ca.is_empty() {
-        builder.with_no_client_auth()
-    } else {
-        let pem =
-            std::fs::read(client_ca).map_err(|e| format!("server.client_ca {client_ca}: {e}"))?;
-        let mut roots = rustls::RootCertStore::empty();
-        for c in rustls_pemfile::certs(&mut pem.as_slice()) {
-            let c = c.map_err(|e| format!("server.client_ca {client_ca}: {e}"))?;
-            roots
-                .add(c)
-                .map_err(|e| format!("server.client_ca {client_ca}: {e}"))?;
-        }
-        let verifier =
-            rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
-                .build()
-                .map_err(|e| format!("server.client_ca {client_ca}: {e}"))?;
-        builder.with_client_cert_verifier(verifier)
-    };
-    let cfg = builder
-        .with_single_cert(certs, key_der)
-        .map_err(|e| format!("server.tls_cert/tls_key: {e}"))?;
-    Ok(TlsAcceptor::from(Arc::new(cfg)))
 }
 
 #[cfg(test)]

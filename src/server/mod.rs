@@ -14,6 +14,7 @@ mod respond;
 pub mod route;
 mod stall;
 mod status;
+mod tls;
 mod zerocopy;
 
 use std::collections::HashMap;
@@ -27,7 +28,8 @@ use hyper::body::Incoming;
 
 pub use body::Body;
 pub use error::ApiError;
-pub use listener::{serve, tls_acceptor, Listeners};
+pub use listener::{serve, Listeners};
+pub use tls::tls_acceptor;
 
 use crate::config::Config;
 use crate::fetch::freshness::RequestCc;
@@ -92,7 +94,6 @@ impl App {
             .unwrap_or(0);
         if let Some(f) = form {
             let member = metric_label(cache.rsplit(", ").next().unwrap_or(""));
-            let member = member.as_str();
             if method != Method::HEAD {
                 let from_store = member.contains("; hit") || member.contains("fwd=stale");
                 let counter = if from_store {
@@ -370,13 +371,29 @@ impl App {
 
 /// This node's Cache-Status member as a metrics label: without the parameters that carry numbers
 /// (`ttl=`), so that the label set stays bounded.
-fn metric_label(member: &str) -> String {
-    member
+/// The metrics label for this node's Cache-Status member: one of a closed set (the members this node
+/// writes, `ttl=` dropped), so that no value from a request, an upstream or the clock becomes a series.
+fn metric_label(member: &str) -> &'static str {
+    const KNOWN: [&str; 7] = [
+        "cistern; hit",
+        "cistern; hit; detail=stale",
+        "cistern; fwd=stale; fwd-status=304",
+        "cistern; fwd=uri-miss",
+        "cistern; fwd=uri-miss; collapsed",
+        "cistern; fwd=uri-miss; stored",
+        "cistern; fwd=bypass",
+    ];
+    let parts: Vec<&str> = member
         .split(';')
         .map(str::trim)
         .filter(|p| !p.starts_with("ttl="))
-        .collect::<Vec<_>>()
-        .join("; ")
+        .collect();
+    let m = parts.join("; ");
+    match KNOWN.iter().find(|k| **k == m) {
+        Some(k) => k,
+        None if member.is_empty() => "",
+        None => "other",
+    }
 }
 
 fn canonical(ip: IpAddr) -> IpAddr {
@@ -418,5 +435,9 @@ mod tests {
             "cistern; hit; detail=stale"
         );
         assert_eq!(metric_label("cistern; hit"), "cistern; hit");
+        // Whatever an upstream or a client puts there, the label set stays closed.
+        assert_eq!(metric_label("cistern; fwd=miss; key=/x?a=1"), "other");
+        assert_eq!(metric_label("parent; hit; x=1234"), "other");
+        assert_eq!(metric_label(""), "");
     }
 }

@@ -192,7 +192,8 @@ fn absolute(uri: &Uri) -> Result<Uri, ApiError> {
     build(scheme, authority, pq).map_err(|_| bad())
 }
 
-/// `/o/<name>/<tail>` -> `<url>/<tail>`, `.` segments removed, `..`/empty/`\`/NUL refused (SPEC 3).
+/// `/o/<name>/<tail>` -> `<url>/<tail>`, `.` segments removed, `..`/empty/NUL segments and `/` or `\`
+/// inside one (`%2F`, `%5C`: an origin may read them as separators) refused (SPEC 3).
 fn named(origin: &Origin, tail: &str, query: Option<&str>) -> Result<Uri, ApiError> {
     let bad = |d: &str| ApiError::bad_request("bad-path", d.to_string());
     let mut segs = Vec::new();
@@ -201,8 +202,13 @@ fn named(origin: &Origin, tail: &str, query: Option<&str>) -> Result<Uri, ApiErr
         if dec == b"." {
             continue;
         }
-        if dec.is_empty() || dec == b".." || dec.contains(&b'\\') || dec.contains(&0) {
-            return Err(bad("the path has an empty, `..`, `\\` or NUL segment"));
+        if dec.is_empty() || dec == b".." || dec.contains(&0) {
+            return Err(bad("the path has an empty, `..` or NUL segment"));
+        }
+        if dec.contains(&b'/') || dec.contains(&b'\\') {
+            return Err(bad(
+                "a path segment holds an encoded `/` or `\\` (%2F, %5C)",
+            ));
         }
         segs.push(seg);
     }
@@ -321,6 +327,9 @@ mod tests {
             "/o/debian/a//b",
             "/o/debian/a/%2e%2e/b",
             "/o/debian/a%5cb",
+            "/o/debian/a%5C..%5Cb",
+            "/o/debian/a%2Fb",
+            "/o/debian/%2f..%2fetc",
             "/o/debian/a%00",
         ] {
             assert!(
