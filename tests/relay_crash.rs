@@ -389,6 +389,63 @@ mod failpoints {
         assert_eq!(leaf.history("dev-1").await, ["only"]);
     }
 
+    /// The transaction holding the report was written, then its commit failed (redb aborts it):
+    /// nothing of it is kept, in the file or in the dedup set, so the retry is new, not a duplicate.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_aborted_commit_keeps_nothing_and_the_retry_is_accepted_as_new() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut leaf = leaf(tmp.path(), "", "relay-commit=1*return").await;
+        let (s, v) = post(&leaf, &one()).await.expect("an answer");
+        assert_eq!(s, 500, "{v}");
+        let (s, v) = post(&leaf, &one()).await.expect("an answer");
+        assert_eq!(
+            (s, &v["accepted"], &v["duplicates"]),
+            (202, &json!(1), &json!(0)),
+            "{v}"
+        );
+        leaf.restart("").await;
+        assert_eq!(leaf.history("dev-1").await, ["only"]);
+    }
+
+    /// The parent refuses a report for good (over its `max_report`, 413): while writing it aside
+    /// fails, it stays queued and is sent again; then it is set aside once, and the report after it
+    /// is delivered.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_set_aside_keeps_the_report_queued_until_it_is_set_aside() {
+        let tmp = tempfile::tempdir().unwrap();
+        let parent = Proc::start(tmp.path(), "parent", "max_report = \"1KiB\"", "").await;
+        let hop = format!(
+            "forward_to = \"{}\"\nmax_report = \"4KiB\"",
+            parent.url("/v1/status")
+        );
+        let leaf = leaf(tmp.path(), &hop, "relay-set-aside=1*return").await;
+        let mut big = report(1, "big");
+        big["resultDetails"] = json!("x".repeat(2000));
+        let (s, v) = post(&leaf, &[big, report(2, "after")])
+            .await
+            .expect("an answer");
+        assert_eq!((s, &v["accepted"]), (202, &json!(2)), "{v}");
+        parent.wait_relay("accepted", 1, 20).await;
+        leaf.wait_relay("queueDepth", 0, 20).await;
+        let r = leaf.json("/v1/relay").await;
+        assert_eq!(
+            (&r["setAsideCount"], &r["setAsideTotal"]),
+            (&json!(1), &json!(1)),
+            "{r}"
+        );
+        assert_eq!(r["setAside"][0]["status"], 413, "{r}");
+        assert!(r["setAside"][0]["answer"]
+            .as_str()
+            .unwrap()
+            .contains("status.max_report"));
+        assert!(
+            r["lastError"].as_str().unwrap().contains("set aside"),
+            "{r}"
+        );
+        assert_eq!(parent.history("dev-2").await, ["after"]);
+        assert!(parent.history("dev-1").await.is_empty());
+    }
+
     /// A panic while writing fails that request, not the writer: the next post is accepted.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_panic_while_writing_fails_only_that_request() {
