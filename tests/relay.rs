@@ -2,6 +2,7 @@
 //! from 500 devices posted at the leaf while the sink is down, the leaf killed with SIGKILL and restarted
 //! mid-way, some batches posted twice. When the sink comes back every report arrives, in per-device
 //! order, exactly once at every cistern hop, and every level shows the right deployment counts.
+//! `bounds` (tests/relay/bounds.rs): the relay's bounds and the reports a next hop refuses.
 
 /// The relay's bounds: report and store sizes, refusals set aside, the admin's retry and drop.
 #[path = "relay/bounds.rs"]

@@ -1,8 +1,9 @@
 //! The relay's crash safety: a 202 from `POST /v1/status` means the reports are durable (SPEC 5).
 //! The real binary is killed with SIGKILL while reports are being posted, and (built with
-//! `--features failpoints`) at each of the relay's fail points: before and after the commit, after
-//! the next hop took a batch and after the batch left the queue. After each restart, nothing that was
-//! acknowledged is missing, nothing of a failed request was kept, and the next hop counts every
+//! `--features failpoints`) at each of the relay's fail points: before, inside (the transaction
+//! written, then aborted) and after the commit, after the next hop took a batch, after the batch left
+//! the queue, and when setting aside a report the next hop refused. After each restart, nothing that
+//! was acknowledged is missing, nothing of a failed request was kept, and the next hop counts every
 //! report once.
 //!
 //! `cargo test --test relay_crash` runs the kill test; `cargo test --features failpoints --test

@@ -273,3 +273,23 @@ async fn history_is_bounded_by_the_store_and_keeps_latest_reports() {
     assert!(figures(&r).5 <= 8 << 10);
     assert_eq!(r.devices().as_array().unwrap().len(), 10);
 }
+
+/// A retry of reports already accepted is answered as duplicates even when the queue is over its
+/// bound (here: lowered since they were queued).
+#[tokio::test]
+async fn duplicates_are_answered_when_the_queue_is_over_its_bound() {
+    let t = tempfile::tempdir().unwrap();
+    let post = |i: usize| body(json!({"reportId": i.to_string(), "deviceId": "d", "state": 1}));
+    {
+        let r = Relay::open(t.path(), cfg(), forwarding()).unwrap();
+        for i in 0..3 {
+            assert_eq!(r.accept(&post(i)).await.unwrap(), (1, 0));
+        }
+    }
+    let mut c = cfg();
+    c.max_queue = 100;
+    c.max_store = 100;
+    let r = Relay::open(t.path(), c, forwarding()).unwrap();
+    assert!(matches!(r.accept(&post(3)).await, Err(RelayError::Full(_))));
+    assert_eq!(r.accept(&post(0)).await.unwrap(), (0, 1));
+}

@@ -254,6 +254,10 @@ fn plan_accept(
         .iter()
         .filter(|p| !mem.dedup.contains(&p.hash) && !g.pairs.contains(&p.hash))
         .collect();
+    if fresh.is_empty() {
+        // Nothing to keep: a retry of reports already accepted is answered even when full.
+        return Planned::Accepted(0, dups + reports.len());
+    }
     let bytes: u64 = fresh
         .iter()
         .filter_map(|p| p.fwd.as_ref())
