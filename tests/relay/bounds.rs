@@ -344,3 +344,30 @@ async fn beyond_max_store_posts_get_507_and_every_accepted_report_is_delivered()
     let (s, v) = post_any(&leaf, &[ordinary(999)]).await;
     assert_eq!(s, 202, "{v}");
 }
+
+/// Between two cisterns: the parent's `max_report` is smaller than the leaf's, so the parent refuses
+/// one report with 413 (`report-too-large`); the leaf sets it aside with the parent's JSON answer and
+/// delivers the others.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parent_refusing_a_report_over_its_max_report_gets_it_set_aside_at_the_child() {
+    let tmp = tempfile::tempdir().unwrap();
+    let parent = Proc::start(tmp.path(), "parent", "max_report = \"1KiB\"").await;
+    let up = format!(
+        "forward_to = \"{}\"\nmax_report = \"4KiB\"",
+        parent.url("/v1/status")
+    );
+    let leaf = Proc::start(tmp.path(), "leaf", &up).await;
+    let batch = [ordinary(0), with_details("big", 2000), ordinary(1)];
+    assert_eq!(post_any(&leaf, &batch).await.0, 202);
+    let r = relay_until(&leaf, "the queue to drain", |r| r["queueDepth"] == 0).await;
+    assert_eq!(r["setAsideCount"], 1, "{r}");
+    assert_eq!(r["setAside"][0]["status"], 413, "{r}");
+    let answer: Value = serde_json::from_str(r["setAside"][0]["answer"].as_str().unwrap()).unwrap();
+    assert_eq!(answer["error"], "report-too-large", "{answer}");
+    let at_parent = parent.json("/v1/relay").await;
+    assert_eq!(at_parent["accepted"], 2, "{at_parent}");
+    assert_eq!(
+        parent.json("/v1/devices/dev-big").await["error"],
+        "not-found"
+    );
+}
