@@ -100,6 +100,8 @@ async fn open_relay(cfg: &Config) -> anyhow::Result<relay::Relay> {
         node_id: cfg.node.id.clone(),
         batch_size: s.batch_size,
         max_queue: s.max_queue.0,
+        max_store: s.max_store.0,
+        max_report: s.max_report.0,
         history_per_device: s.history_per_device,
         max_backoff: s.max_backoff.0,
         dedup_entries: s.dedup_entries,

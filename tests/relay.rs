@@ -2,7 +2,11 @@
 //! from 500 devices posted at the leaf while the sink is down, the leaf killed with SIGKILL and restarted
 //! mid-way, some batches posted twice. When the sink comes back every report arrives, in per-device
 //! order, exactly once at every cistern hop, and every level shows the right deployment counts.
+//! `bounds` (tests/relay/bounds.rs): the relay's bounds and the reports a next hop refuses.
 
+/// The relay's bounds: report and store sizes, refusals set aside, the admin's retry and drop.
+#[path = "relay/bounds.rs"]
+mod bounds;
 mod common;
 
 use std::collections::{HashMap, HashSet};
@@ -93,13 +97,19 @@ struct Proc {
 }
 
 impl Proc {
+    /// A node whose `[status]` section holds `extra` (after the test defaults).
     async fn start(dir: &std::path::Path, name: &str, extra: &str) -> Proc {
+        Proc::start_with(dir, name, "", extra).await
+    }
+
+    /// A node with `server` lines in `[server]` and `status` lines in `[status]`.
+    async fn start_with(dir: &std::path::Path, name: &str, server: &str, status: &str) -> Proc {
         let port = free_port();
         let conf = dir.join(format!("{name}.toml"));
         std::fs::write(
             &conf,
             format!(
-                "[node]\nid = \"{name}\"\n[server]\nlisten = \"127.0.0.1:{port}\"\n[store]\ndir = \"{}\"\nmin_free = \"0\"\n[status]\nmax_backoff = \"1s\"\nbatch_size = 250\n{extra}\n[log]\nlevel = \"warn\"\n",
+                "[node]\nid = \"{name}\"\n[server]\nlisten = \"127.0.0.1:{port}\"\n{server}\n[store]\ndir = \"{}\"\nmin_free = \"0\"\n[status]\nmax_backoff = \"1s\"\nbatch_size = 250\n{status}\n[log]\nlevel = \"warn\"\n",
                 dir.join(name).display()
             ),
         )

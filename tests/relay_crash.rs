@@ -1,8 +1,9 @@
 //! The relay's crash safety: a 202 from `POST /v1/status` means the reports are durable (SPEC 5).
 //! The real binary is killed with SIGKILL while reports are being posted, and (built with
-//! `--features failpoints`) at each of the relay's fail points: before and after the commit, after
-//! the next hop took a batch and after the batch left the queue. After each restart, nothing that was
-//! acknowledged is missing, nothing of a failed request was kept, and the next hop counts every
+//! `--features failpoints`) at each of the relay's fail points: before, inside (the transaction
+//! written, then aborted) and after the commit, after the next hop took a batch, after the batch left
+//! the queue, and when setting aside a report the next hop refused. After each restart, nothing that
+//! was acknowledged is missing, nothing of a failed request was kept, and the next hop counts every
 //! report once.
 //!
 //! `cargo test --test relay_crash` runs the kill test; `cargo test --features failpoints --test
@@ -387,6 +388,63 @@ mod failpoints {
         assert_eq!(v["duplicates"], 1, "{v}");
         leaf.restart("").await;
         assert_eq!(leaf.history("dev-1").await, ["only"]);
+    }
+
+    /// The transaction holding the report was written, then its commit failed (redb aborts it):
+    /// nothing of it is kept, in the file or in the dedup set, so the retry is new, not a duplicate.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_aborted_commit_keeps_nothing_and_the_retry_is_accepted_as_new() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut leaf = leaf(tmp.path(), "", "relay-commit=1*return").await;
+        let (s, v) = post(&leaf, &one()).await.expect("an answer");
+        assert_eq!(s, 500, "{v}");
+        let (s, v) = post(&leaf, &one()).await.expect("an answer");
+        assert_eq!(
+            (s, &v["accepted"], &v["duplicates"]),
+            (202, &json!(1), &json!(0)),
+            "{v}"
+        );
+        leaf.restart("").await;
+        assert_eq!(leaf.history("dev-1").await, ["only"]);
+    }
+
+    /// The parent refuses a report for good (over its `max_report`, 413): while writing it aside
+    /// fails, it stays queued and is sent again; then it is set aside once, and the report after it
+    /// is delivered.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_set_aside_keeps_the_report_queued_until_it_is_set_aside() {
+        let tmp = tempfile::tempdir().unwrap();
+        let parent = Proc::start(tmp.path(), "parent", "max_report = \"1KiB\"", "").await;
+        let hop = format!(
+            "forward_to = \"{}\"\nmax_report = \"4KiB\"",
+            parent.url("/v1/status")
+        );
+        let leaf = leaf(tmp.path(), &hop, "relay-set-aside=1*return").await;
+        let mut big = report(1, "big");
+        big["resultDetails"] = json!("x".repeat(2000));
+        let (s, v) = post(&leaf, &[big, report(2, "after")])
+            .await
+            .expect("an answer");
+        assert_eq!((s, &v["accepted"]), (202, &json!(2)), "{v}");
+        parent.wait_relay("accepted", 1, 20).await;
+        leaf.wait_relay("queueDepth", 0, 20).await;
+        let r = leaf.json("/v1/relay").await;
+        assert_eq!(
+            (&r["setAsideCount"], &r["setAsideTotal"]),
+            (&json!(1), &json!(1)),
+            "{r}"
+        );
+        assert_eq!(r["setAside"][0]["status"], 413, "{r}");
+        assert!(r["setAside"][0]["answer"]
+            .as_str()
+            .unwrap()
+            .contains("status.max_report"));
+        assert!(
+            r["lastError"].as_str().unwrap().contains("set aside"),
+            "{r}"
+        );
+        assert_eq!(parent.history("dev-2").await, ["after"]);
+        assert!(parent.history("dev-1").await.is_empty());
     }
 
     /// A panic while writing fails that request, not the writer: the next post is accepted.

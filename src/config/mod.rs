@@ -28,6 +28,14 @@ pub enum ConfigError {
     Invalid { key: String, msg: String },
 }
 
+/// `status.max_report` bounds: below 1 KiB an ordinary report's `resultDetails` would not fit; above
+/// 16 MiB a report would not fit twice in the largest request the relay reads (32 MiB).
+const MIN_REPORT: u64 = 1 << 10;
+const MAX_REPORT: u64 = 16 << 20;
+/// Bytes of one dedup record as the relay counts them against `status.max_store` (its sequence
+/// number and 128-bit pair hash; `relay::budget::DEDUP_RECORD`).
+const DEDUP_RECORD: u64 = 24;
+
 fn invalid(key: &str, msg: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
         key: key.to_string(),
@@ -189,6 +197,10 @@ pub struct Status {
     pub forward_token_file: String,
     pub batch_size: usize,
     pub max_queue: ByteSize,
+    /// Everything the relay keeps (queue, history, dedup records, set-aside reports); 507 beyond.
+    pub max_store: ByteSize,
+    /// One report; a larger one is refused with 413 (and bounds a request's body, see `relay`).
+    pub max_report: ByteSize,
     pub history_per_device: usize,
     pub max_backoff: Span,
     pub dedup_entries: usize,
@@ -202,6 +214,8 @@ impl Default for Status {
             forward_token_file: String::new(),
             batch_size: 500,
             max_queue: ByteSize(1 << 30),
+            max_store: ByteSize(2 << 30),
+            max_report: ByteSize(64 << 10),
             history_per_device: 100,
             max_backoff: Span::secs(60),
             dedup_entries: 1_000_000,
@@ -380,8 +394,37 @@ impl Config {
         if self.status.batch_size == 0 {
             return Err(invalid("status.batch_size", "must be at least 1"));
         }
+        self.validate_status_bounds()?;
         if !matches!(self.log.format.as_str(), "text" | "json") {
             return Err(invalid("log.format", "must be \"text\" or \"json\""));
+        }
+        Ok(())
+    }
+
+    /// `status.max_report` within what one request may carry, and `status.max_store` with room beyond
+    /// the dedup records, which are bounded by count (`dedup_entries`), not dropped to make room.
+    fn validate_status_bounds(&self) -> Result<(), ConfigError> {
+        let s = &self.status;
+        let report = s.max_report.0;
+        if !(MIN_REPORT..=MAX_REPORT).contains(&report) {
+            return Err(invalid(
+                "status.max_report",
+                format!("{report} is not between {MIN_REPORT} (1KiB) and {MAX_REPORT} (16MiB)"),
+            ));
+        }
+        let dedup = (s.dedup_entries as u64).saturating_mul(DEDUP_RECORD);
+        let least = dedup
+            .saturating_mul(2)
+            .saturating_add(report.saturating_mul(2));
+        if s.max_store.0 < least {
+            return Err(invalid(
+                "status.max_store",
+                format!(
+                    "{} leaves no room for reports: the dedup records may take {dedup} bytes \
+                     (status.dedup_entries x {DEDUP_RECORD}); at least {least}",
+                    s.max_store.0
+                ),
+            ));
         }
         Ok(())
     }
@@ -562,6 +605,20 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("lots"), "{e}");
+        let e = load("[status]\nmax_report = \"100\"\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("status.max_report"), "{e}");
+        let e = load("[status]\nmax_store = \"16MiB\"\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("status.max_store") && e.contains("dedup"), "{e}");
+        let c = load(
+            "[status]\nmax_store = \"16KiB\"\nmax_report = \"1KiB\"\ndedup_entries = 10\n",
+            &[],
+        )
+        .unwrap();
+        assert_eq!(c.status.max_store, ByteSize(16 << 10));
     }
 
     #[test]

@@ -210,6 +210,11 @@ impl Ops {
                 "Age of the oldest undelivered status report.",
                 self.relay.oldest_age_secs().unwrap_or(0),
             ),
+            (
+                "cistern_status_set_aside",
+                "Status reports the next hop refused for good, set aside.",
+                self.relay.set_aside_count(),
+            ),
         ];
         for (kind, list) in [("counter", &counters[..]), ("gauge", &gauges[..])] {
             for (name, help, v) in list {
@@ -335,7 +340,8 @@ impl Ops {
         }
         let _ = write!(
             o,
-            "</table><h2>Status relay</h2><pre>{}</pre>",
+            "</table><h2>Status relay</h2><p>set aside (refused by the next hop): {}</p><pre>{}</pre>",
+            self.relay.set_aside_count(),
             esc(&self.relay.status().to_string())
         );
         let s = self.summary();

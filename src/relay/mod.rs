@@ -8,15 +8,22 @@
 //! size and the history index are held in memory, rebuilt from the file at start, and changed only
 //! after a commit. The relay reads the parents' health that `fetch` exposes and calls nothing else of
 //! cistern's.
+//!
+//! Bounds (`budget`): one report (`max_report`, 413), one request, one forwarded batch, the queue
+//! (`max_queue`, 507) and everything kept (`max_store`, 507), of which the history may take half and
+//! is trimmed to it (`history`). A report the next hop refuses for good is set aside, never dropped
+//! (`forward`), until an admin puts it back in the queue or drops it.
 
+pub mod budget;
 mod db;
 mod forward;
+mod history;
 mod legacy;
 pub mod report;
 mod view;
 mod writer;
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::HashSet;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -24,7 +31,7 @@ use std::sync::{Arc, Mutex};
 use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
 
-pub use db::DbError;
+pub use db::{AsideOp, DbError};
 pub use forward::{client as forward_client, NextHop, ParentHealth};
 pub use report::BadReport;
 use writer::{Job, Prepared};
@@ -38,6 +45,14 @@ pub enum RelayError {
     Bad(#[from] BadReport),
     #[error("the status queue is full ({0} bytes undelivered, status.max_queue)")]
     Full(u64),
+    #[error("the status store is full ({used} bytes kept of {max}, status.max_store)")]
+    StoreFull { used: u64, max: u64 },
+    #[error("report {index} is {bytes} bytes, over status.max_report ({max})")]
+    ReportTooLarge { index: usize, bytes: u64, max: u64 },
+    #[error(
+        "the request body is over {0} bytes (status.batch_size x status.max_report, 1MiB..32MiB)"
+    )]
+    RequestTooLarge(usize),
     #[error("status database: {0}")]
     Db(#[from] DbError),
     #[error("status database: the write failed, nothing of the request was kept: {0}")]
@@ -54,6 +69,8 @@ pub struct RelayConfig {
     pub node_id: String,
     pub batch_size: usize,
     pub max_queue: u64,
+    pub max_store: u64,
+    pub max_report: u64,
     pub history_per_device: usize,
     pub max_backoff: std::time::Duration,
     pub dedup_entries: usize,
@@ -66,6 +83,8 @@ pub struct RelayStats {
     pub duplicates: AtomicU64,
     pub forwarded: AtomicU64,
     pub errors: AtomicU64,
+    /// Reports the next hop refused for good, set aside since the start.
+    pub set_aside: AtomicU64,
     pub last_success_ms: AtomicU64,
     pub last_error: Mutex<Option<String>>,
 }
@@ -105,22 +124,53 @@ impl State {
 #[derive(Default)]
 struct Mem {
     next_seq: u64,
+    /// Bytes of the queued reports (what `max_queue` bounds).
     queue_bytes: u64,
     queue_len: u64,
     /// (deviceId, reportId) pairs accepted, as 128-bit hashes; bounded by `dedup_entries`.
     dedup: HashSet<u128>,
-    /// History seqs per device, oldest first, to trim to `history_per_device`.
-    history: HashMap<String, VecDeque<u64>>,
+    /// The per-device history: entries, bytes, recency.
+    history: history::HistoryIndex,
+    aside_len: u64,
+    /// Bytes of the set-aside reports as they were queued (back to the queue on a retry).
+    aside_report_bytes: u64,
+    /// Bytes of the set-aside entries with their refusals.
+    aside_bytes: u64,
+}
+
+impl Mem {
+    /// Bytes of the store that are never dropped to make room: queue, set-aside, dedup records
+    /// (those are bounded by count, `dedup_entries`), keys included.
+    fn kept_bytes(&self) -> u64 {
+        self.queue_bytes
+            + budget::SEQ * self.queue_len
+            + self.aside_bytes
+            + budget::DEDUP_RECORD * self.dedup.len() as u64
+    }
+
+    /// Bytes of everything the relay keeps, as counted against `max_store`.
+    fn store_bytes(&self) -> u64 {
+        self.kept_bytes() + self.history.bytes()
+    }
 }
 
 impl From<db::Loaded> for Mem {
     fn from(l: db::Loaded) -> Mem {
+        let mut history = history::HistoryIndex::default();
+        for (dev, entries) in &l.history {
+            for (seq, bytes) in entries {
+                history.push(dev, *seq, *bytes);
+            }
+        }
         Mem {
             next_seq: l.next_seq,
             queue_bytes: l.queue_bytes,
             queue_len: l.queue_len,
             dedup: l.dedup.into_iter().collect(),
-            history: l.history,
+            history,
+            aside_len: l.aside_len,
+            aside_report_bytes: l.aside_report_bytes,
+            aside_bytes: l.aside_bytes,
         }
     }
 }
@@ -153,7 +203,8 @@ impl Relay {
         let mem = Mem::from(loaded);
         tracing::info!(
             queued = mem.queue_len,
-            devices = mem.history.len(),
+            devices = mem.history.devices(),
+            set_aside = mem.aside_len,
             "status relay opened"
         );
         let state = Arc::new(State {
@@ -206,9 +257,19 @@ impl Relay {
         rx.await.map_err(|_| RelayError::Stopped)?
     }
 
-    /// Accepts a `POST /v1/status` body; returns (accepted, duplicates) once durably written.
+    /// The bound on one `POST /v1/status` body (413 beyond).
+    pub fn max_request(&self) -> usize {
+        budget::max_request(self.cfg().batch_size, self.cfg().max_report)
+    }
+
+    /// Accepts a `POST /v1/status` body; returns (accepted, duplicates) once durably written. A
+    /// report over `max_report` refuses the whole request: nothing of it is kept.
     pub async fn accept(&self, body: &[u8]) -> Result<(usize, usize), RelayError> {
-        let reports = report::parse_body(body)?;
+        if body.len() > self.max_request() {
+            return Err(RelayError::RequestTooLarge(self.max_request()));
+        }
+        let mut reports = report::parse_body(body)?;
+        budget::check_reports(&mut reports, self.cfg().max_report)?;
         let (reports, dups) = self.prepare(reports);
         let (accepted, duplicates) = self
             .submit(|reply| Job::Accept {
@@ -258,6 +319,16 @@ impl Relay {
             });
         }
         (out, dups)
+    }
+
+    /// `POST /v1/admin/relay/retry` (`AsideOp::Requeue`) and `DELETE /v1/admin/relay/set-aside`
+    /// (`AsideOp::Drop`): every set-aside report back in the queue, or dropped; returns how many.
+    pub async fn set_aside_op(&self, op: AsideOp) -> Result<u64, RelayError> {
+        let n = self.submit(|reply| Job::Aside { op, reply }).await?;
+        if op == AsideOp::Requeue && n > 0 {
+            self.inner.wake.notify_one();
+        }
+        Ok(n)
     }
 
     /// Waits until everything handed to the writer so far is written (at shutdown). Every accept is

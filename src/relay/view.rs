@@ -9,6 +9,9 @@ use serde_json::{json, Value};
 use super::report::{explain, hex_code, FAILED};
 use super::Relay;
 
+/// Set-aside reports `/v1/relay` lists at most (`setAsideCount` counts them all).
+const SET_ASIDE_SHOWN: usize = 100;
+
 fn parse(raw: Vec<Vec<u8>>) -> Vec<Value> {
     raw.iter()
         .filter_map(|v| serde_json::from_slice(v).ok())
@@ -91,7 +94,25 @@ impl Relay {
         )
     }
 
-    /// `GET /v1/relay`: queue depth, oldest undelivered age, last success and last error.
+    /// The oldest set-aside reports (`SET_ASIDE_SHOWN` at most), each with the refusal that set it
+    /// aside: deviceId, reportId, at, hop, status, answer.
+    pub fn set_aside(&self) -> Vec<Value> {
+        match self.db().set_aside(SET_ASIDE_SHOWN) {
+            Ok(v) => parse(v),
+            Err(e) => {
+                tracing::error!(error = %e, "status relay: cannot read the set-aside reports");
+                Vec::new()
+            }
+        }
+    }
+
+    /// How many reports are set aside.
+    pub fn set_aside_count(&self) -> u64 {
+        self.mem().aside_len
+    }
+
+    /// `GET /v1/relay`: queue depth, oldest undelivered age, last success and last error, the
+    /// set-aside reports, and what the store holds against its bound.
     pub fn status(&self) -> Value {
         let s = &self.inner.stats;
         let last_ok = s.last_success_ms.load(Ordering::Relaxed);
@@ -102,10 +123,21 @@ impl Relay {
                 Value::Array(p.iter().map(|u| Value::String(u.to_string())).collect())
             }
         };
+        let (queue_bytes, store_bytes, devices, entries) = {
+            let m = self.mem();
+            let h = &m.history;
+            (m.queue_bytes, m.store_bytes(), h.devices(), h.entries())
+        };
         json!({
             "nextHop": hop,
             "queueDepth": self.queue_depth(),
-            "queueBytes": self.mem().queue_bytes,
+            "queueBytes": queue_bytes,
+            "setAsideCount": self.set_aside_count(),
+            "setAside": self.set_aside(),
+            "storeBytes": store_bytes,
+            "maxStore": self.cfg().max_store,
+            "historyDevices": devices,
+            "historyReports": entries,
             "oldestUndeliveredSeconds": self.oldest_age_secs(),
             "lastSuccess": (last_ok > 0).then(|| humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::from_millis(last_ok)).to_string()),
             "lastError": s.last_error.lock().map(|e| e.clone()).unwrap_or(None),
@@ -113,6 +145,7 @@ impl Relay {
             "duplicates": s.duplicates.load(Ordering::Relaxed),
             "forwarded": s.forwarded.load(Ordering::Relaxed),
             "errors": s.errors.load(Ordering::Relaxed),
+            "setAsideTotal": s.set_aside.load(Ordering::Relaxed),
         })
     }
 }

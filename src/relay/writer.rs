@@ -3,14 +3,20 @@
 //! commits it durably, and only then changes the in-memory state (dedup set, queue size, history
 //! index) and answers. A request whose commit failed leaves nothing behind, on disk or in memory, so
 //! the poster's retry is accepted, not counted as a duplicate.
+//!
+//! Planning a group checks the bounds (`max_queue`, `max_store`: 507 for the request that would pass
+//! them) and adds to the transaction the history entries it trims (`history`). A report set aside
+//! leaves the queue in the transaction that records it. An admin's retry or drop of the set-aside
+//! reports is a group of its own.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::sync::Weak;
 
 use tokio::sync::{mpsc, oneshot};
 
-use super::db::{Batch, DbError};
-use super::{Mem, RelayError, State};
+use super::db::{self, AsideOp, Batch, DbError};
+use super::history::{Added, Bounds};
+use super::{budget, Mem, RelayError, State};
 
 /// Requests gathered into one transaction at most.
 const MAX_GROUP: usize = 64;
@@ -41,6 +47,15 @@ pub enum Job {
         bytes: u64,
         reply: Reply<()>,
     },
+    /// A queue entry the next hop refused for good: the report as queued, the refusal as JSON.
+    SetAside {
+        seq: u64,
+        report: Vec<u8>,
+        refusal: Vec<u8>,
+        reply: Reply<()>,
+    },
+    /// Every set-aside report back to the queue, or dropped; answered with how many.
+    Aside { op: AsideOp, reply: Reply<u64> },
     /// Answered once everything sent before it is written.
     Barrier(oneshot::Sender<()>),
 }
@@ -51,10 +66,15 @@ struct Group {
     batch: Batch,
     /// Pairs new in this group.
     pairs: HashSet<u128>,
+    /// Bytes of the reports queued by this group.
     added_bytes: u64,
     delivered_bytes: u64,
-    /// History seqs added per device, in order.
-    history: HashMap<String, Vec<u64>>,
+    /// Bytes of the queued reports this group sets aside, and of their set-aside entries.
+    aside_report_bytes: u64,
+    aside_bytes: u64,
+    /// History entries added, in seq order.
+    history: Vec<Added>,
+    history_bytes: u64,
     accepts: bool,
 }
 
@@ -79,14 +99,36 @@ fn run(state: Weak<State>, mut rx: mpsc::Receiver<Job>) {
         let Some(state) = state.upgrade() else {
             return;
         };
-        // A panic in the engine fails this group's requests (their replies are dropped: 500), not
-        // every later one: nothing of the group was applied in memory, its transaction is aborted.
-        let group =
-            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| write_group(&state, jobs)));
-        if group.is_err() {
-            tracing::error!("status relay: the status database panicked; those requests failed");
+        for group in segments(jobs) {
+            // A panic in the engine fails this group's requests (their replies are dropped: 500),
+            // not every later one: nothing of the group was applied in memory, its transaction is
+            // aborted.
+            let done = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                write_group(&state, group)
+            }));
+            if done.is_err() {
+                tracing::error!(
+                    "status relay: the status database panicked; those requests failed"
+                );
+            }
         }
     }
+}
+
+/// Splits the jobs gathered into groups: an admin's set-aside decision alone, the rest together, in
+/// their order.
+fn segments(jobs: Vec<Job>) -> Vec<Vec<Job>> {
+    let mut out: Vec<Vec<Job>> = Vec::new();
+    let mut alone = true;
+    for job in jobs {
+        let admin = matches!(job, Job::Aside { .. });
+        match out.last_mut() {
+            Some(last) if !admin && !alone => last.push(job),
+            _ => out.push(vec![job]),
+        }
+        alone = admin;
+    }
+    out
 }
 
 fn write_group(state: &State, jobs: Vec<Job>) {
@@ -98,12 +140,7 @@ fn write_group(state: &State, jobs: Vec<Job>) {
     };
     let ok = match written {
         Ok(forgotten) => {
-            apply(
-                &mut state.mem(),
-                &group,
-                forgotten,
-                state.cfg.history_per_device,
-            );
+            apply(&mut state.mem(), &group, forgotten);
             if group.accepts {
                 failpoint!("relay-after-commit");
             }
@@ -123,13 +160,23 @@ fn commit(state: &State, group: &Group) -> Result<Vec<u128>, DbError> {
             "relay-before-commit"
         )));
     }
+    if !group.batch.aside.is_empty() {
+        failpoint!("relay-set-aside", |_| Err(DbError::Injected(
+            "relay-set-aside"
+        )));
+    }
     state.db.commit(&group.batch)
 }
 
 impl Group {
     fn batch_is_empty(&self) -> bool {
         let b = &self.batch;
-        b.queue.is_empty() && b.dedup.is_empty() && b.delivered.is_empty() && b.trim.is_empty()
+        b.queue.is_empty()
+            && b.dedup.is_empty()
+            && b.delivered.is_empty()
+            && b.trim.is_empty()
+            && b.aside.is_empty()
+            && b.aside_op.is_none()
     }
 }
 
@@ -139,6 +186,10 @@ enum Planned {
     Accepted(usize, usize),
     /// Refused: the queue's bytes that left no room (507).
     Full(u64),
+    /// Refused: the store's bytes that left no room, and its bound (507).
+    StoreFull(u64, u64),
+    /// How many set-aside reports an admin's decision moved.
+    Count(u64),
     Done,
 }
 
@@ -155,25 +206,42 @@ fn plan(jobs: &[Job], mem: &Mem, state: &State) -> (Group, Vec<Planned>) {
                 g.delivered_bytes += bytes;
                 Planned::Done
             }
+            Job::SetAside {
+                seq,
+                report,
+                refusal,
+                ..
+            } => {
+                g.aside_report_bytes += report.len() as u64;
+                g.aside_bytes += db::aside_bytes(report, refusal);
+                g.batch.aside.push((*seq, report.clone(), refusal.clone()));
+                Planned::Done
+            }
+            Job::Aside { op, .. } => {
+                g.batch.aside_op = Some(*op);
+                Planned::Count(mem.aside_len)
+            }
             Job::Barrier(_) => Planned::Done,
         });
     }
-    // History per device, oldest first out; the same rule `apply` follows in memory.
-    let keep = state.cfg.history_per_device.max(1);
-    for (dev, added) in &g.history {
-        let old = mem.history.get(dev);
-        let total = old.map_or(0, |h| h.len()) + added.len();
-        let all = old.into_iter().flatten().chain(added.iter());
-        for s in all.take(total.saturating_sub(keep)) {
-            g.batch.trim.push((dev.clone(), *s));
-        }
-    }
+    // History: per device past `history_per_device`, and past the history's bounds.
+    g.batch.trim = mem.history.plan(&g.history, history_bounds(state));
     // Dedup memory is bounded: the oldest pairs are forgotten first.
     g.batch.forget = (mem.dedup.len() + g.pairs.len()).saturating_sub(state.cfg.dedup_entries);
     (g, planned)
 }
 
-/// Adds one request's fresh reports to the group, unless they would overfill the queue.
+/// The history's bounds: half the store in bytes (`budget`), and as many entries as dedup records
+/// (each device holds at least one, so this bounds the devices and the index in memory too).
+fn history_bounds(state: &State) -> Bounds {
+    Bounds {
+        bytes: budget::history_bytes(state.cfg.max_store),
+        entries: state.cfg.dedup_entries.max(1) as u64,
+        per_device: state.cfg.history_per_device,
+    }
+}
+
+/// Adds one request's fresh reports to the group, unless they would overfill the queue or the store.
 fn plan_accept(
     g: &mut Group,
     reports: &[Prepared],
@@ -186,6 +254,10 @@ fn plan_accept(
         .iter()
         .filter(|p| !mem.dedup.contains(&p.hash) && !g.pairs.contains(&p.hash))
         .collect();
+    if fresh.is_empty() {
+        // Nothing to keep: a retry of reports already accepted is answered even when full.
+        return Planned::Accepted(0, dups + reports.len());
+    }
     let bytes: u64 = fresh
         .iter()
         .filter_map(|p| p.fwd.as_ref())
@@ -194,6 +266,9 @@ fn plan_accept(
     let queued = mem.queue_bytes + g.added_bytes;
     if state.forwarding && queued + bytes > state.cfg.max_queue {
         return Planned::Full(queued);
+    }
+    if let Err(used) = room_in_store(g, &fresh, bytes, mem, state) {
+        return Planned::StoreFull(used, state.cfg.max_store);
     }
     g.accepts = true;
     g.added_bytes += bytes;
@@ -205,51 +280,101 @@ fn plan_accept(
         }
         b.dedup.push((seq, p.hash));
         b.history.push((p.device.clone(), seq, p.stored.clone()));
-        g.history.entry(p.device.clone()).or_default().push(seq);
+        let n = db::history_bytes(&p.device, &p.stored);
+        g.history.push((p.device.clone(), seq, n));
+        g.history_bytes += n as u64;
         g.pairs.insert(p.hash);
         b.next_seq += 1;
     }
     Planned::Accepted(fresh.len(), dups + reports.len() - fresh.len())
 }
 
+/// Whether the store has room for `fresh` (with `bytes` to queue) after what the group already
+/// holds: what is never dropped (queue, set-aside, dedup records) plus the history, counted at most
+/// at its own bound because it is trimmed to make room. Err: the bytes the store holds now.
+fn room_in_store(
+    g: &Group,
+    fresh: &[&Prepared],
+    bytes: u64,
+    mem: &Mem,
+    state: &State,
+) -> Result<(), u64> {
+    let queued = g.batch.queue.len() + fresh.iter().filter(|p| p.fwd.is_some()).count();
+    let pairs = (mem.dedup.len() + g.pairs.len() + fresh.len()).min(state.cfg.dedup_entries);
+    let kept = mem.queue_bytes
+        + g.added_bytes
+        + bytes
+        + budget::SEQ * (mem.queue_len + queued as u64)
+        + mem.aside_bytes
+        + budget::DEDUP_RECORD * pairs as u64;
+    let history: u64 = fresh
+        .iter()
+        .map(|p| db::history_bytes(&p.device, &p.stored) as u64)
+        .sum::<u64>()
+        + mem.history.bytes()
+        + g.history_bytes;
+    let history = history.min(budget::history_bytes(state.cfg.max_store));
+    if kept + history > state.cfg.max_store {
+        return Err(mem.store_bytes());
+    }
+    Ok(())
+}
+
 /// The group is durable: the in-memory state follows it.
-fn apply(mem: &mut Mem, g: &Group, forgotten: Vec<u128>, history_per_device: usize) {
-    mem.next_seq = g.batch.next_seq;
-    mem.queue_bytes = (mem.queue_bytes + g.added_bytes).saturating_sub(g.delivered_bytes);
-    mem.queue_len =
-        (mem.queue_len + g.batch.queue.len() as u64).saturating_sub(g.batch.delivered.len() as u64);
+fn apply(mem: &mut Mem, g: &Group, forgotten: Vec<u128>) {
+    let b = &g.batch;
+    mem.next_seq = b.next_seq;
+    let left = (b.delivered.len() + b.aside.len()) as u64;
+    mem.queue_len = (mem.queue_len + b.queue.len() as u64).saturating_sub(left);
+    mem.queue_bytes =
+        (mem.queue_bytes + g.added_bytes).saturating_sub(g.delivered_bytes + g.aside_report_bytes);
+    mem.aside_len += b.aside.len() as u64;
+    mem.aside_report_bytes += g.aside_report_bytes;
+    mem.aside_bytes += g.aside_bytes;
+    if b.aside_op == Some(AsideOp::Requeue) {
+        mem.queue_len += mem.aside_len;
+        mem.queue_bytes += mem.aside_report_bytes;
+    }
+    if b.aside_op.is_some() {
+        (mem.aside_len, mem.aside_report_bytes, mem.aside_bytes) = (0, 0, 0);
+    }
     mem.dedup.extend(g.pairs.iter().copied());
     for h in forgotten {
         mem.dedup.remove(&h);
     }
-    let keep = history_per_device.max(1);
-    for (dev, added) in &g.history {
-        let h = mem.history.entry(dev.clone()).or_default();
-        h.extend(added.iter().copied());
-        while h.len() > keep {
-            h.pop_front();
-        }
+    for (dev, seq, n) in &g.history {
+        mem.history.push(dev, *seq, *n);
+    }
+    for (dev, seq) in &b.trim {
+        mem.history.pop_oldest(dev, *seq);
     }
 }
 
 /// Answers every job of the group: `failed` is the commit's error, if it failed.
 fn answer(jobs: Vec<Job>, planned: Vec<Planned>, failed: Option<String>) {
+    let failure = || RelayError::Write(failed.clone().unwrap_or_default());
+    let done = || match failed {
+        Some(_) => Err(failure()),
+        None => Ok(()),
+    };
     for (job, outcome) in jobs.into_iter().zip(planned) {
-        let failure = || RelayError::Write(failed.clone().unwrap_or_default());
         match job {
             Job::Accept { reply, .. } => {
                 let _ = reply.send(match outcome {
                     Planned::Full(q) => Err(RelayError::Full(q)),
+                    Planned::StoreFull(used, max) => Err(RelayError::StoreFull { used, max }),
                     _ if failed.is_some() => Err(failure()),
                     Planned::Accepted(a, d) => Ok((a, d)),
-                    Planned::Done => Ok((0, 0)),
+                    _ => Ok((0, 0)),
                 });
             }
-            Job::Deliver { reply, .. } => {
-                let _ = reply.send(if failed.is_some() {
-                    Err(failure())
-                } else {
-                    Ok(())
+            Job::Deliver { reply, .. } | Job::SetAside { reply, .. } => {
+                let _ = reply.send(done());
+            }
+            Job::Aside { reply, .. } => {
+                let _ = reply.send(match outcome {
+                    Planned::Count(n) => done().map(|_| n),
+                    _ => done().map(|_| 0),
                 });
             }
             Job::Barrier(done) => {

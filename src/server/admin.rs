@@ -1,4 +1,5 @@
-//! The admin API (SPEC 6): sideload, purge, list, unpin, verify. Authentication happens before this.
+//! The admin API (SPEC 5, 6): sideload, purge, list, unpin, verify, and the status relay's set-aside
+//! reports (retry, drop). Authentication happens before this.
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
@@ -7,8 +8,9 @@ use hyper::body::Incoming;
 use sha2::{Digest as _, Sha256};
 
 use super::body::{empty, full, Body};
-use super::error::ApiError;
+use super::error::{relay_error, ApiError};
 use super::App;
+use crate::relay::AsideOp;
 use crate::store::{Digest, StoreError};
 
 /// Largest JSON request body accepted by admin endpoints.
@@ -21,6 +23,10 @@ pub async fn handle(app: &App, req: Request<Incoming>) -> Response<Body> {
         // HEAD also serves clients as a cheap check of their token before a long upload.
         (Method::GET | Method::HEAD, "/content") => Ok(json(StatusCode::OK, &app.store.list())),
         (Method::POST, "/verify") => verify(app, req).await,
+        (Method::POST, "/relay/retry") => set_aside(app, AsideOp::Requeue, "requeued").await,
+        (Method::DELETE, "/relay/set-aside") => set_aside(app, AsideOp::Drop, "dropped").await,
+        (_, "/relay/retry") => Err(not_allowed("POST")),
+        (_, "/relay/set-aside") => Err(not_allowed("DELETE")),
         (Method::POST, "/prefetch") => prefetch(app, req).await,
         (Method::GET, p) if p.starts_with("/prefetch/") => app
             .fetcher
@@ -190,6 +196,12 @@ async fn store_upload(
         StatusCode::CREATED,
         &serde_json::json!({"sha256": got, "stored": true}),
     ))
+}
+
+/// The relay's set-aside reports back in the queue, or dropped: `{"<what>": n}`.
+async fn set_aside(app: &App, op: AsideOp, what: &str) -> Result<Response<Body>, ApiError> {
+    let n = app.relay.set_aside_op(op).await.map_err(relay_error)?;
+    Ok(json(StatusCode::OK, &serde_json::json!({ what: n })))
 }
 
 /// `POST /v1/admin/prefetch`: stages the files a manifest names (SPEC 6); 202 with the job's id.

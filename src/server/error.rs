@@ -6,6 +6,7 @@ use http::{HeaderValue, Response, StatusCode};
 
 use super::body::{full, Body};
 use crate::fetch::FetchError;
+use crate::relay::RelayError;
 
 /// An error cistern makes itself.
 #[derive(Debug, Clone)]
@@ -90,4 +91,18 @@ impl From<FetchError> for ApiError {
     fn from(e: FetchError) -> ApiError {
         ApiError::new(StatusCode::BAD_GATEWAY, "upstream", e.to_string())
     }
+}
+
+/// Maps a status relay failure to what the poster (or the admin) gets.
+pub fn relay_error(e: RelayError) -> ApiError {
+    use StatusCode as S;
+    let (status, code) = match &e {
+        RelayError::Bad(_) => (S::BAD_REQUEST, "bad-report"),
+        RelayError::ReportTooLarge { .. } => (S::PAYLOAD_TOO_LARGE, "report-too-large"),
+        RelayError::RequestTooLarge(_) => (S::PAYLOAD_TOO_LARGE, "too-large"),
+        RelayError::Full(_) => (S::INSUFFICIENT_STORAGE, "queue-full"),
+        RelayError::StoreFull { .. } => (S::INSUFFICIENT_STORAGE, "store-full"),
+        _ => (S::INTERNAL_SERVER_ERROR, "status-store"),
+    };
+    ApiError::new(status, code, e.to_string())
 }

@@ -5,11 +5,8 @@ use hyper::body::Incoming;
 
 use super::admin::{json, read_body};
 use super::body::Body;
-use super::error::ApiError;
+use super::error::{relay_error, ApiError};
 use crate::relay::{Relay, RelayError};
-
-/// Largest `POST /v1/status` body.
-const MAX_STATUS_BODY: usize = 32 << 20;
 
 /// Answers the status paths, or None when the path is not one of them.
 pub async fn handle(
@@ -44,22 +41,13 @@ pub async fn handle(
 }
 
 async fn accept(relay: &Relay, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
-    let body = read_body(req, MAX_STATUS_BODY).await?;
-    match relay.accept(&body).await {
-        Ok((accepted, duplicates)) => Ok(json(
-            StatusCode::ACCEPTED,
-            &serde_json::json!({"accepted": accepted, "duplicates": duplicates}),
-        )),
-        Err(RelayError::Bad(e)) => Err(ApiError::bad_request("bad-report", e.to_string())),
-        Err(e @ RelayError::Full(_)) => Err(ApiError::new(
-            StatusCode::INSUFFICIENT_STORAGE,
-            "queue-full",
-            e.to_string(),
-        )),
-        Err(e) => Err(ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "status-store",
-            e.to_string(),
-        )),
-    }
+    let max = relay.max_request();
+    let body = read_body(req, max)
+        .await
+        .map_err(|_| relay_error(RelayError::RequestTooLarge(max)))?;
+    let (accepted, duplicates) = relay.accept(&body).await.map_err(relay_error)?;
+    Ok(json(
+        StatusCode::ACCEPTED,
+        &serde_json::json!({"accepted": accepted, "duplicates": duplicates}),
+    ))
 }

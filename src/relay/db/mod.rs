@@ -49,9 +49,11 @@
 //!
 //! Layout: `queue` seq -> report as forwarded; `dedup` seq -> 128-bit hash of (deviceId, reportId),
 //! oldest first; `history` (deviceId, seq) -> report as stored (the last one per device is its
-//! latest state); `meta` "next_seq" and "sled_migrated". It calls nothing else of cistern's.
+//! latest state); `set_aside` seq -> (report as forwarded, the refusal as JSON): reports the next hop
+//! refused for good, moved there from `queue` in one transaction; `meta` "next_seq" and
+//! "sled_migrated". It calls nothing else of cistern's.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -62,6 +64,7 @@ const QUEUE: TableDefinition<u64, &[u8]> = TableDefinition::new("queue");
 const DEDUP: TableDefinition<u64, u128> = TableDefinition::new("dedup");
 const HISTORY: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("history");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+const SET_ASIDE: TableDefinition<u64, (&[u8], &[u8])> = TableDefinition::new("set_aside");
 
 const NEXT_SEQ: &str = "next_seq";
 const SLED_MIGRATED: &str = "sled_migrated";
@@ -120,8 +123,22 @@ pub struct Batch {
     pub forget: usize,
     /// Queue entries delivered to the next hop.
     pub delivered: Vec<u64>,
+    /// Queue entries the next hop refused for good: (seq, report as queued, the refusal as JSON),
+    /// moved from the queue to the set-aside table.
+    pub aside: Vec<(u64, Vec<u8>, Vec<u8>)>,
+    /// What happens to every set-aside report (after `aside`).
+    pub aside_op: Option<AsideOp>,
     /// The sequence number after this batch.
     pub next_seq: u64,
+}
+
+/// An admin's decision about the set-aside reports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AsideOp {
+    /// Back into the queue, at their old places (`POST /v1/admin/relay/retry`).
+    Requeue,
+    /// Dropped (`DELETE /v1/admin/relay/set-aside`).
+    Drop,
 }
 
 /// What the relay keeps in memory, rebuilt from the file at start.
@@ -132,8 +149,13 @@ pub struct Loaded {
     pub queue_bytes: u64,
     /// Dedup records, oldest first.
     pub dedup: Vec<u128>,
-    /// History seqs per device, oldest first.
-    pub history: HashMap<String, VecDeque<u64>>,
+    /// History entries per device, oldest first: (seq, bytes of key and value).
+    pub history: HashMap<String, Vec<(u64, u32)>>,
+    pub aside_len: u64,
+    /// Bytes of the set-aside reports as queued (what goes back to the queue on a retry).
+    pub aside_report_bytes: u64,
+    /// Bytes of the set-aside entries: keys, reports and refusals.
+    pub aside_bytes: u64,
 }
 
 /// The open status database.
@@ -274,6 +296,7 @@ impl StatusDb {
         txn.open_table(DEDUP)?;
         txn.open_table(HISTORY)?;
         txn.open_table(META)?;
+        txn.open_table(SET_ASIDE)?;
         txn.commit()?;
         Ok(())
     }
@@ -295,10 +318,22 @@ impl StatusDb {
             l.next_seq = l.next_seq.max(k.value() + 1);
         }
         for r in txn.open_table(HISTORY)?.iter()? {
-            let (k, _) = r?;
+            let (k, v) = r?;
             let (dev, seq) = k.value();
             l.next_seq = l.next_seq.max(seq + 1);
-            l.history.entry(dev.to_string()).or_default().push_back(seq);
+            let bytes = history_bytes(dev, v.value());
+            l.history
+                .entry(dev.to_string())
+                .or_default()
+                .push((seq, bytes));
+        }
+        for r in txn.open_table(SET_ASIDE)?.iter()? {
+            let (k, v) = r?;
+            let (report, refusal) = v.value();
+            l.aside_len += 1;
+            l.aside_report_bytes += report.len() as u64;
+            l.aside_bytes += aside_bytes(report, refusal);
+            l.next_seq = l.next_seq.max(k.value() + 1);
         }
         Ok(l)
     }
@@ -307,23 +342,37 @@ impl StatusDb {
     pub fn commit(&self, b: &Batch) -> Result<Vec<u128>, DbError> {
         let txn = self.write()?;
         let forgotten = write_batch(&txn, b)?;
+        // Written but not committed: dropping `txn` aborts it.
+        failpoint!("relay-commit", |_| Err(DbError::Injected("relay-commit")));
         txn.commit()?;
         Ok(forgotten)
     }
 
-    /// The oldest queue entries, up to `n` and (past the first) `max_bytes`.
-    pub fn peek(&self, n: usize, max_bytes: usize) -> Result<Vec<(u64, Vec<u8>)>, DbError> {
+    /// The oldest queue entries, up to `n`, and (past the first) as many as a JSON array of at most
+    /// `max_body` bytes holds.
+    pub fn peek(&self, n: usize, max_body: usize) -> Result<Vec<(u64, Vec<u8>)>, DbError> {
         let txn = self.db.begin_read()?;
         let mut out = Vec::new();
-        let mut bytes = 0usize;
+        // `[`, then each entry with the `,` or `]` after it.
+        let mut body = 1usize;
         for r in txn.open_table(QUEUE)?.iter()?.take(n) {
             let (k, v) = r?;
             let v = v.value();
-            if !out.is_empty() && bytes + v.len() > max_bytes {
+            if !out.is_empty() && body + v.len() + 1 > max_body {
                 break;
             }
-            bytes += v.len();
+            body += v.len() + 1;
             out.push((k.value(), v.to_vec()));
+        }
+        Ok(out)
+    }
+
+    /// The refusals of the oldest `n` set-aside reports (JSON objects).
+    pub fn set_aside(&self, n: usize) -> Result<Vec<Vec<u8>>, DbError> {
+        let txn = self.db.begin_read()?;
+        let mut out = Vec::new();
+        for r in txn.open_table(SET_ASIDE)?.iter()?.take(n) {
+            out.push(r?.1.value().1.to_vec());
         }
         Ok(out)
     }
@@ -393,6 +442,16 @@ impl StatusDb {
     }
 }
 
+/// Bytes a history entry counts for: its key (device, seq) and the report.
+pub fn history_bytes(device: &str, report: &[u8]) -> u32 {
+    (device.len() + 8 + report.len()).min(u32::MAX as usize) as u32
+}
+
+/// Bytes a set-aside entry counts for: its key, the report and the refusal.
+pub fn aside_bytes(report: &[u8], refusal: &[u8]) -> u64 {
+    8 + report.len() as u64 + refusal.len() as u64
+}
+
 /// The changes of one batch, inside `txn`; returns the dedup hashes it forgot.
 fn write_batch(txn: &redb::WriteTransaction, b: &Batch) -> Result<Vec<u128>, DbError> {
     let mut queue = txn.open_table(QUEUE)?;
@@ -401,6 +460,20 @@ fn write_batch(txn: &redb::WriteTransaction, b: &Batch) -> Result<Vec<u128>, DbE
     }
     for seq in &b.delivered {
         queue.remove(*seq)?;
+    }
+    let mut aside = txn.open_table(SET_ASIDE)?;
+    for (seq, report, refusal) in &b.aside {
+        queue.remove(*seq)?;
+        aside.insert(*seq, (report.as_slice(), refusal.as_slice()))?;
+    }
+    match b.aside_op {
+        Some(AsideOp::Requeue) => {
+            while let Some((k, v)) = aside.pop_first()? {
+                queue.insert(k.value(), v.value().0)?;
+            }
+        }
+        Some(AsideOp::Drop) => while aside.pop_first()?.is_some() {},
+        None => {}
     }
     let mut dedup = txn.open_table(DEDUP)?;
     for (seq, h) in &b.dedup {
@@ -425,91 +498,4 @@ fn write_batch(txn: &redb::WriteTransaction, b: &Batch) -> Result<Vec<u128>, DbE
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn one(seq: u64) -> Batch {
-        Batch {
-            queue: vec![(seq, b"{\"q\":1}".to_vec())],
-            dedup: vec![(seq, 7 + seq as u128)],
-            history: vec![("dev".into(), seq, b"{\"h\":1}".to_vec())],
-            next_seq: seq + 1,
-            ..Default::default()
-        }
-    }
-
-    #[test]
-    fn a_batch_survives_reopening() {
-        let t = tempfile::tempdir().unwrap();
-        let path = t.path().join("status.redb");
-        {
-            let (db, l) = StatusDb::open(&path).unwrap();
-            assert_eq!(l.next_seq, 0);
-            db.commit(&one(0)).unwrap();
-            db.commit(&one(1)).unwrap();
-        }
-        let (db, l) = StatusDb::open(&path).unwrap();
-        assert_eq!((l.next_seq, l.queue_len, l.dedup.len()), (2, 2, 2));
-        assert_eq!(l.history["dev"], [0, 1]);
-        assert_eq!(db.peek(10, 1 << 20).unwrap().len(), 2);
-        let f = db
-            .commit(&Batch {
-                delivered: vec![0],
-                forget: 1,
-                next_seq: 2,
-                trim: vec![("dev".into(), 0)],
-                ..Default::default()
-            })
-            .unwrap();
-        assert_eq!(f, [7]);
-        assert_eq!(db.peek(10, 1 << 20).unwrap()[0].0, 1);
-        assert_eq!(db.history("dev").unwrap().len(), 1);
-    }
-
-    /// A damaged file (a torn or foreign write) opens as a fresh one, never panics, and is kept
-    /// aside.
-    #[test]
-    fn a_damaged_file_opens_as_a_fresh_one() {
-        let t = tempfile::tempdir().unwrap();
-        let path = t.path().join("status.redb");
-        {
-            let (db, _) = StatusDb::open(&path).unwrap();
-            db.commit(&one(0)).unwrap();
-        }
-        // Garbage over the header and the first pages, as a torn or foreign write would leave.
-        let mut bytes = std::fs::read(&path).unwrap();
-        for (i, b) in bytes.iter_mut().enumerate().take(64 << 10) {
-            *b = (i as u8).wrapping_mul(31).wrapping_add(7);
-        }
-        std::fs::write(&path, &bytes).unwrap();
-        let (db, l) = StatusDb::open(&path).expect("a damaged file opens as a fresh one");
-        assert_eq!((l.next_seq, l.queue_len), (0, 0));
-        db.commit(&one(0)).unwrap();
-        let aside: Vec<_> = std::fs::read_dir(t.path())
-            .unwrap()
-            .flatten()
-            .map(|e| e.file_name().to_string_lossy().to_string())
-            .filter(|n| n.starts_with("status.corrupt-"))
-            .collect();
-        assert_eq!(aside.len(), 1, "the damaged file is kept aside");
-
-        // Garbage that is not a database at all, of any length.
-        drop(db);
-        std::fs::write(&path, b"not a database, just some text").unwrap();
-        let (db, l) = StatusDb::open(&path).expect("a foreign file opens as a fresh one");
-        assert_eq!(l.queue_len, 0);
-
-        // Pages flipped behind an intact header: the checksums catch it at open.
-        for seq in 0..200 {
-            db.commit(&one(seq)).unwrap();
-        }
-        drop(db);
-        let mut bytes = std::fs::read(&path).unwrap();
-        for b in bytes.iter_mut().skip(16 << 10).take(64 << 10) {
-            *b ^= 0x5A;
-        }
-        std::fs::write(&path, &bytes).unwrap();
-        let (_, l) = StatusDb::open(&path).expect("damaged pages open as a fresh file");
-        assert_eq!(l.queue_len, 0);
-    }
-}
+mod tests;
