@@ -9,6 +9,7 @@ mod connect;
 pub mod edge;
 pub mod error;
 mod listener;
+mod metered;
 pub mod range;
 mod respond;
 pub mod route;
@@ -28,7 +29,13 @@ use hyper::body::Incoming;
 
 pub use body::Body;
 pub use error::ApiError;
+use http_body_util::BodyExt as _;
 pub use listener::{serve, Listeners};
+pub use metered::Outcome;
+use metered::{FormLabel, Metered, RequestLabels};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 pub use tls::tls_acceptor;
 
 use crate::config::Config;
@@ -45,15 +52,38 @@ pub trait OwnEndpoints: Send + Sync {
 }
 
 /// Counters other modules read (ops renders them).
-#[derive(Default)]
 pub struct ServerStats {
-    /// Requests by form, then by the `Cache-Status` member this node added.
+    /// Requests by form, then by what the request did (`Outcome`).
     pub requests: Mutex<HashMap<&'static str, HashMap<String, u64>>>,
-    /// Body bytes answered from the store.
+    /// The same, as a metric family.
+    pub requests_total: Family<RequestLabels, Counter>,
+    /// Request duration and time to the first body byte, by form.
+    pub duration: Family<FormLabel, Histogram, fn() -> Histogram>,
+    pub ttfb: Family<FormLabel, Histogram, fn() -> Histogram>,
+    /// Body bytes sent from the store.
     pub hit_bytes: AtomicU64,
-    /// Body bytes answered from upstream transfers.
+    /// Body bytes sent from upstream transfers.
     pub miss_bytes: AtomicU64,
     pub connections: AtomicU64,
+}
+
+/// Seconds, from 1 ms to about 4 minutes.
+fn seconds_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.001, 4.0, 10))
+}
+
+impl Default for ServerStats {
+    fn default() -> ServerStats {
+        ServerStats {
+            requests: Mutex::default(),
+            requests_total: Family::default(),
+            duration: Family::new_with_constructor(seconds_histogram),
+            ttfb: Family::new_with_constructor(seconds_histogram),
+            hit_bytes: AtomicU64::new(0),
+            miss_bytes: AtomicU64::new(0),
+            connections: AtomicU64::new(0),
+        }
+    }
 }
 
 /// What every request handler shares.
@@ -85,48 +115,47 @@ impl App {
             .headers()
             .get("cache-status")
             .and_then(|v| v.to_str().ok())
-            .unwrap_or("");
-        let len = resp
-            .headers()
-            .get(http::header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or(0);
-        if let Some(f) = form {
-            let member = metric_label(cache.rsplit(", ").next().unwrap_or(""));
-            if method != Method::HEAD {
-                let from_store = member.contains("; hit") || member.contains("fwd=stale");
-                let counter = if from_store {
-                    &self.stats.hit_bytes
-                } else {
-                    &self.stats.miss_bytes
-                };
-                counter.fetch_add(len, Ordering::Relaxed);
-            }
-            let mut m = self
-                .stats
-                .requests
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
-            let per_form = m.entry(f.as_str()).or_default();
-            match per_form.get_mut(member) {
-                Some(n) => *n += 1,
-                None => {
-                    per_form.insert(member.to_string(), 1);
-                }
-            }
+            .unwrap_or("")
+            .to_string();
+        let outcome = resp.extensions().get::<Outcome>().copied();
+        let outcome = outcome.unwrap_or(match (form, status) {
+            (None, _) => Outcome::Own,
+            (Some(_), 400..) => Outcome::Error,
+            (Some(_), _) => Outcome::Bypass,
+        });
+        let form = form.map(|f| f.as_str()).unwrap_or("own");
+        if form != "own" {
+            self.count_request(form, outcome);
         }
-        let _e = span.enter();
-        tracing::info!(
-            form = form.map(|f| f.as_str()).unwrap_or("own"),
-            key = key.as_deref().unwrap_or(""),
+        let record = metered::Record {
+            stats: self.stats.clone(),
+            span,
+            form,
+            outcome,
+            key,
             status,
-            bytes = len,
-            cache = %cache,
-            ms = started.elapsed().as_millis() as u64,
-            "request"
-        );
-        resp
+            cache,
+            started,
+        };
+        let (parts, body) = resp.into_parts();
+        Response::from_parts(parts, Metered::new(body, record).boxed())
+    }
+
+    fn count_request(&self, form: &'static str, outcome: Outcome) {
+        let labels = RequestLabels {
+            form,
+            cache_status: outcome,
+        };
+        self.stats.requests_total.get_or_create(&labels).inc();
+        let mut m = self
+            .stats
+            .requests
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        *m.entry(form)
+            .or_default()
+            .entry(outcome.as_str().to_string())
+            .or_default() += 1;
     }
 
     async fn dispatch(
@@ -371,31 +400,6 @@ impl App {
 
 /// This node's Cache-Status member as a metrics label: without the parameters that carry numbers
 /// (`ttl=`), so that the label set stays bounded.
-/// The metrics label for this node's Cache-Status member: one of a closed set (the members this node
-/// writes, `ttl=` dropped), so that no value from a request, an upstream or the clock becomes a series.
-fn metric_label(member: &str) -> &'static str {
-    const KNOWN: [&str; 7] = [
-        "cistern; hit",
-        "cistern; hit; detail=stale",
-        "cistern; fwd=stale; fwd-status=304",
-        "cistern; fwd=uri-miss",
-        "cistern; fwd=uri-miss; collapsed",
-        "cistern; fwd=uri-miss; stored",
-        "cistern; fwd=bypass",
-    ];
-    let parts: Vec<&str> = member
-        .split(';')
-        .map(str::trim)
-        .filter(|p| !p.starts_with("ttl="))
-        .collect();
-    let m = parts.join("; ");
-    match KNOWN.iter().find(|k| **k == m) {
-        Some(k) => k,
-        None if member.is_empty() => "",
-        None => "other",
-    }
-}
-
 fn canonical(ip: IpAddr) -> IpAddr {
     match ip {
         IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
@@ -426,18 +430,5 @@ mod tests {
         assert!(!via_has(&h, "gw-1"));
         assert!(via_has(&h, "gw-10"));
         assert!(via_has(&h, "fred"));
-    }
-
-    #[test]
-    fn metric_labels_carry_no_numbers() {
-        assert_eq!(
-            metric_label("cistern; hit; ttl=-42; detail=stale"),
-            "cistern; hit; detail=stale"
-        );
-        assert_eq!(metric_label("cistern; hit"), "cistern; hit");
-        // Whatever an upstream or a client puts there, the label set stays closed.
-        assert_eq!(metric_label("cistern; fwd=miss; key=/x?a=1"), "other");
-        assert_eq!(metric_label("parent; hit; x=1234"), "other");
-        assert_eq!(metric_label(""), "");
     }
 }

@@ -8,8 +8,9 @@ use http::{HeaderMap, HeaderValue, Response, StatusCode};
 use http_body_util::{BodyExt, StreamBody};
 use hyper::body::Frame;
 
-use super::body::{empty, full, Body, BodyError};
+use super::body::{empty, slices, Body, BodyError};
 use super::error::fetch_error_response;
+use super::metered::Outcome;
 use super::range::{self, ByteRange, Resolved};
 use crate::fetch::{headers, Flight, FlightReader, Head, HitKind, Joined};
 use crate::store::{now_ms, Digest, Hit, KeyMeta};
@@ -157,6 +158,21 @@ fn cache_status(upstream: Option<&str>, ours: &str) -> String {
 
 /// Answers from a stored object.
 pub fn hit(hit: Hit, meta: Option<KeyMeta>, how: HitKind, ask: &Ask) -> Response<Body> {
+    let outcome = match how {
+        HitKind::Fresh => Outcome::Hit,
+        HitKind::Revalidated => Outcome::Revalidated,
+        HitKind::Stale => Outcome::Stale,
+    };
+    tagged(hit_response(hit, meta, how, ask), outcome)
+}
+
+/// Marks a response with what its request did, for the counters and the log line.
+fn tagged(mut r: Response<Body>, o: Outcome) -> Response<Body> {
+    r.extensions_mut().insert(o);
+    r
+}
+
+fn hit_response(hit: Hit, meta: Option<KeyMeta>, how: HitKind, ask: &Ask) -> Response<Body> {
     let now = now_ms();
     let member = match how {
         HitKind::Fresh => "cistern; hit".to_string(),
@@ -186,8 +202,9 @@ pub fn hit(hit: Hit, meta: Option<KeyMeta>, how: HitKind, ask: &Ask) -> Response
     let size = hit.bytes.len() as u64;
     answer(&repr, ask, size, move |start, end| {
         // The bytes own the hit, so the object counts as being read (and is not evicted) until hyper
-        // has written the last of them, not only until the headers were built.
-        full(Bytes::from_owner(Sending {
+        // has written the last of them, not only until the headers were built. They go in slices, so
+        // that what was sent can be counted as it goes.
+        slices(Bytes::from_owner(Sending {
             hit,
             start: start as usize,
             end: end as usize,
@@ -294,6 +311,26 @@ pub async fn flight(
     reader: FlightReader,
     ask: &Ask,
 ) -> Response<Body> {
+    let outcome = match joined {
+        Joined::Verified => Outcome::Hit,
+        Joined::InFlight => Outcome::Collapsed,
+        Joined::Leader if head.storing => Outcome::Miss,
+        Joined::Leader => Outcome::Bypass,
+    };
+    let r = flight_response(flight, joined, head, reader, ask).await;
+    match r.status().is_client_error() || r.status().is_server_error() {
+        true => r,
+        false => tagged(r, outcome),
+    }
+}
+
+async fn flight_response(
+    flight: Arc<Flight>,
+    joined: Joined,
+    head: Head,
+    reader: FlightReader,
+    ask: &Ask,
+) -> Response<Body> {
     let member = flight_member(joined, &head);
     let mut repr = Repr {
         status: head.status,
@@ -383,5 +420,6 @@ pub fn pass(resp: Response<hyper::body::Incoming>, member: &str) -> Response<Bod
         "cache-status",
         &cache_status(upstream.as_deref(), member),
     );
-    Response::from_parts(parts, body.map_err(|e| BodyError(e.to_string())).boxed())
+    let r = Response::from_parts(parts, body.map_err(|e| BodyError(e.to_string())).boxed());
+    tagged(r, Outcome::Bypass)
 }
