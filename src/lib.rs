@@ -206,6 +206,8 @@ impl Gateway {
                 strip_query: cfg.upstream.strip_query.clone(),
             },
         );
+        // Prefetch jobs a restart interrupted carry on.
+        fetcher.resume_jobs();
         let relay = open_relay(&cfg).await?;
         let forwarder = {
             let tls = fetch::upstream::tls_config(

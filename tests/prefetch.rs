@@ -109,3 +109,75 @@ async fn bad_manifests_are_400_and_foreign_origins_403() {
     .await;
     assert_eq!(r.status, 403);
 }
+
+/// A restart in the middle of a job: the job carries on from its first file not stored and ends
+/// done, each file fetched once more at most; its state is readable after it ends, across another
+/// restart too, and its record keeps no SAS signature where the job is shown.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prefetch_job_survives_a_restart_and_completes() {
+    let origin = Origin::start().await;
+    let files: Vec<Bytes> = (0..3).map(|i| random_bytes(2 << 20, 60 + i)).collect();
+    for (i, b) in files.iter().enumerate() {
+        let slow = Behaviour {
+            rate: Some(4 << 20),
+            ..Default::default()
+        };
+        origin.put(&format!("/j/{i}.swu"), b.clone(), slow);
+    }
+    let mut node = Node::start(&origin, "").await;
+    let base = origin.url();
+    let list: Vec<_> = files
+        .iter()
+        .enumerate()
+        .map(|(i, b)| json!({"url": format!("{base}/j/{i}.swu?sig=SECRET"), "sha256": sha256_hex(b), "size": b.len()}))
+        .collect();
+    let manifest = json!({ "files": list, "pin": true });
+    let r = request_body(
+        "POST",
+        &node.url("/v1/admin/prefetch"),
+        &[],
+        Bytes::from(manifest.to_string()),
+    )
+    .await;
+    assert_eq!(r.status, 202);
+    let id = r.json()["id"].as_str().unwrap().to_string();
+    let job_url = format!("/v1/admin/prefetch/{id}");
+    // Stop it while its second file is being fetched.
+    let end = Instant::now() + Duration::from_secs(20);
+    loop {
+        let j = get(&node.url(&job_url)).await.json();
+        if j["files"][1]["state"] == "fetching" {
+            break;
+        }
+        assert!(
+            Instant::now() < end,
+            "the job never reached its second file: {j}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    node.restart().await;
+    let job = wait_job(&node, &id).await;
+    assert_eq!(job["state"], "done", "{job}");
+    for i in 0..3 {
+        assert_eq!(job["files"][i]["state"], "stored", "{job}");
+        assert!(
+            origin.gets(&format!("/j/{i}.swu")) <= 2,
+            "file {i} fetched again and again"
+        );
+    }
+    assert_eq!(
+        origin.gets("/j/0.swu"),
+        1,
+        "a stored file was fetched again"
+    );
+    let mut blobs = node.blobs();
+    blobs.sort();
+    let mut want: Vec<_> = files.iter().map(|b| sha256_hex(b)).collect();
+    want.sort();
+    assert_eq!(blobs, want);
+    node.restart().await;
+    let again = get(&node.url(&job_url)).await;
+    assert_eq!(again.status, 200, "an ended job was forgotten by a restart");
+    assert_eq!(again.json()["state"], "done");
+    assert!(!again.json().to_string().contains("SECRET"));
+}

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use http::Uri;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::{End, Fetcher, Lookup, Target};
@@ -122,24 +122,39 @@ pub fn parse(v: &Value, base_url: Option<&str>) -> Result<(Vec<Wanted>, bool), B
     Ok((out, pin))
 }
 
-#[derive(Serialize, Clone, Debug)]
+#[derive(Serialize, Deserialize, Clone, Debug)]
 pub struct FileState {
+    /// Without its query (a SAS `sig`): what the job shows.
     pub url: String,
     pub sha256: Digest,
     pub size: Option<u64>,
-    pub state: &'static str,
+    pub state: String,
     pub bytes: u64,
     pub error: Option<String>,
 }
 
-#[derive(Serialize, Clone, Debug)]
+#[derive(Serialize, Deserialize, Clone, Debug)]
 pub struct Job {
     pub id: String,
-    pub state: &'static str,
+    pub state: String,
     pub files: Vec<FileState>,
 }
 
-/// The jobs of this process (they do not survive a restart; what they stored does).
+/// A job as it is kept on disk (`store` record `prefetch/<id>`): what it shows, the whole URLs to fetch
+/// from, and whether to pin. Written when the job starts and after each file, so that a restart
+/// carries a running job on from its first file not stored.
+#[derive(Serialize, Deserialize)]
+struct Saved {
+    job: Job,
+    urls: Vec<String>,
+    pin: bool,
+}
+
+/// Ended jobs kept readable (on disk and in memory); older ones are forgotten at start.
+const KEPT_JOBS: usize = 100;
+const RECORDS: &str = "prefetch";
+
+/// The prefetch jobs: running, and ended ones kept for reading back.
 #[derive(Default)]
 pub struct Jobs {
     next: AtomicU64,
@@ -152,7 +167,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 impl Fetcher {
     /// Starts a prefetch job; returns its id.
-    pub fn prefetch(&self, files: Vec<Wanted>, pin: bool) -> String {
+    pub async fn prefetch(&self, files: Vec<Wanted>, pin: bool) -> String {
         let jobs = &self.inner.jobs;
         let id = format!(
             "{:x}-{}",
@@ -168,48 +183,129 @@ impl Fetcher {
                 tracing::warn!(error = %e, "cannot record a staged mapping");
             }
         }
-        let job = Arc::new(Mutex::new(Job {
+        let job = Job {
             id: id.clone(),
-            state: "running",
+            state: "running".into(),
             files: files
                 .iter()
                 .map(|w| FileState {
                     url: redact(&w.url),
                     sha256: w.digest,
                     size: w.size,
-                    state: "queued",
+                    state: "queued".into(),
                     bytes: 0,
                     error: None,
                 })
                 .collect(),
-        }));
+        };
+        let job = Arc::new(Mutex::new(job));
         lock(&jobs.jobs).insert(id.clone(), job.clone());
-        let fetcher = self.clone();
-        tokio::spawn(async move {
-            for (i, w) in files.into_iter().enumerate() {
-                lock(&job).files[i].state = "fetching";
-                let r = fetcher.stage_one(&w, pin, &job, i).await;
+        let urls: Vec<String> = files.iter().map(|w| w.url.to_string()).collect();
+        self.save_job(&job, &urls, pin).await;
+        tokio::spawn(self.clone().run_job(job, files, urls, pin));
+        id
+    }
+
+    /// Fetches the job's files not stored yet, one after the other, saving its state after each.
+    async fn run_job(self, job: Arc<Mutex<Job>>, files: Vec<Wanted>, urls: Vec<String>, pin: bool) {
+        for (i, w) in files.into_iter().enumerate() {
+            if lock(&job).files[i].state == "stored" {
+                continue;
+            }
+            lock(&job).files[i].state = "fetching".into();
+            let r = self.stage_one(&w, pin, &job, i).await;
+            {
                 let mut j = lock(&job);
                 match r {
                     Ok(()) => {
-                        j.files[i].state = "stored";
-                        j.files[i].bytes = fetcher.inner.store.size_of(&w.digest).unwrap_or(0);
+                        j.files[i].state = "stored".into();
+                        j.files[i].bytes = self.inner.store.size_of(&w.digest).unwrap_or(0);
                     }
                     Err(e) => {
                         tracing::warn!(url = %redact(&w.url), error = %e, "prefetch failed");
-                        j.files[i].state = "failed";
+                        j.files[i].state = "failed".into();
                         j.files[i].error = Some(e);
                     }
                 }
             }
+            self.save_job(&job, &urls, pin).await;
+        }
+        {
             let mut j = lock(&job);
-            j.state = if j.files.iter().all(|f| f.state == "stored") {
-                "done"
-            } else {
-                "failed"
+            let done = j.files.iter().all(|f| f.state == "stored");
+            j.state = if done { "done" } else { "failed" }.into();
+        }
+        self.save_job(&job, &urls, pin).await;
+    }
+
+    /// Writes the job's record (off the runtime's threads: it fsyncs).
+    async fn save_job(&self, job: &Arc<Mutex<Job>>, urls: &[String], pin: bool) {
+        let saved = Saved {
+            job: lock(job).clone(),
+            urls: urls.to_vec(),
+            pin,
+        };
+        let store = self.inner.store.clone();
+        let r = tokio::task::spawn_blocking(move || {
+            let bytes = serde_json::to_vec(&saved).map_err(|e| e.to_string())?;
+            store
+                .put_record(RECORDS, &saved.job.id, &bytes)
+                .map_err(|e| e.to_string())
+        })
+        .await;
+        match r {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "cannot save a prefetch job"),
+            Err(e) => tracing::warn!(error = %e, "cannot save a prefetch job"),
+        }
+    }
+
+    /// At start: reads the saved jobs back, carries the running ones on, keeps the newest ended ones
+    /// readable and forgets older ones. Blocking (reads files); the jobs run on the runtime.
+    pub fn resume_jobs(&self) {
+        let records = self.inner.store.records(RECORDS);
+        let ended = records.len().saturating_sub(KEPT_JOBS);
+        for (n, (id, bytes)) in records.into_iter().enumerate() {
+            let saved: Saved = match serde_json::from_slice(&bytes) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(job = %id, error = %e, "unreadable prefetch job record; removed");
+                    self.inner.store.remove_record(RECORDS, &id);
+                    continue;
+                }
             };
-        });
-        id
+            let running = saved.job.state == "running";
+            if n < ended && !running {
+                self.inner.store.remove_record(RECORDS, &id);
+                continue;
+            }
+            let files: Option<Vec<Wanted>> = saved
+                .urls
+                .iter()
+                .zip(&saved.job.files)
+                .map(|(u, f)| {
+                    Some(Wanted {
+                        url: u.parse().ok()?,
+                        digest: f.sha256,
+                        size: f.size,
+                    })
+                })
+                .collect();
+            let mut job = saved.job;
+            for f in job.files.iter_mut().filter(|f| f.state == "fetching") {
+                f.state = "queued".into();
+            }
+            let job = Arc::new(Mutex::new(job));
+            lock(&self.inner.jobs.jobs).insert(id.clone(), job.clone());
+            match (running, files) {
+                (true, Some(files)) if files.len() == saved.urls.len() => {
+                    tracing::info!(job = %id, "carrying on a prefetch job after a restart");
+                    tokio::spawn(self.clone().run_job(job, files, saved.urls, saved.pin));
+                }
+                (true, _) => tracing::warn!(job = %id, "a prefetch job record names a bad URL"),
+                _ => {}
+            }
+        }
     }
 
     pub fn prefetch_job(&self, id: &str) -> Option<Job> {

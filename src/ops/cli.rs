@@ -182,7 +182,7 @@ pub fn prefetch(
                 .check(&f.url)
                 .map_err(|e| anyhow::anyhow!("{e}"))?;
         }
-        let id = gw.fetcher.prefetch(files, pin);
+        let id = gw.fetcher.prefetch(files, pin).await;
         let pb = indicatif::ProgressBar::new(0);
         pb.set_style(crate::ops::remote::bar_style());
         let ok = loop {

@@ -33,7 +33,7 @@ pub async fn handle(app: &App, req: Request<Incoming>) -> Response<Body> {
             .prefetch_job(&p["/prefetch/".len()..])
             .map(|j| json(StatusCode::OK, &j))
             .ok_or_else(|| {
-                ApiError::not_found("no such prefetch job (jobs do not survive a restart)")
+                ApiError::not_found("no such prefetch job (the newest 100 ended jobs are kept)")
             }),
         (m, p) if p.starts_with("/content/sha256/") => {
             let d = parse_digest(&p["/content/sha256/".len()..]);
@@ -216,7 +216,7 @@ async fn prefetch(app: &App, req: Request<Incoming>) -> Result<Response<Body>, A
             ApiError::new(StatusCode::FORBIDDEN, "origin-not-allowed", e.to_string())
         })?;
     }
-    let id = app.fetcher.prefetch(files, pin);
+    let id = app.fetcher.prefetch(files, pin).await;
     Ok(json(StatusCode::ACCEPTED, &serde_json::json!({"id": id})))
 }
 

@@ -3,7 +3,6 @@
 //! always replaced atomically (temp file, fsync, rename).
 
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -164,26 +163,8 @@ impl ObjectMeta {
 
     /// Writes atomically: a reader (or a crash) sees the old file or the new one, never half of one.
     pub fn write(&self, path: &Path) -> std::io::Result<()> {
-        // A name of its own per write: two writers never share (and never rename away) one temp file.
-        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let tmp = path.with_extension(format!("meta.tmp.{}.{n}", std::process::id()));
         let json = serde_json::to_vec_pretty(self).map_err(std::io::Error::other)?;
-        let written = (|| {
-            let mut f = std::fs::File::create(&tmp)?;
-            f.write_all(&json)?;
-            f.sync_all()?;
-            std::fs::rename(&tmp, path)
-        })();
-        if written.is_err() {
-            let _ = std::fs::remove_file(&tmp);
-        }
-        written?;
-        // The rename is durable only once the directory is.
-        if let Some(dir) = path.parent().and_then(|p| std::fs::File::open(p).ok()) {
-            dir.sync_all()?;
-        }
-        Ok(())
+        super::records::write_atomic(path, &json)
     }
 }
 

@@ -13,6 +13,7 @@ mod fill;
 mod index;
 pub mod mapped;
 mod meta;
+mod records;
 mod recover;
 
 use std::collections::HashMap;
