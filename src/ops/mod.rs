@@ -4,6 +4,7 @@
 
 pub mod cli;
 pub mod doctor;
+pub mod health;
 pub mod remote;
 
 use std::fmt::Write;
