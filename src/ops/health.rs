@@ -91,7 +91,7 @@ pub fn probe(cfg: &Config) -> Result<String, String> {
             target.listen
         ),
     };
-    Err(format!("{why} ({hint})"))
+    Err(format!("{why}; {hint}"))
 }
 
 /// Time left before `deadline`, as a socket timeout (which must not be zero).
@@ -119,7 +119,7 @@ fn ask(addr: SocketAddr, tls: bool, deadline: Instant) -> Result<u16, String> {
         "GET /healthz HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: cistern-health\r\nConnection: close\r\n\r\n"
     );
     let head = if tls {
-        let conn = rustls::ClientConnection::new(tls_config(), server_name(addr))
+        let conn = rustls::ClientConnection::new(tls_config()?, server_name(addr))
             .map_err(|e| e.to_string())?;
         exchange(rustls::StreamOwned::new(conn, tcp), &request, deadline)
     } else {
@@ -192,25 +192,16 @@ fn server_name(addr: SocketAddr) -> rustls::pki_types::ServerName<'static> {
 /// is that the gateway answers, not who it is. The certificate (often issued by the IoT Edge workload
 /// API for the gateway's host name, never for 127.0.0.1) is therefore not verified; the handshake's
 /// signatures still are.
-fn tls_config() -> Arc<rustls::ClientConfig> {
+fn tls_config() -> Result<Arc<rustls::ClientConfig>, String> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let verifier = Arc::new(AnyCertificate(provider.clone()));
     let cfg = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
-        .map(|b| {
-            b.dangerous()
-                .with_custom_certificate_verifier(verifier)
-                .with_no_client_auth()
-        });
-    match cfg {
-        Ok(c) => Arc::new(c),
-        // The ring provider supports the default versions; unreachable, but not worth a panic.
-        Err(_) => Arc::new(
-            rustls::ClientConfig::builder()
-                .with_root_certificates(rustls::RootCertStore::empty())
-                .with_no_client_auth(),
-        ),
-    }
+        .map_err(|e| format!("TLS: {e}"))?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_no_client_auth();
+    Ok(Arc::new(cfg))
 }
 
 #[derive(Debug)]

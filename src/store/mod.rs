@@ -49,7 +49,7 @@ pub enum StoreError {
     /// The directory (or the lock or a subdirectory in it) refuses this process: in a container, a
     /// bind-mounted host directory owned by root is the usual cause, and the process runs as a fixed
     /// non-root user, so the message names that user and both ways out.
-    #[error("store.dir {dir} is not writable by uid {uid} (gid {gid}): chown -R {uid}:{gid} it (the host directory, when bind-mounted) or mount a named volume there")]
+    #[error("store.dir {dir} is not writable by uid {uid} (gid {gid}): chown -R {uid}:{gid} the directory (on the host, when it is a bind mount) or mount a named volume there")]
     NotWritable { dir: String, uid: u32, gid: u32 },
     #[error("object {0} is not stored")]
     NotFound(Digest),
