@@ -115,8 +115,18 @@ make_base() {
       || fail "apt-get install debootstrap failed"
     say "making $BASE with debootstrap --variant=minbase $SUITE from $mirror (cached in $tar)"
     root=$WORK/rootfs
-    timeout 900 debootstrap --variant=minbase "$SUITE" "$root" "$mirror" >"$WORK/debootstrap.log" 2>&1 \
-      || fail "debootstrap failed: $(tail -1 "$WORK/debootstrap.log")"
+    mkdir -p "$CACHE/debs"
+    # Once more on a failure: a mirror's hiccup should not fail the run (the packages already
+    # fetched are kept in the cache directory).
+    local try
+    for try in 1 2; do
+      rm -rf "$root"
+      if timeout 900 debootstrap --variant=minbase --cache-dir="$CACHE/debs" "$SUITE" "$root" "$mirror" \
+        >"$WORK/debootstrap.log" 2>&1; then break; fi
+      grep -E '^(E|W):' "$root/debootstrap/debootstrap.log" 2>/dev/null | tail -3 >&2 || true
+      [ "$try" = 2 ] && fail "debootstrap failed: $(tail -1 "$WORK/debootstrap.log")"
+      say "debootstrap failed (try $try), once more"
+    done
     # Trimmed as the official slim image is: no docs, man pages or locales, now or when apt installs.
     cat >"$root/etc/dpkg/dpkg.cfg.d/docker" <<'EOF'
 path-exclude /usr/share/doc/*
@@ -160,7 +170,7 @@ EOF
     : >"$root/etc/machine-id"
     mkdir -p "$CACHE"
     tar --numeric-owner -C "$root" -cf "$tar.part" . && mv "$tar.part" "$tar"
-    rm -rf "$root"
+    rm -rf "$root" "$CACHE/debs"
   fi
   timeout 300 podman import -q --change 'CMD ["bash"]' "$tar" "$BASE" >/dev/null \
     || fail "podman import $tar failed"
