@@ -59,11 +59,12 @@ if ! command -v podman >/dev/null; then
     || skip "apt-get install podman failed (see: tail $WORK/apt.log)"
 fi
 if [ ! -e /etc/containers/containers.conf ]; then
-  # The default ulimits ask for more open files than these machines' hard limit allows, and
-  # crun is not installed: every container would fail to start.
+  # The default ulimits can ask for more than this machine's hard limits allow, and podman's
+  # default runtime (crun) may be missing: every container would fail to start.
   nofile=$(ulimit -Hn); nproc=$(ulimit -Hu)
   [ "$nofile" = unlimited ] && nofile=1048576
   if [ "$nproc" = unlimited ] || [ "$nproc" -gt 32768 ]; then nproc=32768; fi
+  runtime=crun; command -v crun >/dev/null || runtime=runc
   mkdir -p /etc/containers
   cat >/etc/containers/containers.conf <<EOF
 # Written by cistern's iotedge-module/image-test.sh: ulimits within this machine's hard limits.
@@ -71,9 +72,9 @@ if [ ! -e /etc/containers/containers.conf ]; then
 default_ulimits = ["nofile=$nofile:$nofile", "nproc=$nproc:$nproc"]
 
 [engine]
-runtime = "runc"
+runtime = "$runtime"
 EOF
-  say "wrote /etc/containers/containers.conf (nofile=$nofile, nproc=$nproc, runtime runc)"
+  say "wrote /etc/containers/containers.conf (nofile=$nofile, nproc=$nproc, runtime $runtime)"
 fi
 timeout 60 podman info >"$WORK/info.log" 2>&1 || skip "podman info failed: $(tail -1 "$WORK/info.log")"
 
@@ -187,6 +188,7 @@ timeout 60 podman run --rm --network none "$BASE" true >"$WORK/probe.log" 2>&1 \
 # The build stage's output, as the Dockerfile's COPY --from=build expects it; stripped as there.
 mkdir -p "$WORK/build/src/target/release"
 strip -o "$WORK/build/src/target/release/cistern" "$BIN"
+OLD_ID=$(podman image inspect -f '{{.Id}}' "$TAG" 2>/dev/null || true)
 t0=$(now)
 timeout 600 podman build -q --format docker -f iotedge-module/Dockerfile \
   --build-context build="$WORK/build" \
@@ -194,6 +196,10 @@ timeout 600 podman build -q --format docker -f iotedge-module/Dockerfile \
   --build-arg REVISION="$(git rev-parse HEAD 2>/dev/null || echo unknown)" \
   -t "$TAG" . >"$WORK/build.log" 2>&1 || { tail -20 "$WORK/build.log" >&2; fail "podman build failed"; }
 say "image $TAG built in $(since "$t0") s"
+# The image this tag named before (left dangling by the build) goes: reruns keep one, not one each.
+if [ -n "$OLD_ID" ] && [ "$OLD_ID" != "$(podman image inspect -f '{{.Id}}' "$TAG")" ]; then
+  timeout 60 podman rmi "$OLD_ID" >/dev/null 2>&1 || true
+fi
 SIZE=$(podman image inspect -f '{{.Size}}' "$TAG")
 [ "$(podman image inspect -f '{{.Config.User}}' "$TAG")" = 10001:10001 ] || fail "image USER is not 10001:10001"
 podman image inspect -f '{{.Config.Healthcheck}}' "$TAG" | grep -q health || fail "image has no HEALTHCHECK"
@@ -201,7 +207,7 @@ podman image inspect -f '{{json .Labels}}' "$TAG" | grep -q org.opencontainers.i
   || fail "image has no OCI labels"
 
 # --- an origin on this host, reachable from the container -------------------------------------
-HOST_IP=$(hostname -I 2>/dev/null | awk '{ print $1 }')
+HOST_IP=$(hostname -I 2>/dev/null | tr ' ' '\n' | grep -E '^[0-9]+(\.[0-9]+){3}$' | head -1 || true)
 [ -n "$HOST_IP" ] || fail "this host has no address a container could reach"
 ORIGIN_PORT=$(python3 -c 'import socket; s = socket.socket(); s.bind(("", 0)); print(s.getsockname()[1])')
 mkdir -p "$WORK/origin"
@@ -229,8 +235,8 @@ run() {
   [ -n "$PORT" ] || fail "no host port mapped to 8080"
 }
 wait_healthy() {
-  local t0=$1 i
-  for i in $(seq 1 150); do
+  local t0=$1 end=$(($(date +%s) + 30))
+  while [ "$(date +%s)" -lt "$end" ]; do
     if curl -fsS -m 2 -o /dev/null "http://127.0.0.1:$PORT/healthz" 2>/dev/null; then
       HEALTHY_AFTER=$(since "$t0"); return 0
     fi
