@@ -38,8 +38,14 @@ pub fn store_config(cfg: &Config) -> StoreConfig {
 
 /// Opens the store of a config (blocking; recovers it).
 pub fn open_store(cfg: &Config) -> anyhow::Result<Store> {
-    Store::open(&store_config(cfg))
-        .with_context(|| format!("opening store {}", cfg.store.dir.display()))
+    match Store::open(&store_config(cfg)) {
+        Ok(s) => Ok(s),
+        // Already names the directory and the fix: a prefix would only push the fix off screen.
+        Err(e @ store::StoreError::NotWritable { .. }) => Err(e.into()),
+        Err(e) => {
+            Err(anyhow::Error::new(e).context(format!("opening store {}", cfg.store.dir.display())))
+        }
+    }
 }
 
 /// Adds the IoT Edge trust bundle to the upstream trust (a child trusts its parent through it): written

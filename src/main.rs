@@ -1,5 +1,6 @@
 //! The `cistern` command: parses the command line and hands off to the library.
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -57,6 +58,12 @@ enum Cmd {
         #[arg(long)]
         config: Option<PathBuf>,
     },
+    /// The container's probe: exit 0 when /healthz of the configured listener answers 200 within 2 s.
+    Health {
+        /// Config file, found as `serve` finds it.
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
     /// Sideload payload files into the store, verified.
     Import {
         #[arg(required = true)]
@@ -104,8 +111,11 @@ impl RemoteArgs {
 fn init_logs(cfg: &Config) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cfg.log.level));
+    // Colour codes only for a person at a terminal: `iotedge logs`, `docker logs` and journald show
+    // them as garbage.
     let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     if cfg.log.format == "json" {
         b.json().init();
@@ -162,6 +172,7 @@ fn main() -> ExitCode {
             .remote()
             .and_then(|r| cli::prefetch(manifest, base_url, config, r)),
         Cmd::Doctor { config } => cli::doctor(config),
+        Cmd::Health { config } => cli::health(config).map(|_| true),
         Cmd::Import {
             files,
             sha256,

@@ -253,3 +253,192 @@ async fn import_prefetch_and_verify_through_a_running_gateway() {
         assert_eq!(code, 0, "{err}");
     }
 }
+
+/// A listener that accepts nothing (the kernel completes the handshake) and never answers.
+fn mute_listener() -> std::net::TcpListener {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_answers_for_a_running_node_and_says_why_not_otherwise() {
+    let origin = Origin::start().await;
+    let node = Node::start(&origin, "").await;
+    let t = tempfile::tempdir().unwrap();
+    let conf = t.path().join("c.toml");
+    // A wildcard listen address is probed over loopback (the node listens on 127.0.0.1 only).
+    let write = |listen: &str| {
+        std::fs::write(&conf, format!("[server]\nlisten = \"{listen}\"\n")).unwrap();
+    };
+    write(&format!("0.0.0.0:{}", node.addr.port()));
+    let c = conf.to_str().unwrap();
+    let (code, out, err) = cistern_bg(&["health", "--config", c], &[]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("answered 200"), "{out}");
+
+    // Closed port: exit 1, one line naming the address and what to check.
+    let closed = free_port();
+    write(&format!("0.0.0.0:{closed}"));
+    let (code, _, err) = cistern_bg(&["health", "--config", c], &[]).await;
+    assert_eq!(code, 1);
+    assert_eq!(err.trim().lines().count(), 1, "not one line: {err}");
+    assert!(
+        err.contains(&format!("127.0.0.1:{closed}")) && err.contains("cistern serve"),
+        "{err}"
+    );
+
+    // The environment wins over the file, as for `serve`.
+    let listen = node.addr.to_string();
+    let env = [("CISTERN_SERVER__LISTEN", listen.as_str())];
+    let (code, _, err) = cistern_bg(&["health", "--config", c], &env).await;
+    assert_eq!(code, 0, "{err}");
+
+    // Something that accepts and never answers: bounded by the probe's 2 s, not by the caller.
+    let mute = mute_listener();
+    write(&mute.local_addr().unwrap().to_string());
+    let started = std::time::Instant::now();
+    let (code, _, err) = cistern_bg(&["health", "--config", c], &[]).await;
+    assert_eq!(code, 1);
+    assert!(err.contains("no answer within 2s"), "{err}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(4));
+
+    // Nothing to probe is a config problem, said as such.
+    write("");
+    let (code, _, err) = cistern_bg(&["health", "--config", c], &[]).await;
+    assert_eq!(code, 1);
+    assert!(err.contains("both off"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_probes_the_tls_listener_when_there_is_no_plain_one() {
+    let origin = Origin::start().await;
+    let certs = tempfile::tempdir().unwrap();
+    let ck = rcgen::generate_simple_self_signed(vec!["gateway.example".into()]).unwrap();
+    let (cert, key) = (
+        certs.path().join("server.pem"),
+        certs.path().join("server.key"),
+    );
+    std::fs::write(&cert, ck.cert.pem()).unwrap();
+    std::fs::write(&key, ck.key_pair.serialize_pem()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path(), &origin, "");
+    cfg.server.tls_listen = "127.0.0.1:0".into();
+    cfg.server.tls_cert = cert.display().to_string();
+    cfg.server.tls_key = key.display().to_string();
+    let node = Node::start_with(cfg).await;
+    let tls = node.gw.as_ref().unwrap().tls_addr.unwrap().to_string();
+    let (cert, key) = (cert.display().to_string(), key.display().to_string());
+    let env = [
+        ("CISTERN_SERVER__LISTEN", ""),
+        ("CISTERN_SERVER__TLS_LISTEN", tls.as_str()),
+        ("CISTERN_SERVER__TLS_CERT", cert.as_str()),
+        ("CISTERN_SERVER__TLS_KEY", key.as_str()),
+    ];
+    let conf = dir.path().join("c.toml");
+    std::fs::write(&conf, "").unwrap();
+    let (code, out, err) = cistern_bg(&["health", "--config", conf.to_str().unwrap()], &env).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains(&format!("https://{tls}/healthz answered 200")),
+        "{out}"
+    );
+}
+
+/// Runs `serve` on `dir` as it would run in the image: as a user that does not own the directory
+/// (uid 65534 when the tests run as root, else this user with the directory made read-only).
+#[test]
+fn a_store_dir_not_writable_is_one_line_naming_the_uid_and_the_fix() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    let t = tempfile::tempdir().unwrap();
+    let data = t.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    let conf = t.path().join("c.toml");
+    std::fs::write(
+        &conf,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\n[store]\ndir = \"{}\"\nmin_free = \"0\"\n",
+            data.display()
+        ),
+    )
+    .unwrap();
+    let mode = |p: &std::path::Path, m: u32| {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).unwrap()
+    };
+    mode(t.path(), 0o755);
+    mode(&conf, 0o644);
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_cistern"));
+    cmd.args(["serve", "--config"]).arg(&conf);
+    // SAFETY: geteuid and getegid cannot fail.
+    let (uid, gid) = if unsafe { libc::geteuid() } == 0 {
+        // root ignores modes: run as nobody, which does not own `data` (root's, 0755), as the
+        // image's user does not own a bind-mounted host directory.
+        cmd.uid(65534).gid(65534);
+        (65534, 65534)
+    } else {
+        mode(&data, 0o555);
+        unsafe { (libc::geteuid(), libc::getegid()) }
+    };
+    let out = cmd.output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.trim().lines().count(), 1, "not one line: {err}");
+    let want = format!(
+        "store.dir {} is not writable by uid {uid} (gid {gid}): chown -R {uid}:{gid}",
+        data.display()
+    );
+    assert!(err.contains(&want), "{err}");
+    assert!(err.contains("named volume"), "{err}");
+}
+
+#[test]
+fn logs_carry_no_colour_codes_without_a_terminal() {
+    use std::io::BufRead;
+    let t = tempfile::tempdir().unwrap();
+    let conf = t.path().join("c.toml");
+    std::fs::write(
+        &conf,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\n[store]\ndir = \"{}\"\nmin_free = \"0\"\n",
+            t.path().join("data").display()
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_cistern"))
+        .args(["serve", "--config"])
+        .arg(&conf)
+        .env_remove("RUST_LOG")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let mut lines = Vec::new();
+    while !lines.iter().any(|l: &String| l.contains("cistern serving")) {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(l) => lines.push(l),
+            Err(_) => break,
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(
+        lines.iter().any(|l| l.contains("cistern serving")),
+        "serve did not log its start within 20 s: {lines:?}"
+    );
+    for l in &lines {
+        assert!(!l.contains('\u{1b}'), "colour codes in a pipe: {l:?}");
+    }
+}

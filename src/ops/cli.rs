@@ -1,5 +1,6 @@
-//! The CLI commands other than `serve` (SPEC 1): `import`, `verify`, `prefetch`, `doctor`, each either on
-//! the store directly or through a running gateway (`--server`). `main` parses arguments and calls these.
+//! The CLI commands other than `serve` (SPEC 1): `import`, `verify`, `prefetch`, `doctor`, `health`;
+//! the first three either on the store directly or through a running gateway (`--server`). `main`
+//! parses arguments and calls these.
 
 use std::path::PathBuf;
 
@@ -216,4 +217,13 @@ pub fn doctor(config: Option<PathBuf>) -> anyhow::Result<bool> {
         println!("{c}");
     }
     Ok(checks.iter().all(|c| c.ok))
+}
+
+/// `cistern health`: prints one line and exits 0 when `/healthz` answers 200, else the error is the
+/// one line saying why (exit 1).
+pub fn health(config: Option<PathBuf>) -> anyhow::Result<()> {
+    let cfg = load(config)?;
+    let line = crate::ops::health::probe(&cfg).map_err(anyhow::Error::msg)?;
+    println!("{line}");
+    Ok(())
 }

@@ -4,6 +4,7 @@
 
 pub mod cli;
 pub mod doctor;
+pub mod health;
 mod metrics;
 pub mod remote;
 

@@ -47,6 +47,11 @@ pub enum StoreError {
     NoRoom(u64),
     #[error("store {0} is in use by another cistern process")]
     Locked(String),
+    /// The directory (or the lock or a subdirectory in it) refuses this process: in a container, a
+    /// bind-mounted host directory owned by root is the usual cause, and the process runs as a fixed
+    /// non-root user, so the message names that user and both ways out.
+    #[error("store.dir {dir} is not writable by uid {uid} (gid {gid}): chown -R {uid}:{gid} the directory (on the host, when it is a bind mount) or mount a named volume there")]
+    NotWritable { dir: String, uid: u32, gid: u32 },
     #[error("object {0} is not stored")]
     NotFound(Digest),
 }
@@ -55,6 +60,24 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
     move |source| StoreError::Io {
         path: path.display().to_string(),
         source,
+    }
+}
+
+/// Like [`io_err`] for what opening the store creates in `dir`: a refusal becomes
+/// [`StoreError::NotWritable`], which says whose write was refused and what to do.
+fn open_err<'a>(dir: &'a Path, path: &'a Path) -> impl FnOnce(std::io::Error) -> StoreError + 'a {
+    move |source| {
+        if source.kind() == std::io::ErrorKind::PermissionDenied {
+            // SAFETY: geteuid and getegid cannot fail and touch no memory.
+            let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
+            StoreError::NotWritable {
+                dir: dir.display().to_string(),
+                uid,
+                gid,
+            }
+        } else {
+            io_err(path)(source)
+        }
     }
 }
 
@@ -178,12 +201,12 @@ pub struct Usage {
 impl Store {
     /// Opens (creating if needed) and recovers the store. Blocking.
     pub fn open(cfg: &StoreConfig) -> Result<Store, StoreError> {
-        std::fs::create_dir_all(&cfg.dir).map_err(io_err(&cfg.dir))?;
+        std::fs::create_dir_all(&cfg.dir).map_err(open_err(&cfg.dir, &cfg.dir))?;
         let lock = recover::lock(&cfg.dir)?;
         let objects_dir = cfg.dir.join("sha256");
         let tmp_dir = cfg.dir.join("tmp");
         for d in [&objects_dir, &tmp_dir] {
-            std::fs::create_dir_all(d).map_err(io_err(d))?;
+            std::fs::create_dir_all(d).map_err(open_err(&cfg.dir, d))?;
         }
         let index = recover::open_index(&cfg.dir.join("index"))?;
         let state = recover::reconcile(&objects_dir, &tmp_dir, &index)?;

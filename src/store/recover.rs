@@ -8,7 +8,7 @@ use std::path::Path;
 
 use super::index::{Index, KeyEntry, ObjectRecord};
 use super::meta::{now_ms, ObjectMeta};
-use super::{io_err, Digest, Obj, State, StoreError};
+use super::{io_err, open_err, Digest, Obj, State, StoreError};
 
 /// Takes an exclusive advisory lock on `<dir>/lock`, so that a second process cannot open the store.
 pub fn lock(dir: &Path) -> Result<std::fs::File, StoreError> {
@@ -19,7 +19,7 @@ pub fn lock(dir: &Path) -> Result<std::fs::File, StoreError> {
         .truncate(false)
         .write(true)
         .open(&path)
-        .map_err(io_err(&path))?;
+        .map_err(open_err(dir, &path))?;
     // SAFETY: flock on a file descriptor we own.
     let rc = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
     if rc != 0 {
