@@ -3,6 +3,7 @@
 //! the test skips, where Chromium or chromedriver is not installed (`.ci/run` installs both).
 
 use std::future::Future;
+use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -14,7 +15,7 @@ use serde_json::{json, Value};
 pub const WAIT: Duration = Duration::from_secs(30);
 
 /// The flags Chromium needs to run headless as root in a container, fetching nothing of its own.
-const FLAGS: [&str; 9] = [
+const FLAGS: [&str; 10] = [
     "--headless",
     "--no-sandbox",
     "--disable-gpu",
@@ -23,15 +24,20 @@ const FLAGS: [&str; 9] = [
     "--disable-sync",
     "--no-first-run",
     "--disable-dev-shm-usage",
+    "--disable-crash-reporter",
     "--window-size=1280,2400",
 ];
 
-/// The chromedriver process a test started, killed when the test is done with it (or panics).
+/// The chromedriver process a test started, in a process group of its own that the Chromium it
+/// starts joins: the whole group is killed when the test is done with it, or panics before it could
+/// close the session.
 struct Driver(Child);
 
 impl Drop for Driver {
     fn drop(&mut self) {
-        let _ = self.0.kill();
+        let group = self.0.id() as libc::pid_t;
+        // SAFETY: kill(2) with a negative pid signals that process group, the one made at spawn.
+        unsafe { libc::kill(-group, libc::SIGKILL) };
         let _ = self.0.wait();
     }
 }
@@ -90,6 +96,7 @@ impl Browser {
         let port = super::common::free_port();
         let child = Command::new(&driver)
             .arg(format!("--port={port}"))
+            .process_group(0)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
