@@ -229,20 +229,22 @@ impl Gateway {
             tokio::spawn(relay.clone().forward(client, health))
         };
         let stats = Arc::new(server::ServerStats::default());
-        let ops = ops::Ops {
+        let ops = Arc::new(ops::Ops {
             node_id: cfg.node.id.clone(),
             store: store.clone(),
             fetcher: fetcher.clone(),
             server: stats.clone(),
             relay: relay.clone(),
-        };
+            samples: ops::dashboard::samples::Samples::default(),
+        });
+        let sampler = tokio::spawn(ops::dashboard::samples::run(ops.clone()));
         let app = Arc::new(server::App {
             cfg: cfg.clone(),
             fetcher: fetcher.clone(),
             store: store.clone(),
             relay: relay.clone(),
             admin_token: cfg.admin_token()?,
-            own: Some(Arc::new(ops)),
+            own: Some(ops),
             stats,
             ready: AtomicBool::new(true),
         });
@@ -272,6 +274,7 @@ impl Gateway {
             .await;
             flush_task.abort();
             forwarder.abort();
+            sampler.abort();
             relay.flush().await;
             let _ = tokio::task::spawn_blocking(move || flusher.flush()).await;
         });

@@ -312,6 +312,16 @@ impl Fetcher {
         lock(&self.inner.jobs.jobs).get(id).map(|j| lock(j).clone())
     }
 
+    /// The newest `n` jobs of this process, newest first (for the dashboard).
+    pub fn prefetch_jobs(&self, n: usize) -> Vec<Job> {
+        let jobs: Vec<Arc<Mutex<Job>>> = lock(&self.inner.jobs.jobs).values().cloned().collect();
+        let mut out: Vec<Job> = jobs.iter().map(|j| lock(j).clone()).collect();
+        // Ids start with the start time in hexadecimal milliseconds, then a sequence number.
+        out.sort_by_key(|j| std::cmp::Reverse(job_order(&j.id)));
+        out.truncate(n);
+        out
+    }
+
     async fn stage_one(
         &self,
         w: &Wanted,
@@ -376,6 +386,15 @@ impl Fetcher {
     pub fn staged_digest(&self, key: &str) -> Option<Digest> {
         self.inner.store.staged_digest(key)
     }
+}
+
+/// (start time, sequence number) from a job id `<hex ms>-<n>`.
+fn job_order(id: &str) -> (u64, u64) {
+    let (ms, n) = id.split_once('-').unwrap_or((id, "0"));
+    (
+        u64::from_str_radix(ms, 16).unwrap_or(0),
+        n.parse().unwrap_or(0),
+    )
 }
 
 /// A URL as it may be shown: without its query, which may hold a SAS `sig`.

@@ -198,6 +198,21 @@ pub struct Usage {
     pub min_free: u64,
 }
 
+impl Usage {
+    /// What the store may use: `max_size`, or what it holds plus what the filesystem has free above
+    /// `min_free` (the budget's own rule for the room fills may take), whichever is smaller.
+    pub fn may_use(&self) -> u64 {
+        let room = self
+            .bytes
+            .saturating_add(self.free.saturating_sub(self.min_free));
+        if self.max_size > 0 {
+            self.max_size.min(room)
+        } else {
+            room
+        }
+    }
+}
+
 impl Store {
     /// Opens (creating if needed) and recovers the store. Blocking.
     pub fn open(cfg: &StoreConfig) -> Result<Store, StoreError> {

@@ -234,11 +234,14 @@ async fn a_refused_report_is_set_aside_retried_and_dropped_by_the_admin() {
         .as_str()
         .unwrap()
         .contains("not acceptable"));
-    let dash = String::from_utf8_lossy(&get(&leaf.url("/")).await.body).to_string();
-    assert!(
-        dash.contains("set aside (refused by the next hop): 1"),
-        "the dashboard"
-    );
+    let dash = get(&leaf.url("/dashboard/state.json")).await.json();
+    assert_eq!(dash["relay"]["setAsideCount"], 1, "the dashboard: {dash}");
+    let refused = &dash["relay"]["setAside"][0];
+    assert_eq!(refused["status"], "400", "the dashboard: {dash}");
+    assert!(refused["answer"]
+        .as_str()
+        .unwrap_or("")
+        .contains("not acceptable"));
 
     let admin = |method: &'static str, path: &'static str, token: Option<&'static str>| {
         let url = leaf.url(path);
