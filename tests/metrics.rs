@@ -144,3 +144,107 @@ async fn the_summary_counts_bytes_as_they_are_sent() {
     assert_eq!(e, received, "{end}");
     assert_eq!(h, size as u64, "{end}");
 }
+
+/// The request's log line is written when its response ends, with the bytes actually sent, the time
+/// to the first byte and the whole duration, and how it ended; JSON logs are one object per line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_request_line_says_what_was_sent_when_the_response_ends() {
+    use std::io::BufRead;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let origin = Origin::start().await;
+    let whole = random_bytes(2 << 20, 102);
+    origin.put("/whole.bin", whole.clone(), Behaviour::default());
+    let slow = Behaviour {
+        rate: Some(1 << 20),
+        ..Default::default()
+    };
+    origin.put("/slow.bin", random_bytes(8 << 20, 103), slow);
+    let t = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let conf = t.path().join("c.toml");
+    std::fs::write(
+        &conf,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:{port}\"\n[store]\ndir = \"{}\"\nmin_free = \"0\"\n\
+             [upstream]\nallowed_origins = [\"127.0.0.1:{o}\"]\n[[origins]]\nname = \"t\"\n\
+             url = \"http://127.0.0.1:{o}\"\n[log]\nformat = \"json\"\n",
+            t.path().join("data").display(),
+            o = origin.addr.port()
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_cistern"))
+        .args(["serve", "--config"])
+        .arg(&conf)
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    for pipe in [
+        Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
+        Box::new(child.stderr.take().unwrap()),
+    ] {
+        let tx = tx.clone();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(pipe).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+    }
+    let base = format!("http://127.0.0.1:{port}");
+    let ready = std::time::Instant::now() + Duration::from_secs(20);
+    while tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .is_err()
+    {
+        assert!(std::time::Instant::now() < ready, "cistern not listening");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let g = get(&format!("{base}/o/t/whole.bin")).await;
+    assert_eq!(g.body, whole);
+    // A client that takes the head and a little of the body, then leaves.
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    s.write_all(b"GET /o/t/slow.bin HTTP/1.1\r\nhost: gw\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 64 << 10];
+    let _ = s.read(&mut buf).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    drop(s);
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let _ = child.kill();
+    let _ = child.wait();
+    let lines: Vec<String> = rx.try_iter().collect();
+    let mut requests = Vec::new();
+    for l in &lines {
+        let v: serde_json::Value = serde_json::from_str(l)
+            .unwrap_or_else(|e| panic!("not one JSON object per line ({e}): {l}"));
+        if v["fields"]["message"] == "request" {
+            requests.push(v["fields"].clone());
+        }
+    }
+    let done = requests
+        .iter()
+        .find(|r| r["key"].as_str().is_some_and(|k| k.ends_with("/whole.bin")))
+        .unwrap_or_else(|| panic!("no request line for whole.bin: {lines:?}"));
+    assert_eq!(done["bytes"], whole.len() as u64, "{done}");
+    assert_eq!(done["end"], "complete", "{done}");
+    assert!(
+        done["ttfb_ms"].as_u64().unwrap() <= done["ms"].as_u64().unwrap(),
+        "{done}"
+    );
+    let left = requests
+        .iter()
+        .find(|r| r["key"].as_str().is_some_and(|k| k.ends_with("/slow.bin")))
+        .unwrap_or_else(|| panic!("no request line for the client that left: {lines:?}"));
+    assert_eq!(left["end"], "client-left", "{left}");
+    assert!(left["bytes"].as_u64().unwrap() < 8 << 20, "{left}");
+    assert!(
+        left["ms"].as_u64().unwrap() >= 400,
+        "logged when the headers went out: {left}"
+    );
+}

@@ -99,15 +99,18 @@ pub struct Metered {
     record: Option<Record>,
     sent: u64,
     first_byte: Option<Duration>,
+    /// The Content-Length, when the response has one: hyper stops polling once it is reached.
+    length: Option<u64>,
 }
 
 impl Metered {
-    pub fn new(inner: Body, record: Record) -> Metered {
+    pub fn new(inner: Body, record: Record, length: Option<u64>) -> Metered {
         Metered {
             inner,
             record: Some(record),
             sent: 0,
             first_byte: None,
+            length,
         }
     }
 
@@ -194,7 +197,8 @@ impl HttpBody for Metered {
 impl Drop for Metered {
     fn drop(&mut self) {
         // hyper drops a body it never polled to its end: a HEAD, a 304, or a client that left.
-        let end = match self.inner.is_end_stream() {
+        let whole = self.inner.is_end_stream() || self.length == Some(self.sent);
+        let end = match whole {
             true => "complete",
             false => "client-left",
         };

@@ -137,8 +137,15 @@ impl App {
             cache,
             started,
         };
+        let length = resp
+            .headers()
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        // A HEAD or a 304 announces a length it never sends.
+        let length = length.filter(|_| method != Method::HEAD && status != 304);
         let (parts, body) = resp.into_parts();
-        Response::from_parts(parts, Metered::new(body, record).boxed())
+        Response::from_parts(parts, Metered::new(body, record, length).boxed())
     }
 
     fn count_request(&self, form: &'static str, outcome: Outcome) {
