@@ -143,7 +143,7 @@ impl KeyMeta {
 }
 
 /// The content of `<hex>.meta`.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct ObjectMeta {
     pub digest: Digest,
     pub size: u64,
