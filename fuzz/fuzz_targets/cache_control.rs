@@ -62,17 +62,14 @@ fuzz_target!(|data: &[u8]| {
     check_block(&m.headers, &resp);
 });
 
+/// Every directive is named by a token (RFC 9111 §5.2), lower-cased.
 fn check_directives(h: &HeaderMap) {
-    for (name, value) in freshness::directives(h) {
-        assert!(
-            !name.is_empty() && !name.contains(','),
-            "directive {name:?}"
-        );
+    for (name, _) in freshness::directives(h) {
+        let token = name
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&c));
+        assert!(!name.is_empty() && token, "directive {name:?}");
         assert_eq!(name, name.to_ascii_lowercase());
-        assert_eq!(name, name.trim());
-        if let Some(v) = value {
-            assert!(!v.contains(','), "directive {name}={v:?}");
-        }
     }
 }
 
