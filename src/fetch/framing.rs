@@ -24,13 +24,23 @@ pub fn same_etag(h: &HeaderMap, v: Option<&str>) -> bool {
     }
 }
 
+/// The Content-Length (RFC 9110 §8.6): `1*DIGIT`, or one value repeated in a list or over several
+/// lines, which hyper accepts and frames the body by; anything else is no length.
 pub fn content_length(h: &HeaderMap) -> Option<u64> {
-    h.get(http::header::CONTENT_LENGTH)?
-        .to_str()
-        .ok()?
-        .trim()
-        .parse()
-        .ok()
+    let mut length = None;
+    for line in h.get_all(http::header::CONTENT_LENGTH) {
+        for member in line.to_str().ok()?.split(',').map(str::trim) {
+            if member.is_empty() || !member.bytes().all(|b| b.is_ascii_digit()) {
+                return None;
+            }
+            let n: u64 = member.parse().ok()?;
+            if length.is_some_and(|l| l != n) {
+                return None;
+            }
+            length = Some(n);
+        }
+    }
+    length
 }
 
 /// A 206 continues the held bytes when its Content-Range starts where they end and names the same size.
@@ -77,5 +87,25 @@ mod tests {
             "bytes 100-199/*".parse().unwrap(),
         );
         assert!(continues(&h, 100, None));
+    }
+
+    #[test]
+    fn content_length_as_hyper_frames_it() {
+        // Regression (fuzz target upstream_head): `42, 42` (RFC 9110 §8.6 lets a recipient take a list
+        // of one value repeated, and hyper frames the body by it) gave no length at all.
+        let cl = |lines: &[&str]| {
+            let mut h = HeaderMap::new();
+            for l in lines {
+                h.append(http::header::CONTENT_LENGTH, l.parse().unwrap());
+            }
+            content_length(&h)
+        };
+        assert_eq!(cl(&["42"]), Some(42));
+        assert_eq!(cl(&["42, 42"]), Some(42));
+        assert_eq!(cl(&["42", " 42 "]), Some(42));
+        for bad in [&["42, 43"][..], &["42", "43"], &["+42"], &["4 2"], &["42,"], &[""]] {
+            assert_eq!(cl(bad), None, "{bad:?}");
+        }
+        assert_eq!(cl(&[]), None);
     }
 }
