@@ -38,10 +38,20 @@ impl ByteSize {
                 ))
             }
         };
+        let too_big = || format!("`{s}` is too large a size (at most {} bytes)", u64::MAX);
+        if !num.contains('.') {
+            // Whole numbers exactly: through an f64, a byte count past 2^53 would change.
+            let n: u64 = num.parse().map_err(|_| too_big())?;
+            return n.checked_mul(mult).map(ByteSize).ok_or_else(too_big);
+        }
         let v: f64 = num
             .parse()
             .map_err(|_| format!("`{s}` is not a size (expected e.g. 1048576, 512MiB, 20GiB)"))?;
-        Ok(ByteSize((v * mult as f64) as u64))
+        let bytes = v * mult as f64;
+        if bytes >= u64::MAX as f64 {
+            return Err(too_big());
+        }
+        Ok(ByteSize(bytes as u64))
     }
 }
 
@@ -166,6 +176,20 @@ mod tests {
         assert!(ByteSize::parse("12 parsecs").is_err());
         assert!(ByteSize::parse("GiB").is_err());
         assert_eq!(ByteSize(1 << 30).to_string(), "1GiB");
+    }
+
+    #[test]
+    fn sizes_in_plain_bytes_are_exact() {
+        // Regression (fuzz target config): every size went through an f64, so a byte count past 2^53
+        // came back as a neighbour of itself, and one past 2^64 as u64::MAX.
+        let n = 6_213_023_705_161_793_535u64;
+        assert_eq!(ByteSize::parse(&n.to_string()).unwrap().0, n);
+        assert_eq!(ByteSize::parse(&format!("000{n}")).unwrap().0, n);
+        assert_eq!(ByteSize::parse("8388607TiB").unwrap().0, 8_388_607 << 40);
+        assert_eq!(ByteSize::parse("1.5KiB").unwrap().0, 1536);
+        for too_big in ["18446744073709551616", "16777216TiB", "16777216.5TiB"] {
+            assert!(ByteSize::parse(too_big).is_err(), "{too_big}");
+        }
     }
 
     #[test]
