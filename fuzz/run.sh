@@ -6,7 +6,7 @@
 #   fuzz/run.sh --build                 only builds the targets (a check that they still compile)
 #
 # Needs nightly Rust and cargo-fuzz (`cargo install cargo-fuzz`). The corpus grows in fuzz/corpus/
-# from the committed seeds in fuzz/seeds/; crashes land in fuzz/artifacts/<target>/, each run's log in
+# from the committed seeds in fuzz/seeds/, with the dictionaries in fuzz/dicts/; crashes land in fuzz/artifacts/<target>/, each run's log in
 # fuzz/logs/. FUZZ_SANITIZER=address builds with ASan (default none: the parsers are safe Rust, and
 # without it the targets build faster and run several times as many inputs); FUZZ_JOBS sets the
 # parallel build jobs.
@@ -40,9 +40,11 @@ for t in "${targets[@]}"; do
   mkdir -p "corpus/$t" "artifacts/$t"
   dirs=("corpus/$t")
   [ -d "seeds/$t" ] && dirs+=("seeds/$t")
+  opts=(-max_total_time="$secs" -timeout=10 -print_final_stats=1)
+  [ -f "dicts/$t.dict" ] && opts+=(-dict="dicts/$t.dict")
   before=$(ls "artifacts/$t")
-  cargo +nightly fuzz run --sanitizer "$sanitizer" "$t" "${dirs[@]}" -- \
-    -max_total_time="$secs" -timeout=10 -print_final_stats=1 >"logs/$t.log" 2>&1
+  cargo +nightly fuzz run --sanitizer "$sanitizer" "$t" "${dirs[@]}" -- "${opts[@]}" \
+    >"logs/$t.log" 2>&1
   rc=$?
   execs=$(sed -n 's/^stat::number_of_executed_units: *//p' "logs/$t.log" | tail -n 1)
   corpus=$(find "corpus/$t" -type f | wc -l)
