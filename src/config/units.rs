@@ -109,12 +109,17 @@ impl Span {
         let n: u64 = num
             .parse()
             .map_err(|_| format!("`{s}` is not a duration (expected e.g. 30s, 5m, 2h)"))?;
+        let secs = |per: u64| {
+            n.checked_mul(per)
+                .map(Duration::from_secs)
+                .ok_or_else(|| format!("`{s}` is too long a duration"))
+        };
         let d = match unit.trim() {
             "" | "s" => Duration::from_secs(n),
             "ms" => Duration::from_millis(n),
-            "m" => Duration::from_secs(n * 60),
-            "h" => Duration::from_secs(n * 3600),
-            "d" => Duration::from_secs(n * 86400),
+            "m" => secs(60)?,
+            "h" => secs(3600)?,
+            "d" => secs(86400)?,
             other => {
                 return Err(format!(
                     "`{s}`: unknown duration unit `{other}` (use ms, s, m, h, d)"
@@ -200,5 +205,22 @@ mod tests {
         assert_eq!(Span::parse("250ms").unwrap().0, Duration::from_millis(250));
         assert!(Span::parse("soon").is_err());
         assert_eq!(Span::secs(600).to_string(), "10m");
+    }
+
+    #[test]
+    fn spans_too_long_are_errors() {
+        // Found reading the parser beside the config fuzz target: the unit's multiplication overflowed
+        // (a panic in a debug build, a wrapped, short duration in a release build).
+        for v in [
+            "213503982334602d",
+            "5124095576030432h",
+            "307445734561825861m",
+        ] {
+            assert!(Span::parse(v).is_err(), "{v}");
+        }
+        assert_eq!(
+            Span::parse("213503982334601d").unwrap().0.as_secs(),
+            213_503_982_334_601 * 86400
+        );
     }
 }
