@@ -38,10 +38,20 @@ impl ByteSize {
                 ))
             }
         };
+        let too_big = || format!("`{s}` is too large a size (at most {} bytes)", u64::MAX);
+        if !num.contains('.') {
+            // Whole numbers exactly: through an f64, a byte count past 2^53 would change.
+            let n: u64 = num.parse().map_err(|_| too_big())?;
+            return n.checked_mul(mult).map(ByteSize).ok_or_else(too_big);
+        }
         let v: f64 = num
             .parse()
             .map_err(|_| format!("`{s}` is not a size (expected e.g. 1048576, 512MiB, 20GiB)"))?;
-        Ok(ByteSize((v * mult as f64) as u64))
+        let bytes = v * mult as f64;
+        if bytes >= u64::MAX as f64 {
+            return Err(too_big());
+        }
+        Ok(ByteSize(bytes as u64))
     }
 }
 
@@ -99,12 +109,17 @@ impl Span {
         let n: u64 = num
             .parse()
             .map_err(|_| format!("`{s}` is not a duration (expected e.g. 30s, 5m, 2h)"))?;
+        let secs = |per: u64| {
+            n.checked_mul(per)
+                .map(Duration::from_secs)
+                .ok_or_else(|| format!("`{s}` is too long a duration"))
+        };
         let d = match unit.trim() {
             "" | "s" => Duration::from_secs(n),
             "ms" => Duration::from_millis(n),
-            "m" => Duration::from_secs(n * 60),
-            "h" => Duration::from_secs(n * 3600),
-            "d" => Duration::from_secs(n * 86400),
+            "m" => secs(60)?,
+            "h" => secs(3600)?,
+            "d" => secs(86400)?,
             other => {
                 return Err(format!(
                     "`{s}`: unknown duration unit `{other}` (use ms, s, m, h, d)"
@@ -169,6 +184,20 @@ mod tests {
     }
 
     #[test]
+    fn sizes_in_plain_bytes_are_exact() {
+        // Regression (fuzz target config): every size went through an f64, so a byte count past 2^53
+        // came back as a neighbour of itself, and one past 2^64 as u64::MAX.
+        let n = 6_213_023_705_161_793_535u64;
+        assert_eq!(ByteSize::parse(&n.to_string()).unwrap().0, n);
+        assert_eq!(ByteSize::parse(&format!("000{n}")).unwrap().0, n);
+        assert_eq!(ByteSize::parse("8388607TiB").unwrap().0, 8_388_607 << 40);
+        assert_eq!(ByteSize::parse("1.5KiB").unwrap().0, 1536);
+        for too_big in ["18446744073709551616", "16777216TiB", "16777216.5TiB"] {
+            assert!(ByteSize::parse(too_big).is_err(), "{too_big}");
+        }
+    }
+
+    #[test]
     fn spans() {
         assert_eq!(Span::parse("30s").unwrap().0, Duration::from_secs(30));
         assert_eq!(Span::parse("5m").unwrap().0, Duration::from_secs(300));
@@ -176,5 +205,22 @@ mod tests {
         assert_eq!(Span::parse("250ms").unwrap().0, Duration::from_millis(250));
         assert!(Span::parse("soon").is_err());
         assert_eq!(Span::secs(600).to_string(), "10m");
+    }
+
+    #[test]
+    fn spans_too_long_are_errors() {
+        // Found reading the parser beside the config fuzz target: the unit's multiplication overflowed
+        // (a panic in a debug build, a wrapped, short duration in a release build).
+        for v in [
+            "213503982334602d",
+            "5124095576030432h",
+            "307445734561825861m",
+        ] {
+            assert!(Span::parse(v).is_err(), "{v}");
+        }
+        assert_eq!(
+            Span::parse("213503982334601d").unwrap().0.as_secs(),
+            213_503_982_334_601 * 86400
+        );
     }
 }

@@ -15,20 +15,73 @@ const DELTA_MAX: u64 = 1 << 31;
 
 /// The directives of every Cache-Control field line, lower-cased names, values unquoted.
 pub fn directives(h: &HeaderMap) -> Vec<(String, Option<String>)> {
-    h.get_all(http::header::CACHE_CONTROL)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(str::trim)
-        .filter(|d| !d.is_empty())
-        .map(|d| match d.split_once('=') {
-            Some((k, v)) => (
-                k.trim().to_ascii_lowercase(),
-                Some(v.trim().trim_matches('"').to_string()),
-            ),
-            None => (d.to_ascii_lowercase(), None),
+    parse_directives(
+        h.get_all(http::header::CACHE_CONTROL)
+            .iter()
+            .filter_map(|v| v.to_str().ok()),
+    )
+}
+
+/// Cache-Control field lines as directives (RFC 9111 §5.2: `token [ "=" ( token / quoted-string ) ]`,
+/// comma-separated). A comma inside a quoted string is part of its value (RFC 9110 §5.6.4), and a
+/// member whose name is not a token is not a directive.
+fn parse_directives<'a>(lines: impl Iterator<Item = &'a str>) -> Vec<(String, Option<String>)> {
+    lines
+        .flat_map(list_members)
+        .filter_map(|d| {
+            let d = d.trim();
+            let (name, value) = match d.split_once('=') {
+                Some((k, v)) => (k.trim(), Some(unquote(v.trim()))),
+                None => (d, None),
+            };
+            let token = !name.is_empty()
+                && name
+                    .bytes()
+                    .all(|c| c.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&c));
+            token.then(|| (name.to_ascii_lowercase(), value))
         })
         .collect()
+}
+
+/// The members of a comma-separated list; commas inside quoted strings do not separate.
+fn list_members(v: &str) -> Vec<&str> {
+    let mut out = Vec::new();
+    let (mut start, mut quoted, mut escaped) = (0, false, false);
+    for (i, c) in v.char_indices() {
+        match c {
+            _ if escaped => escaped = false,
+            '\\' if quoted => escaped = true,
+            '"' => quoted = !quoted,
+            ',' if !quoted => {
+                out.push(&v[start..i]);
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    out.push(&v[start..]);
+    out
+}
+
+/// A directive's value: a token as it is, a quoted string without its quotes and escapes.
+fn unquote(v: &str) -> String {
+    let Some(inner) = v.strip_prefix('"') else {
+        return v.to_string();
+    };
+    let mut out = String::with_capacity(inner.len());
+    let mut escaped = false;
+    for c in inner.chars() {
+        match c {
+            _ if escaped => {
+                out.push(c);
+                escaped = false;
+            }
+            '\\' => escaped = true,
+            '"' => break,
+            _ => out.push(c),
+        }
+    }
+    out
 }
 
 fn has(ds: &[(String, Option<String>)], name: &str) -> bool {
@@ -79,18 +132,15 @@ pub fn storable(status: StatusCode, h: &HeaderMap, authorized: bool) -> bool {
 /// Whether a stored response may answer a request with credentials (RFC 9111 §3.5): its
 /// Cache-Control says `public`, `s-maxage` or `must-revalidate`.
 pub fn shareable_with_credentials(m: &KeyMeta) -> bool {
-    m.headers
+    let ds = parse_directives(
+        m.headers
+            .iter()
+            .filter(|(n, _)| n == "cache-control")
+            .map(|(_, v)| v.as_str()),
+    );
+    ["public", "s-maxage", "must-revalidate"]
         .iter()
-        .filter(|(n, _)| n == "cache-control")
-        .flat_map(|(_, v)| v.split(','))
-        .map(|d| {
-            d.split('=')
-                .next()
-                .unwrap_or("")
-                .trim()
-                .to_ascii_lowercase()
-        })
-        .any(|d| d == "public" || d == "s-maxage" || d == "must-revalidate")
+        .any(|d| has(&ds, d))
 }
 
 /// The freshness lifetime in seconds of a response, as a shared cache computes it.

@@ -3,7 +3,7 @@
 //! revalidation (SPEC 4). Calls `store` and the upstream; called by `server`.
 
 pub mod flight;
-mod framing;
+pub(crate) mod framing;
 pub mod freshness;
 pub mod headers;
 pub mod key;
@@ -206,7 +206,10 @@ pub fn variant_key(key: &str, vary: &[(String, Option<String>)]) -> String {
 }
 
 /// The request's values for the fields a stored response varies on.
-fn vary_for(stored: &[(String, Option<String>)], req: &HeaderMap) -> Vec<(String, Option<String>)> {
+pub(crate) fn vary_for(
+    stored: &[(String, Option<String>)],
+    req: &HeaderMap,
+) -> Vec<(String, Option<String>)> {
     let names: Vec<String> = stored.iter().map(|(n, _)| n.clone()).collect();
     let mut fake = HeaderMap::new();
     if let Ok(v) = http::HeaderValue::from_str(&names.join(", ")) {

@@ -99,10 +99,13 @@ fn extended_code(v: &Value, field: &str) -> Result<Option<i64>, BadReport> {
 
 fn update_id(v: &Value) -> Value {
     match v {
-        // `installedUpdateId` is a JSON string holding the update id.
-        Value::String(s) => {
-            serde_json::from_str::<Value>(s).unwrap_or_else(|_| Value::String(s.clone()))
-        }
+        // `installedUpdateId` is a JSON string holding the update id (an object). Only an object is
+        // taken out of it: a string holding any other JSON stays as it is, so that parsing a
+        // normalised report again (at the next hop) changes nothing.
+        Value::String(s) => match serde_json::from_str::<Value>(s) {
+            Ok(id @ Value::Object(_)) => id,
+            _ => Value::String(s.clone()),
+        },
         other => other.clone(),
     }
 }
@@ -269,6 +272,21 @@ mod tests {
         .unwrap();
         assert_eq!(again.report_id, r.report_id);
         // Parsing a normalised report again changes nothing (what a parent receives).
+        let relayed = parse(Value::Object(r.json.clone()), 0).unwrap();
+        assert_eq!(relayed.json, r.json);
+    }
+
+    #[test]
+    fn update_ids_parse_again_to_themselves() {
+        // Found by replaying an input through the status_report fuzz target's property: a string
+        // holding JSON that is not an object (`"\"1\""`) was decoded once per hop, so the report a
+        // parent received changed again (`"1"`, then `1`).
+        let r = parse(
+            json!({"reportId": "r", "deviceId": "d", "state": 1, "updateId": "\"1\""}),
+            0,
+        )
+        .unwrap();
+        assert_eq!(r.json["updateId"], "\"1\"");
         let relayed = parse(Value::Object(r.json.clone()), 0).unwrap();
         assert_eq!(relayed.json, r.json);
     }

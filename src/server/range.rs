@@ -77,13 +77,14 @@ impl ByteRange {
     }
 
     /// For an object whose size is not known yet: the bytes [start, end) when that can be served as they
-    /// arrive (`a-b`); None when the size is needed first (`a-`, `-n`).
+    /// arrive (`a-b`); None when the size is needed first (`a-`, `-n`). A last byte of u64::MAX ends
+    /// the range at u64::MAX (no object reaches it), unless that leaves it empty: then it too waits.
     pub fn bounded(self) -> Option<(u64, u64)> {
         match self {
             ByteRange::From {
                 first,
                 last: Some(l),
-            } => Some((first, l.saturating_add(1))),
+            } => Some((first, l.saturating_add(1))).filter(|(s, e)| s < e),
             _ => None,
         }
     }
@@ -161,5 +162,18 @@ mod tests {
             r(&huge).resolve(10),
             Resolved::Partial { start: 0, end: 10 }
         );
+    }
+
+    #[test]
+    fn a_range_of_the_last_possible_byte_is_not_served_empty() {
+        // Regression (fuzz target range): `bytes=M-M` with M = u64::MAX was bounded to the empty
+        // [M, M), answered 206 with `Content-Range: bytes M-(M-1)/*`. It waits for the size instead
+        // (and is unsatisfiable, as no object is that large).
+        let max = u64::MAX;
+        let r = parse(&format!("bytes={max}-{max}")).unwrap();
+        assert_eq!(r.bounded(), None);
+        assert_eq!(r.resolve(10), Resolved::Unsatisfiable);
+        let r = parse(&format!("bytes={}-{max}", max - 1)).unwrap();
+        assert_eq!(r.bounded(), Some((max - 1, max)));
     }
 }

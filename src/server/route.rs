@@ -154,7 +154,10 @@ impl Router<'_> {
         let authority: Authority = host
             .parse()
             .map_err(|_| bad("cacheHostOrigin must be host or host:port"))?;
-        let _ = port;
+        // The URL names what the authority's own parse reads: it must be the host and port checked.
+        if authority.host().trim_matches(['[', ']']) != h || authority.port_u16() != port {
+            return Err(bad("cacheHostOrigin must be host or host:port"));
+        }
         let pq = if rest.is_empty() {
             path.to_string()
         } else {
@@ -284,6 +287,10 @@ mod tests {
             "/f?cacheHostOrigin=evil.example%2Fx",
             "/f?cacheHostOrigin=",
             "/f?cacheHostOrigin=a%20b",
+            // Regression (fuzz target route): our split saw host `:[:F]` and port 801, the URL's
+            // own parse an empty host, and the URL went out with no host.
+            "/f?cacheHostOrigin=:[:F]:801",
+            "/f?cacheHostOrigin=%3A%5B%3A1%5D%3A80",
         ] {
             let u: Uri = bad.parse().unwrap();
             match r.route(&Method::GET, &u) {

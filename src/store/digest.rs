@@ -32,29 +32,13 @@ impl Digest {
     }
 
     /// `Repr-Digest: sha-256=:<b64>:` (RFC 9530) or the older `Digest: SHA-256=<b64>` (RFC 3230).
+    /// Other members, members without a value and lines that are not ASCII are passed over: they say
+    /// nothing about the sha-256 member.
     pub fn from_headers(h: &http::HeaderMap) -> Option<Digest> {
-        for v in h.get_all("repr-digest") {
-            let v = v.to_str().ok()?;
-            for member in v.split(',') {
-                let (k, val) = member.trim().split_once('=')?;
-                if k.trim().eq_ignore_ascii_case("sha-256") {
-                    let val = val.trim().trim_matches(':');
-                    return Digest::parse_any(val);
-                }
-            }
+        if let Some(val) = sha256_member(h, "repr-digest") {
+            return Digest::parse_any(val.trim().trim_matches(':'));
         }
-        for v in h.get_all("digest") {
-            let v = v.to_str().ok()?;
-            for member in v.split(',') {
-                let Some((k, val)) = member.trim().split_once('=') else {
-                    continue;
-                };
-                if k.trim().eq_ignore_ascii_case("sha-256") {
-                    return Digest::parse_any(val.trim());
-                }
-            }
-        }
-        None
+        sha256_member(h, "digest").and_then(|val| Digest::parse_any(val.trim()))
     }
 
     pub fn repr_digest_header(&self) -> String {
@@ -64,6 +48,17 @@ impl Digest {
     pub fn etag(&self) -> String {
         format!("\"{}\"", self.hex())
     }
+}
+
+/// The value of the first `sha-256` member of a digest field's lines.
+fn sha256_member<'a>(h: &'a http::HeaderMap, field: &str) -> Option<&'a str> {
+    h.get_all(field)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|member| member.trim().split_once('='))
+        .find(|(k, _)| k.trim().eq_ignore_ascii_case("sha-256"))
+        .map(|(_, val)| val)
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -128,5 +123,29 @@ mod tests {
         );
         assert_eq!(Digest::from_headers(&h), Some(d));
         assert!("xyz".parse::<Digest>().is_err());
+    }
+
+    #[test]
+    fn repr_digest_found_beside_members_without_a_value() {
+        // Regression (fuzz target upstream_head): a member without `=` (a Structured Field boolean,
+        // RFC 9530 allows other members) or a line that is not ASCII before the sha-256 member hid it.
+        let d = Digest(sha2::Sha256::digest(b"abc").into());
+        let mut h = http::HeaderMap::new();
+        h.append("repr-digest", "adler".parse().unwrap());
+        h.append(
+            "repr-digest",
+            http::HeaderValue::from_bytes(b"x=:\xff:").unwrap(),
+        );
+        h.append(
+            "repr-digest",
+            format!("unixsum, {}", d.repr_digest_header())
+                .parse()
+                .unwrap(),
+        );
+        assert_eq!(Digest::from_headers(&h), Some(d));
+        let mut h = http::HeaderMap::new();
+        h.append("repr-digest", "sha-512=:AAAA:, adler".parse().unwrap());
+        h.append("digest", format!("SHA-256={}", d.base64()).parse().unwrap());
+        assert_eq!(Digest::from_headers(&h), Some(d));
     }
 }

@@ -125,14 +125,16 @@ impl KeyMeta {
     }
 
     /// The response's current age in seconds (RFC 9111 §4.2.3).
+    /// Saturating: the values come from a file on disk, which may hold anything.
     pub fn age(&self, now_ms: u64) -> u64 {
-        self.initial_age + now_ms.saturating_sub(self.fetched_at) / 1000
+        self.initial_age
+            .saturating_add(now_ms.saturating_sub(self.fetched_at) / 1000)
     }
 
     /// Seconds left before the mapping goes stale (negative once stale); None when it never does.
     pub fn ttl(&self, now_ms: u64) -> Option<i64> {
-        let fresh = self.fresh_for? as i64;
-        Some(fresh - self.age(now_ms) as i64)
+        let signed = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        Some(signed(self.fresh_for?).saturating_sub(signed(self.age(now_ms))))
     }
 
     /// The upstream's ETag when it is strong (usable for If-Range, RFC 9110 §13.1.5).
@@ -142,7 +144,7 @@ impl KeyMeta {
 }
 
 /// The content of `<hex>.meta`.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct ObjectMeta {
     pub digest: Digest,
     pub size: u64,
@@ -173,4 +175,35 @@ pub fn now_ms() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ages_of_any_decoded_meta_do_not_overflow() {
+        // Found reading `age` and `ttl` beside the meta fuzz target: a `.meta` is read back from disk
+        // (a torn or hand-edited one too), and an `initial_age` or `fresh_for` near u64::MAX
+        // overflowed (a panic in a debug build, a wrapped age that looked fresh in a release one).
+        let m: KeyMeta = serde_json::from_str(&format!(
+            r#"{{"fetched_at": 0, "fresh_for": {max}, "etag": null, "last_modified": null,
+                "initial_age": {max}}}"#,
+            max = u64::MAX
+        ))
+        .unwrap();
+        assert_eq!(m.age(5_000), u64::MAX);
+        assert_eq!(m.ttl(5_000), Some(0));
+        let fresh = KeyMeta {
+            fresh_for: Some(u64::MAX),
+            ..Default::default()
+        };
+        assert_eq!(fresh.ttl(0), Some(i64::MAX));
+        let stale = KeyMeta {
+            fresh_for: Some(0),
+            initial_age: u64::MAX,
+            ..Default::default()
+        };
+        assert_eq!(stale.ttl(0), Some(-i64::MAX));
+    }
 }

@@ -158,3 +158,40 @@ fn vary_selects_by_normalised_request_fields() {
     ));
     assert!(vary_of(&h(&[("vary", "*")]), &req).is_none());
 }
+
+#[test]
+fn commas_in_quoted_strings_do_not_end_a_directive() {
+    // Regression (fuzz target cache_control): the field was split at every comma, inside quoted strings
+    // too (RFC 9110 §5.6.4), so the tail of a quoted value became a directive of its own, and a member
+    // whose name is not a token counted as a directive.
+    let cc = |v: &str| h(&[("cache-control", v)]);
+    let v = r#"ext="a, max-age=31536000", max-age=60"#;
+    assert_eq!(lifetime(OK, &cc(v)), 60);
+    assert_eq!(
+        directives(&cc(v)),
+        [
+            ("ext".to_string(), Some("a, max-age=31536000".to_string())),
+            ("max-age".to_string(), Some("60".to_string())),
+        ]
+    );
+    let escaped = directives(&cc(r#"ext="a\", public", =5, x/y, Max-Age="30""#));
+    assert_eq!(
+        escaped,
+        [
+            ("ext".to_string(), Some("a\", public".to_string())),
+            ("max-age".to_string(), Some("30".to_string())),
+        ]
+    );
+    // The qualified form of no-cache still makes the response stale.
+    assert_eq!(
+        lifetime(OK, &cc(r#"no-cache="set-cookie, x", max-age=60"#)),
+        0
+    );
+    let mut m = meta(&[("cache-control", r#"ext="x, public", max-age=60"#)], 0);
+    assert!(!shareable_with_credentials(&m));
+    m.headers = crate::store::StoredHeaders::new(vec![(
+        "cache-control".into(),
+        "max-age=60, public".into(),
+    )]);
+    assert!(shareable_with_credentials(&m));
+}
