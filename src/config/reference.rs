@@ -138,4 +138,24 @@ mod tests {
             );
         }
     }
+
+    #[test]
+    fn example_configs_are_valid() {
+        for (name, text) in [
+            (
+                "standalone.toml",
+                include_str!("../../config/standalone.toml"),
+            ),
+            (
+                "top-gateway.toml",
+                include_str!("../../config/top-gateway.toml"),
+            ),
+            (
+                "child-gateway.toml",
+                include_str!("../../config/child-gateway.toml"),
+            ),
+        ] {
+            Config::from_toml_str(text, name, &[]).unwrap();
+        }
+    }
 }
