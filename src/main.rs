@@ -30,7 +30,16 @@ enum Cmd {
         config: Option<PathBuf>,
     },
     /// Parse and validate a config; print the effective config with secrets redacted.
-    CheckConfig { file: PathBuf },
+    ///
+    /// Without FILE, checks what `serve` would read ($CISTERN_CONFIG, else /etc/cistern/cistern.toml,
+    /// else the built-in defaults), with the environment's CISTERN_* overrides applied.
+    CheckConfig {
+        /// The config file to check.
+        file: Option<PathBuf>,
+        /// Print the reference instead: every section and key with its default and meaning (TOML).
+        #[arg(long, conflicts_with = "file")]
+        defaults: bool,
+    },
     /// Re-hash every stored object and report those whose bytes no longer match their name.
     Verify {
         #[arg(long, conflicts_with = "server")]
@@ -152,12 +161,14 @@ fn main() -> ExitCode {
         Cmd::Serve { config } => runtime()
             .and_then(|rt| rt.block_on(serve(config)))
             .map(|_| true),
-        Cmd::CheckConfig { file } => Config::load(Some(&file))
-            .map(|c| {
-                print!("{}", c.redacted_toml());
-                true
-            })
-            .map_err(Into::into),
+        Cmd::CheckConfig { defaults: true, .. } => {
+            print!("{}", cistern::config::REFERENCE);
+            Ok(true)
+        }
+        Cmd::CheckConfig { file, .. } => load(file).map(|c| {
+            print!("{}", c.redacted_toml());
+            true
+        }),
         Cmd::Verify {
             config,
             repair,

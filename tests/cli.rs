@@ -64,6 +64,50 @@ fn check_config_names_the_bad_key_and_redacts_secrets() {
 }
 
 #[test]
+fn check_config_defaults_prints_the_reference() {
+    let (code, out, _) = cistern(&["check-config", "--defaults"]);
+    assert_eq!(code, 0);
+    for part in [
+        "[node]",
+        "[server]",
+        "[store]",
+        "[upstream]",
+        "# [[origins]]",
+        "[status]",
+        "[log]",
+    ] {
+        assert!(out.contains(part), "no {part} in: {out}");
+    }
+    assert!(out.contains("CISTERN_<SECTION>__<KEY>"), "{out}");
+    // What it prints is a config that checks.
+    let t = tempfile::tempdir().unwrap();
+    let reference = t.path().join("reference.toml");
+    std::fs::write(&reference, &out).unwrap();
+    let (code, _, err) = cistern(&["check-config", reference.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    // A file and --defaults together are a usage error.
+    let (code, _, _) = cistern(&["check-config", "--defaults", reference.to_str().unwrap()]);
+    assert_eq!(code, 2);
+}
+
+#[test]
+fn check_config_without_a_file_checks_what_serve_reads() {
+    let t = tempfile::tempdir().unwrap();
+    let conf = t.path().join("c.toml");
+    std::fs::write(&conf, "[store]\nmax_size = \"7GiB\"\n").unwrap();
+    let (code, out, err) = cistern_env(
+        &["check-config"],
+        &[
+            ("CISTERN_CONFIG", conf.to_str().unwrap()),
+            ("CISTERN_STORE__MIN_FREE", "3GiB"),
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("max_size = \"7GiB\""), "{out}");
+    assert!(out.contains("min_free = \"3GiB\""), "{out}");
+}
+
+#[test]
 fn version_help_and_usage_errors() {
     let (code, out, _) = cistern(&["--version"]);
     assert_eq!(code, 0);

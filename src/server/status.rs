@@ -33,7 +33,7 @@ pub async fn handle(
         (_, "/v1/status" | "/v1/devices" | "/v1/deployments" | "/v1/relay") => Err(ApiError::new(
             StatusCode::METHOD_NOT_ALLOWED,
             "method-not-allowed",
-            "see SPEC 5 for the methods",
+            "POST /v1/status; GET the others",
         )),
         _ => return Err(req),
     };
