@@ -1,4 +1,4 @@
-//! The dashboard (SPEC 7): the page at `/`, rendered from `templates/dashboard/` (askama, which escapes
+//! The dashboard (SPEC 7): the page at `/`, rendered from `src/ops/dashboard/templates/dashboard/` (askama, which escapes
 //! every value), the `/dashboard/state.json` it refreshes itself from, and its plots as SVG under
 //! `/dashboard/plot/`. Everything it needs is in the binary: the page works on a site with no internet.
 //! Reads only what `store`, `fetch`, `server` and `relay` expose, through [`Ops`].
@@ -19,7 +19,7 @@ use view::View;
 
 /// The page: the view as it is now, and the plots drawn from the samples.
 #[derive(Template)]
-#[template(path = "dashboard/page.html")]
+#[template(path = "dashboard/page.html", config = "src/ops/dashboard/askama.toml")]
 struct Page<'a> {
     v: &'a View,
     store_svg: &'a str,
