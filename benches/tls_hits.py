@@ -64,7 +64,8 @@ def nginx(root, name, body):
     os.makedirs(os.path.join(d, "logs"), exist_ok=True)
     conf = os.path.join(d, "nginx.conf")
     with open(conf, "w") as f:
-        f.write(f"""worker_processes auto;
+        f.write(f"""user root;
+worker_processes auto;
 pid {d}/nginx.pid;
 error_log {d}/logs/error.log warn;
 events {{ worker_connections 4096; }}

@@ -118,8 +118,11 @@ impl RemoteArgs {
 }
 
 fn init_logs(cfg: &Config) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cfg.log.level));
+    // rustls warns on every handshake whose SNI is an IP address (devices and wrk connect by
+    // address): kept to its errors unless RUST_LOG asks otherwise.
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new(format!("{},rustls=error", cfg.log.level))
+    });
     // Colour codes only for a person at a terminal: `iotedge logs`, `docker logs` and journald show
     // them as garbage.
     let b = tracing_subscriber::fmt()
