@@ -1,5 +1,5 @@
 //! The core gateway against a real loopback origin: collapsing, streaming, verification, resume, ranges,
-//! freshness, the allowlist and the store on disk.
+//! freshness and the store on disk (the request forms and access control: `forms.rs`).
 
 mod common;
 
@@ -7,7 +7,6 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use common::*;
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fifty_cold_clients_make_one_origin_transfer() {
     let origin = Origin::start().await;
@@ -307,131 +306,6 @@ async fn offline_miss_is_a_json_504_and_hits_still_serve() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn origins_outside_the_allowlist_get_403_and_no_connection() {
-    let origin = Origin::start().await;
-    origin.put("/a.bin", random_bytes(10, 10), Behaviour::default());
-    let node = Node::start(&origin, "").await;
-    let g = get(&node.url("/a.bin?cacheHostOrigin=evil.example.com")).await;
-    assert_eq!(g.status, 403);
-    assert_eq!(g.json()["error"], "origin-not-allowed");
-    // `localhost` on the origin's port: allowed by no pattern.
-    let g = proxy_get(
-        node.addr,
-        &format!("http://localhost:{}/a.bin", origin.addr.port()),
-        &[],
-    )
-    .await;
-    assert_eq!(g.status, 403);
-    // Allowed as a host pattern, but it resolves to loopback, which no pattern names literally.
-    let tmp = tempfile::tempdir().unwrap();
-    let mut cfg = config(tmp.path(), &origin, "");
-    cfg.upstream
-        .allowed_origins
-        .push(format!("localhost:{}", origin.addr.port()));
-    cfg.origins.clear();
-    cfg.upstream
-        .allowed_origins
-        .retain(|p| p.starts_with("localhost"));
-    let n2 = Node::start_with(cfg).await;
-    let g = proxy_get(
-        n2.addr,
-        &format!("http://localhost:{}/a.bin", origin.addr.port()),
-        &[],
-    )
-    .await;
-    assert_eq!(g.status, 403, "{:?}", g.body);
-    assert_eq!(g.json()["error"], "address-not-allowed");
-    assert_eq!(origin.gets("/a.bin"), 0);
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_three_url_forms_share_one_object() {
-    let origin = Origin::start().await;
-    let body = random_bytes(50_000, 11);
-    origin.put(
-        "/c/fw.bin",
-        body.clone(),
-        Behaviour {
-            cache_control: Some("max-age=3600".into()),
-            ..Default::default()
-        },
-    );
-    let node = Node::start(&origin, "").await;
-    let host = format!("127.0.0.1:{}", origin.addr.port());
-    let a = proxy_get(
-        node.addr,
-        &format!("http://{host}/c/fw.bin?sv=1&sig=SECRET1"),
-        &[],
-    )
-    .await;
-    assert_eq!(a.body, body);
-    eventually(5, "stored", || node.blobs().len() == 1).await;
-    let b = get(&node.url(&format!("/c/fw.bin?sv=1&sig=OTHER&cacheHostOrigin={host}"))).await;
-    assert_eq!(b.body, body);
-    assert_eq!(b.header("cache-status"), "cistern; hit");
-    assert_eq!(origin.gets("/c/fw.bin"), 1);
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn head_on_a_miss_starts_no_download_and_other_methods_on_content_get_405() {
-    let origin = Origin::start().await;
-    origin.put("/h.bin", random_bytes(1000, 12), Behaviour::default());
-    let node = Node::start(&origin, "").await;
-    let g = request("HEAD", &node.url("/o/t/h.bin"), &[]).await;
-    assert_eq!(g.status, 200);
-    assert_eq!(origin.gets("/h.bin"), 0);
-    assert_eq!(origin.requests("/h.bin")[0].0, "HEAD");
-    assert!(node.blobs().is_empty());
-    // The named-origin form passes other methods through (SPEC 3); the content form does not.
-    let g = request(
-        "POST",
-        &node.url(&format!("/v1/content/sha256/{}", "a".repeat(64))),
-        &[],
-    )
-    .await;
-    assert_eq!(g.status, 405);
-    assert_eq!(g.header("allow"), "GET, HEAD");
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn private_and_authorized_responses_are_passed_through_not_stored() {
-    let origin = Origin::start().await;
-    let body = random_bytes(1000, 13);
-    origin.put(
-        "/p.bin",
-        body.clone(),
-        Behaviour {
-            cache_control: Some("private".into()),
-            ..Default::default()
-        },
-    );
-    origin.put("/auth.bin", body.clone(), Behaviour::default());
-    let node = Node::start(&origin, "").await;
-    assert_eq!(get(&node.url("/o/t/p.bin")).await.body, body);
-    assert_eq!(get(&node.url("/o/t/p.bin")).await.body, body);
-    assert_eq!(origin.gets("/p.bin"), 2);
-    let g = request(
-        "GET",
-        &node.url("/o/t/auth.bin"),
-        &[("authorization", "Bearer x")],
-    )
-    .await;
-    assert_eq!(g.body, body);
-    assert_eq!(g.header("cache-status"), "cistern; fwd=bypass");
-    assert!(node.blobs().is_empty());
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn upstream_errors_pass_through_and_are_not_stored() {
-    let origin = Origin::start().await;
-    let node = Node::start(&origin, "").await;
-    let g = get(&node.url("/o/t/missing.bin")).await;
-    assert_eq!(g.status, 404);
-    assert_eq!(&g.body[..], b"no such file");
-    assert!(node.blobs().is_empty());
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_object_over_the_budget_streams_through_unstored() {
     let origin = Origin::start().await;
     let body = random_bytes(2 << 20, 14);
@@ -493,58 +367,6 @@ async fn a_deleted_index_is_rebuilt_at_start() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn via_loops_get_508_and_junk_gets_json_errors() {
-    let origin = Origin::start().await;
-    let node = Node::start(&origin, "").await;
-    let g = request(
-        "GET",
-        &node.url("/o/t/x"),
-        &[("via", "1.1 other, 1.1 test-node")],
-    )
-    .await;
-    assert_eq!(g.status, 508);
-    let g = request("GET", &node.url("/o/t/x"), &[("via", "1.1 test-node-2")]).await;
-    assert_ne!(g.status, 508);
-    let g = get(&node.url("/o/t/../etc/passwd")).await;
-    assert_eq!(g.status, 400);
-    assert!(g.json()["error"].is_string());
-    let g = get(&node.url("/nothing-here")).await;
-    assert_eq!(g.status, 404);
-    assert_eq!(g.header("content-type"), "application/json");
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn redirects_are_followed_and_checked() {
-    let origin = Origin::start().await;
-    let body = random_bytes(40_000, 17);
-    origin.put(
-        "/real.bin",
-        body.clone(),
-        Behaviour {
-            cache_control: Some("max-age=60".into()),
-            ..Default::default()
-        },
-    );
-    origin.redirect("/moved.bin", "/real.bin");
-    origin.redirect("/away.bin", "http://169.254.169.254/latest/meta-data");
-    let node = Node::start(&origin, "").await;
-    let g = get(&node.url("/o/t/moved.bin")).await;
-    assert_eq!(g.status, 200);
-    assert_eq!(g.body, body);
-    eventually(5, "stored", || node.blobs().len() == 1).await;
-    // Stored under the original key: the next ask is a hit.
-    assert_eq!(
-        get(&node.url("/o/t/moved.bin"))
-            .await
-            .header("cache-status"),
-        "cistern; hit"
-    );
-    let g = get(&node.url("/o/t/away.bin")).await;
-    assert_eq!(g.status, 502);
-    assert_eq!(g.json()["error"], "redirect-not-allowed");
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bodies_of_unknown_length_stream_verify_and_store() {
     let origin = Origin::start().await;
     let body = random_bytes(1 << 20, 18);
@@ -586,40 +408,6 @@ async fn bodies_of_unknown_length_stream_verify_and_store() {
         "a corrupt chunked body looked complete ({} bytes)",
         g.body.len()
     );
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn clients_outside_allowed_clients_and_admin_without_token_are_refused() {
-    let origin = Origin::start().await;
-    let tmp = tempfile::tempdir().unwrap();
-    let mut cfg = config(tmp.path(), &origin, "");
-    cfg.server.allowed_clients = vec!["10.0.0.0/8".parse().unwrap()];
-    let fenced = Node::start_with(cfg).await;
-    let g = get(&fenced.url("/healthz")).await;
-    assert_eq!(g.status, 403);
-    assert_eq!(g.json()["error"], "client-not-allowed");
-
-    let tmp = tempfile::tempdir().unwrap();
-    let mut cfg = config(tmp.path(), &origin, "");
-    cfg.server.admin_token = "s3cret".into();
-    let node = Node::start_with(cfg).await;
-    let g = get(&node.url("/v1/admin/content")).await;
-    assert_eq!(g.status, 401);
-    assert_eq!(g.header("www-authenticate"), "Bearer");
-    let g = request(
-        "GET",
-        &node.url("/v1/admin/content"),
-        &[("authorization", "Bearer wrong")],
-    )
-    .await;
-    assert_eq!(g.status, 401);
-    let g = request(
-        "GET",
-        &node.url("/v1/admin/content"),
-        &[("authorization", "Bearer s3cret")],
-    )
-    .await;
-    assert_eq!(g.status, 200);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
