@@ -23,6 +23,19 @@ async fn wait_job(node: &Node, id: &str) -> serde_json::Value {
     }
 }
 
+/// Posts a manifest; returns the id of the job it started (202).
+async fn start_job(node: &Node, manifest: &serde_json::Value) -> String {
+    let r = request_body(
+        "POST",
+        &node.url("/v1/admin/prefetch"),
+        &[],
+        Bytes::from(manifest.to_string()),
+    )
+    .await;
+    assert_eq!(r.status, 202, "{:?}", r.body);
+    r.json()["id"].as_str().unwrap().to_string()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_prefetch_job_stages_verified_pinned_objects() {
     let origin = Origin::start().await;
@@ -39,15 +52,7 @@ async fn a_prefetch_job_stages_verified_pinned_objects() {
         ],
         "pin": true
     });
-    let r = request_body(
-        "POST",
-        &node.url("/v1/admin/prefetch"),
-        &[],
-        Bytes::from(manifest.to_string()),
-    )
-    .await;
-    assert_eq!(r.status, 202);
-    let id = r.json()["id"].as_str().unwrap().to_string();
+    let id = start_job(&node, &manifest).await;
     let job = wait_job(&node, &id).await;
     assert_eq!(job["state"], "failed", "{job}");
     assert_eq!(job["files"][0]["state"], "stored");
@@ -132,15 +137,7 @@ async fn a_prefetch_job_survives_a_restart_and_completes() {
         .map(|(i, b)| json!({"url": format!("{base}/j/{i}.swu?sig=SECRET"), "sha256": sha256_hex(b), "size": b.len()}))
         .collect();
     let manifest = json!({ "files": list, "pin": true });
-    let r = request_body(
-        "POST",
-        &node.url("/v1/admin/prefetch"),
-        &[],
-        Bytes::from(manifest.to_string()),
-    )
-    .await;
-    assert_eq!(r.status, 202);
-    let id = r.json()["id"].as_str().unwrap().to_string();
+    let id = start_job(&node, &manifest).await;
     let job_url = format!("/v1/admin/prefetch/{id}");
     // Stop it while its second file is being fetched.
     let end = Instant::now() + Duration::from_secs(20);

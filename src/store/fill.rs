@@ -43,12 +43,7 @@ impl Fill {
             path: path.display().to_string(),
             source,
         };
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(&path)
-            .map_err(io)?;
+        let file = open_new(&path).map_err(io)?;
         let mut on_disk = 0;
         if reserved > 0 {
             match allocate(&file, reserved) {
@@ -183,12 +178,7 @@ impl Fill {
             path: path.display().to_string(),
             source,
         };
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(&path)
-            .map_err(io)?;
+        let file = open_new(&path).map_err(io)?;
         let copied = (|| -> std::io::Result<()> {
             // The old file's room goes back to the filesystem when its last reader drops it.
             if self.preallocated {
@@ -261,6 +251,15 @@ impl Fill {
         self.committed = r.is_ok();
         r
     }
+}
+
+/// Creates a temp file of a fill, never one that exists already.
+fn open_new(path: &std::path::Path) -> std::io::Result<File> {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(path)
 }
 
 /// Takes `len` bytes of room for the file on the filesystem (it also sizes the file); false when the

@@ -230,7 +230,17 @@ mod tests {
             assert_eq!(ix.staged_digest("k"), Some(Digest([7; 32])));
             ix.flush().unwrap();
         }
-        let ix = Index::open(&path).unwrap();
+        // sled's threads of the first handle may hold the file lock a moment after the drop.
+        let end = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let ix = loop {
+            match Index::open(&path) {
+                Ok(ix) => break ix,
+                Err(_) if std::time::Instant::now() < end => {
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+                Err(e) => panic!("reopening the index: {e}"),
+            }
+        };
         assert_eq!(ix.staged_digest("k"), Some(Digest([7; 32])));
         assert_eq!(
             ix.staged_url(&Digest([7; 32])).as_deref(),
