@@ -44,6 +44,36 @@ const FILL_DROPS: [&str; 7] = [
     "host",
 ];
 
+/// Request fields that frame a body (RFC 9112 §6, RFC 9110 §10.1.1). cistern frames every request it
+/// sends upstream itself, from the body it actually sends: a client's `Content-Length` on a GET without
+/// a body would make the upstream read the next request on a pooled connection as that body (request
+/// smuggling, then a poisoned key), and its `Expect` would make the upstream wait for a body that never
+/// comes.
+const REQUEST_FRAMING: [&str; 3] = ["content-length", "transfer-encoding", "expect"];
+
+/// Removes a client's body framing from fields about to go upstream (see [`REQUEST_FRAMING`]).
+pub fn drop_framing(h: &mut HeaderMap) {
+    for n in REQUEST_FRAMING {
+        h.remove(n);
+    }
+}
+
+/// An upstream request: the given fields without any body framing (hyper frames the body it sends:
+/// none for an empty one, `Content-Length` for a body of known size, chunked otherwise).
+pub fn upstream_request<B>(
+    method: http::Method,
+    url: http::Uri,
+    fields: &HeaderMap,
+    body: B,
+) -> http::Result<http::Request<B>> {
+    let mut req = http::Request::builder().method(method).uri(url);
+    if let Some(h) = req.headers_mut() {
+        h.extend(fields.clone());
+        drop_framing(h);
+    }
+    req.body(body)
+}
+
 /// Whether a field is hop-by-hop in a message whose `Connection` header is `h`.
 fn hop_by_hop(name: &HeaderName, h: &HeaderMap) -> bool {
     let n = name.as_str();
@@ -79,9 +109,11 @@ pub fn for_fill(client: &HeaderMap) -> HeaderMap {
 }
 
 /// Adds the fields every upstream request carries: identity coding and Via with this node appended
-/// (RFC 9110 §7.6.3), so that a loop in a chain is seen. `Host` is set by the client from the URL.
+/// (RFC 9110 §7.6.3), so that a loop in a chain is seen. `Host` is set by the client from the URL, and
+/// the body framing by hyper from the body sent.
 pub fn add_ours(h: &mut HeaderMap, node_id: &str) {
     h.remove(header::HOST);
+    drop_framing(h);
     h.insert(
         header::ACCEPT_ENCODING,
         HeaderValue::from_static("identity"),
@@ -208,13 +240,15 @@ mod tests {
             ("accept", "application/octet-stream"),
             ("via", "1.1 child"),
             ("accept-encoding", "gzip"),
+            ("content-length", "40"),
+            ("expect", "100-continue"),
         ]));
         add_ours(&mut h, "gw-1");
         assert_eq!(h["user-agent"], "DO-agent");
         assert_eq!(h["accept"], "application/octet-stream");
         assert_eq!(h["via"], "1.1 child, 1.1 gw-1");
         assert_eq!(h["accept-encoding"], "identity");
-        for gone in ["host", "range", "if-none-match"] {
+        for gone in ["host", "range", "if-none-match", "content-length", "expect"] {
             assert!(!h.contains_key(gone), "{gone} forwarded");
         }
     }

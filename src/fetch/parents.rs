@@ -6,7 +6,7 @@
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use http::{HeaderMap, Method, Request, Response, Uri};
+use http::{HeaderMap, Method, Response, Uri};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
@@ -117,12 +117,7 @@ impl Parent {
         body: ReqBody,
         timeout: Duration,
     ) -> Result<Response<Incoming>, FetchError> {
-        let mut req = Request::builder().method(method).uri(url);
-        if let Some(h) = req.headers_mut() {
-            h.extend(headers.clone());
-        }
-        let req = req
-            .body(body)
+        let req = super::headers::upstream_request(method, url, headers, body)
             .map_err(|e| FetchError::Internal(e.to_string()))?;
         let fut = if own_path {
             self.direct.request(req)

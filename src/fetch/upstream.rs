@@ -11,7 +11,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{HeaderMap, Method, Request, Response, StatusCode, Uri};
+use http::{HeaderMap, Method, Response, StatusCode, Uri};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::dns::Name;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -345,12 +345,7 @@ impl UpstreamClient {
         headers: &HeaderMap,
         body: ReqBody,
     ) -> Result<Response<Incoming>, FetchError> {
-        let mut req = Request::builder().method(method).uri(url.clone());
-        if let Some(h) = req.headers_mut() {
-            h.extend(headers.clone());
-        }
-        let req = req
-            .body(body)
+        let req = super::headers::upstream_request(method, url.clone(), headers, body)
             .map_err(|e| FetchError::Internal(e.to_string()))?;
         let fut = match &self.proxy {
             None => self.client.request(req),

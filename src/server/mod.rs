@@ -180,6 +180,9 @@ impl App {
             );
             return (e.into_response(), None, None);
         }
+        if let Some(e) = body_not_allowed(&req) {
+            return (e.into_response(), None, None);
+        }
         if via_has(req.headers(), &self.cfg.node.id) {
             let e = ApiError::new(
                 StatusCode::LOOP_DETECTED,
@@ -412,6 +415,22 @@ fn canonical(ip: IpAddr) -> IpAddr {
         IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
         v4 => v4,
     }
+}
+
+/// A GET or HEAD that carries a body (RFC 9110 §9.3.1: it has no defined meaning) is refused: its framing
+/// is what a request smuggled into an upstream connection rides on, and no client cistern serves sends one.
+/// `Content-Length: 0` is no body.
+fn body_not_allowed(req: &Request<Incoming>) -> Option<ApiError> {
+    use hyper::body::Body as _;
+    let bodiless = matches!(*req.method(), Method::GET | Method::HEAD);
+    let framed = req.headers().contains_key(http::header::TRANSFER_ENCODING);
+    if !bodiless || (req.body().is_end_stream() && !framed) {
+        return None;
+    }
+    Some(ApiError::bad_request(
+        "body-not-allowed",
+        format!("a {} request must not carry a body", req.method()),
+    ))
 }
 
 /// Whether a Via header names `id` as a received-by (exact token match: `gw-1` is not `gw-10`).

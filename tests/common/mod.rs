@@ -15,7 +15,10 @@ use sha2::Digest as _;
 pub type Body = BoxBody<Bytes, std::io::Error>;
 
 mod origin;
+mod raw;
 pub use origin::*;
+#[allow(unused_imports)]
+pub use raw::*;
 
 /// Starts the real binary, `cistern serve --config <conf>`, with the fail points `failpoints`
 /// (FAILPOINTS syntax; "" for none; they act only in a binary built with `--features failpoints`).
