@@ -45,6 +45,38 @@ async fn origins_outside_the_allowlist_get_403_and_no_connection() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_named_loopback_address_lets_only_its_own_port_through_never_a_name() {
+    let origin = Origin::start().await;
+    origin.put("/a.bin", random_bytes(10, 13), Behaviour::default());
+    // A loopback-only service on the gateway, and a wildcard that a hostile or rebinding DNS could
+    // point at loopback (`localhost` is under `*.localhost` and resolves to 127.0.0.1).
+    let secret = Origin::start().await;
+    secret.put("/s", "LOOPBACK-ONLY-SECRET".into(), Behaviour::default());
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cfg = config(tmp.path(), &origin, "");
+    let port = secret.addr.port();
+    cfg.upstream
+        .allowed_origins
+        .push(format!("*.localhost:{port}"));
+    let mut node = Node::start_with(cfg).await;
+    node.keep(tmp);
+    // The named origin, 127.0.0.1 on its own port, works.
+    assert_eq!(get(&node.url("/o/t/a.bin")).await.status, 200);
+    // 127.0.0.1 is named, but by another pattern and port: not through a name.
+    for url in [
+        format!("http://localhost:{port}/s"),
+        format!("http://LocalHost:{port}/s"),
+    ] {
+        let g = proxy_get(node.addr, &url, &[]).await;
+        assert_eq!(g.status, 403, "{url}: {:?}", g.body);
+        assert_eq!(g.json()["error"], "address-not-allowed");
+    }
+    let g = get(&node.url(&format!("/s?cacheHostOrigin=localhost:{port}"))).await;
+    assert_eq!(g.status, 403, "{:?}", g.body);
+    assert_eq!(secret.gets("/s"), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_three_url_forms_share_one_object() {
     let origin = Origin::start().await;
     let body = random_bytes(50_000, 11);

@@ -85,8 +85,6 @@ pub fn normalise_host(h: &str) -> String {
 #[derive(Debug, Default)]
 pub struct OriginPolicy {
     patterns: Vec<HostPattern>,
-    /// Addresses that some pattern names literally: only these may be in the refused ranges.
-    named_addrs: HashSet<IpAddr>,
     /// This node's own interface addresses (refused unless named).
     own_addrs: HashSet<IpAddr>,
 }
@@ -106,17 +104,11 @@ impl OriginPolicy {
                 port: Some(*port),
             });
         }
-        let named_addrs = ps
-            .iter()
-            .filter(|p| !p.wildcard)
-            .filter_map(|p| p.host.trim_matches(['[', ']']).parse::<IpAddr>().ok())
-            .collect();
         let own_addrs = if_addrs::get_if_addrs()
             .map(|v| v.into_iter().map(|i| i.ip()).collect())
             .unwrap_or_default();
         OriginPolicy {
             patterns: ps,
-            named_addrs,
             own_addrs,
         }
     }
@@ -128,14 +120,25 @@ impl OriginPolicy {
         self.patterns.iter().any(|p| p.matches(h, port))
     }
 
-    /// The address check, made on every address DNS returned, before connecting to it: the refused
-    /// ranges (an IPv6 form of an IPv4 address judged as that address), unless some pattern names this
-    /// very address (SPEC 2).
+    /// The address check for a URL whose host is the address literal `ip`, on `port`: the refused
+    /// ranges, unless a pattern names this very address on this very port (SPEC 2). The exemption
+    /// belongs to the pattern that named it: `127.0.0.1:8081` lets 127.0.0.1 port 8081 through, not
+    /// port 80, and never a name that resolves to 127.0.0.1.
+    pub fn literal_allowed(&self, ip: IpAddr, port: u16) -> bool {
+        let named = self.patterns.iter().any(|p| {
+            !p.wildcard
+                && p.host.trim_matches(['[', ']']).parse::<IpAddr>().ok() == Some(ip)
+                && p.matches(&p.host, port)
+        });
+        named || self.addr_allowed(ip)
+    }
+
+    /// The address check made on every address DNS returned for a name, before connecting to it: the
+    /// refused ranges (an IPv6 form of an IPv4 address judged as that address) and this node's own
+    /// addresses. No pattern exempts a name's addresses: a hostile DNS, or a rebinding one, could
+    /// otherwise point any allowed name at a loopback service.
     pub fn addr_allowed(&self, ip: IpAddr) -> bool {
         let ip = embedded_v4(ip);
-        if self.named_addrs.contains(&ip) {
-            return true;
-        }
         let refused = match ip {
             IpAddr::V4(v4) => {
                 let o = v4.octets();
@@ -203,9 +206,28 @@ mod tests {
         assert!(p.host_allowed("example.com", 443));
         assert!(!p.host_allowed("sub.example.com", 80));
         assert!(p.host_allowed("[::1]", 9000));
-        assert!(p.addr_allowed("127.0.0.1".parse().unwrap()));
-        assert!(p.addr_allowed("::1".parse().unwrap()));
-        assert!(!p.addr_allowed("127.0.0.2".parse().unwrap()));
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert!(p.literal_allowed(ip("127.0.0.1"), 8081));
+        assert!(p.literal_allowed(ip("::1"), 9000));
+        assert!(!p.literal_allowed(ip("127.0.0.2"), 8081));
+    }
+
+    #[test]
+    fn a_named_loopback_address_is_exempt_on_its_port_only_and_never_for_names() {
+        let p = policy(&["127.0.0.1:8081", "*.example.com", "[::1]:9000"]);
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        // The literal, on the port that named it.
+        assert!(p.literal_allowed(ip("127.0.0.1"), 8081));
+        // Not on another port (a loopback-only service on port 80 of the gateway).
+        assert!(!p.literal_allowed(ip("127.0.0.1"), 80));
+        assert!(!p.literal_allowed(ip("::1"), 80));
+        // Not as the address a name resolved to (hostile DNS, rebinding), whatever the port.
+        assert!(!p.addr_allowed(ip("127.0.0.1")));
+        assert!(!p.addr_allowed(ip("::1")));
+        // A literal without a port: 80 and 443 only.
+        let q = policy(&["127.0.0.1"]);
+        assert!(q.literal_allowed(ip("127.0.0.1"), 80));
+        assert!(!q.literal_allowed(ip("127.0.0.1"), 8081));
     }
 
     #[test]

@@ -281,7 +281,7 @@ impl UpstreamClient {
         }
         // Through a proxy, the proxy resolves and connects: the address check is its own (SPEC 2).
         if let (None, Ok(ip)) = (&self.proxy, host.trim_matches(['[', ']']).parse::<IpAddr>()) {
-            if !self.policy.addr_allowed(ip) {
+            if !self.policy.literal_allowed(ip, port) {
                 return Err(FetchError::AddressRefused(host.to_string()));
             }
         }

@@ -42,7 +42,13 @@ pub async fn tunnel(app: &App, req: Request<Incoming>, authority: Authority) -> 
     }
     let addrs: Vec<std::net::SocketAddr> =
         match tokio::net::lookup_host((host.trim_matches(['[', ']']), port)).await {
-            Ok(a) => a.filter(|a| policy.addr_allowed(a.ip())).collect(),
+            Ok(a) => a
+                .filter(|a| match host.trim_matches(['[', ']']).parse() {
+                    // An address literal: exempt only where a pattern names it on this port.
+                    Ok(literal) => a.ip() == literal && policy.literal_allowed(literal, port),
+                    Err(_) => policy.addr_allowed(a.ip()),
+                })
+                .collect(),
             Err(e) => {
                 return ApiError::new(
                     StatusCode::BAD_GATEWAY,
