@@ -25,10 +25,9 @@ async fn wait_job(node: &Node, id: &str) -> serde_json::Value {
 
 /// Posts a manifest; returns the id of the job it started (202).
 async fn start_job(node: &Node, manifest: &serde_json::Value) -> String {
-    let r = request_body(
+    let r = admin_request(
         "POST",
         &node.url("/v1/admin/prefetch"),
-        &[],
         Bytes::from(manifest.to_string()),
     )
     .await;
@@ -75,10 +74,10 @@ async fn a_prefetch_job_stages_verified_pinned_objects() {
     // Purged, restarted, then asked for by digest: fetched again from the URL the manifest named.
     let hex = sha256_hex(&a);
     assert_eq!(
-        request(
+        admin_request(
             "DELETE",
             &node.url(&format!("/v1/admin/content/sha256/{hex}")),
-            &[]
+            Bytes::new()
         )
         .await
         .status,
@@ -95,20 +94,18 @@ async fn a_prefetch_job_stages_verified_pinned_objects() {
 async fn bad_manifests_are_400_and_foreign_origins_403() {
     let origin = Origin::start().await;
     let node = Node::start(&origin, "").await;
-    let r = request_body(
+    let r = admin_request(
         "POST",
         &node.url("/v1/admin/prefetch"),
-        &[],
         Bytes::from_static(b"{\"files\": [{}]}"),
     )
     .await;
     assert_eq!(r.status, 400);
     assert!(r.json()["detail"].as_str().unwrap().contains("files[0]"));
     let m = json!({"files": [{"url": "http://evil.example/x", "sha256": "0".repeat(64)}]});
-    let r = request_body(
+    let r = admin_request(
         "POST",
         &node.url("/v1/admin/prefetch"),
-        &[],
         Bytes::from(m.to_string()),
     )
     .await;
@@ -178,3 +175,4 @@ async fn a_prefetch_job_survives_a_restart_and_completes() {
     assert_eq!(again.json()["state"], "done");
     assert!(!again.json().to_string().contains("SECRET"));
 }
+
