@@ -71,10 +71,9 @@ async fn content_by_digest_comes_down_the_chain() {
     let (top, child) = top_and_child(&origin, "TOP").await;
     let body = random_bytes(64_000, 33);
     let hex = sha256_hex(&body);
-    let put = request_body(
+    let put = admin_request(
         "PUT",
         &top.url(&format!("/v1/admin/content/sha256/{hex}")),
-        &[],
         body.clone(),
     )
     .await;

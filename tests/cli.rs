@@ -486,3 +486,61 @@ fn logs_carry_no_colour_codes_without_a_terminal() {
         assert!(!l.contains('\u{1b}'), "colour codes in a pipe: {l:?}");
     }
 }
+
+/// Without an admin token the CLI works through a gateway on loopback: its Host is the loopback
+/// address it was given, and its requests carry the content types the admin API then wants.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_works_through_a_gateway_without_a_token_on_loopback() {
+    let origin = Origin::start().await;
+    let staged = random_bytes(30_000, 46);
+    origin.put("/fw/staged.swu", staged.clone(), Behaviour::default());
+    let node = Node::start(&origin, "").await;
+    let server = format!("http://127.0.0.1:{}", node.addr.port());
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("usb.swu");
+    let body = random_bytes(20_000, 47);
+    std::fs::write(&file, &body).unwrap();
+    let f = file.to_str().unwrap();
+    let (code, _, err) = cistern_bg(&["import", f, "--pin", "--server", &server], &[]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(node.blobs().contains(&sha256_hex(&body)));
+    let manifest = tmp.path().join("m.json");
+    let m = serde_json::json!({"files": [{"url": format!("{}/fw/staged.swu", origin.url()),
+        "sha256": sha256_hex(&staged)}]});
+    std::fs::write(&manifest, m.to_string()).unwrap();
+    let m = manifest.to_str().unwrap();
+    let (code, out, err) = cistern_bg(&["prefetch", m, "--server", &server], &[]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    let (code, out, err) = cistern_bg(&["verify", "--server", &server], &[]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("2 objects checked, 0 bad"), "{out}");
+}
+
+#[test]
+fn doctor_warns_when_no_admin_token_guards_a_node_listening_beyond_loopback() {
+    let t = tempfile::tempdir().unwrap();
+    let conf = t.path().join("c.toml");
+    let data = t.path().join("data");
+    let write = |listen: &str, token: &str| {
+        let text = format!(
+            "[server]\nlisten = \"{listen}\"\nadmin_token = \"{token}\"\n[store]\ndir = \"{}\"\nmin_free = \"0\"\n",
+            data.display()
+        );
+        std::fs::write(&conf, text).unwrap();
+    };
+    let c = conf.to_str().unwrap();
+    write(&format!("0.0.0.0:{}", free_port()), "");
+    let (code, out, _) = cistern(&["doctor", "--config", c]);
+    assert_eq!(code, 0, "a warning is not a failure: {out}");
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("WARN  admin"))
+        .unwrap_or_default();
+    assert!(line.contains("admin_token") && line.contains("->"), "{out}");
+    write(&format!("0.0.0.0:{}", free_port()), "s3cret");
+    let (_, out, _) = cistern(&["doctor", "--config", c]);
+    assert!(out.contains("ok    admin: an admin token is set"), "{out}");
+    write(&format!("127.0.0.1:{}", free_port()), "");
+    let (_, out, _) = cistern(&["doctor", "--config", c]);
+    assert!(out.contains("ok    admin: no admin token"), "{out}");
+}

@@ -175,12 +175,12 @@ async fn a_pin_and_an_unpin_survive_kill_9() {
     };
     let child = spawn(&conf, port).await;
     let put = format!("{base}/content/sha256/{hex}");
-    let g = request_body("PUT", &put, &[], body.clone()).await;
+    let g = admin_request("PUT", &put, body.clone()).await;
     assert_eq!(g.status, 201);
     stop(child);
     // Pinned by a second sideload with `?pin=true`, then killed.
     let child = spawn(&conf, port).await;
-    let g = request_body("PUT", &format!("{put}?pin=true"), &[], body.clone()).await;
+    let g = admin_request("PUT", &format!("{put}?pin=true"), body.clone()).await;
     assert!(g.status.is_success(), "{}", g.status);
     assert_eq!(pinned().await, Some(true));
     kill9(child);
@@ -189,7 +189,7 @@ async fn a_pin_and_an_unpin_survive_kill_9() {
     stop(child);
     // Unpinned, then killed.
     let child = spawn(&conf, port).await;
-    let g = request("DELETE", &format!("{base}/pins/{hex}"), &[]).await;
+    let g = admin_request("DELETE", &format!("{base}/pins/{hex}"), bytes::Bytes::new()).await;
     assert!(g.status.is_success(), "{}", g.status);
     kill9(child);
     let _child = spawn(&conf, port).await;

@@ -248,3 +248,92 @@ async fn clients_outside_allowed_clients_and_admin_without_token_are_refused() {
     .await;
     assert_eq!(g.status, 200);
 }
+
+/// Without a token, the admin API refuses what a web page open in a browser on the gateway can send:
+/// a DNS-rebound name as Host, a foreign Origin, a CORS-simple content type (SPEC 6). A loopback client
+/// naming a loopback Host, with JSON (or octet-stream for a sideload), is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_without_token_refuses_cross_site_and_rebound_requests() {
+    let origin = Origin::start().await;
+    origin.put("/fw.swu", random_bytes(1000, 11), Behaviour::default());
+    let node = Node::start(&origin, "").await;
+    let port = node.addr.port();
+    let content = node.url("/v1/admin/content");
+    let prefetch = node.url("/v1/admin/prefetch");
+    let manifest = serde_json::json!({"files": [{"url": format!("{}/fw.swu", origin.url()),
+        "sha256": sha256_hex(&random_bytes(1000, 11))}]})
+    .to_string();
+    let json = ("content-type", "application/json; charset=utf-8");
+    let rebound = format!("rebind.evil.example:{port}");
+    let g = request("GET", &content, &[("host", &rebound)]).await;
+    assert_eq!(g.status, 403);
+    assert_eq!(g.json()["error"], "admin-host-not-loopback");
+    let post = |headers: Vec<(&'static str, String)>| {
+        let (prefetch, manifest) = (prefetch.clone(), manifest.clone());
+        async move {
+            let h: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            request_body("POST", &prefetch, &h, manifest.into()).await
+        }
+    };
+    let refusals = [
+        (
+            vec![("content-type", "text/plain".to_string())],
+            "admin-content-type",
+        ),
+        (
+            vec![("content-type", "application/x-www-form-urlencoded".into())],
+            "admin-content-type",
+        ),
+        (vec![], "admin-content-type"),
+        (
+            vec![
+                ("origin", "http://evil.example".into()),
+                (json.0, json.1.into()),
+            ],
+            "admin-origin-not-loopback",
+        ),
+        (
+            vec![("origin", "null".into()), (json.0, json.1.into())],
+            "admin-origin-not-loopback",
+        ),
+        (
+            vec![("host", rebound.clone()), (json.0, json.1.into())],
+            "admin-host-not-loopback",
+        ),
+    ];
+    for (headers, code) in refusals {
+        let what = format!("{headers:?}");
+        let g = post(headers).await;
+        assert_eq!(g.status, 403, "{what}");
+        assert_eq!(g.json()["error"], code, "{what}");
+        assert!(g.json()["detail"].as_str().unwrap().contains("admin_token"));
+    }
+    assert_eq!(origin.gets("/fw.swu"), 0, "a refused prefetch ran");
+    // The same from a loopback page, or from curl / the CLI, is served.
+    let local = format!("http://localhost:{port}");
+    let g = post(vec![
+        ("host", format!("LOCALHOST.:{port}")),
+        ("origin", local),
+        (json.0, json.1.into()),
+    ])
+    .await;
+    assert_eq!(g.status, 202, "{:?}", g.body);
+    let g = request("GET", &content, &[("host", &format!("[::1]:{port}"))]).await;
+    assert_eq!(g.status, 200);
+    // The sideload takes its raw bytes as application/octet-stream, never as a CORS-simple type.
+    let body = random_bytes(500, 12);
+    let put = node.url(&format!("/v1/admin/content/sha256/{}", sha256_hex(&body)));
+    let text = [("content-type", "text/plain")];
+    assert_eq!(
+        request_body("PUT", &put, &text, body.clone()).await.status,
+        403
+    );
+    assert!(node.blobs().is_empty());
+    let octets = [("content-type", "application/octet-stream")];
+    assert_eq!(
+        request_body("PUT", &put, &octets, body.clone())
+            .await
+            .status,
+        201
+    );
+}

@@ -327,17 +327,17 @@ async fn sideload_then_serve_by_digest() {
     let body = random_bytes(70_000, 15);
     let hex = sha256_hex(&body);
     let url = node.url(&format!("/v1/admin/content/sha256/{hex}"));
-    let wrong = request_body("PUT", &url, &[], Bytes::from_static(b"something else")).await;
+    let wrong = admin_request("PUT", &url, Bytes::from_static(b"something else")).await;
     assert_eq!(wrong.status, 422);
     assert!(node.blobs().is_empty());
-    let ok = request_body("PUT", &url, &[], body.clone()).await;
+    let ok = admin_request("PUT", &url, body.clone()).await;
     assert_eq!(ok.status, 201);
     let g = get(&node.url(&format!("/v1/content/sha256/{hex}"))).await;
     assert_eq!(g.body, body);
     assert_eq!(g.header("cache-status"), "cistern; hit");
     let missing = get(&node.url(&format!("/v1/content/sha256/{}", "0".repeat(64)))).await;
     assert_eq!(missing.status, 404);
-    let del = request("DELETE", &url, &[]).await;
+    let del = admin_request("DELETE", &url, Bytes::new()).await;
     assert_eq!(del.status, 204);
     assert!(node.blobs().is_empty());
 }

@@ -25,10 +25,9 @@ async fn wait_job(node: &Node, id: &str) -> serde_json::Value {
 
 /// Posts a manifest; returns the id of the job it started (202).
 async fn start_job(node: &Node, manifest: &serde_json::Value) -> String {
-    let r = request_body(
+    let r = admin_request(
         "POST",
         &node.url("/v1/admin/prefetch"),
-        &[],
         Bytes::from(manifest.to_string()),
     )
     .await;
@@ -75,10 +74,10 @@ async fn a_prefetch_job_stages_verified_pinned_objects() {
     // Purged, restarted, then asked for by digest: fetched again from the URL the manifest named.
     let hex = sha256_hex(&a);
     assert_eq!(
-        request(
+        admin_request(
             "DELETE",
             &node.url(&format!("/v1/admin/content/sha256/{hex}")),
-            &[]
+            Bytes::new()
         )
         .await
         .status,
@@ -95,20 +94,18 @@ async fn a_prefetch_job_stages_verified_pinned_objects() {
 async fn bad_manifests_are_400_and_foreign_origins_403() {
     let origin = Origin::start().await;
     let node = Node::start(&origin, "").await;
-    let r = request_body(
+    let r = admin_request(
         "POST",
         &node.url("/v1/admin/prefetch"),
-        &[],
         Bytes::from_static(b"{\"files\": [{}]}"),
     )
     .await;
     assert_eq!(r.status, 400);
     assert!(r.json()["detail"].as_str().unwrap().contains("files[0]"));
     let m = json!({"files": [{"url": "http://evil.example/x", "sha256": "0".repeat(64)}]});
-    let r = request_body(
+    let r = admin_request(
         "POST",
         &node.url("/v1/admin/prefetch"),
-        &[],
         Bytes::from(m.to_string()),
     )
     .await;
@@ -177,4 +174,113 @@ async fn a_prefetch_job_survives_a_restart_and_completes() {
     assert_eq!(again.status, 200, "an ended job was forgotten by a restart");
     assert_eq!(again.json()["state"], "done");
     assert!(!again.json().to_string().contains("SECRET"));
+}
+
+/// Sideloads `body` (stored under its digest, no key).
+async fn sideload(node: &Node, body: &Bytes) {
+    let url = node.url(&format!("/v1/admin/content/sha256/{}", sha256_hex(body)));
+    assert_eq!(admin_request("PUT", &url, body.clone()).await.status, 201);
+}
+
+/// The keys the store lists for an object.
+async fn keys_of(node: &Node, hex: &str) -> String {
+    let listing = get(&node.url("/v1/admin/content")).await.json();
+    let o = listing
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|o| o["digest"] == hex);
+    o.map(|o| o["keys"].to_string()).unwrap_or_default()
+}
+
+/// An entry whose digest is already stored is checked against its URL before the URL's key maps to
+/// it (SPEC 6): a URL that answers other bytes is not mapped (the new-firmware URL must not serve the
+/// old firmware as a verified hit); one that answers those bytes is, after one fetch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stored_digest_maps_a_url_only_once_the_url_answered_it() {
+    let origin = Origin::start().await;
+    let old = random_bytes(100_000, 71);
+    let new = random_bytes(100_000, 72);
+    origin.put("/fw/old.swu", old.clone(), Behaviour::default());
+    origin.put("/fw/new.swu", new.clone(), Behaviour::default());
+    let node = Node::start(&origin, "").await;
+    sideload(&node, &old).await;
+    let base = origin.url();
+    let hex = sha256_hex(&old);
+    let wrong =
+        json!({"files": [{"url": format!("{base}/fw/new.swu"), "sha256": hex}], "pin": true});
+    let job = wait_job(&node, &start_job(&node, &wrong).await).await;
+    assert_eq!(job["state"], "failed", "{job}");
+    assert_eq!(job["files"][0]["state"], "failed", "{job}");
+    assert_eq!(origin.gets("/fw/new.swu"), 1, "the URL was not checked");
+    assert!(!keys_of(&node, &hex).await.contains("new.swu"));
+    let g = proxy_get(node.addr, &format!("{base}/fw/new.swu"), &[]).await;
+    assert_ne!(g.body, old, "the new URL serves the old firmware");
+    assert_ne!(g.header("cache-status"), "cistern; hit");
+
+    let right = json!({"files": [{"url": format!("{base}/fw/old.swu"), "sha256": hex}]});
+    let job = wait_job(&node, &start_job(&node, &right).await).await;
+    assert_eq!(job["state"], "done", "{job}");
+    assert_eq!(origin.gets("/fw/old.swu"), 1);
+    assert!(keys_of(&node, &hex).await.contains("old.swu"));
+    let g = proxy_get(node.addr, &format!("{base}/fw/old.swu"), &[]).await;
+    assert_eq!(g.body, old);
+    assert_eq!(g.header("cache-status"), "cistern; hit");
+    assert_eq!(origin.gets("/fw/old.swu"), 1);
+}
+
+/// A prefetch whose fetch fails leaves no mapping of its URL: once the origin serves the URL, a
+/// device gets what it serves, not a digest mismatch against the manifest's digest. A staged record
+/// left by an earlier version (which staged every entry before fetching it) goes too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_prefetch_leaves_no_mapping_of_its_url() {
+    let origin = Origin::start().await;
+    let mut node = Node::start(&origin, "").await;
+    let base = origin.url();
+    let named = random_bytes(10_000, 73);
+    let later = random_bytes(10_000, 74);
+    let m =
+        json!({"files": [{"url": format!("{base}/fw/late.swu"), "sha256": sha256_hex(&named)}]});
+    let job = wait_job(&node, &start_job(&node, &m).await).await;
+    assert_eq!(job["files"][0]["state"], "failed", "{job}");
+    origin.put("/fw/late.swu", later.clone(), Behaviour::default());
+    let g = proxy_get(node.addr, &format!("{base}/fw/late.swu"), &[]).await;
+    assert_eq!(g.status, 200, "{:?}", g.body);
+    assert_eq!(g.body, later);
+
+    // A record staged before any fetch, as an earlier version left it.
+    let url = format!("{base}/fw/legacy.swu");
+    node.stop().await;
+    stage_offline(&node, &named, &url).await;
+    node.restart().await;
+    let job = wait_job(
+        &node,
+        &start_job(
+            &node,
+            &json!({"files": [{"url": url, "sha256": sha256_hex(&named)}]}),
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(job["files"][0]["state"], "failed", "{job}");
+    origin.put("/fw/legacy.swu", later.clone(), Behaviour::default());
+    let g = proxy_get(node.addr, &url, &[]).await;
+    assert_eq!(g.status, 200, "{:?}", g.body);
+    assert_eq!(g.body, later);
+}
+
+/// Writes a staged record (key -> digest, digest -> URL) into a stopped node's store.
+async fn stage_offline(node: &Node, body: &Bytes, url: &str) {
+    let d = cistern::store::Digest::parse_any(&sha256_hex(body)).unwrap();
+    let key = cistern::fetch::key::cache_key(&url.parse().unwrap(), &node.cfg.upstream.strip_query);
+    let end = Instant::now() + Duration::from_secs(10);
+    let store = loop {
+        match cistern::open_store(&node.cfg) {
+            Ok(s) => break s,
+            Err(_) if Instant::now() < end => tokio::time::sleep(Duration::from_millis(50)).await,
+            Err(e) => panic!("opening the store: {e:#}"),
+        }
+    };
+    store.stage(&d, &key, url).unwrap();
+    store.flush().unwrap();
 }

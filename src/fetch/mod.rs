@@ -285,12 +285,13 @@ impl Fetcher {
             if let Some(f) = committing {
                 f.wait_end().await;
             }
-            if store.contains(&d) {
-                if t.key != format!("sha256/{d}")
-                    && store.lookup(&t.key).is_none_or(|e| e.digest != d)
-                {
-                    let _ = store.map_key(&t.key, &d, KeyMeta::immutable());
-                }
+            // Stored bytes with the digest answer the content-addressed form. A URL gets them only
+            // once it has answered them itself (its key maps to them): a digest that a manifest gave
+            // a URL says what the URL must answer, not that it does (SPEC 6). Otherwise the URL is
+            // fetched below and its bytes verified against the digest.
+            let answered = t.key == format!("sha256/{d}")
+                || store.lookup(&t.key).is_some_and(|e| e.digest == d);
+            if answered && store.contains(&d) {
                 return self.hit(d, None, HitKind::Fresh).await;
             }
         }
@@ -311,8 +312,10 @@ impl Fetcher {
         }
         let mut stale = None;
         // A request with credentials may reuse only what says it may be shared (RFC 9111 §3.5).
+        // A target whose digest is known is served only bytes with that digest.
         let usable = |e: &crate::store::KeyEntry| {
-            !t.authorized() || freshness::shareable_with_credentials(&e.meta)
+            (!t.authorized() || freshness::shareable_with_credentials(&e.meta))
+                && t.digest.is_none_or(|d| e.digest == d)
         };
         if let Some(e) = self.stored(t).filter(usable) {
             let how = if t.immutable {

@@ -1,7 +1,8 @@
 //! Staging content ahead of need (SPEC 6): a list of files (URL + SHA-256 + size) from one of the three
 //! manifest shapes, fetched and verified in the background as a job whose progress can be read back.
-//! Staged digests are mapped to their URLs' keys (immutable, verified hits for devices later), and the
-//! digest -> URL mapping lets a content-addressed request be fetched from that URL.
+//! A URL's key is mapped to its digest (immutable, verified hits for devices later) only once the URL
+//! has answered bytes with that digest, and the staged record (key -> digest, and digest -> URL, which
+//! lets a content-addressed request be fetched from that URL) is written then too.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -11,7 +12,7 @@ use http::Uri;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::{End, Fetcher, Lookup, Target};
+use super::{End, Fetcher, Flight, Lookup, Target};
 use crate::store::Digest;
 
 /// One file to stage.
@@ -174,15 +175,6 @@ impl Fetcher {
             crate::store::now_ms(),
             jobs.next.fetch_add(1, Ordering::Relaxed)
         );
-        for w in &files {
-            if let Err(e) =
-                self.inner
-                    .store
-                    .stage(&w.digest, &self.key_of(&w.url), &w.url.to_string())
-            {
-                tracing::warn!(error = %e, "cannot record a staged mapping");
-            }
-        }
         let job = Job {
             id: id.clone(),
             state: "running".into(),
@@ -227,6 +219,9 @@ impl Fetcher {
                         j.files[i].error = Some(e);
                     }
                 }
+            }
+            if lock(&job).files[i].state == "failed" {
+                self.unstage_unanswered(&w);
             }
             self.save_job(&job, &urls, pin).await;
         }
@@ -322,6 +317,10 @@ impl Fetcher {
         out
     }
 
+    /// Fetches one file through the fill path, which verifies its bytes against the digest; maps the
+    /// URL's key to the digest and stages it only once the URL has answered those bytes. A digest
+    /// already stored is no proof that the URL answers it: the URL is fetched all the same (a full
+    /// transfer), unless its key maps to the digest already.
     async fn stage_one(
         &self,
         w: &Wanted,
@@ -343,34 +342,56 @@ impl Fetcher {
             .await
             .map_err(|e| e.to_string())?
         {
-            Lookup::Hit { .. } => {}
+            // A hit for a URL key is a key that maps to the digest (`get`).
+            Lookup::Hit { hit, .. } if hit.digest == w.digest => {}
+            Lookup::Hit { hit, .. } => return Err(format!("the URL holds {}", hit.digest)),
             Lookup::Flight { flight, .. } => {
-                // Follow the transfer's progress for the job's `bytes`.
-                let mut tick = tokio::time::interval(std::time::Duration::from_millis(200));
-                let end = loop {
-                    tokio::select! {
-                        e = flight.wait_end() => break e,
-                        _ = tick.tick() => lock(job).files[i].bytes = flight.written(),
-                    }
-                };
-                match end {
-                    End::Complete(d) if d == w.digest => {}
-                    End::Complete(d) => return Err(format!("fetched bytes hash to {d}")),
-                    End::Failed(e) => return Err(e.to_string()),
-                    _ => {}
+                let answered = follow(&flight, job, i).await?;
+                if answered != w.digest {
+                    return Err(format!("fetched bytes hash to {answered}"));
                 }
-                if !self.inner.store.contains(&w.digest) {
-                    return Err("verified but not stored (no room in the store?)".into());
-                }
+                self.map_answered(&t.key, &w.digest)?;
             }
         }
+        let store = &self.inner.store;
+        if let Err(e) = store.stage(&w.digest, &t.key, &w.url.to_string()) {
+            tracing::warn!(error = %e, "cannot record a staged mapping");
+        }
         if pin {
-            self.inner
-                .store
-                .set_pin(&w.digest, true)
+            store.set_pin(&w.digest, true).map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
+
+    /// After the URL answered bytes with digest `d`: its key maps to them (the transfer mapped it when
+    /// it stored them; a transfer of bytes already stored that could not reserve room did not).
+    fn map_answered(&self, key: &str, d: &Digest) -> Result<(), String> {
+        let store = &self.inner.store;
+        if !store.contains(d) {
+            return Err("verified but not stored (no room in the store?)".into());
+        }
+        if store.lookup(key).is_none_or(|e| e.digest != *d) {
+            store
+                .map_key(key, d, crate::store::KeyMeta::immutable())
                 .map_err(|e| e.to_string())?;
         }
         Ok(())
+    }
+
+    /// After a file failed: a staged record of its key that names its digest goes, unless the URL did
+    /// answer that digest once (its key maps to it). A record left by an earlier version, which staged
+    /// every entry before fetching it, would otherwise keep devices' requests for the URL verified
+    /// against a digest the URL never answered.
+    fn unstage_unanswered(&self, w: &Wanted) {
+        let store = &self.inner.store;
+        let key = self.key_of(&w.url);
+        let answered = store.lookup(&key).is_some_and(|e| e.digest == w.digest);
+        if answered || store.staged_digest(&key) != Some(w.digest) {
+            return;
+        }
+        if let Err(e) = store.unstage(&w.digest, &key, &w.url.to_string()) {
+            tracing::warn!(error = %e, "cannot remove a staged mapping");
+        }
     }
 
     fn key_of(&self, url: &Uri) -> String {
@@ -385,6 +406,23 @@ impl Fetcher {
     /// The digest a staged manifest gave a key.
     pub fn staged_digest(&self, key: &str) -> Option<Digest> {
         self.inner.store.staged_digest(key)
+    }
+}
+
+/// Follows a prefetch's transfer to its end, updating the file's `bytes`; the digest the URL answered.
+async fn follow(flight: &Flight, job: &Arc<Mutex<Job>>, i: usize) -> Result<Digest, String> {
+    let mut tick = tokio::time::interval(std::time::Duration::from_millis(200));
+    let end = loop {
+        tokio::select! {
+            e = flight.wait_end() => break e,
+            _ = tick.tick() => lock(job).files[i].bytes = flight.written(),
+        }
+    };
+    match end {
+        // A transfer joined may be another client's revalidation: a 304 is the URL's answer too.
+        End::Complete(d) | End::Revalidated(d) => Ok(d),
+        End::ServeStale(_, why) => Err(why),
+        End::Failed(e) => Err(e.to_string()),
     }
 }
 

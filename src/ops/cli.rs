@@ -216,7 +216,7 @@ pub fn doctor(config: Option<PathBuf>) -> anyhow::Result<bool> {
     for c in &checks {
         println!("{c}");
     }
-    Ok(checks.iter().all(|c| c.ok))
+    Ok(!checks.iter().any(|c| c.failed()))
 }
 
 /// `cistern health`: prints one line and exits 0 when `/healthz` answers 200, else the error is the

@@ -9,41 +9,55 @@ use http::Uri;
 
 use crate::config::Config;
 
+/// What a check found: a warning is worth acting on but does not stop the node from working.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    Ok,
+    Warn,
+    Fail,
+}
+
 /// One check's outcome.
 pub struct Check {
-    pub ok: bool,
+    pub verdict: Verdict,
     pub what: String,
     pub detail: String,
-    /// What to do when it failed.
+    /// What to do when it failed or warned.
     pub fix: String,
+}
+
+impl Check {
+    pub fn failed(&self) -> bool {
+        self.verdict == Verdict::Fail
+    }
 }
 
 impl std::fmt::Display for Check {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        if self.ok {
-            write!(f, "ok    {}: {}", self.what, self.detail)
-        } else {
-            write!(f, "FAIL  {}: {} -> {}", self.what, self.detail, self.fix)
+        let (what, detail, fix) = (&self.what, &self.detail, &self.fix);
+        match self.verdict {
+            Verdict::Ok => write!(f, "ok    {what}: {detail}"),
+            Verdict::Warn => write!(f, "WARN  {what}: {detail} -> {fix}"),
+            Verdict::Fail => write!(f, "FAIL  {what}: {detail} -> {fix}"),
         }
     }
 }
 
-fn pass(what: &str, detail: impl Into<String>) -> Check {
+fn check(verdict: Verdict, what: &str, detail: impl Into<String>, fix: impl Into<String>) -> Check {
     Check {
-        ok: true,
-        what: what.into(),
-        detail: detail.into(),
-        fix: String::new(),
-    }
-}
-
-fn fail(what: &str, detail: impl Into<String>, fix: impl Into<String>) -> Check {
-    Check {
-        ok: false,
+        verdict,
         what: what.into(),
         detail: detail.into(),
         fix: fix.into(),
     }
+}
+
+fn pass(what: &str, detail: impl Into<String>) -> Check {
+    check(Verdict::Ok, what, detail, "")
+}
+
+fn fail(what: &str, detail: impl Into<String>, fix: impl Into<String>) -> Check {
+    check(Verdict::Fail, what, detail, fix)
 }
 
 /// Runs every check for `cfg`.
@@ -63,7 +77,58 @@ pub async fn run(cfg: &Config) -> Vec<Check> {
         }
     }
     out.push(listener_check(&cfg.server.listen, timeout).await);
+    out.push(admin_check(cfg));
     out
+}
+
+/// Without a token the admin API answers loopback clients only, with no secret: fine on a node that
+/// listens on loopback alone; a warning on one that listens beyond it (SPEC 6).
+fn admin_check(cfg: &Config) -> Check {
+    match cfg.admin_token() {
+        Ok(Some(_)) => return pass("admin", "an admin token is set"),
+        Ok(None) => {}
+        Err(e) => {
+            return fail(
+                "admin",
+                e.to_string(),
+                "make server.admin_token_file readable by cistern",
+            )
+        }
+    }
+    let s = &cfg.server;
+    let beyond: Vec<&str> = [s.listen.as_str(), s.tls_listen.as_str()]
+        .into_iter()
+        .filter(|l| !l.is_empty() && !loopback_listen(l))
+        .collect();
+    if beyond.is_empty() {
+        return pass("admin", "no admin token; the listeners are loopback only");
+    }
+    check(
+        Verdict::Warn,
+        "admin",
+        format!(
+            "no admin token while listening on {}: the admin API answers loopback clients only, and \
+             anything running on this machine may stage, sideload and purge",
+            beyond.join(" and ")
+        ),
+        "set server.admin_token_file (CISTERN_SERVER__ADMIN_TOKEN_FILE) to a file holding a long \
+         random token, and give it to the CLI with --token-file",
+    )
+}
+
+/// Whether a listen address is a loopback one.
+fn loopback_listen(addr: &str) -> bool {
+    match addr.parse::<SocketAddr>() {
+        Ok(a) => match a.ip() {
+            std::net::IpAddr::V6(v6) => v6
+                .to_ipv4_mapped()
+                .map_or(v6.is_loopback(), |v4| v4.is_loopback()),
+            v4 => v4.is_loopback(),
+        },
+        Err(_) => addr
+            .rsplit_once(':')
+            .is_some_and(|(host, _)| host.eq_ignore_ascii_case("localhost")),
+    }
 }
 
 fn store_check(cfg: &Config) -> Check {
@@ -350,5 +415,31 @@ async fn listener_check(listen: &str, timeout: Duration) -> Check {
             format!("cannot bind {listen}: {e}"),
             "run with the right permissions or change server.listen",
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn no_admin_token_on_a_node_listening_beyond_loopback_is_a_warning() {
+        let mut cfg = Config::default();
+        let verdict = |cfg: &Config| admin_check(cfg).verdict;
+        cfg.server.listen = "0.0.0.0:8080".into();
+        assert_eq!(verdict(&cfg), Verdict::Warn);
+        cfg.server.listen = "127.0.0.1:8080".into();
+        assert_eq!(verdict(&cfg), Verdict::Ok);
+        cfg.server.tls_listen = "[::]:8443".into();
+        assert_eq!(verdict(&cfg), Verdict::Warn);
+        assert!(admin_check(&cfg).to_string().starts_with("WARN  admin: "));
+        cfg.server.tls_listen = "[::1]:8443".into();
+        assert_eq!(verdict(&cfg), Verdict::Ok);
+        cfg.server.listen = "localhost:8080".into();
+        assert_eq!(verdict(&cfg), Verdict::Ok);
+        cfg.server.listen = "10.1.2.3:8080".into();
+        assert_eq!(verdict(&cfg), Verdict::Warn);
+        cfg.server.admin_token = "s3cret".into();
+        assert_eq!(verdict(&cfg), Verdict::Ok);
     }
 }

@@ -71,13 +71,20 @@ impl Remote {
             .build()?)
     }
 
+    /// Sends one request. Its `Host` is the `--server` URL's authority, so a gateway without an admin
+    /// token, which wants a loopback `Host`, is reached as `http://127.0.0.1:<port>` or
+    /// `http://localhost:<port>`; `content_type` is what a state-changing request needs there (SPEC 6).
     async fn send(
         &self,
         method: Method,
         path: &str,
+        content_type: Option<&'static str>,
         body: Body,
     ) -> anyhow::Result<(StatusCode, Bytes)> {
         let mut req = Request::builder().method(method).uri(self.url(path)?);
+        if let Some(ct) = content_type {
+            req = req.header(http::header::CONTENT_TYPE, ct);
+        }
         if let Some(t) = &self.token {
             req = req.header(http::header::AUTHORIZATION, format!("Bearer {t}"));
         }
@@ -109,7 +116,12 @@ impl Remote {
         v: &serde_json::Value,
     ) -> anyhow::Result<(StatusCode, serde_json::Value)> {
         let (s, b) = self
-            .send(method, path, whole(Bytes::from(v.to_string())))
+            .send(
+                method,
+                path,
+                Some("application/json"),
+                whole(Bytes::from(v.to_string())),
+            )
             .await?;
         Ok((
             s,
@@ -128,14 +140,15 @@ impl Remote {
         // A gateway that refuses the token answers before reading the body and closes the connection;
         // the upload then breaks off with a broken pipe that hides the answer. Ask first.
         let (status, _) = self
-            .send(Method::HEAD, "/v1/admin/content", whole(Bytes::new()))
+            .send(Method::HEAD, "/v1/admin/content", None, whole(Bytes::new()))
             .await?;
         if !status.is_success() {
             bail!(
                 "{}: the gateway's admin API answered {status}{}",
                 self.base,
                 if status == StatusCode::FORBIDDEN {
-                    " (without server.admin_token it answers loopback clients only)"
+                    " (without server.admin_token it answers loopback clients only, asked for by a \
+                     loopback name: --server http://127.0.0.1:<port> or http://localhost:<port>)"
                 } else {
                     ""
                 }
@@ -161,7 +174,12 @@ impl Remote {
             if pin { "?pin=true" } else { "" }
         );
         let (status, body) = self
-            .send(Method::PUT, &path, StreamBody::new(stream).boxed())
+            .send(
+                Method::PUT,
+                &path,
+                Some("application/octet-stream"),
+                StreamBody::new(stream).boxed(),
+            )
             .await?;
         match status {
             StatusCode::CREATED => Ok(()),

@@ -8,6 +8,7 @@ pub mod body;
 mod connect;
 pub mod edge;
 pub mod error;
+mod guard;
 mod listener;
 mod metered;
 pub mod range;
@@ -19,7 +20,7 @@ mod tls;
 mod zerocopy;
 
 use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -170,7 +171,7 @@ impl App {
         mut req: Request<Incoming>,
         peer: SocketAddr,
     ) -> (Response<Body>, Option<FormKind>, Option<String>) {
-        let ip = canonical(peer.ip());
+        let ip = guard::canonical(peer.ip());
         let allowed = &self.cfg.server.allowed_clients;
         if !allowed.is_empty() && !allowed.iter().any(|n| n.contains(&ip)) {
             let e = ApiError::new(
@@ -275,8 +276,10 @@ impl App {
         }
         if head {
             // A HEAD on a miss goes upstream as a HEAD and starts no download (SPEC 3).
+            // A URL holds a digest only once it answered it (its key maps to it: SPEC 6).
             let stored = match t.digest {
-                Some(d) => self.store.contains(&d),
+                Some(d) if t.key.starts_with("sha256/") => self.store.contains(&d),
+                Some(d) => self.store.lookup(&t.key).is_some_and(|e| e.digest == d),
                 None => self.store.lookup(&t.key).is_some(),
             };
             if !stored && !cc.only_if_cached {
@@ -339,8 +342,9 @@ impl App {
     async fn own(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
         let path = req.uri().path().to_string();
         if path.starts_with("/v1/admin/") {
-            if let Err(e) = self.authorize(&req, peer) {
-                return *e;
+            let token = self.admin_token.as_deref();
+            if let Err(e) = guard::authorize(token, &req, peer) {
+                return guard::challenge(e.into_response());
             }
             return admin::handle(self, req).await;
         }
@@ -362,58 +366,6 @@ impl App {
             }
         }
         ApiError::not_found(format!("nothing is served at {path}")).into_response()
-    }
-
-    /// Admin authentication (SPEC 6): Bearer token compared in constant time, or loopback only.
-    fn authorize(
-        &self,
-        req: &Request<Incoming>,
-        peer: SocketAddr,
-    ) -> Result<(), Box<Response<Body>>> {
-        match &self.admin_token {
-            None if canonical(peer.ip()).is_loopback() => Ok(()),
-            None => Err(Box::new(
-                ApiError::new(
-                    StatusCode::FORBIDDEN,
-                    "admin-loopback-only",
-                    "no admin token is configured: the admin API answers loopback clients only",
-                )
-                .into_response(),
-            )),
-            Some(token) => {
-                use subtle::ConstantTimeEq;
-                let given = req
-                    .headers()
-                    .get(http::header::AUTHORIZATION)
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|v| v.strip_prefix("Bearer "))
-                    .unwrap_or("");
-                if bool::from(given.as_bytes().ct_eq(token.as_bytes())) {
-                    Ok(())
-                } else {
-                    let mut r = ApiError::new(
-                        StatusCode::UNAUTHORIZED,
-                        "unauthorized",
-                        "missing or wrong admin token",
-                    )
-                    .into_response();
-                    r.headers_mut().insert(
-                        http::header::WWW_AUTHENTICATE,
-                        HeaderValue::from_static("Bearer"),
-                    );
-                    Err(Box::new(r))
-                }
-            }
-        }
-    }
-}
-
-/// This node's Cache-Status member as a metrics label: without the parameters that carry numbers
-/// (`ttl=`), so that the label set stays bounded.
-fn canonical(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
-        v4 => v4,
     }
 }
 

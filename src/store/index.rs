@@ -162,6 +162,19 @@ impl Index {
         Ok(())
     }
 
+    /// Removes what `stage` recorded for `key` and `d`, each record only while it still says so (a
+    /// later manifest may have staged the key or the digest anew).
+    pub fn unstage(&self, d: &Digest, key: &str, url: &str) -> sled::Result<()> {
+        let k = [b"k".as_slice(), key.as_bytes()].concat();
+        let u = [b"u".as_slice(), &d.0].concat();
+        // A record that says something else now is left as it is: not an error.
+        let _ = self.staged.compare_and_swap(k, Some(&d.0), None::<&[u8]>)?;
+        let _ = self
+            .staged
+            .compare_and_swap(u, Some(url.as_bytes()), None::<&[u8]>)?;
+        Ok(())
+    }
+
     pub fn staged_url(&self, d: &Digest) -> Option<String> {
         if !self.any_staged.load(Ordering::Acquire) {
             return None;
@@ -246,5 +259,21 @@ mod tests {
             ix.staged_url(&Digest([7; 32])).as_deref(),
             Some("http://o/x")
         );
+    }
+
+    #[test]
+    fn unstaging_removes_only_what_still_names_the_entry() {
+        let t = tempfile::tempdir().unwrap();
+        let ix = Index::open(&t.path().join("index")).unwrap();
+        let (a, b) = (Digest([1; 32]), Digest([2; 32]));
+        ix.stage(&a, "k", "http://o/a").unwrap();
+        ix.stage(&b, "k", "http://o/b").unwrap();
+        // The key was staged anew with b: unstaging a leaves it, and removes a's URL.
+        ix.unstage(&a, "k", "http://o/a").unwrap();
+        assert_eq!(ix.staged_digest("k"), Some(b));
+        assert!(ix.staged_url(&a).is_none());
+        ix.unstage(&b, "k", "http://o/other").unwrap();
+        assert!(ix.staged_digest("k").is_none());
+        assert_eq!(ix.staged_url(&b).as_deref(), Some("http://o/b"));
     }
 }

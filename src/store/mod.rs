@@ -345,6 +345,11 @@ impl Store {
         Ok(self.shared.index.stage(d, key, url)?)
     }
 
+    /// Forgets a staged record of `key` -> `d` and `d` -> `url`, each only while it still says so.
+    pub fn unstage(&self, d: &Digest, key: &str, url: &str) -> Result<(), StoreError> {
+        Ok(self.shared.index.unstage(d, key, url)?)
+    }
+
     /// The URL a staged manifest named for a digest.
     pub fn staged_url(&self, d: &Digest) -> Option<String> {
         self.shared.index.staged_url(d)

@@ -234,7 +234,10 @@ pub async fn request_body(method: &str, url: &str, headers: &[(&str, &str)], bod
     let mut req = Request::builder()
         .method(method)
         .uri(uri.path_and_query().map(|p| p.as_str()).unwrap_or("/"));
-    req = req.header("host", uri.authority().unwrap().as_str());
+    // The URL's authority, unless the caller names a Host of its own.
+    if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("host")) {
+        req = req.header("host", uri.authority().unwrap().as_str());
+    }
     for (k, v) in headers {
         req = req.header(*k, *v);
     }
@@ -270,6 +273,19 @@ async fn got(resp: Response<hyper::body::Incoming>) -> Got {
         body: Bytes::from(out),
         aborted,
     }
+}
+
+/// A request to the admin API of a node without a token, sent as the CLI sends it: `Content-Type:
+/// application/octet-stream` on a sideload (PUT), `application/json` on any other request that changes
+/// state (a web page cannot send either without a CORS preflight: SPEC 6).
+pub async fn admin_request(method: &str, url: &str, body: Bytes) -> Got {
+    let ct = match method {
+        "GET" | "HEAD" => None,
+        "PUT" => Some("application/octet-stream"),
+        _ => Some("application/json"),
+    };
+    let h: Vec<(&str, &str)> = ct.map(|ct| ("content-type", ct)).into_iter().collect();
+    request_body(method, url, &h, body).await
 }
 
 pub async fn get(url: &str) -> Got {

@@ -360,9 +360,13 @@ def change_catalog(port, rnd, stop, tally):
 
 
 def catalog_call(port, method, path, body, tally, absent_ok=False):
-    """True when answered 2xx (or 404 with `absent_ok`: nothing to unpin)."""
+    """True when answered 2xx (or 404 with `absent_ok`: nothing to unpin). The admin API has no token
+    here: a request that changes state carries the content type it then wants, as the CLI's do."""
+    headers = {}
+    if path.startswith("/v1/admin/") and method not in ("GET", "HEAD"):
+        headers["Content-Type"] = "application/octet-stream" if method == "PUT" else "application/json"
     try:
-        status, _, answer = request(port, method, path, body)
+        status, _, answer = request(port, method, path, body, headers)
     except (OSError, http.client.HTTPException):
         return False
     if 200 <= status < 300 or (absent_ok and status == 404):
