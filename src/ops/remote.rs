@@ -115,14 +115,14 @@ impl Remote {
         path: &str,
         v: &serde_json::Value,
     ) -> anyhow::Result<(StatusCode, serde_json::Value)> {
-        let (s, b) = self
-            .send(
-                method,
-                path,
-                Some("application/json"),
-                whole(Bytes::from(v.to_string())),
-            )
-            .await?;
+        // A GET or HEAD carries no body (a gateway answers one that does with 400).
+        let (s, b) = if matches!(method, Method::GET | Method::HEAD) {
+            self.send(method, path, None, whole(Bytes::new())).await?
+        } else {
+            let body = whole(Bytes::from(v.to_string()));
+            self.send(method, path, Some("application/json"), body)
+                .await?
+        };
         Ok((
             s,
             serde_json::from_slice(&b).unwrap_or(serde_json::Value::Null),
