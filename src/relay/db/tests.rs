@@ -5,7 +5,7 @@ use super::*;
 fn one(seq: u64) -> Batch {
     Batch {
         queue: vec![(seq, b"{\"q\":1}".to_vec())],
-        dedup: vec![(seq, 7 + seq as u128)],
+        dedup: vec![(seq, 7 + seq as u128, Some(70 + seq as u128))],
         history: vec![("dev".into(), seq, b"{\"h\":1}".to_vec())],
         next_seq: seq + 1,
         ..Default::default()
@@ -36,7 +36,7 @@ fn a_batch_survives_reopening() {
             ..Default::default()
         })
         .unwrap();
-    assert_eq!(f, [7]);
+    assert_eq!(f.forgotten, [(7, Some(70))]);
     assert_eq!(db.peek(10, 1 << 20).unwrap()[0].0, 1);
     assert_eq!(db.history("dev").unwrap().len(), 1);
 }
