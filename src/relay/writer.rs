@@ -507,3 +507,52 @@ fn answer(jobs: Vec<Job>, planned: Vec<Planned>, failed: Option<String>) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::relay::{report, NextHop, Relay, RelayConfig};
+
+    /// A request refused for want of room leaves nothing noted in its group: the same report in a
+    /// later request of the group is new, not a duplicate of a report that was never kept.
+    #[tokio::test]
+    async fn a_refused_request_leaves_nothing_in_its_group() {
+        let t = tempfile::tempdir().unwrap();
+        let cfg = RelayConfig {
+            node_id: "n1".into(),
+            batch_size: 10,
+            max_queue: 1000,
+            max_store: 64 << 20,
+            max_report: 64 << 10,
+            history_per_device: 3,
+            max_backoff: std::time::Duration::from_secs(1),
+            dedup_entries: 100,
+        };
+        let hop = NextHop::Url {
+            url: "http://127.0.0.1:1/v1/status".parse().unwrap(),
+            token: None,
+        };
+        let r = Relay::open(t.path(), cfg, Some(hop)).unwrap();
+        let one = r#"{"reportId": "1", "deviceId": "d", "state": 1}"#;
+        let big = format!(
+            r#"[{one}, {{"reportId": "2", "deviceId": "d", "state": 1, "x": "{}"}}]"#,
+            "x".repeat(1000)
+        );
+        let job = |body: &str| {
+            let (reports, dups) = r.prepare(report::parse_body(body.as_bytes()).unwrap());
+            let (reply, _) = oneshot::channel();
+            Job::Accept {
+                reports,
+                dups,
+                reply,
+            }
+        };
+        let state = &r.inner.state;
+        let (_, planned) = plan(&[job(&big), job(one)], &state.mem(), state);
+        assert!(matches!(planned[0], Planned::Full(_)));
+        let Planned::Accepted(a) = planned[1] else {
+            panic!("the second request is refused too");
+        };
+        assert_eq!((a.accepted, a.duplicates, a.conflicts), (1, 0, 0));
+    }
+}
