@@ -93,8 +93,12 @@ async fn a_report_id_claimed_first_does_not_hide_the_real_report() {
     assert_eq!(counts(&post(&top, &retried).await), (0, 2, 0));
     let other = format!("[upstream]\nparents = [\"http://127.0.0.1:{}\"]", top.port);
     let leaf2 = Proc::start(tmp.path(), "leaf2", &other).await;
+    // A second later than the leaf's, so that leaf2 stamps another `receivedAt` (to the second).
+    tokio::time::sleep(Duration::from_millis(1100)).await;
     let both = [claimed(), real_failure()];
     assert_eq!(counts(&post(&leaf2, &both).await), (2, 0, 1));
+    let stamped = leaf2.json(&format!("/v1/devices/{DEVICE}")).await;
+    assert_ne!(stamped[0]["receivedAt"], history[0]["receivedAt"]);
     let r = until(&top, "/v1/relay", "leaf2's reports at the top", |r| {
         r["duplicates"] == 4
     })
