@@ -3,11 +3,15 @@
 //! mid-way, some batches posted twice. When the sink comes back every report arrives, in per-device
 //! order, exactly once at every cistern hop, and every level shows the right deployment counts.
 //! `bounds` (tests/relay/bounds.rs): the relay's bounds and the reports a next hop refuses.
+//! `conflicts` (tests/relay/conflicts.rs): a report id claimed first does not hide the real report.
 
 /// The relay's bounds: report and store sizes, refusals set aside, the admin's retry and drop.
 #[path = "relay/bounds.rs"]
 mod bounds;
 mod common;
+/// A different report under a (deviceId, reportId) already accepted is a conflict, not a duplicate.
+#[path = "relay/conflicts.rs"]
+mod conflicts;
 
 use std::collections::{HashMap, HashSet};
 use std::process::Child;

@@ -1,10 +1,11 @@
 //! Status reports (src/relay/report.rs, SPEC 5), in both shapes it accepts: any body is accepted or
 //! refused naming a field, without panicking; an accepted report is normalised (its ids non-empty
 //! strings, its state a name, its codes integers, `via` a list), and a normalised report, which is
-//! what a parent receives, parses again to itself.
+//! what a parent receives, parses again to itself, with the digest that tells a retry from another
+//! report unchanged by what the hop added (`via`, `receivedAt`).
 #![no_main]
 
-use cistern::relay::report::{explain, hex_code, parse, parse_body};
+use cistern::relay::report::{digest, explain, hex_code, parse, parse_body};
 use libfuzzer_sys::fuzz_target;
 use serde_json::Value;
 
@@ -56,5 +57,13 @@ fuzz_target!(|data: &[u8]| {
         );
         assert_eq!(again.report_id, r.report_id);
         assert_eq!(again.device_id, r.device_id);
+        // As a parent receives it: a retried batch is a duplicate there, not a conflict.
+        let mut relayed = j.clone();
+        if let Some(Value::Array(via)) = relayed.get_mut("via") {
+            via.push(Value::String("leaf".into()));
+        }
+        relayed.insert("receivedAt".into(), "2026-01-01T00:00:00Z".into());
+        let relayed = parse(Value::Object(relayed), i).expect("a relayed report is refused");
+        assert_eq!(digest(&relayed.json), digest(j), "relaying changed the digest");
     }
 });

@@ -35,8 +35,9 @@ pub enum ConfigError {
 const MIN_REPORT: u64 = 1 << 10;
 const MAX_REPORT: u64 = 16 << 20;
 /// Bytes of one dedup record as the relay counts them against `status.max_store` (its sequence
-/// number and 128-bit pair hash; `relay::budget::DEDUP_RECORD`).
-const DEDUP_RECORD: u64 = 24;
+/// number with the 128-bit pair hash, and again with the report's 128-bit digest;
+/// `relay::budget::DEDUP_RECORD`).
+const DEDUP_RECORD: u64 = 48;
 
 fn invalid(key: &str, msg: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {

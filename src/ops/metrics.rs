@@ -203,6 +203,13 @@ impl Snapshot {
                 ld(&r.duplicates),
             ),
             v(
+                "cistern_status_conflicts",
+                "Status reports accepted as conflicts: another report under a (deviceId, reportId) \
+                 already accepted (since the status store was created)",
+                None,
+                ops.relay.conflicts_total(),
+            ),
+            v(
                 "cistern_status_forwarded",
                 "Status reports delivered to the next hop",
                 None,

@@ -20,9 +20,10 @@ pub const MAX_REQUEST: usize = 32 << 20;
 /// Body bytes of one forwarded batch at most (past its first report, which always goes): what every
 /// cistern accepts, whatever its `batch_size` and `max_report`.
 pub const FORWARD_BATCH: usize = MIN_REQUEST;
-/// Bytes of one dedup record (its sequence number and the 128-bit pair hash). `config` checks
-/// `max_store` against the same figure.
-pub const DEDUP_RECORD: u64 = 24;
+/// Bytes of one dedup record: its sequence number and the 128-bit pair hash, and the same sequence
+/// number with the report's 128-bit digest (`dedup`). `config` checks `max_store` against the same
+/// figure.
+pub const DEDUP_RECORD: u64 = 48;
 /// Bytes of a queue or set-aside key (the sequence number), counted with each entry.
 pub const SEQ: u64 = 8;
 

@@ -76,7 +76,7 @@ fn read(dir: &Path, base: u64) -> Result<Batch, sled::Error> {
         let (k, v) = r?;
         if let (Some(seq), Ok(h)) = (seq_of(&k[1..]), <[u8; 16]>::try_from(v.as_ref())) {
             next = next.max(seq + 1);
-            b.dedup.push((base + seq, u128::from_be_bytes(h)));
+            b.dedup.push((base + seq, u128::from_be_bytes(h), None));
         }
     }
     for r in tree.scan_prefix(b"h") {
@@ -125,7 +125,7 @@ mod tests {
         let l = migrate(&old, &db, l).unwrap();
         assert_eq!(
             (l.next_seq, l.queue_len, l.dedup.as_slice()),
-            (1, 1, &[42][..])
+            (1, 1, &[(42, None)][..])
         );
         assert_eq!(db.history("dev-1").unwrap().len(), 1);
         assert!(!old.exists(), "the sled directory is moved aside");

@@ -1,6 +1,8 @@
 //! The status relay (SPEC 5): device reports accepted durably, deduplicated per (deviceId, reportId),
 //! kept as per-device history and latest state for this node's subtree, and forwarded upward in order,
-//! in batches, for as long as the outage lasts and across restarts.
+//! in batches, for as long as the outage lasts and across restarts. A different report under a
+//! (deviceId, reportId) already accepted is a conflict, not a duplicate (`dedup`): kept, forwarded
+//! and counted.
 //!
 //! The durable state is one redb file (`db`, which says why redb and not sled); every write goes
 //! through one writer thread (`writer`, group commit), and a 202 is answered only after the commit
@@ -16,6 +18,7 @@
 
 pub mod budget;
 mod db;
+mod dedup;
 mod forward;
 mod history;
 mod legacy;
@@ -76,6 +79,17 @@ pub struct RelayConfig {
     pub dedup_entries: usize,
 }
 
+/// What became of a `POST /v1/status`'s reports (its 202 answer).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Accepted {
+    /// Reports kept: new ones and conflicts.
+    pub accepted: usize,
+    /// Reports this node already holds (retries), dropped.
+    pub duplicates: usize,
+    /// Of `accepted`, the reports under a (deviceId, reportId) accepted before with other content.
+    pub conflicts: usize,
+}
+
 /// Counters ops reads.
 #[derive(Default)]
 pub struct RelayStats {
@@ -127,8 +141,9 @@ struct Mem {
     /// Bytes of the queued reports (what `max_queue` bounds).
     queue_bytes: u64,
     queue_len: u64,
-    /// (deviceId, reportId) pairs accepted, as 128-bit hashes; bounded by `dedup_entries`.
-    dedup: HashSet<u128>,
+    /// The dedup records: (deviceId, reportId) pairs and digests of the reports accepted; bounded by
+    /// `dedup_entries`.
+    dedup: dedup::DedupIndex,
     /// The per-device history: entries, bytes, recency.
     history: history::HistoryIndex,
     aside_len: u64,
@@ -136,16 +151,19 @@ struct Mem {
     aside_report_bytes: u64,
     /// Bytes of the set-aside entries with their refusals.
     aside_bytes: u64,
+    conflicts: db::Conflicts,
 }
 
 impl Mem {
     /// Bytes of the store that are never dropped to make room: queue, set-aside, dedup records
-    /// (those are bounded by count, `dedup_entries`), keys included.
+    /// (those are bounded by count, `dedup_entries`), conflict records (`db::CONFLICTS_KEPT`), keys
+    /// included.
     fn kept_bytes(&self) -> u64 {
         self.queue_bytes
             + budget::SEQ * self.queue_len
             + self.aside_bytes
-            + budget::DEDUP_RECORD * self.dedup.len() as u64
+            + budget::DEDUP_RECORD * self.dedup.records() as u64
+            + self.conflicts.bytes
     }
 
     /// Bytes of everything the relay keeps, as counted against `max_store`.
@@ -171,12 +189,13 @@ impl From<db::Loaded> for Mem {
             aside_len: l.aside_len,
             aside_report_bytes: l.aside_report_bytes,
             aside_bytes: l.aside_bytes,
+            conflicts: l.conflicts,
         }
     }
 }
 
 /// A 128-bit hash of (deviceId, reportId): two SipHash runs with different keys. Collisions (which would
-/// drop a report as a duplicate) are vanishingly unlikely at the bounded set sizes used here.
+/// make a new report a conflict) are vanishingly unlikely at the bounded set sizes used here.
 fn pair_hash(device: &str, report: &str) -> u128 {
     use std::hash::{Hash, Hasher};
     let mut a = std::collections::hash_map::DefaultHasher::new();
@@ -246,6 +265,11 @@ impl Relay {
         self.mem().queue_len
     }
 
+    /// Reports accepted as conflicts since the status store was created.
+    pub fn conflicts_total(&self) -> u64 {
+        self.mem().conflicts.total
+    }
+
     /// Hands a job to the writer and waits for its answer.
     async fn submit<T>(&self, job: impl FnOnce(writer::Reply<T>) -> Job) -> Result<T, RelayError> {
         let (tx, rx) = oneshot::channel();
@@ -262,16 +286,16 @@ impl Relay {
         budget::max_request(self.cfg().batch_size, self.cfg().max_report)
     }
 
-    /// Accepts a `POST /v1/status` body; returns (accepted, duplicates) once durably written. A
+    /// Accepts a `POST /v1/status` body; answers what became of its reports once durably written. A
     /// report over `max_report` refuses the whole request: nothing of it is kept.
-    pub async fn accept(&self, body: &[u8]) -> Result<(usize, usize), RelayError> {
+    pub async fn accept(&self, body: &[u8]) -> Result<Accepted, RelayError> {
         if body.len() > self.max_request() {
             return Err(RelayError::RequestTooLarge(self.max_request()));
         }
         let mut reports = report::parse_body(body)?;
         budget::check_reports(&mut reports, self.cfg().max_report)?;
         let (reports, dups) = self.prepare(reports);
-        let (accepted, duplicates) = self
+        let got = self
             .submit(|reply| Job::Accept {
                 reports,
                 dups,
@@ -279,16 +303,25 @@ impl Relay {
             })
             .await?;
         let s = &self.inner.stats;
-        s.accepted.fetch_add(accepted as u64, Ordering::Relaxed);
-        s.duplicates.fetch_add(duplicates as u64, Ordering::Relaxed);
-        if accepted > 0 && self.inner.next_hop.is_some() {
+        s.accepted.fetch_add(got.accepted as u64, Ordering::Relaxed);
+        s.duplicates
+            .fetch_add(got.duplicates as u64, Ordering::Relaxed);
+        if got.conflicts > 0 {
+            tracing::warn!(
+                conflicts = got.conflicts,
+                "status relay: reports under a (deviceId, reportId) already accepted with other \
+                 content: kept as conflicts (GET /v1/relay lists them)"
+            );
+        }
+        if got.accepted > 0 && self.inner.next_hop.is_some() {
             self.inner.wake.notify_one();
         }
-        Ok((accepted, duplicates))
+        Ok(got)
     }
 
     /// Stamps and serialises a request's reports (on the request's own task, not the writer's);
-    /// returns them with how many repeated a pair earlier in the same request.
+    /// returns them with how many repeated a report earlier in the same request (the same digest;
+    /// another report under the same pair goes on, to be counted a conflict).
     fn prepare(&self, reports: Vec<report::Report>) -> (Vec<Prepared>, usize) {
         let forwarding = self.inner.next_hop.is_some();
         let now = chrono_now();
@@ -296,8 +329,9 @@ impl Relay {
         let mut out = Vec::with_capacity(reports.len());
         let mut dups = 0;
         for mut r in reports {
-            let hash = pair_hash(&r.device_id, &r.report_id);
-            if !seen.insert(hash) {
+            // Before this node stamps or extends anything (`digest` leaves those members out anyway).
+            let digest = report::digest(&r.json);
+            if !seen.insert(digest) {
                 dups += 1;
                 continue;
             }
@@ -312,8 +346,10 @@ impl Relay {
                 serde_json::to_vec(&r.json).unwrap_or_default()
             });
             out.push(Prepared {
-                hash,
+                pair: pair_hash(&r.device_id, &r.report_id),
+                digest,
                 device: r.device_id,
+                report_id: r.report_id,
                 stored,
                 fwd,
             });

@@ -203,6 +203,82 @@ pub fn parse(v: Value, at: usize) -> Result<Report, BadReport> {
     })
 }
 
+/// The members a relay adds on the way, which are not part of what was reported: `via`, which every
+/// hop extends, and `receivedAt`, which the first node stamps (two gateways that both got the report
+/// stamp it differently).
+const RELAY_FIELDS: [&str; 2] = ["via", "receivedAt"];
+
+/// What tells a retry from a different report under the same (deviceId, reportId): the first 128 bits
+/// of the SHA-256 of the normalised report as canonical JSON (object keys sorted at every level, no
+/// whitespace), without the relay's own members (`RELAY_FIELDS`). A device's retry, a child's retried
+/// batch and a report reaching this node by two paths all get the same digest; any other change to
+/// the report gives another. 128 bits: the one who posts a report first does not choose the content
+/// of the real one that follows, so matching it takes a second preimage (2^128 work), and it is what
+/// the dedup records keep per report, on disk and in memory.
+pub fn digest(json: &Map<String, Value>) -> u128 {
+    let mut h = Hashing(sha2::Sha256::new());
+    object(
+        json.iter()
+            .filter(|(k, _)| !RELAY_FIELDS.contains(&k.as_str())),
+        &mut h,
+    );
+    let full = h.0.finalize();
+    let mut d = [0u8; 16];
+    d.copy_from_slice(&full[..16]);
+    u128::from_be_bytes(d)
+}
+
+/// Feeds what is written into a SHA-256.
+struct Hashing(sha2::Sha256);
+
+impl std::io::Write for Hashing {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.update(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Writes `v` as canonical JSON. Its depth is bounded by the parser's (128 levels).
+fn canonical(v: &Value, out: &mut Hashing) {
+    match v {
+        Value::Object(m) => object(m.iter(), out),
+        Value::Array(a) => {
+            out.0.update(b"[");
+            for (i, x) in a.iter().enumerate() {
+                if i > 0 {
+                    out.0.update(b",");
+                }
+                canonical(x, out);
+            }
+            out.0.update(b"]");
+        }
+        // Strings and numbers as serde_json writes them (it cannot fail on a `Value`).
+        scalar => {
+            let _ = serde_json::to_writer(&mut *out, scalar);
+        }
+    }
+}
+
+/// An object's members as canonical JSON, sorted by key whatever the map's own order (serde_json's
+/// `preserve_order` feature, if any crate ever turns it on, would keep the sender's order).
+fn object<'a>(members: impl Iterator<Item = (&'a String, &'a Value)>, out: &mut Hashing) {
+    let mut members: Vec<_> = members.collect();
+    members.sort_by(|a, b| a.0.cmp(b.0));
+    out.0.update(b"{");
+    for (i, (k, v)) in members.into_iter().enumerate() {
+        if i > 0 {
+            out.0.update(b",");
+        }
+        let _ = serde_json::to_writer(&mut *out, k);
+        out.0.update(b":");
+        canonical(v, out);
+    }
+    out.0.update(b"}");
+}
+
 /// Parses a request body: one report or an array of them. Nothing is accepted if any is bad.
 pub fn parse_body(body: &[u8]) -> Result<Vec<Report>, BadReport> {
     let v: Value =
@@ -289,6 +365,43 @@ mod tests {
         assert_eq!(r.json["updateId"], "\"1\"");
         let relayed = parse(Value::Object(r.json.clone()), 0).unwrap();
         assert_eq!(relayed.json, r.json);
+    }
+
+    #[test]
+    fn the_digest_ignores_what_hops_add_and_sees_everything_else() {
+        let r = parse(
+            json!({"reportId": "r", "deviceId": "d", "state": 2, "x": {"b": 1, "a": [1, "2"]}}),
+            0,
+        )
+        .unwrap();
+        let d = digest(&r.json);
+        // What a parent receives: this node in `via`, the time it was received.
+        let mut relayed = r.json.clone();
+        relayed.insert("via".into(), json!(["leaf", "mid"]));
+        relayed.insert("receivedAt".into(), json!("2026-01-01T00:00:00Z"));
+        assert_eq!(digest(&parse(Value::Object(relayed), 0).unwrap().json), d);
+        // The state as a name is the same report; any other difference is another one.
+        let named = parse(
+            json!({"reportId": "r", "deviceId": "d", "state": "DownloadSucceeded", "x": {"a": [1, "2"], "b": 1}}),
+            0,
+        )
+        .unwrap();
+        assert_eq!(digest(&named.json), d);
+        for other in [
+            json!({"reportId": "r", "deviceId": "d", "state": 255, "x": {"b": 1, "a": [1, "2"]}}),
+            json!({"reportId": "r", "deviceId": "d", "state": 2, "x": {"b": 1, "a": [1, 2]}}),
+            json!({"reportId": "r", "deviceId": "d", "state": 2, "x": {"b": 1, "a": [1, "2"]}, "y": null}),
+            json!({"reportId": "r", "deviceId": "e", "state": 2, "x": {"b": 1, "a": [1, "2"]}}),
+        ] {
+            assert_ne!(digest(&parse(other.clone(), 0).unwrap().json), d, "{other}");
+        }
+        // The canonical text is serde_json's own with sorted keys (what the agent shape's ids use).
+        let mut text = r.json.clone();
+        text.remove("via");
+        let mut h = Hashing(sha2::Sha256::new());
+        canonical(&Value::Object(text.clone()), &mut h);
+        let sha = sha2::Sha256::digest(serde_json::to_vec(&text).unwrap());
+        assert_eq!(h.0.finalize(), sha);
     }
 
     #[test]

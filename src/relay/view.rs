@@ -106,13 +106,26 @@ impl Relay {
         }
     }
 
+    /// The newest reports accepted as conflicts (`db::CONFLICTS_KEPT` at most), newest first:
+    /// deviceId, reportId, at.
+    pub fn recent_conflicts(&self) -> Vec<Value> {
+        match self.db().conflicts() {
+            Ok(v) => parse(v),
+            Err(e) => {
+                tracing::error!(error = %e, "status relay: cannot read the conflicts");
+                Vec::new()
+            }
+        }
+    }
+
     /// How many reports are set aside.
     pub fn set_aside_count(&self) -> u64 {
         self.mem().aside_len
     }
 
     /// `GET /v1/relay`: queue depth, oldest undelivered age, last success and last error, the
-    /// set-aside reports, and what the store holds against its bound.
+    /// set-aside reports, the conflicts (how many since the store was created, and the newest), and
+    /// what the store holds against its bound.
     pub fn status(&self) -> Value {
         let s = &self.inner.stats;
         let last_ok = s.last_success_ms.load(Ordering::Relaxed);
@@ -146,6 +159,8 @@ impl Relay {
             "forwarded": s.forwarded.load(Ordering::Relaxed),
             "errors": s.errors.load(Ordering::Relaxed),
             "setAsideTotal": s.set_aside.load(Ordering::Relaxed),
+            "conflicts": self.conflicts_total(),
+            "recentConflicts": self.recent_conflicts(),
         })
     }
 }

@@ -45,9 +45,12 @@ async fn accept(relay: &Relay, req: Request<Incoming>) -> Result<Response<Body>,
     let body = read_body(req, max)
         .await
         .map_err(|_| relay_error(RelayError::RequestTooLarge(max)))?;
-    let (accepted, duplicates) = relay.accept(&body).await.map_err(relay_error)?;
+    let got = relay.accept(&body).await.map_err(relay_error)?;
+    // `conflicts` are counted in `accepted` too: a client that knows only SPEC 5's two members sees
+    // them kept, which they are.
     Ok(json(
         StatusCode::ACCEPTED,
-        &serde_json::json!({"accepted": accepted, "duplicates": duplicates}),
+        &serde_json::json!({"accepted": got.accepted, "duplicates": got.duplicates,
+                            "conflicts": got.conflicts}),
     ))
 }

@@ -134,6 +134,17 @@ pub struct RelayView {
     pub last_error: String,
     pub set_aside_count: u64,
     pub set_aside: Vec<SetAsideRow>,
+    /// Reports accepted under a (deviceId, reportId) already accepted with other content.
+    pub conflicts: u64,
+    pub recent_conflicts: Vec<ConflictRow>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ConflictRow {
+    pub device_id: String,
+    pub report_id: String,
+    pub at: String,
 }
 
 #[derive(Serialize)]
@@ -348,6 +359,17 @@ fn relay(v: &Value) -> RelayView {
             answer: text(r.get("answer")),
         })
         .collect();
+    let recent_conflicts = v
+        .get("recentConflicts")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .map(|r| ConflictRow {
+            device_id: text(r.get("deviceId")),
+            report_id: text(r.get("reportId")),
+            at: text(r.get("at")),
+        })
+        .collect();
     RelayView {
         next_hop: hop,
         depth: n("queueDepth"),
@@ -359,6 +381,8 @@ fn relay(v: &Value) -> RelayView {
         last_error: text(v.get("lastError")),
         set_aside_count: n("setAsideCount"),
         set_aside,
+        conflicts: n("conflicts"),
+        recent_conflicts,
     }
 }
 

@@ -48,10 +48,14 @@
 //! new one created: its reports are lost, the gateway comes back.
 //!
 //! Layout: `queue` seq -> report as forwarded; `dedup` seq -> 128-bit hash of (deviceId, reportId),
-//! oldest first; `history` (deviceId, seq) -> report as stored (the last one per device is its
-//! latest state); `set_aside` seq -> (report as forwarded, the refusal as JSON): reports the next hop
-//! refused for good, moved there from `queue` in one transaction; `meta` "next_seq" and
-//! "sled_migrated". It calls nothing else of cistern's.
+//! oldest first, and `dedup_digest` seq -> the report's digest (`report::digest`) for the same seq: a
+//! table of its own, so that files of earlier versions (dedup records without digests) open as they
+//! are and a record without a digest reads as one (`dedup`); `history` (deviceId, seq) -> report as
+//! stored (the last one per device is its latest state); `set_aside` seq -> (report as forwarded, the
+//! refusal as JSON): reports the next hop refused for good, moved there from `queue` in one
+//! transaction; `conflicts` seq -> the record of a report accepted as a conflict (the newest
+//! `CONFLICTS_KEPT`); `meta` "next_seq", "sled_migrated" and "conflicts" (how many ever). It calls
+//! nothing else of cistern's.
 
 use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -60,14 +64,22 @@ use std::time::Duration;
 
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 
+use super::dedup::Record;
+
 const QUEUE: TableDefinition<u64, &[u8]> = TableDefinition::new("queue");
 const DEDUP: TableDefinition<u64, u128> = TableDefinition::new("dedup");
+const DEDUP_DIGEST: TableDefinition<u64, u128> = TableDefinition::new("dedup_digest");
+const CONFLICTS: TableDefinition<u64, &[u8]> = TableDefinition::new("conflicts");
 const HISTORY: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("history");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const SET_ASIDE: TableDefinition<u64, (&[u8], &[u8])> = TableDefinition::new("set_aside");
 
 const NEXT_SEQ: &str = "next_seq";
 const SLED_MIGRATED: &str = "sled_migrated";
+const CONFLICT_COUNT: &str = "conflicts";
+
+/// Records of conflicts kept for `/v1/relay` and the dashboard, the newest.
+pub const CONFLICTS_KEPT: u64 = 50;
 
 /// Read cache of the database; the status store is small and mostly appended to.
 const CACHE_BYTES: usize = 32 << 20;
@@ -113,8 +125,8 @@ engine_error!(
 pub struct Batch {
     /// (seq, report as forwarded): new queue entries.
     pub queue: Vec<(u64, Vec<u8>)>,
-    /// (seq, pair hash): new dedup records.
-    pub dedup: Vec<(u64, u128)>,
+    /// (seq, pair hash, digest): new dedup records (the sled import has no digests).
+    pub dedup: Vec<(u64, u128, Option<u128>)>,
     /// (device, seq, report as stored): new history entries.
     pub history: Vec<(String, u64, Vec<u8>)>,
     /// History entries trimmed to `history_per_device`.
@@ -128,6 +140,10 @@ pub struct Batch {
     pub aside: Vec<(u64, Vec<u8>, Vec<u8>)>,
     /// What happens to every set-aside report (after `aside`).
     pub aside_op: Option<AsideOp>,
+    /// (seq, record as JSON): reports accepted as conflicts.
+    pub conflicts: Vec<(u64, Vec<u8>)>,
+    /// How many of the oldest conflict records to drop (`CONFLICTS_KEPT`).
+    pub conflicts_trim: u64,
     /// The sequence number after this batch.
     pub next_seq: u64,
 }
@@ -148,7 +164,7 @@ pub struct Loaded {
     pub queue_len: u64,
     pub queue_bytes: u64,
     /// Dedup records, oldest first.
-    pub dedup: Vec<u128>,
+    pub dedup: Vec<Record>,
     /// History entries per device, oldest first: (seq, bytes of key and value).
     pub history: HashMap<String, Vec<(u64, u32)>>,
     pub aside_len: u64,
@@ -156,6 +172,25 @@ pub struct Loaded {
     pub aside_report_bytes: u64,
     /// Bytes of the set-aside entries: keys, reports and refusals.
     pub aside_bytes: u64,
+    pub conflicts: Conflicts,
+}
+
+/// The conflicts: how many ever, and the records kept of the newest.
+#[derive(Default, Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Conflicts {
+    pub total: u64,
+    pub kept: u64,
+    /// Bytes of the records kept, keys included.
+    pub bytes: u64,
+}
+
+/// What a commit removed that memory follows.
+#[derive(Default, Debug)]
+pub struct Written {
+    /// The dedup records forgotten.
+    pub forgotten: Vec<Record>,
+    /// The conflict records dropped, and their bytes.
+    pub conflicts_dropped: (u64, u64),
 }
 
 /// The open status database.
@@ -297,6 +332,8 @@ impl StatusDb {
         txn.open_table(HISTORY)?;
         txn.open_table(META)?;
         txn.open_table(SET_ASIDE)?;
+        txn.open_table(DEDUP_DIGEST)?;
+        txn.open_table(CONFLICTS)?;
         txn.commit()?;
         Ok(())
     }
@@ -312,9 +349,32 @@ impl StatusDb {
             l.queue_bytes += v.value().len() as u64;
             l.next_seq = l.next_seq.max(k.value() + 1);
         }
+        // Both ordered by seq: each record's digest is found walking the two together.
+        let digest_table = txn.open_table(DEDUP_DIGEST)?;
+        let mut digests = digest_table.iter()?;
+        let mut next = || -> Result<Option<(u64, u128)>, DbError> {
+            Ok(digests
+                .next()
+                .transpose()?
+                .map(|(k, v)| (k.value(), v.value())))
+        };
+        let mut digest = next()?;
         for r in txn.open_table(DEDUP)?.iter()? {
             let (k, v) = r?;
-            l.dedup.push(v.value());
+            let seq = k.value();
+            // Digests without a record (left by an older version) are passed over.
+            while digest.is_some_and(|(k, _)| k < seq) {
+                digest = next()?;
+            }
+            let d = digest.filter(|(k, _)| *k == seq).map(|(_, d)| d);
+            l.dedup.push((v.value(), d));
+            l.next_seq = l.next_seq.max(seq + 1);
+        }
+        l.conflicts.total = meta.get(CONFLICT_COUNT)?.map(|v| v.value()).unwrap_or(0);
+        for r in txn.open_table(CONFLICTS)?.iter()? {
+            let (k, v) = r?;
+            l.conflicts.kept += 1;
+            l.conflicts.bytes += conflict_bytes(v.value());
             l.next_seq = l.next_seq.max(k.value() + 1);
         }
         for r in txn.open_table(HISTORY)?.iter()? {
@@ -338,14 +398,14 @@ impl StatusDb {
         Ok(l)
     }
 
-    /// Writes a batch in one durable transaction; returns the dedup hashes it forgot.
-    pub fn commit(&self, b: &Batch) -> Result<Vec<u128>, DbError> {
+    /// Writes a batch in one durable transaction; returns what it removed.
+    pub fn commit(&self, b: &Batch) -> Result<Written, DbError> {
         let txn = self.write()?;
-        let forgotten = write_batch(&txn, b)?;
+        let written = write::batch(&txn, b)?;
         // Written but not committed: dropping `txn` aborts it.
         failpoint!("relay-commit", |_| Err(DbError::Injected("relay-commit")));
         txn.commit()?;
-        Ok(forgotten)
+        Ok(written)
     }
 
     /// The oldest queue entries, up to `n`, and (past the first) as many as a JSON array of at most
@@ -373,6 +433,16 @@ impl StatusDb {
         let mut out = Vec::new();
         for r in txn.open_table(SET_ASIDE)?.iter()?.take(n) {
             out.push(r?.1.value().1.to_vec());
+        }
+        Ok(out)
+    }
+
+    /// The records of the newest conflicts, newest first (JSON objects).
+    pub fn conflicts(&self) -> Result<Vec<Vec<u8>>, DbError> {
+        let txn = self.db.begin_read()?;
+        let mut out = Vec::new();
+        for r in txn.open_table(CONFLICTS)?.iter()?.rev() {
+            out.push(r?.1.value().to_vec());
         }
         Ok(out)
     }
@@ -429,7 +499,7 @@ impl StatusDb {
     /// also marks the migration done.
     pub fn import(&self, b: &Batch) -> Result<(), DbError> {
         let txn = self.write()?;
-        write_batch(&txn, b)?;
+        write::batch(&txn, b)?;
         txn.open_table(META)?
             .insert(SLED_MIGRATED, crate::store::now_ms())?;
         txn.commit()?;
@@ -447,55 +517,17 @@ pub fn history_bytes(device: &str, report: &[u8]) -> u32 {
     (device.len() + 8 + report.len()).min(u32::MAX as usize) as u32
 }
 
+/// Bytes a conflict record counts for: its key and the record.
+pub fn conflict_bytes(record: &[u8]) -> u64 {
+    8 + record.len() as u64
+}
+
 /// Bytes a set-aside entry counts for: its key, the report and the refusal.
 pub fn aside_bytes(report: &[u8], refusal: &[u8]) -> u64 {
     8 + report.len() as u64 + refusal.len() as u64
 }
 
-/// The changes of one batch, inside `txn`; returns the dedup hashes it forgot.
-fn write_batch(txn: &redb::WriteTransaction, b: &Batch) -> Result<Vec<u128>, DbError> {
-    let mut queue = txn.open_table(QUEUE)?;
-    for (seq, v) in &b.queue {
-        queue.insert(*seq, v.as_slice())?;
-    }
-    for seq in &b.delivered {
-        queue.remove(*seq)?;
-    }
-    let mut aside = txn.open_table(SET_ASIDE)?;
-    for (seq, report, refusal) in &b.aside {
-        queue.remove(*seq)?;
-        aside.insert(*seq, (report.as_slice(), refusal.as_slice()))?;
-    }
-    match b.aside_op {
-        Some(AsideOp::Requeue) => {
-            while let Some((k, v)) = aside.pop_first()? {
-                queue.insert(k.value(), v.value().0)?;
-            }
-        }
-        Some(AsideOp::Drop) => while aside.pop_first()?.is_some() {},
-        None => {}
-    }
-    let mut dedup = txn.open_table(DEDUP)?;
-    for (seq, h) in &b.dedup {
-        dedup.insert(*seq, *h)?;
-    }
-    let mut forgotten = Vec::with_capacity(b.forget);
-    for _ in 0..b.forget {
-        match dedup.pop_first()? {
-            Some((_, h)) => forgotten.push(h.value()),
-            None => break,
-        }
-    }
-    let mut history = txn.open_table(HISTORY)?;
-    for (dev, seq, v) in &b.history {
-        history.insert((dev.as_str(), *seq), v.as_slice())?;
-    }
-    for (dev, seq) in &b.trim {
-        history.remove((dev.as_str(), *seq))?;
-    }
-    txn.open_table(META)?.insert(NEXT_SEQ, b.next_seq)?;
-    Ok(forgotten)
-}
+mod write;
 
 #[cfg(test)]
 mod tests;

@@ -5,7 +5,7 @@ use super::*;
 fn one(seq: u64) -> Batch {
     Batch {
         queue: vec![(seq, b"{\"q\":1}".to_vec())],
-        dedup: vec![(seq, 7 + seq as u128)],
+        dedup: vec![(seq, 7 + seq as u128, Some(70 + seq as u128))],
         history: vec![("dev".into(), seq, b"{\"h\":1}".to_vec())],
         next_seq: seq + 1,
         ..Default::default()
@@ -36,7 +36,7 @@ fn a_batch_survives_reopening() {
             ..Default::default()
         })
         .unwrap();
-    assert_eq!(f, [7]);
+    assert_eq!(f.forgotten, [(7, Some(70))]);
     assert_eq!(db.peek(10, 1 << 20).unwrap()[0].0, 1);
     assert_eq!(db.history("dev").unwrap().len(), 1);
 }
@@ -142,4 +142,38 @@ fn a_damaged_file_opens_as_a_fresh_one() {
     std::fs::write(&path, &bytes).unwrap();
     let (_, l) = StatusDb::open(&path).expect("damaged pages open as a fresh file");
     assert_eq!(l.queue_len, 0);
+}
+
+/// A file a version without digests has written to after this one (it forgets dedup records and
+/// leaves their digests): each record still reads with its own digest, and the orphans go when the
+/// records after them are forgotten.
+#[test]
+fn digests_left_without_their_record_are_passed_over_then_dropped() {
+    let t = tempfile::tempdir().unwrap();
+    let path = t.path().join("status.redb");
+    let (db, _) = StatusDb::open(&path).unwrap();
+    for seq in 0..3 {
+        db.commit(&one(seq)).unwrap();
+    }
+    // What the older version does when it forgets the oldest record.
+    let txn = db.write().unwrap();
+    txn.open_table(DEDUP).unwrap().remove(0).unwrap();
+    txn.commit().unwrap();
+    let l = db.reload().unwrap();
+    assert_eq!(l.dedup, [(8, Some(71)), (9, Some(72))]);
+    let forget = Batch {
+        forget: 1,
+        next_seq: 3,
+        ..Default::default()
+    };
+    assert_eq!(db.commit(&forget).unwrap().forgotten, [(8, Some(71))]);
+    let txn = db.db.begin_read().unwrap();
+    let left: Vec<u64> = txn
+        .open_table(DEDUP_DIGEST)
+        .unwrap()
+        .iter()
+        .unwrap()
+        .map(|r| r.unwrap().0.value())
+        .collect();
+    assert_eq!(left, [2], "the orphan went with the record after it");
 }
