@@ -1,4 +1,5 @@
-//! Criterion benches of the hot paths: hashing + the write path of a fill, range parsing, index lookups.
+//! Criterion benches of the hot paths: hashing + the write path of a fill, range parsing, index lookups,
+//! a new key mapped to a stored object.
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use sha2::Digest as _;
@@ -15,6 +16,7 @@ fn scratch_store() -> (tempfile::TempDir, Store) {
         min_free: 0,
         max_object_size: 0,
         max_filling: 0,
+        max_keys_per_object: 10_000,
     };
     let store = Store::open(&cfg).unwrap();
     (tmp, store)
@@ -71,6 +73,16 @@ fn index(c: &mut Criterion) {
     let d = last.unwrap();
     c.bench_function("open stored object (mapped)", |b| {
         b.iter(|| store.open_object(&d).unwrap().bytes.len())
+    });
+    // What a miss under a new query string costs once the payload is stored: one appended, fsynced
+    // record in the object's `.keys`, however many keys it has (the keys pile up as this runs).
+    let mut n = 0u64;
+    c.bench_function("map a new key to a stored object", |b| {
+        b.iter(|| {
+            n += 1;
+            let key = format!("host.example/file/500?v={n}");
+            store.map_key(&key, &d, KeyMeta::immutable()).unwrap()
+        })
     });
 }
 

@@ -37,6 +37,7 @@ pub fn store_config(cfg: &Config) -> StoreConfig {
         min_free: cfg.store.min_free.0,
         max_object_size: cfg.store.max_object_size.0,
         max_filling: cfg.store.max_filling.0,
+        max_keys_per_object: cfg.store.max_keys_per_object,
     }
 }
 

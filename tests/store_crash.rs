@@ -69,9 +69,10 @@ mod failpoints {
     struct Files {
         /// Files under `tmp/` (fills in progress).
         tmp: usize,
-        /// Blob names (hex digests) and the hex of each `.meta`.
+        /// Blob names (hex digests) and the hex of each `.meta` and `.keys` (the log of its keys).
         blobs: Vec<String>,
         metas: Vec<String>,
+        keys: Vec<String>,
         /// Anything else under `sha256/` (a `.meta` temp file, say).
         others: Vec<String>,
     }
@@ -87,10 +88,14 @@ mod failpoints {
         for shard in shards.flatten() {
             for e in std::fs::read_dir(shard.path()).unwrap().flatten() {
                 let name = e.file_name().to_string_lossy().to_string();
-                match name.strip_suffix(".meta") {
-                    Some(hex) => f.metas.push(hex.to_string()),
-                    None if !name.contains('.') => f.blobs.push(name),
-                    None => f.others.push(name),
+                if let Some(hex) = name.strip_suffix(".meta") {
+                    f.metas.push(hex.to_string());
+                } else if let Some(hex) = name.strip_suffix(".keys") {
+                    f.keys.push(hex.to_string());
+                } else if !name.contains('.') {
+                    f.blobs.push(name);
+                } else {
+                    f.others.push(name);
                 }
             }
         }
@@ -232,6 +237,9 @@ mod failpoints {
         }
         for hex in &f.metas {
             assert!(f.blobs.contains(hex), "{hex}.meta without its blob");
+        }
+        for hex in &f.keys {
+            assert!(f.blobs.contains(hex), "{hex}.keys without its blob");
         }
         for (hex, size, _) in p.listed().await {
             assert!(f.blobs.contains(&hex), "{hex} listed, not on disk");

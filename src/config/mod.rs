@@ -114,6 +114,8 @@ pub struct Store {
     pub max_object_size: ByteSize,
     /// Room that fills in flight may reserve together; 0 = half of what the store may use.
     pub max_filling: ByteSize,
+    /// Keys (URLs, query strings, variants) that may map to one object; past it, the oldest go.
+    pub max_keys_per_object: usize,
 }
 
 impl Default for Store {
@@ -124,6 +126,7 @@ impl Default for Store {
             min_free: ByteSize(1 << 30),
             max_object_size: ByteSize(0),
             max_filling: ByteSize(0),
+            max_keys_per_object: 10_000,
         }
     }
 }
@@ -351,6 +354,9 @@ impl Config {
         }
         if self.server.max_connections == 0 {
             return Err(invalid("server.max_connections", "must be at least 1"));
+        }
+        if self.store.max_keys_per_object == 0 {
+            return Err(invalid("store.max_keys_per_object", "must be at least 1"));
         }
         if self.upstream.max_transfers == 0 {
             return Err(invalid("upstream.max_transfers", "must be at least 1"));

@@ -139,3 +139,14 @@ fn secrets_are_redacted() {
     assert!(!t.contains("hunter2"));
     assert!(t.contains("<redacted>"));
 }
+
+#[test]
+fn keys_per_object_are_bounded_by_default_and_settable() {
+    assert_eq!(load("", &[]).unwrap().store.max_keys_per_object, 10_000);
+    let c = load("", &[("CISTERN_STORE__MAX_KEYS_PER_OBJECT", "500")]).unwrap();
+    assert_eq!(c.store.max_keys_per_object, 500);
+    let e = load("[store]\nmax_keys_per_object = 0\n", &[])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("store.max_keys_per_object"), "{e}");
+}

@@ -1,8 +1,9 @@
-//! The catalog: everything that changes which objects exist and what their `.meta` says — commit, key
-//! mappings, pins, unlink — done under one lock per digest, so that two fills of the same bytes under
-//! different keys, or an eviction racing a commit, cannot lose a key or leave an index entry without its
-//! file. No code path holds two digests' locks at once (a key that moves between objects is dropped from
-//! the old object's `.meta` after the new one's lock is released), so the striping cannot deadlock.
+//! The catalog: everything that changes which objects exist and what their `.meta` and `.keys` say —
+//! commit, key mappings, pins, unlink — done under one lock per digest, so that two fills of the same
+//! bytes under different keys, or an eviction racing a commit, cannot lose a key or leave an index entry
+//! without its file. No code path holds two digests' locks at once (a key that moves between objects is
+//! dropped from the old object's `.keys` after the new one's lock is released), so the striping cannot
+//! deadlock.
 
 use std::path::Path;
 use std::sync::atomic::Ordering;
@@ -64,39 +65,45 @@ impl Drop for Reservation<'_> {
 }
 
 impl Store {
-    /// Maps `key` to an already stored object (and records its freshness), in the index and in `.meta`.
+    /// Maps `key` to an already stored object (and records its freshness), in `.keys` and the index.
     pub fn map_key(&self, key: &str, d: &Digest, meta: KeyMeta) -> Result<(), StoreError> {
         let moved = {
             let _g = self.shared.catalog.lock(d);
             if !self.contains(d) {
                 return Err(StoreError::NotFound(*d));
             }
-            self.meta_add_key(d, key, &meta)?;
-            self.index_key(key, d, meta)?
+            self.add_key(d, key, meta)?
         };
         self.drop_moved_key(moved, key);
         Ok(())
     }
 
-    fn meta_add_key(&self, d: &Digest, key: &str, meta: &KeyMeta) -> Result<(), StoreError> {
-        let mpath = self.meta_path(d);
-        let mut m = ObjectMeta::read(&mpath).unwrap_or_else(|_| self.meta_from_state(d));
-        m.keys.insert(key.to_string(), meta.clone());
-        m.write(&mpath).map_err(io_err(&mpath))
+    /// Maps `key` to the stored object `d`: its log, then the index, then the bound on its keys.
+    /// Returns the object the key pointed at before, if another. Called with the digest's lock held.
+    fn add_key(&self, d: &Digest, key: &str, meta: KeyMeta) -> Result<Option<Digest>, StoreError> {
+        self.log_put(d, key, &meta, true)?;
+        let moved = self.index_key(key, d, meta)?;
+        self.bound_keys(d);
+        Ok(moved)
     }
 
-    /// A key that moved away from object `from` leaves that object's `.meta` (unless it moved back).
+    /// Drops the oldest keys of an object past `store.max_keys_per_object`. The key just added is in
+    /// place whatever happens here, so a failure is only logged.
+    fn bound_keys(&self, d: &Digest) {
+        if let Err(e) = self.trim_keys(d) {
+            tracing::warn!(digest = %d, error = %e, "dropping an object's oldest keys failed");
+        }
+    }
+
+    /// A key that moved away from object `from` leaves that object's `.keys` (unless it moved back).
     fn drop_moved_key(&self, from: Option<Digest>, key: &str) {
         let Some(d) = from else { return };
         let _g = self.shared.catalog.lock(&d);
         if self.shared.index.key(key).is_some_and(|e| e.digest == d) {
             return;
         }
-        let mpath = self.meta_path(&d);
-        if let Ok(mut m) = ObjectMeta::read(&mpath) {
-            if m.keys.remove(key).is_some() {
-                let _ = m.write(&mpath);
-            }
+        if let Err(e) = self.log_remove(&d, key) {
+            tracing::warn!(digest = %d, error = %e, "recording a key's removal failed");
         }
     }
 
@@ -116,16 +123,17 @@ impl Store {
                     self.pin_locked(d, true)?;
                 }
                 match &c.key {
-                    Some((k, km)) => {
-                        self.meta_add_key(d, k, km)?;
-                        self.index_key(k, d, km.clone())?
-                    }
+                    Some((k, km)) => self.add_key(d, k, km.clone())?,
                     None => None,
                 }
             } else {
                 self.publish(&c)?;
                 match &c.key {
-                    Some((k, km)) => self.index_key(k, d, km.clone())?,
+                    Some((k, km)) => {
+                        let moved = self.index_key(k, d, km.clone())?;
+                        self.bound_keys(d);
+                        moved
+                    }
                     None => None,
                 }
             }
@@ -136,8 +144,8 @@ impl Store {
         Ok(())
     }
 
-    /// The new object's `.meta`, then its blob renamed into place, the directory fsynced, the index
-    /// and the in-memory state. Called with the digest's lock held.
+    /// The new object's `.keys` and `.meta`, then its blob renamed into place, the directory fsynced,
+    /// the index and the in-memory state. Called with the digest's lock held.
     fn publish(&self, c: &Commit<'_>) -> Result<(), StoreError> {
         let d = &c.digest;
         let final_path = self.blob_path(d);
@@ -157,7 +165,8 @@ impl Store {
         m.size = c.size;
         m.pinned |= c.pin;
         if let Some((k, km)) = &c.key {
-            m.keys.insert(k.to_string(), km.clone());
+            // The `.meta` written next fsyncs the directory that a new log was made in.
+            self.log_put(d, k, km, false)?;
         }
         m.write(&mpath).map_err(io_err(&mpath))?;
         failpoint!("store-meta-written");
@@ -256,10 +265,7 @@ impl Store {
         if evicting && self.contains(d) {
             return;
         }
-        let keys = ObjectMeta::read(&self.meta_path(d))
-            .map(|m| m.keys)
-            .unwrap_or_default();
-        for k in keys.keys() {
+        for k in &self.keys_of(d) {
             if self.shared.index.key(k).is_some_and(|e| e.digest == *d) {
                 let _ = self.shared.index.remove_key(k);
             }
@@ -267,6 +273,8 @@ impl Store {
         let _ = self.shared.index.remove_object(d);
         let _ = std::fs::remove_file(self.blob_path(d));
         let _ = std::fs::remove_file(self.meta_path(d));
+        let _ = std::fs::remove_file(self.keys_path(d));
+        self.shared.logs.forget(d);
         if let Some(parent) = self.blob_path(d).parent() {
             if let Ok(dir) = std::fs::File::open(parent) {
                 let _ = dir.sync_all();

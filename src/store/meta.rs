@@ -1,5 +1,7 @@
-//! The `<hex>.meta` file beside each object: which keys map to it, its pin, and per key the upstream's
-//! validators and freshness (SPEC 4). It is the durable truth the sled index is rebuilt from, so it is
+//! The `<hex>.meta` file beside each object: its size, pin and type, and what cistern knows about each
+//! key that maps to it (`KeyMeta`: the upstream's validators, freshness and header block), which the
+//! `<hex>.keys` log beside it records (see `keylog`; the `.meta` of earlier versions held the keys
+//! itself). With that log, it is the durable truth the sled index is rebuilt from (SPEC 4), so it is
 //! always replaced atomically (temp file, fsync, rename).
 
 use std::collections::BTreeMap;
@@ -152,7 +154,10 @@ pub struct ObjectMeta {
     pub pinned: bool,
     #[serde(default)]
     pub content_type: Option<String>,
-    #[serde(default)]
+    /// The keys, in a `.meta` written by an earlier version: read as the first records of the
+    /// object's `.keys` log, kept when the `.meta` is rewritten (a pin), moved into the log when that
+    /// is compacted. Empty in a `.meta` this version made, and then not written.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub keys: BTreeMap<String, KeyMeta>,
 }
 

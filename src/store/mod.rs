@@ -1,5 +1,5 @@
 //! The content-addressed store (SPEC 4): blob files at `<dir>/sha256/<hex[0:2]>/<hex>`, their `.meta`
-//! beside them, a sled index over both, the disk budget and eviction, and recovery at start.
+//! and `.keys` beside them, a sled index over these, the disk budget and eviction, and recovery at start.
 //!
 //! The store calls no other cistern module. Writes go through a [`Fill`], which is either committed
 //! (fsynced, renamed, indexed) or dropped (temp file removed, reservation released), so that no error path
@@ -11,6 +11,8 @@ mod catalog;
 mod digest;
 mod fill;
 mod index;
+mod keylog;
+mod keys;
 pub mod mapped;
 mod meta;
 mod records;
@@ -94,6 +96,8 @@ pub struct StoreConfig {
     pub max_object_size: u64,
     /// Room fills in flight may reserve together; 0 = half of what the store may use.
     pub max_filling: u64,
+    /// Keys that may map to one object; past it, its oldest keys are dropped (at least 1).
+    pub max_keys_per_object: usize,
 }
 
 /// A cheap-to-clone handle on the store.
@@ -121,8 +125,11 @@ struct Shared {
     /// Held for the life of the store: a second process cannot open it (SPEC 1: `--server`).
     _lock: std::fs::File,
     next_tmp: AtomicU64,
-    /// The per-digest locks around everything that changes an object's files or `.meta`.
+    /// The per-digest locks around everything that changes an object's files.
     catalog: catalog::Catalog,
+    /// What is known of each object's `.keys` log (changed under the digest's lock).
+    logs: keys::Logs,
+    max_keys: usize,
 }
 
 #[derive(Default)]
@@ -224,7 +231,7 @@ impl Store {
             std::fs::create_dir_all(d).map_err(open_err(&cfg.dir, d))?;
         }
         let index = recover::open_index(&cfg.dir.join("index"))?;
-        let state = recover::reconcile(&objects_dir, &tmp_dir, &index)?;
+        let (state, logs) = recover::reconcile(&objects_dir, &tmp_dir, &index)?;
         let store = Store {
             shared: Arc::new(Shared {
                 objects_dir,
@@ -243,6 +250,8 @@ impl Store {
                 _lock: lock,
                 next_tmp: AtomicU64::new(0),
                 catalog: catalog::Catalog::default(),
+                logs: keys::Logs::new(logs),
+                max_keys: cfg.max_keys_per_object.max(1),
             }),
         };
         Ok(store)

@@ -1,12 +1,13 @@
 //! Recovery at start (SPEC 4): the store lock, orphan temp files removed, index entries without files
-//! dropped, files without index entries re-indexed from their `.meta`, and keys and pins where the
-//! index and the `.meta` disagree taken from the `.meta`. A lost or corrupt index is moved aside
-//! and rebuilt from the files without losing objects, keys or pins.
+//! dropped, files without index entries re-indexed from their `.meta` and `.keys`, and keys and pins
+//! where the index and those files disagree taken from the files. A lost or corrupt index is moved
+//! aside and rebuilt from the files without losing objects, keys or pins.
 
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
 
 use super::index::{Index, KeyEntry, ObjectRecord};
+use super::keylog::{Keys, Stats};
 use super::meta::{now_ms, ObjectMeta};
 use super::{io_err, open_err, Digest, Obj, State, StoreError};
 
@@ -47,11 +48,15 @@ pub fn open_index(path: &Path) -> Result<Index, StoreError> {
     Ok(Index::open(path)?)
 }
 
-/// Brings the index in line with the files and returns the in-memory state. The `.meta` files are
-/// the truth: the index is written lazily (sled reaches the disk every half second or so), so after
-/// a crash it may still hold a key that was invalidated or moved, or a pin that was changed, after
-/// its `.meta` was rewritten.
-pub fn reconcile(objects_dir: &Path, tmp_dir: &Path, index: &Index) -> Result<State, StoreError> {
+/// Brings the index in line with the files and returns the in-memory state, with what each object's
+/// `.keys` log holds. The `.meta` and `.keys` files are the truth: the index is written lazily (sled
+/// reaches the disk every half second or so), so after a crash it may still hold a key that was
+/// invalidated or moved, or a pin that was changed, after its files said so.
+pub fn reconcile(
+    objects_dir: &Path,
+    tmp_dir: &Path,
+    index: &Index,
+) -> Result<(State, HashMap<Digest, Stats>), StoreError> {
     if let Ok(rd) = std::fs::read_dir(tmp_dir) {
         for e in rd.flatten() {
             let _ = std::fs::remove_file(e.path());
@@ -79,32 +84,37 @@ pub fn reconcile(objects_dir: &Path, tmp_dir: &Path, index: &Index) -> Result<St
         dropped,
         "store recovered"
     );
-    Ok(found.state)
+    Ok((found.state, found.logs))
 }
 
 /// What the object files say, gathered file by file.
 #[derive(Default)]
 struct Found {
     state: State,
-    /// Winner per key across all metas: the mapping fetched last.
+    /// Winner per key across all objects' files: the mapping fetched last.
     keys: HashMap<String, KeyEntry>,
-    /// The keys each readable `.meta` lists: an index entry for a key that its object's `.meta`
-    /// does not list was removed (invalidated, moved) after the index last reached the disk.
+    /// The keys each object's readable files list: an index entry for a key that they do not list
+    /// was removed (invalidated, moved, dropped past the bound) after the index last reached the disk.
     listed: HashMap<Digest, HashSet<String>>,
+    /// What each object's `.keys` log holds.
+    logs: HashMap<Digest, Stats>,
     /// Objects that had no index entry.
     rebuilt: usize,
 }
 
 impl Found {
-    /// One file under a shard: temp and orphan `.meta` files go, a blob is taken in.
+    /// One file under a shard: temp files and orphan `.meta` and `.keys` files go, a blob is taken in.
     fn file(&mut self, e: &std::fs::DirEntry, index: &Index) -> Result<(), StoreError> {
         let path = e.path();
         let name = e.file_name().to_string_lossy().to_string();
-        if name.contains(".meta.tmp") {
+        if name.contains(".meta.tmp") || name.contains(".keys.tmp") {
             let _ = std::fs::remove_file(&path);
             return Ok(());
         }
-        if let Some(hex) = name.strip_suffix(".meta") {
+        if let Some(hex) = name
+            .strip_suffix(".meta")
+            .or_else(|| name.strip_suffix(".keys"))
+        {
             if !path.with_file_name(hex).exists() {
                 let _ = std::fs::remove_file(&path);
             }
@@ -113,12 +123,22 @@ impl Found {
         let (Ok(d), Ok(md)) = (name.parse::<Digest>(), e.metadata()) else {
             return Ok(());
         };
-        let meta = ObjectMeta::read(&path.with_extension("meta"))
+        let mut meta = ObjectMeta::read(&path.with_extension("meta"))
             .ok()
             .filter(|m| m.digest == d);
         let rec = self.record(index, &d, md.len(), meta.as_ref())?;
-        if let Some(m) = meta {
-            self.take_keys(d, m);
+        let complete = meta.is_some();
+        let legacy = meta.as_mut().map(|m| std::mem::take(&mut m.keys));
+        match Keys::read(legacy.unwrap_or_default(), &path.with_extension("keys")) {
+            Ok(keys) => {
+                self.logs.insert(d, Stats::of(&keys));
+                self.take_keys(d, keys, complete);
+            }
+            Err(e) => tracing::warn!(
+                digest = %d,
+                error = %e,
+                "an object's .keys cannot be read; the index keeps the keys it gives the object"
+            ),
         }
         self.state.used += md.len();
         self.state.objects.insert(
@@ -166,9 +186,11 @@ impl Found {
         }
     }
 
-    fn take_keys(&mut self, d: Digest, m: ObjectMeta) {
-        let listed = self.listed.entry(d).or_default();
-        for (k, km) in m.keys {
+    /// Takes in the keys an object's files list; `complete` when its `.meta` was readable too (else
+    /// it may hold keys of its own, and the index keeps the keys it gives the object).
+    fn take_keys(&mut self, d: Digest, keys: Keys, complete: bool) {
+        let mut listed = HashSet::new();
+        for (k, (_, km)) in keys.live {
             listed.insert(k.clone());
             let newer = self
                 .keys
@@ -184,10 +206,13 @@ impl Found {
                 );
             }
         }
+        if complete {
+            self.listed.insert(d, listed);
+        }
     }
 
-    /// Drops index entries of objects that are gone, and keys that their object's `.meta` does not
-    /// list (an object without a readable `.meta` keeps the keys the index gives it). Returns the
+    /// Drops index entries of objects that are gone, and keys that their object's files do not list
+    /// (an object without a readable `.meta` or `.keys` keeps the keys the index gives it). Returns the
     /// number of objects dropped.
     fn drop_stale(&self, index: &Index) -> Result<usize, StoreError> {
         let stale: Vec<Digest> = index
@@ -208,7 +233,7 @@ impl Found {
         Ok(stale.len())
     }
 
-    /// Points each key at the object whose `.meta` fetched it last, where the index says otherwise.
+    /// Points each key at the object whose files say it fetched it last, where the index says otherwise.
     fn put_keys(&self, index: &Index) -> Result<(), StoreError> {
         for (k, e) in &self.keys {
             let current = index.key(k);

@@ -1,4 +1,6 @@
 use super::*;
+
+mod keys;
 use sha2::Digest as _;
 
 fn cfg(dir: &Path) -> StoreConfig {
@@ -8,6 +10,7 @@ fn cfg(dir: &Path) -> StoreConfig {
         min_free: 0,
         max_object_size: 0,
         max_filling: 0,
+        max_keys_per_object: 10_000,
     }
 }
 
@@ -206,9 +209,9 @@ fn flush_writes_only_what_was_read() {
     assert_eq!(s.shared.index.object(&b).unwrap().last_access, before);
 }
 
-/// The index reaches the disk lazily; after a crash it can be older than the `.meta` files, which
-/// are the truth: a key that was dropped from its `.meta` (invalidated) and a pin changed there
-/// must not come back from the index.
+/// The index reaches the disk lazily; after a crash it can be older than the `.meta` and `.keys`
+/// files, which are the truth: a key whose removal its `.keys` records (invalidated) and a pin changed
+/// in its `.meta` must not come back from the index.
 #[test]
 fn an_index_older_than_the_meta_files_yields_to_them() {
     let t = tempfile::tempdir().unwrap();
@@ -219,10 +222,10 @@ fn an_index_older_than_the_meta_files_yields_to_them() {
         b = put(&s, b"bbb", Some("k/b"));
         s.set_pin(&b, true).unwrap();
         s.flush().unwrap();
-        // What an invalidation and an unpin write to the `.meta` before the index is written.
+        // What an invalidation and an unpin write to the files before the index is written.
+        keylog::append(&s.keys_path(&a), &[keylog::Change::Remove("k/a")], true).unwrap();
         let mpath = s.blob_path(&a).with_extension("meta");
         let mut m = ObjectMeta::read(&mpath).unwrap();
-        m.keys.clear();
         m.pinned = true;
         m.write(&mpath).unwrap();
         let mpath = s.blob_path(&b).with_extension("meta");

@@ -8,6 +8,7 @@ fn store(dir: &std::path::Path) -> Store {
         min_free: 0,
         max_object_size: 0,
         max_filling: 0,
+        max_keys_per_object: 10_000,
     })
     .unwrap()
 }
