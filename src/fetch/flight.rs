@@ -133,6 +133,9 @@ struct State {
     /// Bytes of the fill file below this are what was written (u64::MAX while the file takes every
     /// byte); at and past it the file may hold a hole, never read.
     file_valid: u64,
+    /// An unsafe method changed what the key names while this fill ran: it maps no key when it
+    /// commits (RFC 9111 §4.4).
+    doomed: bool,
     /// Position of each reader, for pass-through back-pressure.
     readers: HashMap<u64, u64>,
     next_reader: u64,
@@ -159,6 +162,7 @@ impl Flight {
                 verified: false,
                 digest: None,
                 file_valid: u64::MAX,
+                doomed: false,
                 readers: HashMap::new(),
                 next_reader: 0,
             }),
@@ -216,6 +220,15 @@ impl Flight {
             return head.fresh.then_some(Joined::Verified);
         }
         Some(Joined::InFlight)
+    }
+
+    /// What the key names changed while this fill ran: its bytes are not to be mapped to the key.
+    pub fn doom(&self) {
+        self.state().doomed = true;
+    }
+
+    pub fn doomed(&self) -> bool {
+        self.state().doomed
     }
 
     /// Every byte arrived and verified, and the object is being stored.

@@ -2,6 +2,8 @@
 //! per object that every asking client streams from (collapsing), with verification, resume and
 //! revalidation (SPEC 4). Calls `store` and the upstream; called by `server`.
 
+mod collapse;
+mod error;
 pub mod flight;
 pub(crate) mod framing;
 pub mod freshness;
@@ -21,12 +23,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use http::{HeaderMap, Method, Response, StatusCode, Uri};
+use http::{HeaderMap, Method, Response, Uri};
 use hyper::body::Incoming;
 use serde::Serialize;
 
 use crate::store::{now_ms, Digest, Hit, KeyMeta, Store};
+pub use error::FetchError;
 pub use flight::{End, Flight, FlightReader, Head, Joined};
 use freshness::{RequestCc, Reuse};
 use policy::OriginPolicy;
@@ -37,45 +39,6 @@ const MISMATCH_HOLD: Duration = Duration::from_secs(60);
 /// How long a key is remembered as streamed through unstored, and how many are remembered.
 const UNSTORED_FOR: Duration = Duration::from_secs(600);
 const UNSTORED_MAX: usize = 10_000;
-
-/// Why an object could not be had. Cloned to every client of a failed transfer.
-#[derive(Clone, Debug, thiserror::Error)]
-pub enum FetchError {
-    #[error("origin {0} is not in upstream.allowed_origins")]
-    NotAllowed(String),
-    #[error("{0} resolves to an address cistern may not connect to")]
-    AddressRefused(String),
-    #[error("redirect refused: {0}")]
-    RedirectNotAllowed(String),
-    #[error("upstream unreachable: {0}")]
-    Unreachable(String),
-    #[error("upstream sent a response that cannot be read: {0}")]
-    BadResponse(String),
-    #[error("upstream {0} did not answer in time")]
-    Timeout(String),
-    #[error("upstream answered {status}")]
-    Status {
-        status: StatusCode,
-        content_type: Option<String>,
-        /// The upstream's end-to-end fields, passed on with its answer.
-        headers: Box<HeaderMap>,
-        body: Bytes,
-    },
-    #[error("payload digest mismatch: {0}")]
-    DigestMismatch(String),
-    #[error("the upstream transfer changed content mid-way")]
-    Diverged,
-    #[error("{0}")]
-    NotFound(String),
-    #[error(
-        "the object is not stored and the request asked for cached content only (only-if-cached)"
-    )]
-    NotCached,
-    #[error("{0} upstream transfers are running (upstream.max_transfers); try again shortly")]
-    Busy(usize),
-    #[error("internal error: {0}")]
-    Internal(String),
-}
 
 /// Fetch settings, from `[upstream]` and `[node]`.
 #[derive(Clone, Debug)]
@@ -125,6 +88,9 @@ pub enum Lookup {
         meta: Option<KeyMeta>,
         how: HitKind,
     },
+    /// No transfer this request may share (its response varies on `*`, or is private): the request
+    /// passes through, uncached.
+    Pass,
     /// Streamed from a transfer in flight; `joined` says how the client came to it. `reader` was
     /// attached when the client joined (at byte 0), so that no byte it may need is let go before it
     /// positions the reader (`FlightReader::seek`) or drops it.
@@ -176,8 +142,8 @@ struct Inner {
     store: Store,
     client: UpstreamClient,
     cfg: FetchConfig,
-    /// Transfers in flight by key: the "one fetch per object" table.
-    flights: Mutex<HashMap<String, Arc<Flight>>>,
+    /// Transfers in flight: the "one fetch per object" table.
+    collapse: collapse::Collapse,
     /// Keys whose last transfer failed verification, and when.
     mismatches: Mutex<HashMap<String, Instant>>,
     /// Keys whose last transfer was streamed through without being stored (too big, no room, not
@@ -228,7 +194,7 @@ impl Fetcher {
             inner: Arc::new(Inner {
                 store,
                 client,
-                flights: Mutex::new(HashMap::new()),
+                collapse: collapse::Collapse::default(),
                 mismatches: Mutex::new(HashMap::new()),
                 unstored: Mutex::new(HashMap::new()),
                 stats: FetchStats::default(),
@@ -261,10 +227,12 @@ impl Fetcher {
     }
 
     pub fn in_flight(&self) -> Vec<InFlight> {
-        lock(&self.inner.flights)
-            .iter()
-            .map(|(k, f)| InFlight {
-                key: k.clone(),
+        self.inner
+            .collapse
+            .in_flight()
+            .into_iter()
+            .map(|(key, f)| InFlight {
+                key,
                 bytes: f.written(),
                 size: f.size(),
                 clients: f.reader_count(),
@@ -278,11 +246,7 @@ impl Fetcher {
         let store = &self.inner.store;
         if let Some(d) = t.digest {
             // Bytes with this digest that are verified and being stored count as stored.
-            let committing = lock(&self.inner.flights)
-                .values()
-                .find(|f| f.is_committing() && f.digest() == Some(d))
-                .cloned();
-            if let Some(f) = committing {
+            if let Some(f) = self.inner.collapse.committing_digest(d) {
                 f.wait_end().await;
             }
             // Stored bytes with the digest answer the content-addressed form. A URL gets them only
@@ -298,7 +262,7 @@ impl Fetcher {
         // A transfer that has every byte verified and is storing them: a fresh response is served
         // from it as a hit; otherwise the commit is awaited, so that the freshness decision below sees
         // the stored response.
-        let committing = self.committing(&t.key).filter(|_| !t.authorized());
+        let committing = self.committing(t).filter(|_| !t.authorized());
         if let Some(f) = committing {
             if f.joinable(&t.headers) == Some(Joined::Verified) {
                 let reader = f.reader(0, None);
@@ -328,7 +292,7 @@ impl Fetcher {
                 Reuse::Stale => return self.hit(e.digest, Some(e.meta), HitKind::Stale).await,
                 Reuse::StaleRevalidating => {
                     // Served now; the revalidation runs on as a transfer of its own.
-                    drop(self.join_or_start(t, Some(e.clone())));
+                    drop(self.join_or_start(t, Some(e.clone()), &e.meta.vary));
                     return self.hit(e.digest, Some(e.meta), HitKind::Stale).await;
                 }
                 Reuse::Revalidate => stale = Some(e),
@@ -346,10 +310,9 @@ impl Fetcher {
                 }
             }
         }
-        let (flight, joined, reader) = self.join_or_start(t, stale.clone());
-        if joined == Joined::InFlight {
-            self.inner.stats.collapsed.fetch_add(1, Ordering::Relaxed);
-        }
+        let Some((flight, joined, reader)) = self.follow_or_lead(t, stale.clone()).await else {
+            return Ok(Lookup::Pass);
+        };
         if let Some(e) = stale {
             // A revalidation flight: wait for its verdict.
             match flight.head().await {
@@ -380,12 +343,30 @@ impl Fetcher {
         })
     }
 
-    /// The transfer of a key that has verified its bytes and is storing them, if any.
-    fn committing(&self, key: &str) -> Option<Arc<Flight>> {
-        lock(&self.inner.flights)
-            .get(key)
-            .filter(|f| f.is_committing())
-            .cloned()
+    /// The transfer of a target's key (or variant) that has verified its bytes and is storing them.
+    fn committing(&self, t: &Target) -> Option<Arc<Flight>> {
+        let vary = self.base_vary(&t.key);
+        self.inner.collapse.committing(&t.key, &t.headers, &vary)
+    }
+
+    /// The fields the stored responses of a key vary on (empty when none is stored or none varies).
+    fn base_vary(&self, key: &str) -> Vec<(String, Option<String>)> {
+        self.inner
+            .store
+            .lookup(key)
+            .map(|e| e.meta.vary)
+            .unwrap_or_default()
+    }
+
+    /// Whether the store holds what a target names (a HEAD on a miss goes upstream as a HEAD): its
+    /// digest for the content-addressed form; for a URL, its key's (or variant's) response, and when
+    /// the target's digest is known, only if the URL answered that digest (SPEC 6).
+    pub fn holds(&self, t: &Target) -> bool {
+        match t.digest {
+            Some(d) if t.key.starts_with("sha256/") => self.inner.store.contains(&d),
+            Some(d) => self.stored(t).is_some_and(|e| e.digest == d),
+            None => self.stored(t).is_some(),
+        }
     }
 
     /// The stored response for a target: the key's, or the variant whose Vary matches the request.
@@ -422,39 +403,62 @@ impl Fetcher {
         r.map_err(|e| FetchError::Internal(e.to_string()))
     }
 
-    /// Joins the transfer in flight for the key when its response may be reused for this request,
-    /// else starts one (which replaces it in the table for later clients).
+    /// Joins the transfer in flight that may serve this request, or starts one. A follower that
+    /// joined before the head arrived and finds the response not for it (another variant) asks again,
+    /// and then finds (or starts) its own variant's fill; None when it still cannot share one (`Vary:
+    /// *`, private): the request then passes through.
+    async fn follow_or_lead(
+        &self,
+        t: &Target,
+        stale: Option<crate::store::KeyEntry>,
+    ) -> Option<(Arc<Flight>, Joined, FlightReader)> {
+        let vary = match &stale {
+            Some(e) => e.meta.vary.clone(),
+            None => self.base_vary(&t.key),
+        };
+        for _ in 0..2 {
+            let (flight, joined, reader) = self.join_or_start(t, stale.clone(), &vary);
+            if joined != Joined::InFlight || stale.is_some() {
+                return Some((flight, joined, reader));
+            }
+            self.inner.stats.collapsed.fetch_add(1, Ordering::Relaxed);
+            match flight.head().await {
+                Ok(h) if !h.shareable_with(&t.headers) => continue,
+                _ => return Some((flight, joined, reader)),
+            }
+        }
+        None
+    }
+
+    /// Joins the transfer in flight under the request's selector when its response may be reused
+    /// for this request, else starts one (which replaces it in the table for later clients).
     fn join_or_start(
         &self,
         t: &Target,
         stale: Option<crate::store::KeyEntry>,
+        vary: &[(String, Option<String>)],
     ) -> (Arc<Flight>, Joined, FlightReader) {
-        let mut flights = lock(&self.inner.flights);
         // A request with credentials never shares a transfer, and none joins its own.
         let shared = !t.authorized();
-        if let Some(f) = flights.get(&t.key).filter(|_| shared) {
-            match f.joinable(&t.headers) {
-                Some(joined) => {
-                    let reader = f.reader(0, None);
-                    return (f.clone(), joined, reader);
-                }
-                None => {
-                    flights.remove(&t.key);
-                }
+        let asked = self
+            .inner
+            .collapse
+            .ask(&t.key, &t.headers, vary, stale.is_some(), shared);
+        let (flight, permit) = match asked {
+            collapse::Ask::Follow(f, joined) => {
+                let reader = f.reader(0, None);
+                return (f, joined, reader);
             }
-        }
-        let flight = Flight::new();
+            collapse::Ask::Lead(f, permit) => (f, permit),
+        };
         let reader = flight.reader(0, None);
-        if shared {
-            flights.insert(t.key.clone(), flight.clone());
-        }
-        drop(flights);
         self.inner.stats.transfers.fetch_add(1, Ordering::Relaxed);
         let job = transfer::Transfer {
             fetcher: self.clone(),
             flight: flight.clone(),
             target: t.clone(),
             stale,
+            permit: Arc::new(permit),
         };
         tokio::spawn(job.run());
         (flight, Joined::Leader, reader)
@@ -467,13 +471,6 @@ impl Fetcher {
             keys.push(variant_key(key, vary));
         }
         keys
-    }
-
-    fn forget_flight(&self, key: &str, flight: &Arc<Flight>) {
-        let mut flights = lock(&self.inner.flights);
-        if flights.get(key).is_some_and(|f| Arc::ptr_eq(f, flight)) {
-            flights.remove(key);
-        }
     }
 
     fn record_unstored(&self, key: &str) {
@@ -563,11 +560,13 @@ impl Fetcher {
         Ok(resp)
     }
 
-    /// Forgets what is stored for a key. A fill of it that is still being stored would map the key
-    /// after this, so it is let end first.
+    /// Forgets what is stored for a key. Its fills in flight leave the table and map nothing when
+    /// they commit; one already committing is let end first, so that its mapping is undone below.
     async fn invalidate(&self, key: &str) {
-        if let Some(f) = self.committing(key) {
-            f.wait_end().await;
+        for f in self.inner.collapse.invalidate(key) {
+            if f.is_committing() {
+                f.wait_end().await;
+            }
         }
         self.inner.store.invalidate(key);
     }

@@ -352,6 +352,7 @@ impl Fetcher {
                 }
                 self.map_answered(&t.key, &w.digest)?;
             }
+            Lookup::Pass => return Err("the URL's response cannot be cached (Vary: *)".into()),
         }
         let store = &self.inner.store;
         if let Err(e) = store.stage(&w.digest, &t.key, &w.url.to_string()) {

@@ -11,6 +11,7 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use sha2::{Digest as _, Sha256};
 
+use super::collapse::Permit;
 use super::flight::{End, Flight, Head};
 use super::framing::{content_length, strong_date};
 use super::sink::Sink;
@@ -27,13 +28,15 @@ pub(super) struct Transfer {
     pub target: Target,
     /// The stored entry being revalidated, if this transfer is a revalidation.
     pub stale: Option<KeyEntry>,
+    /// Its place in the one-fetch-per-object table, given up when it ends.
+    pub permit: Arc<Permit>,
 }
 
 impl Transfer {
     pub async fn run(self) {
-        let key = self.target.key.clone();
-        let span = tracing::info_span!("transfer", key = %key);
+        let span = tracing::info_span!("transfer", key = %self.target.key);
         let flight = self.flight.clone();
+        let permit = self.permit.clone();
         let fetcher = self.fetcher.clone();
         // One of `upstream.max_transfers` slots for the whole transfer, waited for up to the connect
         // timeout (then the clients get 503).
@@ -47,7 +50,7 @@ impl Transfer {
             fetcher.count_error(e);
         }
         flight.finish(end);
-        fetcher.forget_flight(&key, &flight);
+        drop(permit);
     }
 
     async fn transfer(self) -> End {
@@ -224,6 +227,10 @@ impl Transfer {
             (Some(f), Some(n)) => f.map(n),
             _ => None,
         };
+        if let Some(vary) = head.vary.as_ref().filter(|_| head.storing) {
+            // Before the head is published: a client that finds it is not for it asks again.
+            self.permit.varies(vary);
+        }
         self.flight
             .set_head(head.clone(), fill.as_ref().map(|f| f.file()), map);
         if fill.is_none() {
@@ -330,7 +337,9 @@ impl Transfer {
             response_ms,
             vary: head.vary.clone().unwrap_or_default(),
         });
-        let keys = if self.target.key.starts_with("sha256/") {
+        // A fill doomed by an unsafe method on its URL stores its bytes but maps no key (the flight
+        // was verified above, so an invalidation from now on waits for this commit to end).
+        let keys = if self.target.key.starts_with("sha256/") || self.flight.doomed() {
             Vec::new()
         } else {
             fetcher.keys_for(&self.target.key, &meta.vary)

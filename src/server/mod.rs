@@ -277,17 +277,13 @@ impl App {
         if head {
             // A HEAD on a miss goes upstream as a HEAD and starts no download (SPEC 3).
             // A URL holds a digest only once it answered it (its key maps to it: SPEC 6).
-            let stored = match t.digest {
-                Some(d) if t.key.starts_with("sha256/") => self.store.contains(&d),
-                Some(d) => self.store.lookup(&t.key).is_some_and(|e| e.digest == d),
-                None => self.store.lookup(&t.key).is_some(),
-            };
-            if !stored && !cc.only_if_cached {
+            if !self.fetcher.holds(&t) && !cc.only_if_cached {
                 return self.bypass(Method::HEAD, &t).await;
             }
         }
         match self.fetcher.get(&t, &cc).await {
             Ok(Lookup::Hit { hit, meta, how }) => respond::hit(hit, meta, how, &ask),
+            Ok(Lookup::Pass) => self.bypass(m.clone(), &t).await,
             Ok(Lookup::Flight {
                 flight,
                 joined,

@@ -48,6 +48,8 @@ pub struct Behaviour {
     /// Bytes per body frame (default 16 KiB): small frames at a low rate make a trickle that never
     /// goes idle.
     pub chunk: Option<usize>,
+    /// Time before the response head (every request for the file, a 304 included).
+    pub head_delay: Option<Duration>,
 }
 
 pub struct OriginFile {
@@ -100,7 +102,17 @@ impl Origin {
                 let h = tokio::spawn(async move {
                     let svc = hyper::service::service_fn(move |req| {
                         let (f, l, b, s) = (f.clone(), l.clone(), b.clone(), s.clone());
-                        async move { Ok::<_, std::convert::Infallible>(serve(req, f, l, b, s)) }
+                        async move {
+                            let delay = f
+                                .lock()
+                                .unwrap()
+                                .get(req.uri().path())
+                                .and_then(|o| o.behaviour.head_delay);
+                            if let Some(d) = delay {
+                                tokio::time::sleep(d).await;
+                            }
+                            Ok::<_, std::convert::Infallible>(serve(req, f, l, b, s))
+                        }
                     });
                     let _ = hyper::server::conn::http1::Builder::new()
                         .serve_connection(TokioIo::new(sock), svc)

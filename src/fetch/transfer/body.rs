@@ -175,7 +175,7 @@ impl Transfer {
                 if !self.flight.is_storing() {
                     // Later clients make their own request; this one keeps pace with its readers
                     // (time spent waiting for them does not count against the upstream's rate).
-                    self.fetcher.forget_flight(&self.target.key, &self.flight);
+                    self.permit.release();
                     let waiting = std::time::Instant::now();
                     if !self.flight.wait_for_readers().await {
                         return BodyEnd::NoReaders;
