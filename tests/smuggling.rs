@@ -14,49 +14,6 @@ use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-/// Sends raw bytes on a new connection and reads one response: (status, body). A connection closed
-/// before a whole response gives status 0.
-async fn raw_exchange(addr: SocketAddr, bytes: &[u8]) -> (u16, Vec<u8>) {
-    let fut = async {
-        let mut s = TcpStream::connect(addr).await.unwrap();
-        s.write_all(bytes).await.unwrap();
-        let mut buf = Vec::new();
-        let mut chunk = [0u8; 8192];
-        let head_end = loop {
-            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                // An interim response (100 Continue) is skipped.
-                if buf.starts_with(b"HTTP/1.1 1") {
-                    buf.drain(..i + 4);
-                    continue;
-                }
-                break i + 4;
-            }
-            match s.read(&mut chunk).await {
-                Ok(0) | Err(_) => return (0, buf),
-                Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            }
-        };
-        let head = String::from_utf8_lossy(&buf[..head_end]).to_lowercase();
-        let status = head[9..12].parse().unwrap_or(0);
-        let len: usize = head
-            .lines()
-            .filter(|_| !bytes.starts_with(b"HEAD "))
-            .find_map(|l| l.strip_prefix("content-length:"))
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or(0);
-        while buf.len() < head_end + len {
-            match s.read(&mut chunk).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            }
-        }
-        (status, buf[head_end..].to_vec())
-    };
-    tokio::time::timeout(Duration::from_secs(10), fut)
-        .await
-        .expect("the gateway answered within 10 s")
-}
-
 /// An origin that records each request as it received it (head, then a body read by its
 /// Content-Length) and answers `ok` on a connection it then closes.
 async fn recording_origin() -> (SocketAddr, Arc<Mutex<Vec<String>>>) {

@@ -120,6 +120,9 @@ impl UpstreamClient {
             .https_or_http()
             .enable_http1()
             .wrap_connector(http);
+        // Title case upstream (here, to parents and through proxies) is enough: field names are
+        // case-insensitive (RFC 9110 §5.1) and servers look them up so; only devices need SPEC 3's
+        // canonical case, which the server side gives (server::case).
         let client = Client::builder(TokioExecutor::new())
             .http1_title_case_headers(true)
             .pool_idle_timeout(Duration::from_secs(90))

@@ -210,13 +210,18 @@ async fn connection<I>(
     let svc = service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
         let app = app.clone();
         req.extensions_mut().insert(hold.clone());
-        async move { Ok::<_, std::convert::Infallible>(app.handle(req, peer).await) }
+        async move {
+            let mut res = app.handle(req, peer).await;
+            super::case::canonical(&mut res);
+            Ok::<_, std::convert::Infallible>(res)
+        }
     });
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(HEADER_TIMEOUT)
-        // Canonical header case on the wire: the Delivery Optimization agent looks up
-        // `Content-Length` and `Content-Range` by exact case and cannot resume without them.
+        // Canonical header case on the wire (SPEC 3): the Delivery Optimization agent looks up
+        // `Content-Length` and `Content-Range` by exact case and cannot resume without them. Title
+        // case for most names; `case::canonical` spells the exceptions (`ETag`, ...) right.
         .title_case_headers(true)
         // Both: `max_buf_size` alone lets a head larger than it through when it arrives in one read.
         .max_buf_size(MAX_HEAD_BYTES)

@@ -5,6 +5,7 @@
 
 mod admin;
 pub mod body;
+mod case;
 mod connect;
 pub mod edge;
 pub mod error;

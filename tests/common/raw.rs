@@ -1,10 +1,11 @@
 //! Raw origins for hostile-upstream tests: a listener that hands each connection's first request head
-//! and its socket to a closure, and a node whose origin `t` is such a listener.
+//! and its socket to a closure, and a node whose origin `t` is such a listener; and a raw client, for
+//! what a gateway sends byte for byte.
 
 use std::future::Future;
 use std::net::SocketAddr;
 
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::*;
@@ -56,4 +57,56 @@ pub async fn node_for(addr: SocketAddr) -> (Node, Origin) {
     let mut node = Node::start_with(cfg).await;
     node.keep(tmp);
     (node, good)
+}
+
+/// Sends raw bytes on a new connection and reads one response: (status, body). A connection closed
+/// before a whole response gives status 0.
+pub async fn raw_exchange(addr: SocketAddr, bytes: &[u8]) -> (u16, Vec<u8>) {
+    let (head, body) = raw_response(addr, bytes).await;
+    let status = head.get(9..12).and_then(|s| s.parse().ok()).unwrap_or(0);
+    (status, body)
+}
+
+/// Sends raw bytes on a new connection and reads one response: (its head as it came, CRLFs and
+/// header case kept; its body). A connection closed before a whole head gives an empty head and
+/// what came.
+pub async fn raw_response(addr: SocketAddr, bytes: &[u8]) -> (String, Vec<u8>) {
+    let fut = async {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(bytes).await.unwrap();
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 8192];
+        let head_end = loop {
+            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                // An interim response (100 Continue) is skipped.
+                if buf.starts_with(b"HTTP/1.1 1") {
+                    buf.drain(..i + 4);
+                    continue;
+                }
+                break i + 4;
+            }
+            match s.read(&mut chunk).await {
+                Ok(0) | Err(_) => return (String::new(), buf),
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        };
+        let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
+        let len: usize = head
+            .to_lowercase()
+            .lines()
+            .filter(|_| !bytes.starts_with(b"HEAD "))
+            .find_map(|l| l.strip_prefix("content-length:"))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0);
+        while buf.len() < head_end + len {
+            match s.read(&mut chunk).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+        (head, buf[head_end..].to_vec())
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(10), fut)
+        .await
+        .expect("the gateway answered within 10 s")
 }
