@@ -72,29 +72,10 @@ impl Transfer {
                 .revalidations
                 .fetch_add(1, Ordering::Relaxed);
         }
-        let request_ms = now_ms();
-        let resp = self.upstream(&headers).await;
-        let resp = match (resp, &self.stale) {
-            (Ok(r), Some(stale)) if r.status() == StatusCode::NOT_MODIFIED => {
-                return self.revalidated(stale, r.headers(), request_ms);
-            }
-            (Ok(r), Some(stale)) if r.status().is_server_error() => {
-                tracing::warn!(status = %r.status(), "revalidation failed");
-                return End::ServeStale(stale.digest, format!("upstream answered {}", r.status()));
-            }
-            (Err(e), Some(stale))
-                if matches!(
-                    e,
-                    FetchError::Unreachable(_)
-                        | FetchError::Timeout(_)
-                        | FetchError::BadResponse(_)
-                ) =>
-            {
-                tracing::warn!(error = %e, "revalidation failed");
-                return End::ServeStale(stale.digest, e.to_string());
-            }
-            (Ok(r), _) => r,
-            (Err(e), _) => return End::Failed(e),
+        let mut request_ms = now_ms();
+        let resp = match self.answer(&mut headers, &mut request_ms).await {
+            Ok(r) => r,
+            Err(end) => return end,
         };
         let status = resp.status();
         // Besides 200s, a cacheable status is kept only when it can serve again: it has freshness or
@@ -118,6 +99,60 @@ impl Transfer {
             _ => {}
         }
         end
+    }
+
+    /// The upstream's answer to the fill, or how the transfer ends without one: a revalidation's 304
+    /// (the stored response is fresh again), or its failure (the stored copy may be served stale). A 304
+    /// that does not select the stored response (another ETag: RFC 9111 §4.3.4) updates nothing, and the
+    /// object is asked for again, unconditionally: what is stored is not what the upstream now serves.
+    async fn answer(
+        &self,
+        headers: &mut HeaderMap,
+        request_ms: &mut u64,
+    ) -> Result<Response<Incoming>, End> {
+        let mut conditional = self.stale.is_some();
+        // At most twice: the second request is unconditional, so its 304 is not taken as one.
+        for _ in 0..2 {
+            *request_ms = now_ms();
+            let resp = self.upstream(headers).await;
+            let Some(stale) = &self.stale else {
+                return resp.map_err(End::Failed);
+            };
+            match resp {
+                Ok(r) if r.status() == StatusCode::NOT_MODIFIED && conditional => {
+                    let m = &stale.meta;
+                    let (etag, lm) = (m.etag.as_deref(), m.last_modified.as_deref());
+                    if headers::selects(etag, lm, r.headers()) {
+                        return Err(self.revalidated(stale, r.headers(), *request_ms));
+                    }
+                    tracing::warn!(
+                        stored = ?etag,
+                        got = ?r.headers().get(http::header::ETAG),
+                        "a 304 names another validator than the stored response's; fetching again"
+                    );
+                    headers.remove(http::header::IF_NONE_MATCH);
+                    headers.remove(http::header::IF_MODIFIED_SINCE);
+                    conditional = false;
+                }
+                Ok(r) if r.status().is_server_error() => {
+                    tracing::warn!(status = %r.status(), "revalidation failed");
+                    let why = format!("upstream answered {}", r.status());
+                    return Err(End::ServeStale(stale.digest, why));
+                }
+                Err(
+                    e @ (FetchError::Unreachable(_)
+                    | FetchError::Timeout(_)
+                    | FetchError::BadResponse(_)),
+                ) => {
+                    tracing::warn!(error = %e, "revalidation failed");
+                    return Err(End::ServeStale(stale.digest, e.to_string()));
+                }
+                other => return other.map_err(End::Failed),
+            }
+        }
+        Err(End::Failed(FetchError::Internal(
+            "no answer after an unconditional request".into(),
+        )))
     }
 
     /// A 304 to a revalidation: the stored header block takes the 304's fields and the key its new
