@@ -10,6 +10,7 @@ use http::{HeaderMap, HeaderValue, Method, Response, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use sha2::{Digest as _, Sha256};
+use tokio::sync::OwnedSemaphorePermit;
 
 use super::flight::{End, Flight, Head};
 use super::framing::{content_length, strong_date};
@@ -35,19 +36,37 @@ impl Transfer {
         let span = tracing::info_span!("transfer", key = %key);
         let flight = self.flight.clone();
         let fetcher = self.fetcher.clone();
-        // One of `upstream.max_transfers` slots for the whole transfer, waited for up to the connect
-        // timeout (then the clients get 503).
-        let slots = fetcher.inner.slots.clone();
-        let wait = fetcher.inner.cfg.connect_timeout;
-        let end = match tokio::time::timeout(wait, slots.acquire_owned()).await {
-            Ok(Ok(_slot)) => tracing::Instrument::instrument(self.transfer(), span).await,
-            _ => End::Failed(FetchError::Busy(fetcher.inner.cfg.max_transfers)),
+        let end = match self.slot().await {
+            Ok(_slot) => tracing::Instrument::instrument(self.transfer(), span).await,
+            Err(end) => end,
         };
         if let End::Failed(e) = &end {
             fetcher.count_error(e);
         }
         flight.finish(end);
         fetcher.forget_flight(&key, &flight);
+    }
+
+    /// One of `upstream.max_transfers` slots, held for the whole transfer. A miss waits for one up to
+    /// the connect timeout (then its clients get 503); a revalidation of a copy that may be served stale
+    /// does not wait: that copy is served at once, as when the upstream is unreachable (SPEC 2: only a
+    /// miss waits; RFC 9111 §4.2.4).
+    async fn slot(&self) -> Result<OwnedSemaphorePermit, End> {
+        let inner = &self.fetcher.inner;
+        let busy = FetchError::Busy(inner.cfg.max_transfers);
+        if let Ok(slot) = inner.slots.clone().try_acquire_owned() {
+            return Ok(slot);
+        }
+        let servable = |e: &&KeyEntry| freshness::stale_on_error(&e.meta, now_ms());
+        if let Some(stale) = self.stale.as_ref().filter(servable) {
+            tracing::info!("every upstream slot is taken; serving the stale copy");
+            return Err(End::ServeStale(stale.digest, busy.to_string()));
+        }
+        let wait = inner.cfg.connect_timeout;
+        match tokio::time::timeout(wait, inner.slots.clone().acquire_owned()).await {
+            Ok(Ok(slot)) => Ok(slot),
+            _ => Err(End::Failed(busy)),
+        }
     }
 
     async fn transfer(self) -> End {
