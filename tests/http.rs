@@ -250,6 +250,65 @@ async fn a_304_updates_the_stored_fields() {
     assert_eq!(origin.gets("/u"), 2);
 }
 
+/// A 304 that carries another ETag than the stored response's does not select it (RFC 9111 §4.3.4): the
+/// stored block is not updated from it and the old bytes are not served as revalidated; the object is
+/// fetched again, unconditionally.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_304_with_another_etag_updates_nothing_and_the_object_is_fetched_again() {
+    let plain = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let p = plain.clone();
+    let addr = raw_origin(move |mut s, head| {
+        let p = p.clone();
+        async move {
+            use tokio::io::AsyncWriteExt;
+            let conditional = head.to_ascii_lowercase().contains("if-none-match");
+            let (status, etag, body) = if conditional {
+                ("304 Not Modified", "\"e2\"", "")
+            } else if p.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 {
+                ("200 OK", "\"e1\"", "version-1")
+            } else {
+                ("200 OK", "\"e2\"", "version-2")
+            };
+            let len = if conditional {
+                String::new()
+            } else {
+                format!("content-length: {}\r\n", body.len())
+            };
+            let resp = format!(
+                "HTTP/1.1 {status}\r\netag: {etag}\r\ncache-control: max-age=0\r\n\
+                 {len}connection: close\r\n\r\n{body}"
+            );
+            let _ = s.write_all(resp.as_bytes()).await;
+        }
+    })
+    .await;
+    let (node, _good) = node_for(addr).await;
+    let url = node.url("/o/t/moved.bin");
+    let g = get(&url).await;
+    assert_eq!(
+        (g.body.as_ref(), g.header("etag").as_str()),
+        (&b"version-1"[..], "\"e1\"")
+    );
+    // The origin now answers 304 with "e2" to If-None-Match: "e1".
+    let g = get(&url).await;
+    assert_eq!(g.status, 200);
+    assert_eq!(
+        g.body.as_ref(),
+        b"version-2",
+        "{}",
+        g.header("cache-status")
+    );
+    assert_eq!(g.header("etag"), "\"e2\"");
+    assert_eq!(plain.load(std::sync::atomic::Ordering::SeqCst), 2);
+    // What is stored now is "e2", which the next 304 selects.
+    let g = get(&url).await;
+    assert_eq!(
+        g.header("cache-status"),
+        "cistern; fwd=stale; fwd-status=304"
+    );
+    assert_eq!(g.body.as_ref(), b"version-2");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_copy_that_forbids_stale_use_is_not_served_offline() {
     let origin = Origin::start().await;

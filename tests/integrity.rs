@@ -5,7 +5,7 @@
 
 mod common;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::*;
 
@@ -178,6 +178,61 @@ async fn transfers_are_bounded() {
     assert_eq!(g.status, 503);
     assert_eq!(g.json()["error"], "upstream-busy");
     assert_eq!(origin.gets("/next.bin"), 0);
+    assert_eq!(holder.await.unwrap().status, 200);
+}
+
+/// With every `upstream.max_transfers` slot taken, a stale copy that may be served stale is served at
+/// once, as when the upstream is unreachable (only a miss waits for a slot); one that forbids it
+/// (`must-revalidate`) waits like a miss, then gets 503.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_copy_is_served_when_every_transfer_slot_is_taken() {
+    let origin = Origin::start().await;
+    let slow = Behaviour {
+        rate: Some(256 << 10),
+        ..Default::default()
+    };
+    origin.put("/hold.bin", random_bytes(2 << 20, 49), slow);
+    let cc = |v: &str| Behaviour {
+        cache_control: Some(v.into()),
+        etag: Some("\"s1\"".into()),
+        ..Default::default()
+    };
+    let body = random_bytes(10_000, 50);
+    origin.put("/stale.bin", body.clone(), cc("max-age=1"));
+    origin.put(
+        "/strict.bin",
+        body.clone(),
+        cc("max-age=1, must-revalidate"),
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cfg = config(tmp.path(), &origin, "");
+    cfg.upstream.max_transfers = 1;
+    let mut node = Node::start_with(cfg).await;
+    node.keep(tmp);
+    for p in ["/stale.bin", "/strict.bin"] {
+        assert_eq!(get(&node.url(&format!("/o/t{p}"))).await.status, 200);
+    }
+    let hold = node.url("/o/t/hold.bin");
+    let holder = tokio::spawn(async move { get(&hold).await });
+    eventually(10, "the first transfer", || origin.gets("/hold.bin") == 1).await;
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let started = Instant::now();
+    let g = get(&node.url("/o/t/stale.bin")).await;
+    assert_eq!(g.status, 200, "{:?}", g.body);
+    assert!(g.body == body);
+    let status = g.header("cache-status");
+    assert!(status.starts_with("cistern; hit; ttl=-"), "{status}");
+    assert!(status.ends_with("; detail=stale"), "{status}");
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "waited for a slot"
+    );
+    let g = get(&node.url("/o/t/strict.bin")).await;
+    assert_eq!(g.status, 503);
+    assert_eq!(g.json()["error"], "upstream-busy");
+    for p in ["/stale.bin", "/strict.bin"] {
+        assert_eq!(origin.gets(p), 1, "{p}");
+    }
     assert_eq!(holder.await.unwrap().status, 200);
 }
 

@@ -199,6 +199,41 @@ pub fn updated_by(s: &StoredHeaders, h: &HeaderMap) -> StoredHeaders {
     StoredHeaders::new(v)
 }
 
+/// Whether a 304 with fields `h` selects, for update, the stored response whose validators are `etag`
+/// and `last_modified` (RFC 9111 §4.3.4): by the 304's ETag when it has one (strong comparison when
+/// that is strong, weak otherwise), else by its Last-Modified. A 304 with neither answers the conditions
+/// made from the stored response's own validators, and selects it. A 304 that names another validator
+/// than the stored one's is about another representation: the stored response is not updated from it.
+pub fn selects(etag: Option<&str>, last_modified: Option<&str>, h: &HeaderMap) -> bool {
+    let field = |n| {
+        h.get(n)
+            .and_then(|v: &HeaderValue| v.to_str().ok())
+            .map(str::trim)
+    };
+    if let Some(new) = field(header::ETAG) {
+        return etag.is_some_and(|old| same_etag(old.trim(), new));
+    }
+    if let Some(new) = field(header::LAST_MODIFIED) {
+        return last_modified.is_some_and(|old| same_date(old.trim(), new));
+    }
+    true
+}
+
+/// A strong ETag matches only the same strong one; a weak one matches either form (RFC 9110 §8.8.3.2).
+fn same_etag(stored: &str, new: &str) -> bool {
+    match new.strip_prefix("W/") {
+        None => stored == new,
+        Some(opaque) => stored.strip_prefix("W/").unwrap_or(stored) == opaque,
+    }
+}
+
+fn same_date(a: &str, b: &str) -> bool {
+    match (httpdate::parse_http_date(a), httpdate::parse_http_date(b)) {
+        (Ok(x), Ok(y)) => x == y,
+        _ => a == b,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -283,5 +318,28 @@ mod tests {
         let json = serde_json::to_string(&u).unwrap();
         let back: crate::store::StoredHeaders = serde_json::from_str(&json).unwrap();
         assert_eq!(back, u);
+    }
+
+    #[test]
+    fn a_304_selects_the_stored_response_by_its_validators() {
+        let lm = "Tue, 01 Jul 2025 10:00:00 GMT";
+        let (e1, w1) = (Some("\"e1\""), Some("W/\"e1\""));
+        assert!(selects(e1, None, &map(&[("etag", "\"e1\"")])));
+        assert!(!selects(e1, None, &map(&[("etag", "\"e2\"")])));
+        assert!(!selects(None, Some(lm), &map(&[("etag", "\"e1\"")])));
+        assert!(!selects(w1, None, &map(&[("etag", "\"e1\"")])));
+        assert!(selects(e1, None, &map(&[("etag", "W/\"e1\"")])));
+        assert!(selects(w1, None, &map(&[("etag", "W/\"e1\"")])));
+        // The ETag decides before Last-Modified.
+        let both = map(&[("etag", "\"e2\""), ("last-modified", lm)]);
+        assert!(!selects(e1, Some(lm), &both));
+        assert!(selects(None, Some(lm), &map(&[("last-modified", lm)])));
+        let other = map(&[("last-modified", "Wed, 02 Jul 2025 10:00:00 GMT")]);
+        assert!(!selects(e1, Some(lm), &other));
+        assert!(selects(
+            e1,
+            Some(lm),
+            &map(&[("cache-control", "max-age=5")])
+        ));
     }
 }

@@ -1,6 +1,11 @@
 //! Cache keys of URLs (SPEC 3): host (lower-case, no trailing dot), port unless the scheme's default,
 //! path, and query without the SAS parameters when it holds `sig`, so that one payload behind different
 //! SAS tokens is one object. The scheme is not part of the key.
+//!
+//! When the SAS parameters are stripped, the parameters left are also put in order (by name; repeats
+//! of one name keep their order, and empty ones are dropped): a SAS URL is minted per client, and the
+//! same blob asked with its parameters in another order must be one object. A query without `sig` is
+//! kept exactly as sent, since the order of its parameters may mean something to its origin.
 
 use http::uri::Scheme;
 use http::Uri;
@@ -27,15 +32,52 @@ pub fn cache_key(url: &Uri, strip: &[String]) -> String {
     }
     key.push_str(url.path());
     if let Some(q) = url.query() {
-        let has_sig = q.split('&').any(|p| param_name(p) == "sig");
-        let kept: Vec<&str> = q
-            .split('&')
-            .filter(|p| !(has_sig && strip.iter().any(|s| s == param_name(p))))
-            .collect();
-        if !kept.is_empty() {
+        let query = key_query(q, strip);
+        if !query.is_empty() {
             key.push('?');
-            key.push_str(&kept.join("&"));
+            key.push_str(&query);
         }
     }
     key
+}
+
+/// The query as it counts in a key: as sent, or, when it holds a SAS token (`sig`), without the
+/// `strip` parameters and the rest in order of name.
+fn key_query(q: &str, strip: &[String]) -> String {
+    if !q.split('&').any(|p| param_name(p) == "sig") {
+        return q.to_string();
+    }
+    let mut kept: Vec<&str> = q
+        .split('&')
+        .filter(|p| !p.is_empty() && !strip.iter().any(|s| s == param_name(p)))
+        .collect();
+    // Stable: repeats of one name keep their relative order.
+    kept.sort_by_key(|p| param_name(p));
+    kept.join("&")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(url: &str) -> String {
+        let strip = crate::config::Upstream::default().strip_query;
+        cache_key(&url.parse().unwrap(), &strip)
+    }
+
+    #[test]
+    fn sas_keys_do_not_depend_on_the_order_of_the_parameters() {
+        let a = key("http://x.blob.core.windows.net/c/fw.bin?b=2&sv=1&a=1&sig=S1&se=9");
+        let b = key("http://x.blob.core.windows.net/c/fw.bin?sig=S2&a=1&se=8&b=2&sv=3");
+        assert_eq!(a, "x.blob.core.windows.net/c/fw.bin?a=1&b=2");
+        assert_eq!(a, b);
+        // Repeats of one name keep their order; empty parameters are dropped.
+        assert_eq!(key("http://h/p?x=2&&a=0&x=1&sig=S"), "h/p?a=0&x=2&x=1");
+    }
+
+    #[test]
+    fn a_query_without_a_sas_token_is_kept_as_sent() {
+        assert_eq!(key("http://h/p?b=2&a=1&se=1"), "h/p?b=2&a=1&se=1");
+        assert_eq!(key("http://h/p?sig=S&sv=1"), "h/p");
+    }
 }

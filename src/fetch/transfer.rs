@@ -10,6 +10,7 @@ use http::{HeaderMap, HeaderValue, Method, Response, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use sha2::{Digest as _, Sha256};
+use tokio::sync::OwnedSemaphorePermit;
 
 use super::collapse::Permit;
 use super::flight::{End, Flight, Head};
@@ -38,19 +39,37 @@ impl Transfer {
         let flight = self.flight.clone();
         let permit = self.permit.clone();
         let fetcher = self.fetcher.clone();
-        // One of `upstream.max_transfers` slots for the whole transfer, waited for up to the connect
-        // timeout (then the clients get 503).
-        let slots = fetcher.inner.slots.clone();
-        let wait = fetcher.inner.cfg.connect_timeout;
-        let end = match tokio::time::timeout(wait, slots.acquire_owned()).await {
-            Ok(Ok(_slot)) => tracing::Instrument::instrument(self.transfer(), span).await,
-            _ => End::Failed(FetchError::Busy(fetcher.inner.cfg.max_transfers)),
+        let end = match self.slot().await {
+            Ok(_slot) => tracing::Instrument::instrument(self.transfer(), span).await,
+            Err(end) => end,
         };
         if let End::Failed(e) = &end {
             fetcher.count_error(e);
         }
         flight.finish(end);
         drop(permit);
+    }
+
+    /// One of `upstream.max_transfers` slots, held for the whole transfer. A miss waits for one up to
+    /// the connect timeout (then its clients get 503); a revalidation of a copy that may be served stale
+    /// does not wait: that copy is served at once, as when the upstream is unreachable (SPEC 2: only a
+    /// miss waits; RFC 9111 §4.2.4).
+    async fn slot(&self) -> Result<OwnedSemaphorePermit, End> {
+        let inner = &self.fetcher.inner;
+        let busy = FetchError::Busy(inner.cfg.max_transfers);
+        if let Ok(slot) = inner.slots.clone().try_acquire_owned() {
+            return Ok(slot);
+        }
+        let servable = |e: &&KeyEntry| freshness::stale_on_error(&e.meta, now_ms());
+        if let Some(stale) = self.stale.as_ref().filter(servable) {
+            tracing::info!("every upstream slot is taken; serving the stale copy");
+            return Err(End::ServeStale(stale.digest, busy.to_string()));
+        }
+        let wait = inner.cfg.connect_timeout;
+        match tokio::time::timeout(wait, inner.slots.clone().acquire_owned()).await {
+            Ok(Ok(slot)) => Ok(slot),
+            _ => Err(End::Failed(busy)),
+        }
     }
 
     async fn transfer(self) -> End {
@@ -75,29 +94,10 @@ impl Transfer {
                 .revalidations
                 .fetch_add(1, Ordering::Relaxed);
         }
-        let request_ms = now_ms();
-        let resp = self.upstream(&headers).await;
-        let resp = match (resp, &self.stale) {
-            (Ok(r), Some(stale)) if r.status() == StatusCode::NOT_MODIFIED => {
-                return self.revalidated(stale, r.headers(), request_ms);
-            }
-            (Ok(r), Some(stale)) if r.status().is_server_error() => {
-                tracing::warn!(status = %r.status(), "revalidation failed");
-                return End::ServeStale(stale.digest, format!("upstream answered {}", r.status()));
-            }
-            (Err(e), Some(stale))
-                if matches!(
-                    e,
-                    FetchError::Unreachable(_)
-                        | FetchError::Timeout(_)
-                        | FetchError::BadResponse(_)
-                ) =>
-            {
-                tracing::warn!(error = %e, "revalidation failed");
-                return End::ServeStale(stale.digest, e.to_string());
-            }
-            (Ok(r), _) => r,
-            (Err(e), _) => return End::Failed(e),
+        let mut request_ms = now_ms();
+        let resp = match self.answer(&mut headers, &mut request_ms).await {
+            Ok(r) => r,
+            Err(end) => return end,
         };
         let status = resp.status();
         // Besides 200s, a cacheable status is kept only when it can serve again: it has freshness or
@@ -121,6 +121,60 @@ impl Transfer {
             _ => {}
         }
         end
+    }
+
+    /// The upstream's answer to the fill, or how the transfer ends without one: a revalidation's 304
+    /// (the stored response is fresh again), or its failure (the stored copy may be served stale). A 304
+    /// that does not select the stored response (another ETag: RFC 9111 §4.3.4) updates nothing, and the
+    /// object is asked for again, unconditionally: what is stored is not what the upstream now serves.
+    async fn answer(
+        &self,
+        headers: &mut HeaderMap,
+        request_ms: &mut u64,
+    ) -> Result<Response<Incoming>, End> {
+        let mut conditional = self.stale.is_some();
+        // At most twice: the second request is unconditional, so its 304 is not taken as one.
+        for _ in 0..2 {
+            *request_ms = now_ms();
+            let resp = self.upstream(headers).await;
+            let Some(stale) = &self.stale else {
+                return resp.map_err(End::Failed);
+            };
+            match resp {
+                Ok(r) if r.status() == StatusCode::NOT_MODIFIED && conditional => {
+                    let m = &stale.meta;
+                    let (etag, lm) = (m.etag.as_deref(), m.last_modified.as_deref());
+                    if headers::selects(etag, lm, r.headers()) {
+                        return Err(self.revalidated(stale, r.headers(), *request_ms));
+                    }
+                    tracing::warn!(
+                        stored = ?etag,
+                        got = ?r.headers().get(http::header::ETAG),
+                        "a 304 names another validator than the stored response's; fetching again"
+                    );
+                    headers.remove(http::header::IF_NONE_MATCH);
+                    headers.remove(http::header::IF_MODIFIED_SINCE);
+                    conditional = false;
+                }
+                Ok(r) if r.status().is_server_error() => {
+                    tracing::warn!(status = %r.status(), "revalidation failed");
+                    let why = format!("upstream answered {}", r.status());
+                    return Err(End::ServeStale(stale.digest, why));
+                }
+                Err(
+                    e @ (FetchError::Unreachable(_)
+                    | FetchError::Timeout(_)
+                    | FetchError::BadResponse(_)),
+                ) => {
+                    tracing::warn!(error = %e, "revalidation failed");
+                    return Err(End::ServeStale(stale.digest, e.to_string()));
+                }
+                other => return other.map_err(End::Failed),
+            }
+        }
+        Err(End::Failed(FetchError::Internal(
+            "no answer after an unconditional request".into(),
+        )))
     }
 
     /// A 304 to a revalidation: the stored header block takes the 304's fields and the key its new
