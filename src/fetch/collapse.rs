@@ -111,8 +111,9 @@ impl Collapse {
         Ask::Lead(flight, permit)
     }
 
-    /// The fill under the request's (non-revalidation) selector that has verified its bytes and is
-    /// storing them.
+    /// A fill under the request's selectors (a fill, or a revalidation that fetched the object again)
+    /// that has verified its bytes and is storing them: what is stored for the request is about to
+    /// change.
     pub fn committing(
         &self,
         key: &str,
@@ -120,8 +121,10 @@ impl Collapse {
         stored_vary: &[(String, Option<String>)],
     ) -> Option<Arc<Flight>> {
         let t = lock(&self.table);
-        let sel = Self::selector(&t, key, req, stored_vary, false);
-        t.fills.get(&sel).filter(|f| f.is_committing()).cloned()
+        [false, true].into_iter().find_map(|revalidation| {
+            let sel = Self::selector(&t, key, req, stored_vary, revalidation);
+            t.fills.get(&sel).filter(|f| f.is_committing()).cloned()
+        })
     }
 
     /// A fill storing verified bytes with digest `d`, whatever its key.
