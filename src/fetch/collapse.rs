@@ -111,6 +111,11 @@ impl Collapse {
         Ask::Lead(flight, permit)
     }
 
+    /// No fill in flight at all (the common case on a hit: nothing to look for).
+    pub fn is_idle(&self) -> bool {
+        lock(&self.table).fills.is_empty()
+    }
+
     /// A fill under the request's selectors (a fill, or a revalidation that fetched the object again)
     /// that has verified its bytes and is storing them: what is stored for the request is about to
     /// change.

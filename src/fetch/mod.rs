@@ -9,6 +9,7 @@ pub(crate) mod framing;
 pub mod freshness;
 pub mod headers;
 pub mod key;
+mod lookup;
 pub mod parents;
 pub mod policy;
 pub mod prefetch;
@@ -27,10 +28,9 @@ use http::{HeaderMap, Method, Response, Uri};
 use hyper::body::Incoming;
 use serde::Serialize;
 
-use crate::store::{now_ms, Digest, Hit, KeyMeta, Store};
+use crate::store::{Digest, Hit, KeyMeta, Store};
 pub use error::FetchError;
 pub use flight::{End, Flight, FlightReader, Head, Joined};
-use freshness::{RequestCc, Reuse};
 use policy::OriginPolicy;
 use upstream::UpstreamClient;
 
@@ -240,230 +240,6 @@ impl Fetcher {
             .collect()
     }
 
-    /// The GET path: a hit, or a transfer to stream from (started or joined). Every reuse, of a stored
-    /// response or of a transfer in flight, goes through the same freshness decision.
-    pub async fn get(&self, t: &Target, req: &RequestCc) -> Result<Lookup, FetchError> {
-        let store = &self.inner.store;
-        if let Some(d) = t.digest {
-            // Bytes with this digest that are verified and being stored count as stored.
-            if let Some(f) = self.inner.collapse.committing_digest(d) {
-                f.wait_end().await;
-            }
-            // Stored bytes with the digest answer the content-addressed form. A URL gets them only
-            // once it has answered them itself (its key maps to them): a digest that a manifest gave
-            // a URL says what the URL must answer, not that it does (SPEC 6). Otherwise the URL is
-            // fetched below and its bytes verified against the digest.
-            let answered = t.key == format!("sha256/{d}")
-                || store.lookup(&t.key).is_some_and(|e| e.digest == d);
-            if answered && store.contains(&d) {
-                return self.hit(d, None, HitKind::Fresh).await;
-            }
-        }
-        // A transfer that has every byte verified and is storing them: a fresh response is served
-        // from it as a hit; otherwise the commit is awaited, so that the freshness decision below sees
-        // the stored response.
-        let committing = self.committing(t).filter(|_| !t.authorized());
-        if let Some(f) = committing {
-            if f.joinable(&t.headers) == Some(Joined::Verified) {
-                let reader = f.reader(0, None);
-                return Ok(Lookup::Flight {
-                    flight: f,
-                    joined: Joined::Verified,
-                    reader,
-                });
-            }
-            f.wait_end().await;
-        }
-        let mut stale = None;
-        // A request with credentials may reuse only what says it may be shared (RFC 9111 §3.5).
-        // A target whose digest is known is served only bytes with that digest.
-        let usable = |e: &crate::store::KeyEntry| {
-            (!t.authorized() || freshness::shareable_with_credentials(&e.meta))
-                && t.digest.is_none_or(|d| e.digest == d)
-        };
-        if let Some(e) = self.stored(t).filter(usable) {
-            let how = if t.immutable {
-                Reuse::Fresh
-            } else {
-                freshness::reuse(&e.meta, req, now_ms())
-            };
-            match how {
-                Reuse::Fresh => return self.hit(e.digest, Some(e.meta), HitKind::Fresh).await,
-                Reuse::Stale => return self.hit(e.digest, Some(e.meta), HitKind::Stale).await,
-                Reuse::StaleRevalidating => {
-                    // Served now; the revalidation runs on as a transfer of its own.
-                    drop(self.join_or_start(t, Some(e.clone()), &e.meta.vary));
-                    return self.hit(e.digest, Some(e.meta), HitKind::Stale).await;
-                }
-                Reuse::Revalidate => stale = Some(e),
-            }
-        }
-        if req.only_if_cached {
-            return Err(FetchError::NotCached);
-        }
-        if stale.is_none() {
-            if let Some(at) = lock(&self.inner.mismatches).get(&t.key) {
-                if at.elapsed() < MISMATCH_HOLD {
-                    return Err(FetchError::DigestMismatch(
-                        "the last transfer of this object failed verification; retrying after a minute".into(),
-                    ));
-                }
-            }
-        }
-        let Some((flight, joined, reader)) = self.follow_or_lead(t, stale.clone()).await else {
-            return Ok(Lookup::Pass);
-        };
-        if let Some(e) = stale {
-            // A revalidation flight: wait for its verdict.
-            match flight.head().await {
-                Ok(_) | Err(End::Complete(_)) => {}
-                Err(End::Revalidated(d)) => {
-                    let meta = self.stored(t).map(|e| e.meta);
-                    return self.hit(d, meta, HitKind::Revalidated).await;
-                }
-                Err(End::ServeStale(d, why)) => {
-                    if !freshness::stale_on_error(&e.meta, now_ms()) {
-                        return Err(FetchError::Unreachable(format!(
-                            "{why}; the stored copy may not be served stale (must-revalidate)"
-                        )));
-                    }
-                    self.inner
-                        .stats
-                        .stale_served
-                        .fetch_add(1, Ordering::Relaxed);
-                    return self.hit(d, Some(e.meta), HitKind::Stale).await;
-                }
-                Err(End::Failed(err)) => return Err(err),
-            }
-        }
-        Ok(Lookup::Flight {
-            flight,
-            joined,
-            reader,
-        })
-    }
-
-    /// The transfer of a target's key (or variant) that has verified its bytes and is storing them.
-    fn committing(&self, t: &Target) -> Option<Arc<Flight>> {
-        let vary = self.base_vary(&t.key);
-        self.inner.collapse.committing(&t.key, &t.headers, &vary)
-    }
-
-    /// The fields the stored responses of a key vary on (empty when none is stored or none varies).
-    fn base_vary(&self, key: &str) -> Vec<(String, Option<String>)> {
-        self.inner
-            .store
-            .lookup(key)
-            .map(|e| e.meta.vary)
-            .unwrap_or_default()
-    }
-
-    /// Whether the store holds what a target names (a HEAD on a miss goes upstream as a HEAD): its
-    /// digest for the content-addressed form; for a URL, its key's (or variant's) response, and when
-    /// the target's digest is known, only if the URL answered that digest (SPEC 6).
-    pub fn holds(&self, t: &Target) -> bool {
-        match t.digest {
-            Some(d) if t.key.starts_with("sha256/") => self.inner.store.contains(&d),
-            Some(d) => self.stored(t).is_some_and(|e| e.digest == d),
-            None => self.stored(t).is_some(),
-        }
-    }
-
-    /// The stored response for a target: the key's, or the variant whose Vary matches the request.
-    fn stored(&self, t: &Target) -> Option<crate::store::KeyEntry> {
-        let store = &self.inner.store;
-        let e = store.lookup(&t.key)?;
-        if freshness::vary_matches(&e.meta.vary, &t.headers) {
-            return Some(e);
-        }
-        let v = store.lookup(&variant_key(&t.key, &vary_for(&e.meta.vary, &t.headers)))?;
-        freshness::vary_matches(&v.meta.vary, &t.headers).then_some(v)
-    }
-
-    async fn hit(
-        &self,
-        d: Digest,
-        meta: Option<KeyMeta>,
-        how: HitKind,
-    ) -> Result<Lookup, FetchError> {
-        let hit = self.open(d).await?;
-        Ok(Lookup::Hit { hit, meta, how })
-    }
-
-    /// Opens a stored object; a first mapping (which touches every page) happens on a blocking thread.
-    async fn open(&self, d: Digest) -> Result<Hit, FetchError> {
-        let store = self.inner.store.clone();
-        let r = if store.is_mapped(&d) {
-            store.open_object(&d)
-        } else {
-            tokio::task::spawn_blocking(move || store.open_object(&d))
-                .await
-                .map_err(|e| FetchError::Internal(e.to_string()))?
-        };
-        r.map_err(|e| FetchError::Internal(e.to_string()))
-    }
-
-    /// Joins the transfer in flight that may serve this request, or starts one. A follower that
-    /// joined before the head arrived and finds the response not for it (another variant) asks again,
-    /// and then finds (or starts) its own variant's fill; None when it still cannot share one (`Vary:
-    /// *`, private): the request then passes through.
-    async fn follow_or_lead(
-        &self,
-        t: &Target,
-        stale: Option<crate::store::KeyEntry>,
-    ) -> Option<(Arc<Flight>, Joined, FlightReader)> {
-        let vary = match &stale {
-            Some(e) => e.meta.vary.clone(),
-            None => self.base_vary(&t.key),
-        };
-        for _ in 0..2 {
-            let (flight, joined, reader) = self.join_or_start(t, stale.clone(), &vary);
-            if joined != Joined::InFlight || stale.is_some() {
-                return Some((flight, joined, reader));
-            }
-            self.inner.stats.collapsed.fetch_add(1, Ordering::Relaxed);
-            match flight.head().await {
-                Ok(h) if !h.shareable_with(&t.headers) => continue,
-                _ => return Some((flight, joined, reader)),
-            }
-        }
-        None
-    }
-
-    /// Joins the transfer in flight under the request's selector when its response may be reused
-    /// for this request, else starts one (which replaces it in the table for later clients).
-    fn join_or_start(
-        &self,
-        t: &Target,
-        stale: Option<crate::store::KeyEntry>,
-        vary: &[(String, Option<String>)],
-    ) -> (Arc<Flight>, Joined, FlightReader) {
-        // A request with credentials never shares a transfer, and none joins its own.
-        let shared = !t.authorized();
-        let asked = self
-            .inner
-            .collapse
-            .ask(&t.key, &t.headers, vary, stale.is_some(), shared);
-        let (flight, permit) = match asked {
-            collapse::Ask::Follow(f, joined) => {
-                let reader = f.reader(0, None);
-                return (f, joined, reader);
-            }
-            collapse::Ask::Lead(f, permit) => (f, permit),
-        };
-        let reader = flight.reader(0, None);
-        self.inner.stats.transfers.fetch_add(1, Ordering::Relaxed);
-        let job = transfer::Transfer {
-            fetcher: self.clone(),
-            flight: flight.clone(),
-            target: t.clone(),
-            stale,
-            permit: Arc::new(permit),
-        };
-        tokio::spawn(job.run());
-        (flight, Joined::Leader, reader)
-    }
-
     /// The index keys a response is stored under: the key, and the variant's when it has a Vary.
     fn keys_for(&self, key: &str, vary: &[(String, Option<String>)]) -> Vec<String> {
         let mut keys = vec![key.to_string()];
@@ -489,6 +265,22 @@ impl Fetcher {
         lock(&self.inner.unstored)
             .get(key)
             .is_some_and(|at| at.elapsed() < UNSTORED_FOR)
+    }
+
+    /// The store and the one-fetch-per-object table, for the GET path (`lookup.rs`).
+    fn store(&self) -> &Store {
+        &self.inner.store
+    }
+
+    fn collapse(&self) -> &collapse::Collapse {
+        &self.inner.collapse
+    }
+
+    /// Whether a key's last transfer failed verification less than a minute ago.
+    fn mismatch_held(&self, key: &str) -> bool {
+        lock(&self.inner.mismatches)
+            .get(key)
+            .is_some_and(|at| at.elapsed() < MISMATCH_HOLD)
     }
 
     fn record_mismatch(&self, key: &str) {
