@@ -152,3 +152,106 @@ async fn a_fill_running_during_a_put_stores_nothing_under_the_url() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn variants_still_hit_once_the_newest_variant_is_purged() {
+    let origin = Origin::start().await;
+    let body = random_bytes(20_000, 6);
+    origin.put("/p", body.clone(), varying("max-age=3600"));
+    let node = Node::start(&origin, "").await;
+    get_lang(&node, "/o/t/p", "en").await;
+    eventually(5, "en stored", || node.blobs().len() == 1).await;
+    get_lang(&node, "/o/t/p", "de").await;
+    eventually(5, "de stored", || node.blobs().len() == 2).await;
+    let de = sha256_hex(&with_body(&body, "de"));
+    let purge = node.url(&format!("/v1/admin/content/sha256/{de}"));
+    assert_eq!(
+        admin_request("DELETE", &purge, Default::default())
+            .await
+            .status,
+        204
+    );
+    let g = get_lang(&node, "/o/t/p", "en").await;
+    assert_eq!(
+        g.header("cache-status"),
+        "cistern; hit",
+        "en was no longer found"
+    );
+    assert!(g.body == with_body(&body, "en"));
+    assert_eq!(origin.gets("/p"), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revalidation_that_ends_after_an_invalidation_keeps_its_header_block() {
+    let origin = Origin::start().await;
+    let body = random_bytes(20_000, 7);
+    let b = Behaviour {
+        etag: Some("\"r1\"".into()),
+        cache_control: Some("max-age=1".into()),
+        headers: vec![("x-fw-channel", "stable".into())],
+        ..Default::default()
+    };
+    origin.put("/r", body.clone(), b.clone());
+    // A POST answered with a redirect to /r invalidates what is stored for /r (RFC 9111 §4.4).
+    let moved = Behaviour {
+        status: Some(303),
+        location: Some("/r".into()),
+        ..Default::default()
+    };
+    origin.put("/post", Default::default(), moved);
+    let node = Node::start(&origin, "").await;
+    assert_eq!(get(&node.url("/o/t/r")).await.status, 200);
+    eventually(5, "stored", || node.blobs().len() == 1).await;
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let slow = Behaviour {
+        head_delay: Some(Duration::from_millis(1000)),
+        ..b
+    };
+    origin.put("/r", body.clone(), slow);
+    let n = node.url("/o/t/r");
+    let reval = tokio::spawn(async move { get(&n).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let post = request_body("POST", &node.url("/o/t/post"), &[], "x".into()).await;
+    assert_eq!(post.status, 303);
+    let g = reval.await.unwrap();
+    assert_eq!(g.status, 200);
+    assert!(g.body == body);
+    assert_eq!(
+        g.header("x-fw-channel"),
+        "stable",
+        "served without its header block"
+    );
+    assert_eq!(g.header("etag"), "\"r1\"");
+}
+
+/// A SAS URL whose token expired: the origin refuses it, and accepts the same blob with a valid one.
+async fn sas_origin() -> std::net::SocketAddr {
+    raw_origin(|mut s, head| async move {
+        use tokio::io::AsyncWriteExt;
+        let line = head.lines().next().unwrap_or("").to_string();
+        let resp = if line.contains("sig=EXPIRED") {
+            tokio::time::sleep(Duration::from_millis(600)).await;
+            "HTTP/1.1 403 Forbidden\r\ncontent-length: 14\r\nconnection: close\r\n\r\ntoken expired.".to_string()
+        } else {
+            "HTTP/1.1 200 OK\r\ncontent-length: 8\r\ncache-control: max-age=3600\r\n\
+             connection: close\r\n\r\nfirmware"
+                .to_string()
+        };
+        let _ = s.write_all(resp.as_bytes()).await;
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_token_does_not_decide_for_a_client_with_a_valid_one() {
+    let addr = sas_origin().await;
+    let (node, _good) = node_for(addr).await;
+    let url = |sig: &str| format!("http://{addr}/c/fw.bin?sv=1&sig={sig}");
+    let (gw, expired) = (node.addr, url("EXPIRED"));
+    let first = tokio::spawn(async move { proxy_get(gw, &expired, &[]).await });
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let second = proxy_get(node.addr, &url("VALID"), &[]).await;
+    assert_eq!(first.await.unwrap().status, 403);
+    assert_eq!(second.status, 200, "{:?}", second.body);
+    assert_eq!(second.body.as_ref(), b"firmware");
+}

@@ -16,7 +16,7 @@ use bytes::Bytes;
 use tokio::sync::watch;
 
 use super::FetchError;
-use crate::store::{Digest, StoredHeaders};
+use crate::store::{now_ms, Digest, KeyMeta, StoredHeaders};
 
 /// Bytes kept in memory behind the newest byte while a file backs the flight.
 const WINDOW: u64 = 2 << 20;
@@ -130,6 +130,10 @@ struct State {
     verified: bool,
     /// The digest of the verified bytes.
     digest: Option<Digest>,
+    /// The freshness the response is stored with (set with `verified`): a client that joins while it
+    /// is stored is served from it only when that freshness, at the client's time and under its
+    /// request's directives, allows (the one reuse rule, `freshness::reuse`).
+    meta: Option<KeyMeta>,
     /// Bytes of the fill file below this are what was written (u64::MAX while the file takes every
     /// byte); at and past it the file may hold a hole, never read.
     file_valid: u64,
@@ -163,6 +167,7 @@ impl Flight {
                 digest: None,
                 file_valid: u64::MAX,
                 doomed: false,
+                meta: None,
                 readers: HashMap::new(),
                 next_reader: 0,
             }),
@@ -217,7 +222,14 @@ impl Flight {
             return None;
         }
         if st.verified || st.end.is_some() {
-            return head.fresh.then_some(Joined::Verified);
+            let fresh = match &st.meta {
+                Some(m) => {
+                    let cc = super::freshness::RequestCc::parse(req);
+                    super::freshness::reuse(m, &cc, now_ms()) == super::freshness::Reuse::Fresh
+                }
+                None => head.fresh,
+            };
+            return fresh.then_some(Joined::Verified);
         }
         Some(Joined::InFlight)
     }
@@ -331,11 +343,12 @@ impl Flight {
 
     /// Releases the held-back last byte to readers: the bytes are complete and verified. The flight
     /// ends (and new clients go to the store) only once the object is stored, with `finish`.
-    pub fn verified(&self, d: Digest) {
+    pub fn verified(&self, d: Digest, meta: Option<KeyMeta>) {
         {
             let mut st = self.state();
             st.verified = true;
             st.digest = Some(d);
+            st.meta = meta;
         }
         self.bump();
     }

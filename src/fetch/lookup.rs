@@ -11,6 +11,9 @@ use super::{
 use super::{End, Flight, FlightReader, Joined};
 use crate::store::{now_ms, Digest, Hit, KeyMeta};
 
+/// Variants of a key looked at when the key's own mapping is gone.
+const MAX_VARIANTS: usize = 64;
+
 impl Fetcher {
     /// The GET path: a hit, or a transfer to stream from (started or joined). Every reuse, of a stored
     /// response or of a transfer in flight, goes through the same freshness decision.
@@ -64,7 +67,7 @@ impl Fetcher {
                 Reuse::Stale => return self.hit(e.digest, Some(e.meta), HitKind::Stale).await,
                 Reuse::StaleRevalidating => {
                     // Served now; the revalidation runs on as a transfer of its own.
-                    drop(self.join_or_start(t, Some(e.clone()), &e.meta.vary));
+                    drop(self.join_or_start(t, Some(e.clone()), &e.meta.vary, !t.authorized()));
                     return self.hit(e.digest, Some(e.meta), HitKind::Stale).await;
                 }
                 Reuse::Revalidate => stale = Some(e),
@@ -87,8 +90,10 @@ impl Fetcher {
             match flight.head().await {
                 Ok(_) | Err(End::Complete(_)) => {}
                 Err(End::Revalidated(d)) => {
-                    let meta = self.stored(t).map(|e| e.meta);
-                    return self.hit(d, meta, HitKind::Revalidated).await;
+                    // The key may have been invalidated meanwhile: the copy revalidated is still
+                    // answered with its own header block.
+                    let meta = self.stored(t).map_or(e.meta, |e| e.meta);
+                    return self.hit(d, Some(meta), HitKind::Revalidated).await;
                 }
                 Err(End::ServeStale(d, why)) => {
                     if !freshness::stale_on_error(&e.meta, now_ms()) {
@@ -96,10 +101,7 @@ impl Fetcher {
                             "{why}; the stored copy may not be served stale (must-revalidate)"
                         )));
                     }
-                    self.inner
-                        .stats
-                        .stale_served
-                        .fetch_add(1, Ordering::Relaxed);
+                    self.stats().stale_served.fetch_add(1, Ordering::Relaxed);
                     return self.hit(d, Some(e.meta), HitKind::Stale).await;
                 }
                 Err(End::Failed(err)) => return Err(err),
@@ -123,11 +125,11 @@ impl Fetcher {
 
     /// The fields the stored responses of a key vary on (empty when none is stored or none varies).
     fn base_vary(&self, key: &str) -> Vec<(String, Option<String>)> {
-        self.inner
-            .store
+        let store = self.store();
+        let e = store
             .lookup(key)
-            .map(|e| e.meta.vary)
-            .unwrap_or_default()
+            .or_else(|| store.variants(key, 1).into_iter().next());
+        e.map(|e| e.meta.vary).unwrap_or_default()
     }
 
     /// Whether the store holds what a target names (a HEAD on a miss goes upstream as a HEAD): its
@@ -142,9 +144,16 @@ impl Fetcher {
     }
 
     /// The stored response for a target: the key's, or the variant whose Vary matches the request.
-    fn stored(&self, t: &Target) -> Option<crate::store::KeyEntry> {
+    pub(super) fn stored(&self, t: &Target) -> Option<crate::store::KeyEntry> {
         let store = self.store();
-        let e = store.lookup(&t.key)?;
+        let Some(e) = store.lookup(&t.key) else {
+            // The key's own mapping is gone (its newest variant was evicted or purged): the other
+            // variants may still be stored.
+            return store
+                .variants(&t.key, MAX_VARIANTS)
+                .into_iter()
+                .find(|v| freshness::vary_matches(&v.meta.vary, &t.headers));
+        };
         if freshness::vary_matches(&e.meta.vary, &t.headers) {
             return Some(e);
         }
@@ -188,14 +197,24 @@ impl Fetcher {
             Some(e) => e.meta.vary.clone(),
             None => self.base_vary(&t.key),
         };
+        // A request with credentials never shares a transfer, and none joins its own.
+        let shared = !t.authorized();
         for _ in 0..2 {
-            let (flight, joined, reader) = self.join_or_start(t, stale.clone(), &vary);
+            let (flight, joined, reader) = self.join_or_start(t, stale.clone(), &vary, shared);
             if joined != Joined::InFlight || stale.is_some() {
                 return Some((flight, joined, reader));
             }
             self.stats().collapsed.fetch_add(1, Ordering::Relaxed);
             match flight.head().await {
                 Ok(h) if !h.shareable_with(&t.headers) => continue,
+                // Refused for the credentials (or SAS token) of the client that started it: that
+                // answer does not decide for this one, which asks with its own (SPEC 4).
+                Err(End::Failed(FetchError::Status { status, .. }))
+                    if matches!(status.as_u16(), 401 | 403) =>
+                {
+                    drop(reader);
+                    return Some(self.join_or_start(t, stale, &vary, false));
+                }
                 _ => return Some((flight, joined, reader)),
             }
         }
@@ -209,12 +228,10 @@ impl Fetcher {
         t: &Target,
         stale: Option<crate::store::KeyEntry>,
         vary: &[(String, Option<String>)],
+        shared: bool,
     ) -> (Arc<Flight>, Joined, FlightReader) {
-        // A request with credentials never shares a transfer, and none joins its own.
-        let shared = !t.authorized();
         let asked = self
-            .inner
-            .collapse
+            .collapse()
             .ask(&t.key, &t.headers, vary, stale.is_some(), shared);
         let (flight, permit) = match asked {
             collapse::Ask::Follow(f, joined) => {

@@ -377,12 +377,6 @@ impl Transfer {
                 )));
             }
         }
-        // The bytes are whole and verified: clients get their last bytes now; new clients keep joining
-        // this flight (as hits) until the object is stored.
-        self.flight.verified(got);
-        let Some(fill) = sink.fill.take() else {
-            return End::Complete(got);
-        };
         let meta: KeyMeta = freshness::key_meta(freshness::Received {
             status: head.status,
             headers: h,
@@ -391,6 +385,13 @@ impl Transfer {
             response_ms,
             vary: head.vary.clone().unwrap_or_default(),
         });
+        // The bytes are whole and verified: clients get their last bytes now; new clients keep joining
+        // this flight (as hits, when its freshness allows) until the object is stored.
+        let Some(fill) = sink.fill.take() else {
+            self.flight.verified(got, None);
+            return End::Complete(got);
+        };
+        self.flight.verified(got, Some(meta.clone()));
         // A fill doomed by an unsafe method on its URL stores its bytes but maps no key (the flight
         // was verified above, so an invalidation from now on waits for this commit to end).
         let keys = if self.target.key.starts_with("sha256/") || self.flight.doomed() {

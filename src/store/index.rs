@@ -119,6 +119,16 @@ impl Index {
             .collect()
     }
 
+    /// At most `max` entries of keys that start with `prefix`.
+    pub fn entries_with_prefix(&self, prefix: &str, max: usize) -> Vec<KeyEntry> {
+        self.keys
+            .scan_prefix(prefix.as_bytes())
+            .values()
+            .take(max)
+            .filter_map(|v| serde_json::from_slice(&v.ok()?).ok())
+            .collect()
+    }
+
     pub fn keys(&self) -> impl Iterator<Item = (String, KeyEntry)> {
         self.keys.iter().filter_map(|r| {
             let (k, v) = r.ok()?;

@@ -280,6 +280,17 @@ impl Store {
         self.contains(&e.digest).then_some(e)
     }
 
+    /// The stored variants of a key (`<key>\u{1f}...`, RFC 9111 §4.1), at most `max` of them: found
+    /// even when the key's own mapping is gone (its newest variant evicted or purged).
+    pub fn variants(&self, key: &str, max: usize) -> Vec<KeyEntry> {
+        let mut v = self
+            .shared
+            .index
+            .entries_with_prefix(&format!("{key}\u{1f}"), max);
+        v.retain(|e| self.contains(&e.digest));
+        v
+    }
+
     pub fn contains(&self, d: &Digest) -> bool {
         self.state().objects.contains_key(d)
     }

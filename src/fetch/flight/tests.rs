@@ -40,7 +40,7 @@ async fn last_byte_is_held_until_complete() {
 #[tokio::test]
 async fn verified_bytes_are_released_before_the_flight_ends() {
     let (f, mut r) = all_but_last_byte_read(true).await;
-    f.verified(Digest([0; 32]));
+    f.verified(Digest([0; 32]), None);
     assert_eq!(drain(&mut r).await.unwrap(), b"d");
     assert!(
         f.end().is_none(),
@@ -153,4 +153,37 @@ async fn bytes_past_a_failed_write_never_come_from_the_file() {
     f.append(vec![Bytes::from_static(b"cdef")]);
     f.finish(End::Complete(Digest([0; 32])));
     assert_eq!(drain(&mut r).await.unwrap(), b"abcdef");
+}
+
+/// A client that joins while the object is being stored is served from the flight only when the
+/// response's freshness allows it at the client's time and under its request's directives (the one
+/// reuse rule), not by the head's freshness when it arrived.
+#[tokio::test]
+async fn joining_while_storing_follows_the_reuse_rule() {
+    let (f, _r) = all_but_last_byte_read(true).await;
+    let meta = |age_s: u64| KeyMeta {
+        fetched_at: now_ms().saturating_sub(age_s * 1000),
+        fresh_for: Some(60),
+        ..KeyMeta::immutable()
+    };
+    let cc = |v: &str| {
+        let mut h = http::HeaderMap::new();
+        h.insert(http::header::CACHE_CONTROL, v.parse().unwrap());
+        h
+    };
+    f.verified(Digest([0; 32]), Some(meta(0)));
+    assert_eq!(f.joinable(&http::HeaderMap::new()), Some(Joined::Verified));
+    assert_eq!(
+        f.joinable(&cc("max-age=0")),
+        None,
+        "max-age=0 was served a hit"
+    );
+    assert_eq!(f.joinable(&cc("no-cache")), None);
+    // The download took longer than the response's lifetime: stale by now, though fresh at its head.
+    f.verified(Digest([0; 32]), Some(meta(90)));
+    assert_eq!(
+        f.joinable(&http::HeaderMap::new()),
+        None,
+        "a stale response was served as a hit"
+    );
 }
