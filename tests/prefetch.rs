@@ -284,3 +284,34 @@ async fn stage_offline(node: &Node, body: &Bytes, url: &str) {
     store.stage(&d, &key, url).unwrap();
     store.flush().unwrap();
 }
+
+/// A prefetch that joins a device's transfer which will not store what it fetches (no digest known to
+/// the device's request, under `require_digest`) still stores the file: it fetches it again itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prefetch_joining_a_device_transfer_that_stores_nothing_still_stores_the_file() {
+    let origin = Origin::start().await;
+    let body = random_bytes(200_000, 61);
+    let slow_head = Behaviour {
+        head_delay: Some(Duration::from_millis(800)),
+        ..Default::default()
+    };
+    origin.put("/c/fw.swu", body.clone(), slow_head);
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cfg = config(tmp.path(), &origin, "");
+    cfg.upstream.require_digest = true;
+    let mut node = Node::start_with(cfg).await;
+    node.keep(tmp);
+    let url = format!("{}/c/fw.swu", origin.url());
+    let (gw, u) = (node.addr, url.clone());
+    let device = tokio::spawn(async move { proxy_get(gw, &u, &[]).await });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let id = start_job(
+        &node,
+        &json!({"files": [{"url": url, "sha256": sha256_hex(&body), "size": body.len()}]}),
+    )
+    .await;
+    let job = wait_job(&node, &id).await;
+    assert_eq!(job["state"], "done", "{job}");
+    assert!(device.await.unwrap().body == body);
+    assert!(node.blobs().contains(&sha256_hex(&body)));
+}

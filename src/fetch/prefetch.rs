@@ -337,22 +337,29 @@ impl Fetcher {
             no_store: false,
             headers: http::HeaderMap::new(),
         };
-        match self
-            .get(&t, &super::freshness::RequestCc::default())
-            .await
-            .map_err(|e| e.to_string())?
-        {
-            // A hit for a URL key is a key that maps to the digest (`get`).
-            Lookup::Hit { hit, .. } if hit.digest == w.digest => {}
-            Lookup::Hit { hit, .. } => return Err(format!("the URL holds {}", hit.digest)),
-            Lookup::Flight { flight, .. } => {
-                let answered = follow(&flight, job, i).await?;
-                if answered != w.digest {
-                    return Err(format!("fetched bytes hash to {answered}"));
+        // Twice at most: a device's transfer joined before its head may turn out not to store what
+        // it fetches (a fill without a known digest under `require_digest`, say); once it has ended,
+        // this entry's own transfer, whose digest is known, stores it.
+        for attempt in 0..2 {
+            let cc = super::freshness::RequestCc::default();
+            match self.get(&t, &cc).await.map_err(|e| e.to_string())? {
+                // A hit for a URL key is a key that maps to the digest (`get`).
+                Lookup::Hit { hit, .. } if hit.digest == w.digest => break,
+                Lookup::Hit { hit, .. } => return Err(format!("the URL holds {}", hit.digest)),
+                Lookup::Flight { flight, joined, .. } => {
+                    let answered = follow(&flight, job, i).await?;
+                    if answered != w.digest {
+                        return Err(format!("fetched bytes hash to {answered}"));
+                    }
+                    let unstored = !flight.is_storing() && !self.inner.store.contains(&w.digest);
+                    if unstored && joined != super::Joined::Leader && attempt == 0 {
+                        continue;
+                    }
+                    self.map_answered(&t.key, &w.digest)?;
+                    break;
                 }
-                self.map_answered(&t.key, &w.digest)?;
+                Lookup::Pass => return Err("the URL's response cannot be cached (Vary: *)".into()),
             }
-            Lookup::Pass => return Err("the URL's response cannot be cached (Vary: *)".into()),
         }
         let store = &self.inner.store;
         if let Err(e) = store.stage(&w.digest, &t.key, &w.url.to_string()) {
