@@ -14,65 +14,30 @@ use crate::store::{now_ms, Digest, Hit, KeyMeta};
 /// Variants of a key looked at when the key's own mapping is gone.
 const MAX_VARIANTS: usize = 64;
 
+/// What the stored response can do for a request.
+enum Stored {
+    Serve(Digest, Option<KeyMeta>, HitKind),
+    Revalidate(crate::store::KeyEntry),
+    None,
+}
+
 impl Fetcher {
     /// The GET path: a hit, or a transfer to stream from (started or joined). Every reuse, of a stored
     /// response or of a transfer in flight, goes through the same freshness decision.
     pub async fn get(&self, t: &Target, req: &RequestCc) -> Result<Lookup, FetchError> {
-        let store = self.store();
         if let Some(d) = t.digest {
-            // Bytes with this digest that are verified and being stored count as stored.
-            if let Some(f) = self.collapse().committing_digest(d) {
-                f.wait_end().await;
-            }
-            // Stored bytes with the digest answer the content-addressed form. A URL gets them only
-            // once it has answered them itself (its key maps to them): a digest that a manifest gave
-            // a URL says what the URL must answer, not that it does (SPEC 6). Otherwise the URL is
-            // fetched below and its bytes verified against the digest.
-            let answered = t.key == format!("sha256/{d}")
-                || store.lookup(&t.key).is_some_and(|e| e.digest == d);
-            if answered && store.contains(&d) {
-                return self.hit(d, None, HitKind::Fresh).await;
+            if let Some(hit) = self.digest_hit(t, d).await {
+                return hit;
             }
         }
-        // A transfer that has every byte verified and is storing them: a fresh response is served
-        // from it as a hit; otherwise the commit is awaited, so that the freshness decision below sees
-        // the stored response.
-        let committing = self.committing(t).filter(|_| !t.authorized());
-        if let Some(f) = committing {
-            if f.joinable(&t.headers) == Some(Joined::Verified) {
-                let reader = f.reader(0, None);
-                return Ok(Lookup::Flight {
-                    flight: f,
-                    joined: Joined::Verified,
-                    reader,
-                });
-            }
-            f.wait_end().await;
+        if let Some(l) = self.served_while_committing(t).await {
+            return Ok(l);
         }
-        let mut stale = None;
-        // A request with credentials may reuse only what says it may be shared (RFC 9111 §3.5).
-        // A target whose digest is known is served only bytes with that digest.
-        let usable = |e: &crate::store::KeyEntry| {
-            (!t.authorized() || freshness::shareable_with_credentials(&e.meta))
-                && t.digest.is_none_or(|d| e.digest == d)
+        let stale = match self.reuse_stored(t, req) {
+            Stored::Serve(d, meta, how) => return self.hit(d, meta, how).await,
+            Stored::Revalidate(e) => Some(e),
+            Stored::None => None,
         };
-        if let Some(e) = self.stored(t).filter(usable) {
-            let how = if t.immutable {
-                Reuse::Fresh
-            } else {
-                freshness::reuse(&e.meta, req, now_ms())
-            };
-            match how {
-                Reuse::Fresh => return self.hit(e.digest, Some(e.meta), HitKind::Fresh).await,
-                Reuse::Stale => return self.hit(e.digest, Some(e.meta), HitKind::Stale).await,
-                Reuse::StaleRevalidating => {
-                    // Served now; the revalidation runs on as a transfer of its own.
-                    drop(self.join_or_start(t, Some(e.clone()), &e.meta.vary, !t.authorized()));
-                    return self.hit(e.digest, Some(e.meta), HitKind::Stale).await;
-                }
-                Reuse::Revalidate => stale = Some(e),
-            }
-        }
         if req.only_if_cached {
             return Err(FetchError::NotCached);
         }
@@ -86,25 +51,8 @@ impl Fetcher {
             return Ok(Lookup::Pass);
         };
         if let Some(e) = stale {
-            // A revalidation flight: wait for its verdict.
-            match flight.head().await {
-                Ok(_) | Err(End::Complete(_)) => {}
-                Err(End::Revalidated(d)) => {
-                    // The key may have been invalidated meanwhile: the copy revalidated is still
-                    // answered with its own header block.
-                    let meta = self.stored(t).map_or(e.meta, |e| e.meta);
-                    return self.hit(d, Some(meta), HitKind::Revalidated).await;
-                }
-                Err(End::ServeStale(d, why)) => {
-                    if !freshness::stale_on_error(&e.meta, now_ms()) {
-                        return Err(FetchError::Unreachable(format!(
-                            "{why}; the stored copy may not be served stale (must-revalidate)"
-                        )));
-                    }
-                    self.stats().stale_served.fetch_add(1, Ordering::Relaxed);
-                    return self.hit(d, Some(e.meta), HitKind::Stale).await;
-                }
-                Err(End::Failed(err)) => return Err(err),
+            if let Some(answer) = self.verdict(t, e, &flight).await {
+                return answer;
             }
         }
         Ok(Lookup::Flight {
@@ -112,6 +60,97 @@ impl Fetcher {
             joined,
             reader,
         })
+    }
+
+    /// A target whose digest is known: stored bytes with the digest (counting those verified and being
+    /// stored) answer the content-addressed form. A URL gets them only once it has answered them itself
+    /// (its key maps to them): a digest that a manifest gave a URL says what the URL must answer, not
+    /// that it does (SPEC 6); otherwise the URL is fetched and its bytes verified against the digest.
+    async fn digest_hit(&self, t: &Target, d: Digest) -> Option<Result<Lookup, FetchError>> {
+        if let Some(f) = self.collapse().committing_digest(d) {
+            f.wait_end().await;
+        }
+        let store = self.store();
+        let answered =
+            t.key == format!("sha256/{d}") || store.lookup(&t.key).is_some_and(|e| e.digest == d);
+        if answered && store.contains(&d) {
+            return Some(self.hit(d, None, HitKind::Fresh).await);
+        }
+        None
+    }
+
+    /// A transfer that has every byte verified and is storing them: served from as a hit when the
+    /// reuse rule allows (`Flight::joinable`); otherwise its commit is awaited, so that the decision
+    /// on the stored response sees it.
+    async fn served_while_committing(&self, t: &Target) -> Option<Lookup> {
+        let f = self.committing(t).filter(|_| !t.authorized())?;
+        if f.joinable(&t.headers) == Some(Joined::Verified) {
+            let reader = f.reader(0, None);
+            return Some(Lookup::Flight {
+                flight: f,
+                joined: Joined::Verified,
+                reader,
+            });
+        }
+        f.wait_end().await;
+        None
+    }
+
+    /// The one reuse decision for a stored response (RFC 9111 §4.2, SPEC 4).
+    fn reuse_stored(&self, t: &Target, req: &RequestCc) -> Stored {
+        // A request with credentials may reuse only what says it may be shared (RFC 9111 §3.5).
+        // A target whose digest is known is served only bytes with that digest.
+        let usable = |e: &crate::store::KeyEntry| {
+            (!t.authorized() || freshness::shareable_with_credentials(&e.meta))
+                && t.digest.is_none_or(|d| e.digest == d)
+        };
+        let Some(e) = self.stored(t).filter(usable) else {
+            return Stored::None;
+        };
+        let how = if t.immutable {
+            Reuse::Fresh
+        } else {
+            freshness::reuse(&e.meta, req, now_ms())
+        };
+        match how {
+            Reuse::Fresh => Stored::Serve(e.digest, Some(e.meta), HitKind::Fresh),
+            Reuse::Stale => Stored::Serve(e.digest, Some(e.meta), HitKind::Stale),
+            Reuse::StaleRevalidating => {
+                // Served now; the revalidation runs on as a transfer of its own.
+                drop(self.join_or_start(t, Some(e.clone()), &e.meta.vary, !t.authorized()));
+                Stored::Serve(e.digest, Some(e.meta), HitKind::Stale)
+            }
+            Reuse::Revalidate => Stored::Revalidate(e),
+        }
+    }
+
+    /// A revalidation's verdict for the stored copy `e`: a hit when it is fresh again or may be served
+    /// stale, an error, or None when the object came back whole (streamed from the flight).
+    async fn verdict(
+        &self,
+        t: &Target,
+        e: crate::store::KeyEntry,
+        flight: &Flight,
+    ) -> Option<Result<Lookup, FetchError>> {
+        match flight.head().await {
+            Ok(_) | Err(End::Complete(_)) => None,
+            Err(End::Revalidated(d)) => {
+                // The key may have been invalidated meanwhile: the copy revalidated is still
+                // answered with its own header block.
+                let meta = self.stored(t).map_or(e.meta, |e| e.meta);
+                Some(self.hit(d, Some(meta), HitKind::Revalidated).await)
+            }
+            Err(End::ServeStale(d, why)) => {
+                if !freshness::stale_on_error(&e.meta, now_ms()) {
+                    return Some(Err(FetchError::Unreachable(format!(
+                        "{why}; the stored copy may not be served stale (must-revalidate)"
+                    ))));
+                }
+                self.stats().stale_served.fetch_add(1, Ordering::Relaxed);
+                Some(self.hit(d, Some(e.meta), HitKind::Stale).await)
+            }
+            Err(End::Failed(err)) => Some(Err(err)),
+        }
     }
 
     /// The transfer of a target's key (or variant) that has verified its bytes and is storing them.
