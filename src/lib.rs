@@ -258,6 +258,7 @@ impl Gateway {
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let grace = cfg.server.shutdown_grace.0;
         let flusher = store.clone();
+        let transfers = fetcher.clone();
         let task = tokio::spawn(async move {
             let periodic = flusher.clone();
             let flush_task = tokio::spawn(async move {
@@ -268,15 +269,23 @@ impl Gateway {
                     let _ = tokio::task::spawn_blocking(move || s.flush()).await;
                 }
             });
+            let stop_at = Arc::new(std::sync::OnceLock::new());
+            let at = stop_at.clone();
             server::serve(
                 app,
                 listeners,
-                async {
+                async move {
                     let _ = stopped.await;
+                    let _ = at.set(std::time::Instant::now());
                 },
                 grace,
             )
             .await;
+            // Transfers no client waits for any more end within what is left of the grace period.
+            let spent = stop_at.get().map_or(grace, |t| t.elapsed());
+            if !transfers.drain(grace.saturating_sub(spent)).await {
+                tracing::warn!("transfers still running at the end of the shutdown grace period");
+            }
             flush_task.abort();
             forwarder.abort();
             sampler.abort();

@@ -463,6 +463,35 @@ async fn shutdown_lets_a_transfer_in_flight_finish() {
     assert_eq!(g.body, body);
 }
 
+/// A transfer whose client left is part of the shutdown drain: the stop waits for it to store what it
+/// fetched, within the grace period, instead of leaving it to die with the process.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_waits_for_a_transfer_no_client_waits_for() {
+    let origin = Origin::start().await;
+    let body = random_bytes(1 << 20, 21);
+    origin.put(
+        "/left.bin",
+        body.clone(),
+        Behaviour {
+            rate: Some(1 << 20),
+            ..Default::default()
+        },
+    );
+    let mut node = Node::start(&origin, "").await;
+    let url = node.url("/o/t/left.bin");
+    let client = tokio::spawn(async move { get(&url).await });
+    eventually(5, "transfer under way", || {
+        origin.bytes_sent.load(std::sync::atomic::Ordering::Relaxed) > 0
+    })
+    .await;
+    client.abort();
+    node.stop().await;
+    assert!(
+        node.blobs().contains(&sha256_hex(&body)),
+        "the stop returned before the transfer stored its object"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_object_still_being_sent_is_not_evicted() {
     let origin = Origin::start().await;

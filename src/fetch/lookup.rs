@@ -288,7 +288,11 @@ impl Fetcher {
             stale,
             permit: Arc::new(permit),
         };
-        tokio::spawn(job.run());
+        let running = self.running();
+        tokio::spawn(async move {
+            job.run().await;
+            drop(running);
+        });
         (flight, Joined::Leader, reader)
     }
 }

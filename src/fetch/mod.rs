@@ -150,6 +150,8 @@ struct Inner {
     /// cacheable), and when: a range of one goes upstream as a range (SPEC 4).
     unstored: Mutex<HashMap<String, Instant>>,
     stats: FetchStats,
+    /// Upstream transfers running (each holds a [`Running`]): the shutdown waits for them.
+    running: Arc<tokio::sync::watch::Sender<usize>>,
     /// Slots for upstream transfers (`upstream.max_transfers`).
     slots: Arc<tokio::sync::Semaphore>,
     /// Prefetch jobs and the mappings staged manifests made.
@@ -198,6 +200,7 @@ impl Fetcher {
                 mismatches: Mutex::new(HashMap::new()),
                 unstored: Mutex::new(HashMap::new()),
                 stats: FetchStats::default(),
+                running: Arc::new(tokio::sync::watch::Sender::new(0)),
                 slots: Arc::new(tokio::sync::Semaphore::new(cfg.max_transfers)),
                 cfg,
                 jobs: prefetch::Jobs::default(),
@@ -265,6 +268,21 @@ impl Fetcher {
         lock(&self.inner.unstored)
             .get(key)
             .is_some_and(|at| at.elapsed() < UNSTORED_FOR)
+    }
+
+    /// Counts a transfer as running until the value is dropped.
+    fn running(&self) -> Running {
+        self.inner.running.send_modify(|n| *n += 1);
+        Running(self.inner.running.clone())
+    }
+
+    /// Waits up to `within` for the transfers still running (no client may be waiting for them: a
+    /// background revalidation, a fill whose clients left) to end, so that a stop does not throw away
+    /// what they were about to store. False when some were still running.
+    pub async fn drain(&self, within: Duration) -> bool {
+        let mut rx = self.inner.running.subscribe();
+        let idle = tokio::time::timeout(within, rx.wait_for(|n| *n == 0)).await;
+        matches!(idle, Ok(Ok(_)))
     }
 
     /// The store and the one-fetch-per-object table, for the GET path (`lookup.rs`).
@@ -380,5 +398,14 @@ impl Fetcher {
             _ => return,
         };
         c.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// One running transfer, counted while it lives.
+struct Running(Arc<tokio::sync::watch::Sender<usize>>);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.0.send_modify(|n| *n = n.saturating_sub(1));
     }
 }

@@ -145,7 +145,7 @@ impl Transfer {
                     let m = &stale.meta;
                     let (etag, lm) = (m.etag.as_deref(), m.last_modified.as_deref());
                     if headers::selects(etag, lm, r.headers()) {
-                        return Err(self.revalidated(stale, r.headers(), *request_ms));
+                        return Err(self.revalidated(stale, r.headers(), *request_ms).await);
                     }
                     tracing::warn!(
                         stored = ?etag,
@@ -179,7 +179,7 @@ impl Transfer {
 
     /// A 304 to a revalidation: the stored header block takes the 304's fields and the key its new
     /// freshness (RFC 9111 §3.2, §4.3.4).
-    fn revalidated(&self, stale: &KeyEntry, h: &HeaderMap, request_ms: u64) -> End {
+    async fn revalidated(&self, stale: &KeyEntry, h: &HeaderMap, request_ms: u64) -> End {
         let merged = headers::to_map(&headers::updated_by(&stale.meta.headers, h));
         let mut meta = freshness::key_meta(freshness::Received {
             status: StatusCode::from_u16(stale.meta.status).unwrap_or(StatusCode::OK),
@@ -192,13 +192,21 @@ impl Transfer {
         meta.initial_age = freshness::initial_age(h, request_ms, meta.fetched_at);
         meta.etag = meta.etag.or(stale.meta.etag.clone());
         meta.last_modified = meta.last_modified.or(stale.meta.last_modified.clone());
-        let store = &self.fetcher.inner.store;
-        for key in self.fetcher.keys_for(&self.target.key, &meta.vary) {
-            if store.lookup(&key).is_some_and(|e| e.digest == stale.digest) {
-                let _ = store.refresh_key(&key, meta.clone());
+        let store = self.fetcher.inner.store.clone();
+        let keys = self.fetcher.keys_for(&self.target.key, &meta.vary);
+        let d = stale.digest;
+        // The key records are appended and synced to disk: off the runtime's worker threads.
+        let refreshed = tokio::task::spawn_blocking(move || {
+            for key in keys {
+                if store.lookup(&key).is_some_and(|e| e.digest == d) {
+                    let _ = store.refresh_key(&key, meta.clone());
+                }
             }
+        });
+        if let Err(e) = refreshed.await {
+            tracing::error!(error = %e, "recording a revalidation failed");
         }
-        End::Revalidated(stale.digest)
+        End::Revalidated(d)
     }
 
     /// Asks upstream (the parents, or the origin) for the target.
