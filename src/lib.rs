@@ -221,13 +221,14 @@ impl Gateway {
         fetcher.resume_jobs();
         let relay = open_relay(&cfg).await?;
         let forwarder = {
-            let tls = fetch::upstream::tls_config(
-                &cfg.upstream.ca_file,
-                &cfg.upstream.client_cert,
-                &cfg.upstream.client_key,
-            )
+            let tls = fetch::upstream::connect::tls_config(fetch::upstream::connect::Trust {
+                ca_file: &cfg.upstream.ca_file,
+                client_cert: &cfg.upstream.client_cert,
+                client_key: &cfg.upstream.client_key,
+            })
             .map_err(anyhow::Error::msg)?;
-            let client = relay::forward_client(tls, cfg.upstream.connect_timeout.0);
+            let client =
+                fetch::upstream::connect::simple_client(tls, Some(cfg.upstream.connect_timeout.0));
             let f = fetcher.clone();
             let health: relay::ParentHealth =
                 Arc::new(move || f.parents_health().iter().map(|p| p.healthy).collect());

@@ -10,10 +10,8 @@ pub mod freshness;
 pub mod headers;
 pub mod key;
 mod lookup;
-pub mod parents;
 pub mod policy;
 pub mod prefetch;
-mod proxy;
 mod rate;
 mod sink;
 mod transfer;
@@ -222,7 +220,7 @@ impl Fetcher {
         self.inner.client.check(url)
     }
 
-    pub fn parents_health(&self) -> Vec<parents::ParentHealth> {
+    pub fn parents_health(&self) -> Vec<upstream::ParentHealth> {
         self.inner.client.parents_health()
     }
 

@@ -17,9 +17,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{Request, StatusCode, Uri};
 use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
 use rand::Rng;
 
 use super::writer::Job;
@@ -35,22 +33,10 @@ pub enum NextHop {
     Url { url: Uri, token: Option<String> },
 }
 
-type HttpsClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
+type HttpsClient = Client<crate::fetch::upstream::connect::Https, Full<Bytes>>;
 
 /// Tells the forwarder which parents `fetch` currently sees as healthy (by index).
 pub type ParentHealth = std::sync::Arc<dyn Fn() -> Vec<bool> + Send + Sync>;
-
-pub fn client(tls: rustls::ClientConfig, connect_timeout: Duration) -> HttpsClient {
-    let mut http = HttpConnector::new();
-    http.enforce_http(false);
-    http.set_connect_timeout(Some(connect_timeout));
-    let https = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_tls_config(tls)
-        .https_or_http()
-        .enable_http1()
-        .wrap_connector(http);
-    Client::builder(TokioExecutor::new()).build(https)
-}
 
 /// Bytes of a refusing answer kept with the report it refused.
 const ANSWER: usize = 1024;

@@ -35,7 +35,7 @@ use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
 
 pub use db::{AsideOp, DbError};
-pub use forward::{client as forward_client, NextHop, ParentHealth};
+pub use forward::{NextHop, ParentHealth};
 pub use report::BadReport;
 use writer::{Job, Prepared};
 

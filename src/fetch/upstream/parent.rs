@@ -12,15 +12,13 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use serde::Serialize;
 
-use super::policy::host_of;
-use super::proxy::ProxyConnector;
-use super::upstream::ReqBody;
-use super::FetchError;
+use super::connect::ReqBody;
+use super::proxy::{Inner, ProxyConnector};
+use crate::fetch::policy::host_of;
+use crate::fetch::FetchError;
 
 /// How long a parent that failed to connect, timed out or answered 503 is skipped.
 pub const SKIP_FOR: Duration = Duration::from_secs(30);
-
-use super::proxy::Inner;
 
 /// One parent gateway and what this node knows of its health.
 pub struct Parent {
@@ -117,7 +115,7 @@ impl Parent {
         body: ReqBody,
         timeout: Duration,
     ) -> Result<Response<Incoming>, FetchError> {
-        let req = super::headers::upstream_request(method, url, headers, body)
+        let req = crate::fetch::headers::upstream_request(method, url, headers, body)
             .map_err(|e| FetchError::Internal(e.to_string()))?;
         let fut = if own_path {
             self.direct.request(req)

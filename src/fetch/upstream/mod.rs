@@ -10,33 +10,30 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::Bytes;
-use http::{HeaderMap, Method, Response, StatusCode, Uri};
+use http::{HeaderMap, Method, Response, Uri};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::dns::Name;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
-use super::parents::{Parent, ParentHealth};
+use self::parent::Parent;
+use self::proxy::ProxyClients;
+use self::redirect::{is_redirect, origin_of, CREDENTIALS};
 use super::policy::OriginPolicy;
 pub use super::policy::{host_of, port_of};
-use super::proxy::ProxyClients;
 use super::FetchError;
 use crate::store::Digest;
+pub use connect::{empty_body, ReqBody};
+pub use parent::ParentHealth;
+pub use redirect::resolve_location;
+
+pub mod connect;
+mod parent;
+mod proxy;
+mod redirect;
 
 const MAX_REDIRECTS: usize = 5;
-
-/// The body of an upstream request: empty for cistern's own requests, a client's streamed body for
-/// the other methods it passes through.
-pub type ReqBody = http_body_util::combinators::BoxBody<Bytes, hyper::Error>;
-
-pub fn empty_body() -> ReqBody {
-    use http_body_util::BodyExt;
-    http_body_util::Empty::new()
-        .map_err(|never| match never {})
-        .boxed()
-}
 
 /// Raised by the resolver when DNS gave only refused addresses; found again in the client's error chain.
 #[derive(Debug, thiserror::Error)]
@@ -76,7 +73,7 @@ impl tower_service::Service<Name> for CheckedResolver {
     }
 }
 
-type Connector = hyper_rustls::HttpsConnector<HttpConnector<CheckedResolver>>;
+type Connector = connect::Https<CheckedResolver>;
 
 /// Client settings from `[upstream]`.
 pub struct ClientConfig {
@@ -108,18 +105,20 @@ pub struct UpstreamClient {
 
 impl UpstreamClient {
     pub fn new(cfg: &ClientConfig, policy: Arc<OriginPolicy>) -> Result<UpstreamClient, String> {
-        let mut http = HttpConnector::new_with_resolver(CheckedResolver {
+        let resolver = CheckedResolver {
             policy: policy.clone(),
-        });
-        http.enforce_http(false);
-        http.set_connect_timeout(Some(cfg.connect_timeout));
-        http.set_nodelay(true);
-        let tls = tls_config(&cfg.ca_file, &cfg.client_cert, &cfg.client_key)?;
-        let https = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(tls.clone())
-            .https_or_http()
-            .enable_http1()
-            .wrap_connector(http);
+        };
+        let tls = connect::tls_config(connect::Trust {
+            ca_file: &cfg.ca_file,
+            client_cert: &cfg.client_cert,
+            client_key: &cfg.client_key,
+        })?;
+        let timeout = Some(cfg.connect_timeout);
+        let https = connect::connector_with(
+            HttpConnector::new_with_resolver(resolver),
+            tls.clone(),
+            timeout,
+        );
         // Title case upstream (here, to parents and through proxies) is enough: field names are
         // case-insensitive (RFC 9110 §5.1) and servers look them up so; only devices need SPEC 3's
         // canonical case, which the server side gives (server::case).
@@ -134,15 +133,7 @@ impl UpstreamClient {
                 .parse()
                 .map_err(|_| format!("upstream.parents: `{p}` is not a URL"))?;
             // The parent was named by the operator: its address needs no allowlist check.
-            let mut plain = HttpConnector::new();
-            plain.enforce_http(false);
-            plain.set_connect_timeout(Some(cfg.connect_timeout));
-            plain.set_nodelay(true);
-            let conn = hyper_rustls::HttpsConnectorBuilder::new()
-                .with_tls_config(tls.clone())
-                .https_or_http()
-                .enable_http1()
-                .wrap_connector(plain);
+            let conn = connect::connector(tls.clone(), timeout);
             parents.push(Arc::new(Parent::new(url, conn)));
         }
         Ok(UpstreamClient {
@@ -390,51 +381,6 @@ impl UpstreamClient {
     }
 }
 
-/// Request fields that carry credentials: dropped when a redirect leaves the origin (as browsers and
-/// curl do).
-const CREDENTIALS: [http::header::HeaderName; 2] =
-    [http::header::AUTHORIZATION, http::header::COOKIE];
-
-/// Scheme, host and port: what RFC 6454 calls the origin.
-fn origin_of(u: &Uri) -> (Option<&str>, Option<&str>, Option<u16>) {
-    let port = u.port_u16().or(match u.scheme_str() {
-        Some("https") => Some(443),
-        Some("http") => Some(80),
-        _ => None,
-    });
-    (u.scheme_str(), u.host(), port)
-}
-
-fn is_redirect(s: StatusCode) -> bool {
-    matches!(s.as_u16(), 301 | 302 | 303 | 307 | 308)
-}
-
-/// A redirect target: an absolute URL, or a path on the same origin. Built from parsed parts.
-pub fn resolve_location(base: &Uri, loc: &str) -> Option<Uri> {
-    if let Ok(u) = loc.parse::<Uri>() {
-        if u.scheme().is_some() {
-            return matches!(u.scheme_str(), Some("http" | "https"))
-                .then_some(u)
-                .filter(|u| u.host().is_some());
-        }
-    }
-    if loc.starts_with("//") {
-        return format!("{}:{loc}", base.scheme_str()?).parse().ok();
-    }
-    let path = if loc.starts_with('/') {
-        loc.to_string()
-    } else {
-        let dir = base.path().rsplit_once('/').map(|(d, _)| d).unwrap_or("");
-        format!("{dir}/{loc}")
-    };
-    Uri::builder()
-        .scheme(base.scheme()?.clone())
-        .authority(base.authority()?.clone())
-        .path_and_query(path)
-        .build()
-        .ok()
-}
-
 fn classify(url: &Uri, e: &hyper_util::client::legacy::Error) -> FetchError {
     let mut src: Option<&(dyn std::error::Error + 'static)> = Some(e);
     let mut unreadable = false;
@@ -458,81 +404,5 @@ fn classify(url: &Uri, e: &hyper_util::client::legacy::Error) -> FetchError {
     match unreadable {
         true => FetchError::BadResponse(detail),
         false => FetchError::Unreachable(detail),
-    }
-}
-
-pub fn tls_config(
-    ca_file: &str,
-    client_cert: &str,
-    client_key: &str,
-) -> Result<rustls::ClientConfig, String> {
-    let mut roots = rustls::RootCertStore::empty();
-    let native = rustls_native_certs::load_native_certs();
-    for c in native.certs {
-        let _ = roots.add(c);
-    }
-    if roots.is_empty() {
-        roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-    }
-    if !ca_file.is_empty() {
-        let pem = std::fs::read(ca_file).map_err(|e| format!("upstream.ca_file {ca_file}: {e}"))?;
-        for c in rustls_pemfile::certs(&mut pem.as_slice()) {
-            let c = c.map_err(|e| format!("upstream.ca_file {ca_file}: {e}"))?;
-            roots
-                .add(c)
-                .map_err(|e| format!("upstream.ca_file {ca_file}: {e}"))?;
-        }
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let builder = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
-        .with_root_certificates(roots);
-    if client_cert.is_empty() {
-        return Ok(builder.with_no_client_auth());
-    }
-    let pem = std::fs::read(client_cert)
-        .map_err(|e| format!("upstream.client_cert {client_cert}: {e}"))?;
-    let certs = rustls_pemfile::certs(&mut pem.as_slice())
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| format!("upstream.client_cert {client_cert}: {e}"))?;
-    let pem =
-        std::fs::read(client_key).map_err(|e| format!("upstream.client_key {client_key}: {e}"))?;
-    let key = rustls_pemfile::private_key(&mut pem.as_slice())
-        .map_err(|e| format!("upstream.client_key {client_key}: {e}"))?
-        .ok_or_else(|| format!("upstream.client_key {client_key}: no private key in the file"))?;
-    builder
-        .with_client_auth_cert(certs, key)
-        .map_err(|e| format!("upstream.client_cert: {e}"))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn redirect_targets() {
-        let base: Uri = "http://a.example/x/y/file?sig=1".parse().unwrap();
-        assert_eq!(
-            resolve_location(&base, "http://b.example/z")
-                .unwrap()
-                .to_string(),
-            "http://b.example/z"
-        );
-        assert_eq!(
-            resolve_location(&base, "/abs?q=1").unwrap().to_string(),
-            "http://a.example/abs?q=1"
-        );
-        assert_eq!(
-            resolve_location(&base, "rel").unwrap().to_string(),
-            "http://a.example/x/y/rel"
-        );
-        assert_eq!(
-            resolve_location(&base, "//c.example/p")
-                .unwrap()
-                .to_string(),
-            "http://c.example/p"
-        );
-        assert!(resolve_location(&base, "ftp://x/y").is_none());
     }
 }
