@@ -31,6 +31,7 @@ pub use error::FetchError;
 pub use flight::{End, Flight, FlightReader, Head, Joined};
 use policy::OriginPolicy;
 use upstream::UpstreamClient;
+pub use upstream::{Ask, Director, Hop, Outcome};
 
 /// How long a key answers 502 after a digest mismatch before it is fetched again (SPEC 4).
 const MISMATCH_HOLD: Duration = Duration::from_secs(60);

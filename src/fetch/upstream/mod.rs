@@ -3,6 +3,7 @@
 //! the addresses it checked, so cistern connects to exactly what it checked), and redirects followed here
 //! with every target checked again (SPEC 2).
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
@@ -25,10 +26,11 @@ pub use super::policy::{host_of, port_of};
 use super::FetchError;
 use crate::store::Digest;
 pub use connect::{empty_body, ReqBody};
-pub use parent::ParentHealth;
+pub use director::{Ask, Director, Hop, Outcome, ParentHealth};
 pub use redirect::resolve_location;
 
 pub mod connect;
+pub mod director;
 mod parent;
 mod proxy;
 mod redirect;
@@ -75,15 +77,11 @@ impl tower_service::Service<Name> for CheckedResolver {
 
 type Connector = connect::Https<CheckedResolver>;
 
-/// Client settings from `[upstream]`.
+/// Client settings from `[upstream]` (the parents and `allow_direct` are the director's).
 pub struct ClientConfig {
     pub connect_timeout: Duration,
     pub idle_timeout: Duration,
     pub ca_file: String,
-    /// Parent gateways, in order of preference.
-    pub parents: Vec<String>,
-    /// With parents: may this node go to the origin when every parent fails?
-    pub allow_direct: bool,
     /// `upstream.proxy`, or empty.
     pub proxy: String,
     /// Client certificate and key (PEM) for mTLS to parents.
@@ -97,14 +95,30 @@ pub struct UpstreamClient {
     policy: Arc<OriginPolicy>,
     /// Bound on the wait for response headers (connect + first byte).
     head_timeout: Duration,
-    parents: Vec<Arc<Parent>>,
-    allow_direct: bool,
+    /// Which hop to ask, and their health (shared with the relay).
+    director: Arc<Director>,
+    /// The connections to each of the director's parents, by URL.
+    parents: Arc<HashMap<Uri, Parent>>,
     /// Set with `upstream.proxy`: origin traffic goes through the site's proxy.
     proxy: Option<ProxyClients>,
 }
 
+/// What came of asking one parent.
+enum Attempt {
+    /// An answer to pass on.
+    Answer(Response<Incoming>),
+    /// 502, 503 or 504: the next hop is tried; passed on when this was the last.
+    Retry(Response<Incoming>),
+    /// No answer: the next hop is tried.
+    Failed(FetchError),
+}
+
 impl UpstreamClient {
-    pub fn new(cfg: &ClientConfig, policy: Arc<OriginPolicy>) -> Result<UpstreamClient, String> {
+    pub fn new(
+        cfg: &ClientConfig,
+        policy: Arc<OriginPolicy>,
+        director: Arc<Director>,
+    ) -> Result<UpstreamClient, String> {
         let resolver = CheckedResolver {
             policy: policy.clone(),
         };
@@ -127,30 +141,33 @@ impl UpstreamClient {
             .pool_idle_timeout(Duration::from_secs(90))
             .pool_max_idle_per_host(32)
             .build(https);
-        let mut parents = Vec::new();
-        for p in &cfg.parents {
-            let url: Uri = p
-                .parse()
-                .map_err(|_| format!("upstream.parents: `{p}` is not a URL"))?;
-            // The parent was named by the operator: its address needs no allowlist check.
-            let conn = connect::connector(tls.clone(), timeout);
-            parents.push(Arc::new(Parent::new(url, conn)));
-        }
+        // A parent was named by the operator: its address needs no allowlist check.
+        let parents = director
+            .parent_urls()
+            .into_iter()
+            .map(|u| {
+                (
+                    u.clone(),
+                    Parent::new(u, connect::connector(tls.clone(), timeout)),
+                )
+            })
+            .collect();
+        let proxy = match cfg.proxy.as_str() {
+            "" => None,
+            p => {
+                let uri: Uri = p
+                    .parse()
+                    .map_err(|_| format!("upstream.proxy: `{p}` is not a URL"))?;
+                Some(ProxyClients::new(uri, tls, cfg.connect_timeout))
+            }
+        };
         Ok(UpstreamClient {
             client,
             policy,
             head_timeout: cfg.connect_timeout + cfg.idle_timeout,
-            parents,
-            allow_direct: cfg.allow_direct,
-            proxy: match cfg.proxy.as_str() {
-                "" => None,
-                p => {
-                    let uri: Uri = p
-                        .parse()
-                        .map_err(|_| format!("upstream.proxy: `{p}` is not a URL"))?;
-                    Some(ProxyClients::new(uri, tls, cfg.connect_timeout))
-                }
-            },
+            director,
+            parents: Arc::new(parents),
+            proxy,
         })
     }
 
@@ -158,17 +175,23 @@ impl UpstreamClient {
         &self.policy
     }
 
+    /// The director this client asks (the relay's forwarder asks the same one).
+    pub fn director(&self) -> &Arc<Director> {
+        &self.director
+    }
+
     pub fn parents_health(&self) -> Vec<ParentHealth> {
-        self.parents.iter().map(|p| p.report()).collect()
+        self.director.health()
     }
 
     pub fn has_parents(&self) -> bool {
-        !self.parents.is_empty()
+        self.director.has_parents()
     }
 
-    /// Sends a request for an object along the chain (SPEC 3): to the first healthy parent (an origin URL
-    /// in forward-proxy form; a digest as `/v1/content/sha256/<hex>`), the next one on a connection error,
-    /// a timeout, 502, 503 or 504, and to the origin itself only without parents or with `allow_direct`.
+    /// Sends a request for an object along the chain (SPEC 3): to the hops the director gives in order
+    /// (the first healthy parent, with an origin URL in forward-proxy form and a digest as
+    /// `/v1/content/sha256/<hex>`; the next one on a connection error, a timeout, 502, 503 or 504), and
+    /// to the origin itself only without parents or with `allow_direct`.
     pub async fn fetch(
         &self,
         method: Method,
@@ -176,29 +199,33 @@ impl UpstreamClient {
         digest: Option<Digest>,
         headers: &HeaderMap,
     ) -> Result<Response<Incoming>, FetchError> {
-        if self.parents.is_empty() {
-            let Some(u) = url else {
-                return Err(FetchError::NotFound(
-                    "the object is not stored and no upstream knows it".into(),
-                ));
-            };
-            return self.send(method, u.clone(), headers).await.map(|(_, r)| r);
-        }
-        if let Some(u) = url {
+        if let (true, Some(u)) = (self.director.has_parents(), url) {
             // Never an open proxy, not even towards a parent.
             self.host_check(u)?;
         }
-        let mut order: Vec<&Arc<Parent>> = self.parents.iter().filter(|p| p.healthy()).collect();
-        if order.is_empty() {
-            // Every parent is being skipped: try them anyway rather than fail without asking.
-            order = self.parents.iter().collect();
-        }
-        let mut last = FetchError::Unreachable("no parent answered".into());
-        let n = order.len();
-        for (i, p) in order.into_iter().enumerate() {
+        let hops = self.director.hops(Ask::Object {
+            origin: url.is_some(),
+        });
+        let mut last = match self.director.has_parents() {
+            true => FetchError::Unreachable("no parent answered".into()),
+            false => {
+                FetchError::NotFound("the object is not stored and no upstream knows it".into())
+            }
+        };
+        let n = hops.len();
+        for (i, hop) in hops.iter().enumerate() {
+            let Hop::Parent(at) = hop else {
+                let Some(u) = url else { break };
+                if self.director.has_parents() {
+                    tracing::warn!(
+                        "every parent failed; going to the origin directly (upstream.allow_direct)"
+                    );
+                }
+                return self.send(method, u.clone(), headers).await.map(|(_, r)| r);
+            };
             let (target, own) = match (url, digest) {
                 (Some(u), _) => (u.clone(), false),
-                (None, Some(d)) => match p.own_url(&format!("/v1/content/sha256/{d}")) {
+                (None, Some(d)) => match own_url(at, &format!("/v1/content/sha256/{d}")) {
                     Some(u) => (u, true),
                     None => continue,
                 },
@@ -208,53 +235,62 @@ impl UpstreamClient {
                     ))
                 }
             };
-            match p
-                .request(
-                    method.clone(),
-                    target,
-                    own,
-                    headers,
-                    empty_body(),
-                    self.head_timeout,
-                )
-                .await
-            {
-                Ok(r) if matches!(r.status().as_u16(), 502..=504) => {
-                    if r.status().as_u16() == 503 {
-                        p.mark_down(format!("answered {}", r.status()));
-                    }
-                    let last_chance = i + 1 == n && !(self.allow_direct && url.is_some());
-                    if last_chance {
-                        return Ok(r);
-                    }
-                    last = FetchError::Unreachable(format!(
-                        "parent {} answered {}",
-                        host_of(&p.url),
-                        r.status()
-                    ));
+            let req = (method.clone(), target, own, headers, empty_body());
+            match self.ask_parent(hop, req).await? {
+                Attempt::Answer(r) => return Ok(r),
+                Attempt::Retry(r) if i + 1 == n => return Ok(r),
+                Attempt::Retry(r) => {
+                    let host = host_of(at);
+                    last =
+                        FetchError::Unreachable(format!("parent {host} answered {}", r.status()));
                 }
-                Ok(r) => {
-                    p.mark_ok();
-                    return Ok(r);
-                }
-                Err(
-                    e @ (FetchError::Unreachable(_)
-                    | FetchError::Timeout(_)
-                    | FetchError::BadResponse(_)),
-                ) => {
-                    p.mark_down(e.to_string());
-                    last = e;
-                }
-                Err(e) => return Err(e),
+                Attempt::Failed(e) => last = e,
             }
         }
-        if let (true, Some(u)) = (self.allow_direct, url) {
-            tracing::warn!(
-                "every parent failed; going to the origin directly (upstream.allow_direct)"
-            );
-            return self.send(method, u.clone(), headers).await.map(|(_, r)| r);
-        }
         Err(last)
+    }
+
+    /// Sends one request to a parent and records the outcome with the director. Errors other than
+    /// no answer (e.g. a request that cannot be built) end the search.
+    async fn ask_parent(
+        &self,
+        hop: &Hop,
+        (method, target, own, headers, body): (Method, Uri, bool, &HeaderMap, ReqBody),
+    ) -> Result<Attempt, FetchError> {
+        let Some(p) = self.link(hop) else {
+            return Ok(Attempt::Failed(FetchError::Internal(
+                "no such parent".into(),
+            )));
+        };
+        let sent = p
+            .request(method, target, own, headers, body, self.head_timeout)
+            .await;
+        match sent {
+            Ok(r) => {
+                self.director.record(hop, Outcome::Answered(r.status()));
+                match r.status().as_u16() {
+                    502..=504 => Ok(Attempt::Retry(r)),
+                    _ => Ok(Attempt::Answer(r)),
+                }
+            }
+            Err(
+                e @ (FetchError::Unreachable(_)
+                | FetchError::Timeout(_)
+                | FetchError::BadResponse(_)),
+            ) => {
+                self.director.record(hop, Outcome::Failed(e.to_string()));
+                Ok(Attempt::Failed(e))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The connections to the parent a hop names.
+    fn link(&self, hop: &Hop) -> Option<&Parent> {
+        match hop {
+            Hop::Parent(u) => self.parents.get(u),
+            Hop::Origin => None,
+        }
     }
 
     /// The host-pattern check alone (towards a parent, which resolves and connects itself).
@@ -363,22 +399,35 @@ impl UpstreamClient {
         body: ReqBody,
     ) -> Result<Response<Incoming>, FetchError> {
         self.host_check(url)?;
-        let parent = self
-            .parents
-            .iter()
-            .find(|p| p.healthy())
-            .or(self.parents.first());
-        match parent {
-            Some(p) => {
-                p.request(method, url.clone(), false, headers, body, self.head_timeout)
-                    .await
+        let first = self
+            .director
+            .hops(Ask::Object { origin: true })
+            .into_iter()
+            .next();
+        match first {
+            Some(hop @ Hop::Parent(_)) => {
+                let req = (method, url.clone(), false, headers, body);
+                match self.ask_parent(&hop, req).await? {
+                    Attempt::Answer(r) | Attempt::Retry(r) => Ok(r),
+                    Attempt::Failed(e) => Err(e),
+                }
             }
-            None => {
+            Some(Hop::Origin) | None => {
                 self.check(url)?;
                 self.send_once(method, url, headers, body).await
             }
         }
     }
+}
+
+/// The URL of a parent's own path (`/v1/content/sha256/<hex>`).
+fn own_url(parent: &Uri, path: &str) -> Option<Uri> {
+    Uri::builder()
+        .scheme(parent.scheme()?.clone())
+        .authority(parent.authority()?.clone())
+        .path_and_query(path)
+        .build()
+        .ok()
 }
 
 fn classify(url: &Uri, e: &hyper_util::client::legacy::Error) -> FetchError {
