@@ -27,6 +27,7 @@ use anyhow::Context;
 use config::Config;
 use fetch::policy::OriginPolicy;
 use fetch::upstream::{ClientConfig, UpstreamClient};
+use fetch::Director;
 use fetch::{FetchConfig, Fetcher};
 use store::{Store, StoreConfig};
 
@@ -80,7 +81,7 @@ async fn trust_edge_bundle(cfg: &mut Config, w: &server::edge::Workload) {
 }
 
 /// Opens the status relay beside the store, with its next hop: `status.forward_to`, else the parents.
-async fn open_relay(cfg: &Config) -> anyhow::Result<relay::Relay> {
+async fn open_relay(cfg: &Config, director: &Arc<Director>) -> anyhow::Result<relay::Relay> {
     let s = &cfg.status;
     let next_hop = if !s.forward_to.is_empty() {
         let token = if !s.forward_token.is_empty() {
@@ -96,14 +97,9 @@ async fn open_relay(cfg: &Config) -> anyhow::Result<relay::Relay> {
             url: s.forward_to.parse().context("status.forward_to")?,
             token,
         })
-    } else if !cfg.upstream.parents.is_empty() {
-        let ps = cfg
-            .upstream
-            .parents
-            .iter()
-            .filter_map(|p| p.parse().ok())
-            .collect();
-        Some(relay::NextHop::Parents(ps))
+    } else if director.has_parents() {
+        // The relay asks the director the fetch path asks: both see the same parents up or down.
+        Some(relay::NextHop::Parents(director.clone()))
     } else {
         None
     };
@@ -189,18 +185,22 @@ impl Gateway {
             }
         }
         let policy = Arc::new(OriginPolicy::new(&cfg.upstream.allowed_origins, &literal));
+        // One director for the process: fills and the relay's forwarder choose parents by it.
+        let director = Arc::new(
+            Director::new(&cfg.upstream.parents, cfg.upstream.allow_direct)
+                .map_err(anyhow::Error::msg)?,
+        );
         let client = UpstreamClient::new(
             &ClientConfig {
                 connect_timeout: cfg.upstream.connect_timeout.0,
                 idle_timeout: cfg.upstream.idle_timeout.0,
                 ca_file: cfg.upstream.ca_file.clone(),
-                parents: cfg.upstream.parents.clone(),
-                allow_direct: cfg.upstream.allow_direct,
                 proxy: cfg.upstream.proxy.clone(),
                 client_cert: cfg.upstream.client_cert.clone(),
                 client_key: cfg.upstream.client_key.clone(),
             },
             policy,
+            director.clone(),
         )
         .map_err(anyhow::Error::msg)?;
         let fetcher = Fetcher::new(
@@ -219,19 +219,17 @@ impl Gateway {
         );
         // Prefetch jobs a restart interrupted carry on.
         fetcher.resume_jobs();
-        let relay = open_relay(&cfg).await?;
+        let relay = open_relay(&cfg, &director).await?;
         let forwarder = {
-            let tls = fetch::upstream::tls_config(
-                &cfg.upstream.ca_file,
-                &cfg.upstream.client_cert,
-                &cfg.upstream.client_key,
-            )
+            let tls = fetch::upstream::connect::tls_config(fetch::upstream::connect::Trust {
+                ca_file: &cfg.upstream.ca_file,
+                client_cert: &cfg.upstream.client_cert,
+                client_key: &cfg.upstream.client_key,
+            })
             .map_err(anyhow::Error::msg)?;
-            let client = relay::forward_client(tls, cfg.upstream.connect_timeout.0);
-            let f = fetcher.clone();
-            let health: relay::ParentHealth =
-                Arc::new(move || f.parents_health().iter().map(|p| p.healthy).collect());
-            tokio::spawn(relay.clone().forward(client, health))
+            let client =
+                fetch::upstream::connect::simple_client(tls, Some(cfg.upstream.connect_timeout.0));
+            tokio::spawn(relay.clone().forward(client))
         };
         let stats = Arc::new(server::ServerStats::default());
         let ops = Arc::new(ops::Ops {

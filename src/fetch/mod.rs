@@ -10,10 +10,8 @@ pub mod freshness;
 pub mod headers;
 pub mod key;
 mod lookup;
-pub mod parents;
 pub mod policy;
 pub mod prefetch;
-mod proxy;
 mod rate;
 mod sink;
 mod transfer;
@@ -33,6 +31,7 @@ pub use error::FetchError;
 pub use flight::{End, Flight, FlightReader, Head, Joined};
 use policy::OriginPolicy;
 use upstream::UpstreamClient;
+pub use upstream::{Ask, Director, Hop, Outcome};
 
 /// How long a key answers 502 after a digest mismatch before it is fetched again (SPEC 4).
 const MISMATCH_HOLD: Duration = Duration::from_secs(60);
@@ -225,7 +224,7 @@ impl Fetcher {
         self.inner.client.check(url)
     }
 
-    pub fn parents_health(&self) -> Vec<parents::ParentHealth> {
+    pub fn parents_health(&self) -> Vec<upstream::ParentHealth> {
         self.inner.client.parents_health()
     }
 

@@ -2,12 +2,12 @@
 //! a verdict and, when it fails, what to do about it.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 
 use http::Uri;
 
-use crate::config::Config;
+use crate::config::{Config, Upstream};
+use crate::fetch::upstream::connect;
 
 /// What a check found: a warning is worth acting on but does not stop the node from working.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -269,7 +269,7 @@ async fn tls_check(
     timeout: Duration,
 ) -> Check {
     let u = &cfg.upstream;
-    let tls = match crate::fetch::upstream::tls_config(&u.ca_file, &u.client_cert, &u.client_key) {
+    let tls = match connect::tls_config(trust(u)) {
         Ok(t) => t,
         Err(e) => return fail(what, e, "fix upstream.ca_file / client_cert / client_key"),
     };
@@ -280,7 +280,7 @@ async fn tls_check(
             "use the parent's DNS name or IP",
         );
     };
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(tls));
+    let connector = connect::stream_connector(tls);
     let hs = async {
         let tcp = tokio::net::TcpStream::connect(addr)
             .await
@@ -334,11 +334,11 @@ fn describe_cert(der: &[u8]) -> Option<String> {
 
 async fn http_check(cfg: &Config, what: &str, parent: &Uri, timeout: Duration) -> Check {
     let u = &cfg.upstream;
-    let tls = match crate::fetch::upstream::tls_config(&u.ca_file, &u.client_cert, &u.client_key) {
+    let tls = match connect::tls_config(trust(u)) {
         Ok(t) => t,
         Err(e) => return fail(what, e, "fix the TLS settings"),
     };
-    let client = crate::relay::forward_client(tls, timeout);
+    let client = connect::simple_client(tls, Some(timeout));
     let Ok(url) = Uri::builder()
         .scheme(parent.scheme_str().unwrap_or("http"))
         .authority(parent.authority().map(|a| a.as_str()).unwrap_or(""))
@@ -415,6 +415,15 @@ async fn listener_check(listen: &str, timeout: Duration) -> Check {
             format!("cannot bind {listen}: {e}"),
             "run with the right permissions or change server.listen",
         ),
+    }
+}
+
+/// The upstream trust the gateway itself uses.
+fn trust(u: &Upstream) -> connect::Trust<'_> {
+    connect::Trust {
+        ca_file: &u.ca_file,
+        client_cert: &u.client_cert,
+        client_key: &u.client_key,
     }
 }
 

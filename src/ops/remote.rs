@@ -9,10 +9,10 @@ use bytes::Bytes;
 use http::{Method, Request, StatusCode, Uri};
 use http_body_util::{combinators::BoxBody, BodyExt, Full, StreamBody};
 use hyper::body::Frame;
-use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
 use tokio::io::AsyncReadExt;
+
+use crate::fetch::upstream::connect;
 
 type Body = BoxBody<Bytes, std::io::Error>;
 
@@ -24,7 +24,7 @@ fn whole(b: Bytes) -> Body {
 pub struct Remote {
     base: Uri,
     token: Option<String>,
-    client: Client<hyper_rustls::HttpsConnector<HttpConnector>, Body>,
+    client: Client<connect::Https, Body>,
 }
 
 impl Remote {
@@ -46,19 +46,16 @@ impl Remote {
                 .ok()
                 .filter(|t| !t.is_empty()),
         };
-        let tls =
-            crate::fetch::upstream::tls_config(ca_file, "", "").map_err(anyhow::Error::msg)?;
-        let mut http = HttpConnector::new();
-        http.enforce_http(false);
-        let https = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(tls)
-            .https_or_http()
-            .enable_http1()
-            .wrap_connector(http);
+        // The CLI trusts the `--ca-file` it is given (not the config's) and shows no client certificate.
+        let trust = connect::Trust {
+            ca_file,
+            ..Default::default()
+        };
+        let tls = connect::tls_config(trust).map_err(anyhow::Error::msg)?;
         Ok(Remote {
             base,
             token,
-            client: Client::builder(TokioExecutor::new()).build(https),
+            client: connect::simple_client(tls, None),
         })
     }
 

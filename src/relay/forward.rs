@@ -12,45 +12,31 @@
 //! reports back.
 
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Request, StatusCode, Uri};
 use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
 use rand::Rng;
 
 use super::writer::Job;
 use super::{budget, Relay};
+use crate::fetch::{Ask, Director, Hop, Outcome};
 use crate::store::now_ms;
 
 /// Where this node's reports go.
 #[derive(Clone, Debug)]
 pub enum NextHop {
-    /// The parents' `POST /v1/status`, first healthy one first.
-    Parents(Vec<Uri>),
+    /// The parents' `POST /v1/status`, in the order the upstream director gives (the first healthy
+    /// one first); what comes of each attempt is recorded with it.
+    Parents(Arc<Director>),
     /// `status.forward_to`, with its bearer token.
     Url { url: Uri, token: Option<String> },
 }
 
-type HttpsClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
-
-/// Tells the forwarder which parents `fetch` currently sees as healthy (by index).
-pub type ParentHealth = std::sync::Arc<dyn Fn() -> Vec<bool> + Send + Sync>;
-
-pub fn client(tls: rustls::ClientConfig, connect_timeout: Duration) -> HttpsClient {
-    let mut http = HttpConnector::new();
-    http.enforce_http(false);
-    http.set_connect_timeout(Some(connect_timeout));
-    let https = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_tls_config(tls)
-        .https_or_http()
-        .enable_http1()
-        .wrap_connector(http);
-    Client::builder(TokioExecutor::new()).build(https)
-}
+type HttpsClient = Client<crate::fetch::upstream::connect::Https, Full<Bytes>>;
 
 /// Bytes of a refusing answer kept with the report it refused.
 const ANSWER: usize = 1024;
@@ -145,7 +131,7 @@ impl Relay {
     }
 
     /// Runs the forwarder until the task is dropped.
-    pub async fn forward(self, client: HttpsClient, health: ParentHealth) {
+    pub async fn forward(self, client: HttpsClient) {
         let Some(hop) = self.inner.next_hop.clone() else {
             return;
         };
@@ -170,7 +156,7 @@ impl Relay {
                 continue;
             }
             let body = Bytes::from(out.body());
-            match self.send(&client, &hop, &health, body).await {
+            match self.send(&client, &hop, body).await {
                 Sent::Delivered => self.on_delivered(out, &mut pace).await,
                 Sent::Refused(r) if out.items.len() > 1 => {
                     let n = out.items.len();
@@ -250,38 +236,17 @@ impl Relay {
         *s.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
     }
 
-    async fn send(
-        &self,
-        client: &HttpsClient,
-        hop: &NextHop,
-        health: &ParentHealth,
-        body: Bytes,
-    ) -> Sent {
-        let targets: Vec<(Uri, Option<String>)> = match hop {
-            NextHop::Url { url, token } => vec![(url.clone(), token.clone())],
-            NextHop::Parents(ps) => {
-                let ok = health();
-                let mut order: Vec<usize> = (0..ps.len())
-                    .filter(|i| ok.get(*i).copied().unwrap_or(true))
-                    .collect();
-                order.extend((0..ps.len()).filter(|i| !ok.get(*i).copied().unwrap_or(true)));
-                order
-                    .into_iter()
-                    .filter_map(|i| {
-                        let p = &ps[i];
-                        let u = Uri::builder()
-                            .scheme(p.scheme()?.clone())
-                            .authority(p.authority()?.clone())
-                            .path_and_query("/v1/status")
-                            .build()
-                            .ok()?;
-                        Some((u, None))
-                    })
-                    .collect()
-            }
+    async fn send(&self, client: &HttpsClient, hop: &NextHop, body: Bytes) -> Sent {
+        let targets: Vec<(Uri, Option<String>, Option<Hop>)> = match hop {
+            NextHop::Url { url, token } => vec![(url.clone(), token.clone(), None)],
+            NextHop::Parents(d) => d
+                .hops(Ask::Status)
+                .into_iter()
+                .filter_map(|h| Some((status_url(&h)?, None, Some(h))))
+                .collect(),
         };
         let mut last = String::from("no next hop");
-        for (url, token) in targets {
+        for (url, token, parent) in targets {
             let mut req = Request::post(url.clone())
                 .header(http::header::CONTENT_TYPE, "application/json")
                 .header(http::header::VIA, format!("1.1 {}", self.cfg().node_id));
@@ -292,7 +257,11 @@ impl Relay {
                 continue;
             };
             let host = url.authority().map(|a| a.to_string()).unwrap_or_default();
-            match tokio::time::timeout(Duration::from_secs(30), client.request(req)).await {
+            let sent = tokio::time::timeout(Duration::from_secs(30), client.request(req)).await;
+            if let (NextHop::Parents(d), Some(h)) = (hop, &parent) {
+                d.record(h, outcome(&host, &sent));
+            }
+            match sent {
                 Ok(Ok(resp)) if resp.status().is_success() => {
                     let _ = resp.into_body().collect().await;
                     return Sent::Delivered;
@@ -312,6 +281,34 @@ impl Relay {
             }
         }
         Sent::Failed(last)
+    }
+}
+
+/// A parent's `POST /v1/status`.
+fn status_url(hop: &Hop) -> Option<Uri> {
+    let Hop::Parent(p) = hop else {
+        return None;
+    };
+    Uri::builder()
+        .scheme(p.scheme()?.clone())
+        .authority(p.authority()?.clone())
+        .path_and_query("/v1/status")
+        .build()
+        .ok()
+}
+
+/// What the director is told of one attempt to deliver to a parent.
+fn outcome<T>(
+    host: &str,
+    sent: &Result<
+        Result<http::Response<T>, hyper_util::client::legacy::Error>,
+        tokio::time::error::Elapsed,
+    >,
+) -> Outcome {
+    match sent {
+        Ok(Ok(resp)) => Outcome::Answered(resp.status()),
+        Ok(Err(e)) => Outcome::Failed(format!("{host}: {e}")),
+        Err(_) => Outcome::Failed(format!("{host}: no answer in 30 s")),
     }
 }
 
@@ -355,3 +352,7 @@ fn refusal_record(report: &[u8], r: &Refusal) -> Vec<u8> {
     });
     serde_json::to_vec(&rec).unwrap_or_default()
 }
+
+#[cfg(test)]
+#[path = "forward_tests.rs"]
+mod tests;

@@ -8,8 +8,9 @@
 //! through one writer thread (`writer`, group commit), and a 202 is answered only after the commit
 //! that holds the request's reports, dedup records and history returned. The dedup set, the queue's
 //! size and the history index are held in memory, rebuilt from the file at start, and changed only
-//! after a commit. The relay reads the parents' health that `fetch` exposes and calls nothing else of
-//! cistern's.
+//! after a commit. Of `fetch` the relay uses only the upstream `Director` (which parents to send to,
+//! in order, and what came of it, so that fills and forwarding agree on who is down) and the TLS
+//! connector builder, and calls nothing else of cistern's.
 //!
 //! Bounds (`budget`): one report (`max_report`, 413), one request, one forwarded batch, the queue
 //! (`max_queue`, 507) and everything kept (`max_store`, 507), of which the history may take half and
@@ -35,7 +36,7 @@ use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
 
 pub use db::{AsideOp, DbError};
-pub use forward::{client as forward_client, NextHop, ParentHealth};
+pub use forward::NextHop;
 pub use report::BadReport;
 use writer::{Job, Prepared};
 

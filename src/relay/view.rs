@@ -132,9 +132,12 @@ impl Relay {
         let hop = match &self.inner.next_hop {
             None => Value::Null,
             Some(super::NextHop::Url { url, .. }) => Value::String(url.to_string()),
-            Some(super::NextHop::Parents(p)) => {
-                Value::Array(p.iter().map(|u| Value::String(u.to_string())).collect())
-            }
+            Some(super::NextHop::Parents(d)) => Value::Array(
+                d.parent_urls()
+                    .iter()
+                    .map(|u| Value::String(u.to_string()))
+                    .collect(),
+            ),
         };
         let (queue_bytes, store_bytes, devices, entries) = {
             let m = self.mem();

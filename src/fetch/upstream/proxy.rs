@@ -5,15 +5,14 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http::Uri;
-use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
+use hyper_util::client::legacy::connect::{Connected, Connection};
 use hyper_util::client::legacy::Client;
 
-use super::upstream::ReqBody;
+use super::connect::{self, ReqBody};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -22,7 +21,7 @@ use tokio::net::TcpStream;
 const MAX_CONNECT_HEAD: usize = 16 << 10;
 
 /// The connector that proxies wrap: plain TCP, TLS when the target is https.
-pub type Inner = hyper_rustls::HttpsConnector<HttpConnector>;
+pub type Inner = connect::Https;
 
 /// Connects to one fixed address (a parent or an HTTP proxy) whatever the request's URI, and marks the
 /// connection as proxied so that requests on it go out in absolute form (RFC 9112 §3.2.2).
@@ -118,20 +117,13 @@ pub struct ProxyClients {
 
 impl ProxyClients {
     pub fn new(proxy: Uri, tls: rustls::ClientConfig, connect_timeout: Duration) -> ProxyClients {
-        let mut plain = HttpConnector::new();
-        plain.enforce_http(false);
-        plain.set_connect_timeout(Some(connect_timeout));
-        let to_proxy = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(tls.clone())
-            .https_or_http()
-            .enable_http1()
-            .wrap_connector(plain);
+        let to_proxy = connect::connector(tls.clone(), Some(connect_timeout));
         let http = Client::builder(TokioExecutor::new())
             .http1_title_case_headers(true)
             .build(ProxyConnector::new(to_proxy, proxy.clone()));
         let tunnel = TunnelConnector {
             proxy,
-            tls: tokio_rustls::TlsConnector::from(Arc::new(tls)),
+            tls: connect::stream_connector(tls),
             connect_timeout,
         };
         let https = Client::builder(TokioExecutor::new())

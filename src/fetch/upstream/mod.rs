@@ -1,0 +1,457 @@
+//! The upstream HTTP client: connection reuse per upstream, rustls with the system roots plus
+//! `upstream.ca_file`, connect timeout, the address check after DNS (the resolver hands the connector only
+//! the addresses it checked, so cistern connects to exactly what it checked), and redirects followed here
+//! with every target checked again (SPEC 2).
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http::{HeaderMap, Method, Response, Uri};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::connect::dns::Name;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+
+use self::parent::Parent;
+use self::proxy::ProxyClients;
+use self::redirect::{is_redirect, origin_of, CREDENTIALS};
+use super::policy::OriginPolicy;
+pub use super::policy::{host_of, port_of};
+use super::FetchError;
+use crate::store::Digest;
+pub use connect::{empty_body, ReqBody};
+pub use director::{Ask, Director, Hop, Outcome, ParentHealth};
+pub use redirect::resolve_location;
+
+pub mod connect;
+pub mod director;
+mod parent;
+mod proxy;
+mod redirect;
+
+const MAX_REDIRECTS: usize = 5;
+
+/// Raised by the resolver when DNS gave only refused addresses; found again in the client's error chain.
+#[derive(Debug, thiserror::Error)]
+#[error("{0} resolves only to addresses cistern may not connect to")]
+struct AddrRefused(String);
+
+/// A DNS resolver that drops every address the policy refuses.
+#[derive(Clone)]
+struct CheckedResolver {
+    policy: Arc<OriginPolicy>,
+}
+
+impl tower_service::Service<Name> for CheckedResolver {
+    type Response = std::vec::IntoIter<SocketAddr>;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, name: Name) -> Self::Future {
+        let policy = self.policy.clone();
+        Box::pin(async move {
+            let host = name.as_str().to_string();
+            let addrs: Vec<SocketAddr> =
+                tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
+            let allowed: Vec<SocketAddr> = addrs
+                .into_iter()
+                .filter(|a| policy.addr_allowed(a.ip()))
+                .collect();
+            if allowed.is_empty() {
+                return Err(Box::new(AddrRefused(host)) as Self::Error);
+            }
+            Ok(allowed.into_iter())
+        })
+    }
+}
+
+type Connector = connect::Https<CheckedResolver>;
+
+/// Client settings from `[upstream]` (the parents and `allow_direct` are the director's).
+pub struct ClientConfig {
+    pub connect_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub ca_file: String,
+    /// `upstream.proxy`, or empty.
+    pub proxy: String,
+    /// Client certificate and key (PEM) for mTLS to parents.
+    pub client_cert: String,
+    pub client_key: String,
+}
+
+#[derive(Clone)]
+pub struct UpstreamClient {
+    client: Client<Connector, ReqBody>,
+    policy: Arc<OriginPolicy>,
+    /// Bound on the wait for response headers (connect + first byte).
+    head_timeout: Duration,
+    /// Which hop to ask, and their health (shared with the relay).
+    director: Arc<Director>,
+    /// The connections to each of the director's parents, by URL.
+    parents: Arc<HashMap<Uri, Parent>>,
+    /// Set with `upstream.proxy`: origin traffic goes through the site's proxy.
+    proxy: Option<ProxyClients>,
+}
+
+/// What came of asking one parent.
+enum Attempt {
+    /// An answer to pass on.
+    Answer(Response<Incoming>),
+    /// 502, 503 or 504: the next hop is tried; passed on when this was the last.
+    Retry(Response<Incoming>),
+    /// No answer: the next hop is tried.
+    Failed(FetchError),
+}
+
+impl UpstreamClient {
+    pub fn new(
+        cfg: &ClientConfig,
+        policy: Arc<OriginPolicy>,
+        director: Arc<Director>,
+    ) -> Result<UpstreamClient, String> {
+        let resolver = CheckedResolver {
+            policy: policy.clone(),
+        };
+        let tls = connect::tls_config(connect::Trust {
+            ca_file: &cfg.ca_file,
+            client_cert: &cfg.client_cert,
+            client_key: &cfg.client_key,
+        })?;
+        let timeout = Some(cfg.connect_timeout);
+        let https = connect::connector_with(
+            HttpConnector::new_with_resolver(resolver),
+            tls.clone(),
+            timeout,
+        );
+        // Title case upstream (here, to parents and through proxies) is enough: field names are
+        // case-insensitive (RFC 9110 §5.1) and servers look them up so; only devices need SPEC 3's
+        // canonical case, which the server side gives (server::case).
+        let client = Client::builder(TokioExecutor::new())
+            .http1_title_case_headers(true)
+            .pool_idle_timeout(Duration::from_secs(90))
+            .pool_max_idle_per_host(32)
+            .build(https);
+        // A parent was named by the operator: its address needs no allowlist check.
+        let parents = director
+            .parent_urls()
+            .into_iter()
+            .map(|u| {
+                (
+                    u.clone(),
+                    Parent::new(u, connect::connector(tls.clone(), timeout)),
+                )
+            })
+            .collect();
+        let proxy = match cfg.proxy.as_str() {
+            "" => None,
+            p => {
+                let uri: Uri = p
+                    .parse()
+                    .map_err(|_| format!("upstream.proxy: `{p}` is not a URL"))?;
+                Some(ProxyClients::new(uri, tls, cfg.connect_timeout))
+            }
+        };
+        Ok(UpstreamClient {
+            client,
+            policy,
+            head_timeout: cfg.connect_timeout + cfg.idle_timeout,
+            director,
+            parents: Arc::new(parents),
+            proxy,
+        })
+    }
+
+    pub fn policy(&self) -> &OriginPolicy {
+        &self.policy
+    }
+
+    /// The director this client asks (the relay's forwarder asks the same one).
+    pub fn director(&self) -> &Arc<Director> {
+        &self.director
+    }
+
+    pub fn parents_health(&self) -> Vec<ParentHealth> {
+        self.director.health()
+    }
+
+    pub fn has_parents(&self) -> bool {
+        self.director.has_parents()
+    }
+
+    /// Sends a request for an object along the chain (SPEC 3): to the hops the director gives in order
+    /// (the first healthy parent, with an origin URL in forward-proxy form and a digest as
+    /// `/v1/content/sha256/<hex>`; the next one on a connection error, a timeout, 502, 503 or 504), and
+    /// to the origin itself only without parents or with `allow_direct`.
+    pub async fn fetch(
+        &self,
+        method: Method,
+        url: Option<&Uri>,
+        digest: Option<Digest>,
+        headers: &HeaderMap,
+    ) -> Result<Response<Incoming>, FetchError> {
+        if let (true, Some(u)) = (self.director.has_parents(), url) {
+            // Never an open proxy, not even towards a parent.
+            self.host_check(u)?;
+        }
+        let hops = self.director.hops(Ask::Object {
+            origin: url.is_some(),
+        });
+        let mut last = match self.director.has_parents() {
+            true => FetchError::Unreachable("no parent answered".into()),
+            false => {
+                FetchError::NotFound("the object is not stored and no upstream knows it".into())
+            }
+        };
+        let n = hops.len();
+        for (i, hop) in hops.iter().enumerate() {
+            let Hop::Parent(at) = hop else {
+                let Some(u) = url else { break };
+                if self.director.has_parents() {
+                    tracing::warn!(
+                        "every parent failed; going to the origin directly (upstream.allow_direct)"
+                    );
+                }
+                return self.send(method, u.clone(), headers).await.map(|(_, r)| r);
+            };
+            let (target, own) = match (url, digest) {
+                (Some(u), _) => (u.clone(), false),
+                (None, Some(d)) => match own_url(at, &format!("/v1/content/sha256/{d}")) {
+                    Some(u) => (u, true),
+                    None => continue,
+                },
+                (None, None) => {
+                    return Err(FetchError::NotFound(
+                        "nothing to ask the parents for".into(),
+                    ))
+                }
+            };
+            let req = (method.clone(), target, own, headers, empty_body());
+            match self.ask_parent(hop, req).await? {
+                Attempt::Answer(r) => return Ok(r),
+                Attempt::Retry(r) if i + 1 == n => return Ok(r),
+                Attempt::Retry(r) => {
+                    let host = host_of(at);
+                    last =
+                        FetchError::Unreachable(format!("parent {host} answered {}", r.status()));
+                }
+                Attempt::Failed(e) => last = e,
+            }
+        }
+        Err(last)
+    }
+
+    /// Sends one request to a parent and records the outcome with the director. Errors other than
+    /// no answer (e.g. a request that cannot be built) end the search.
+    async fn ask_parent(
+        &self,
+        hop: &Hop,
+        (method, target, own, headers, body): (Method, Uri, bool, &HeaderMap, ReqBody),
+    ) -> Result<Attempt, FetchError> {
+        let Some(p) = self.link(hop) else {
+            return Ok(Attempt::Failed(FetchError::Internal(
+                "no such parent".into(),
+            )));
+        };
+        let sent = p
+            .request(method, target, own, headers, body, self.head_timeout)
+            .await;
+        match sent {
+            Ok(r) => {
+                self.director.record(hop, Outcome::Answered(r.status()));
+                match r.status().as_u16() {
+                    502..=504 => Ok(Attempt::Retry(r)),
+                    _ => Ok(Attempt::Answer(r)),
+                }
+            }
+            Err(
+                e @ (FetchError::Unreachable(_)
+                | FetchError::Timeout(_)
+                | FetchError::BadResponse(_)),
+            ) => {
+                self.director.record(hop, Outcome::Failed(e.to_string()));
+                Ok(Attempt::Failed(e))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The connections to the parent a hop names.
+    fn link(&self, hop: &Hop) -> Option<&Parent> {
+        match hop {
+            Hop::Parent(u) => self.parents.get(u),
+            Hop::Origin => None,
+        }
+    }
+
+    /// The host-pattern check alone (towards a parent, which resolves and connects itself).
+    fn host_check(&self, url: &Uri) -> Result<(), FetchError> {
+        let (host, port) = (url.host().unwrap_or_default(), port_of(url));
+        if !self.policy.host_allowed(host, port) {
+            return Err(FetchError::NotAllowed(format!("{host}:{port}")));
+        }
+        Ok(())
+    }
+
+    /// Checks a URL against the host patterns and, for an address literal, the address rules.
+    pub fn check(&self, url: &Uri) -> Result<(), FetchError> {
+        let host = url.host().unwrap_or_default();
+        let port = port_of(url);
+        if !self.policy.host_allowed(host, port) {
+            return Err(FetchError::NotAllowed(format!("{host}:{port}")));
+        }
+        // Through a proxy, the proxy resolves and connects: the address check is its own (SPEC 2).
+        if let (None, Ok(ip)) = (&self.proxy, host.trim_matches(['[', ']']).parse::<IpAddr>()) {
+            if !self.policy.literal_allowed(ip, port) {
+                return Err(FetchError::AddressRefused(host.to_string()));
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends a request, following redirects (each target checked); returns the final URL and response.
+    pub async fn send(
+        &self,
+        method: Method,
+        url: Uri,
+        headers: &HeaderMap,
+    ) -> Result<(Uri, Response<Incoming>), FetchError> {
+        let mut url = url;
+        self.check(&url)?;
+        let mut headers = std::borrow::Cow::Borrowed(headers);
+        for _ in 0..=MAX_REDIRECTS {
+            let resp = self
+                .send_once(method.clone(), &url, &headers, empty_body())
+                .await?;
+            if !is_redirect(resp.status()) {
+                return Ok((url, resp));
+            }
+            let Some(next) = resp
+                .headers()
+                .get(http::header::LOCATION)
+                .and_then(|l| l.to_str().ok())
+            else {
+                return Ok((url, resp));
+            };
+            let next = resolve_location(&url, next).ok_or_else(|| {
+                FetchError::RedirectNotAllowed(format!(
+                    "unusable redirect target from {}",
+                    host_of(&url)
+                ))
+            })?;
+            if let Err(e) = self.check(&next) {
+                return Err(FetchError::RedirectNotAllowed(e.to_string()));
+            }
+            tracing::debug!(from = %host_of(&url), to = %host_of(&next), "following redirect");
+            if origin_of(&next) != origin_of(&url) {
+                // Credentials are for the origin they were given to, never for where it points.
+                for name in &CREDENTIALS {
+                    if headers.contains_key(name) {
+                        headers.to_mut().remove(name);
+                    }
+                }
+            }
+            url = next;
+        }
+        Err(FetchError::RedirectNotAllowed(format!(
+            "more than {MAX_REDIRECTS} redirects"
+        )))
+    }
+
+    /// One request, no redirect followed.
+    async fn send_once(
+        &self,
+        method: Method,
+        url: &Uri,
+        headers: &HeaderMap,
+        body: ReqBody,
+    ) -> Result<Response<Incoming>, FetchError> {
+        let req = super::headers::upstream_request(method, url.clone(), headers, body)
+            .map_err(|e| FetchError::Internal(e.to_string()))?;
+        let fut = match &self.proxy {
+            None => self.client.request(req),
+            Some(p) if url.scheme_str() == Some("https") => p.https.request(req),
+            Some(p) => p.http.request(req),
+        };
+        match tokio::time::timeout(self.head_timeout, fut).await {
+            Err(_) => Err(FetchError::Timeout(host_of(url))),
+            Ok(Err(e)) => Err(classify(url, &e)),
+            Ok(Ok(r)) => Ok(r),
+        }
+    }
+
+    /// Passes a request of another method (with its body) to the first healthy parent, or to the
+    /// origin: once, since a streamed body cannot be sent again; redirects go back to the client.
+    pub async fn forward(
+        &self,
+        method: Method,
+        url: &Uri,
+        headers: &HeaderMap,
+        body: ReqBody,
+    ) -> Result<Response<Incoming>, FetchError> {
+        self.host_check(url)?;
+        let first = self
+            .director
+            .hops(Ask::Object { origin: true })
+            .into_iter()
+            .next();
+        match first {
+            Some(hop @ Hop::Parent(_)) => {
+                let req = (method, url.clone(), false, headers, body);
+                match self.ask_parent(&hop, req).await? {
+                    Attempt::Answer(r) | Attempt::Retry(r) => Ok(r),
+                    Attempt::Failed(e) => Err(e),
+                }
+            }
+            Some(Hop::Origin) | None => {
+                self.check(url)?;
+                self.send_once(method, url, headers, body).await
+            }
+        }
+    }
+}
+
+/// The URL of a parent's own path (`/v1/content/sha256/<hex>`).
+fn own_url(parent: &Uri, path: &str) -> Option<Uri> {
+    Uri::builder()
+        .scheme(parent.scheme()?.clone())
+        .authority(parent.authority()?.clone())
+        .path_and_query(path)
+        .build()
+        .ok()
+}
+
+fn classify(url: &Uri, e: &hyper_util::client::legacy::Error) -> FetchError {
+    let mut src: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    let mut unreadable = false;
+    while let Some(s) = src {
+        if let Some(r) = s.downcast_ref::<AddrRefused>() {
+            return FetchError::AddressRefused(r.0.clone());
+        }
+        // A head too large, a bad status line, bad fields: the upstream answered, but not in HTTP.
+        unreadable |= s
+            .downcast_ref::<hyper::Error>()
+            .is_some_and(|h| h.is_parse());
+        src = s.source();
+    }
+    let mut detail = e.to_string();
+    let mut src = std::error::Error::source(e);
+    while let Some(s) = src {
+        detail = format!("{detail}: {s}");
+        src = s.source();
+    }
+    let detail = format!("{}: {detail}", host_of(url));
+    match unreadable {
+        true => FetchError::BadResponse(detail),
+        false => FetchError::Unreachable(detail),
+    }
+}
