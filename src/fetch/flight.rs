@@ -370,6 +370,27 @@ impl Flight {
         }
     }
 
+    /// Waits until a byte of the body arrived, or every byte verified, or the flight ended: the error
+    /// that ended it first, if any. A body that ends empty has no last byte to hold back, so a client
+    /// whose answer would say it is whole waits here for the check instead (SPEC 4).
+    pub async fn first_byte(&self) -> Result<(), FetchError> {
+        let mut rx = self.tick.subscribe();
+        loop {
+            {
+                let st = self.state();
+                match &st.end {
+                    Some(End::Failed(e)) => return Err(e.clone()),
+                    Some(_) => return Ok(()),
+                    None if st.written > 0 || st.verified => return Ok(()),
+                    None => {}
+                }
+            }
+            if rx.changed().await.is_err() {
+                return Err(FetchError::Internal("transfer vanished".into()));
+            }
+        }
+    }
+
     /// Waits until the response head is known or the flight ended before it.
     pub async fn head(&self) -> Result<Head, End> {
         let mut rx = self.tick.subscribe();

@@ -332,6 +332,13 @@ async fn flight_response(
     ask: &Ask,
 ) -> Response<Body> {
     let member = flight_member(joined, &head);
+    if head.digest.is_some() && head.size.is_none_or(|s| s == 0) {
+        // The body may be empty: with no last byte to hold back, the head waits for the check (or,
+        // when the length is unknown, for a first byte), and a mismatch is a 502 (SPEC 4).
+        if let Err(e) = flight.first_byte().await {
+            return fetch_error_response(e);
+        }
+    }
     let mut repr = Repr {
         status: head.status,
         size: head.size,
