@@ -4,6 +4,8 @@
 
 mod common;
 
+use std::time::Duration;
+
 use common::*;
 use tokio::io::AsyncWriteExt;
 
@@ -68,4 +70,38 @@ async fn an_empty_body_against_its_repr_digest_is_a_502() {
     assert!(g.body.is_empty() && !g.aborted);
     assert_eq!(g.header("content-length"), "0");
     assert!(node.blobs().is_empty() || node.blobs() == vec![sha256_hex(b"")]);
+}
+
+/// A client that joins a fill in flight two seconds after its head arrived is given the response's
+/// age at its own answer (initial age plus resident time, RFC 9111 §4.2.3), not the age at the head.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_joiner_gets_the_age_of_its_own_answer() {
+    let origin = Origin::start().await;
+    let body = random_bytes(500_000, 90);
+    let b = Behaviour {
+        rate: Some(100_000),
+        cache_control: Some("max-age=3600".into()),
+        headers: vec![("age", "100".into())],
+        ..Default::default()
+    };
+    origin.put("/aged.bin", body.clone(), b);
+    let node = Node::start(&origin, "").await;
+    let url = node.url("/o/t/aged.bin");
+    let u = url.clone();
+    let first = tokio::spawn(async move { get(&u).await });
+    tokio::time::sleep(Duration::from_millis(2200)).await;
+    let late = get(&url).await;
+    let first = first.await.unwrap();
+    assert_eq!(first.status, 200);
+    assert!(first.body == body);
+    let age: u64 = first.header("age").parse().unwrap();
+    assert!((100..102).contains(&age), "the first client's Age: {age}");
+    assert_eq!(
+        late.header("cache-status"),
+        "cistern; fwd=uri-miss; collapsed"
+    );
+    assert!(late.body == body);
+    let age: u64 = late.header("age").parse().unwrap();
+    assert!(age >= 102, "a client joining 2 s late got Age {age}");
+    assert_eq!(origin.gets("/aged.bin"), 1);
 }

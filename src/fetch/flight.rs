@@ -54,6 +54,9 @@ pub struct Head {
     pub upstream_cache_status: Option<String>,
     /// The response's age when it arrived (RFC 9111 §4.2.3), when the upstream said anything of it.
     pub age: Option<u64>,
+    /// When (ms since the epoch) `age` was the response's age: a client answered later adds the time
+    /// since (its resident time, RFC 9111 §4.2.3).
+    pub age_at: u64,
 }
 
 impl Default for Head {
@@ -72,12 +75,19 @@ impl Default for Head {
             vary: Some(Vec::new()),
             upstream_cache_status: None,
             age: None,
+            age_at: 0,
         }
     }
 }
 
 impl Head {
     /// Whether this response may be given to a client whose request has fields `req`.
+    /// The response's age now, for a client answered at `now_ms`.
+    pub fn age_now(&self, now_ms: u64) -> Option<u64> {
+        let resident = now_ms.saturating_sub(self.age_at) / 1000;
+        self.age.map(|a| a.saturating_add(resident))
+    }
+
     pub fn shareable_with(&self, req: &http::HeaderMap) -> bool {
         !self.private
             && self

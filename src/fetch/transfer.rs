@@ -220,6 +220,7 @@ impl Transfer {
             h.get(n).and_then(|v| v.to_str().ok()).map(str::to_string)
         };
         let ds = freshness::directives(h);
+        let now = now_ms();
         Head {
             status,
             size: content_length(h),
@@ -235,7 +236,8 @@ impl Transfer {
             vary: freshness::vary_of(h, &self.target.headers),
             upstream_cache_status: s(http::header::HeaderName::from_static("cache-status")),
             age: (h.contains_key(http::header::AGE) || h.contains_key(http::header::DATE))
-                .then(|| freshness::initial_age(h, now_ms(), now_ms())),
+                .then(|| freshness::initial_age(h, now, now)),
+            age_at: now,
         }
     }
 

@@ -348,7 +348,8 @@ async fn flight_response(
         content_type: head.content_type.clone(),
         cache_status: cache_status(head.upstream_cache_status.as_deref(), member),
         base: Some(headers::fields(&head.headers)),
-        age: head.age,
+        // Its age now, not when the head arrived: a late joiner adds the time since (RFC 9111 §4.2.3).
+        age: head.age_now(now_ms()),
     };
     let range = ask.range.filter(|_| {
         ask.if_range
