@@ -105,3 +105,83 @@ async fn a_late_joiner_gets_the_age_of_its_own_answer() {
     assert!(age >= 102, "a client joining 2 s late got Age {age}");
     assert_eq!(origin.gets("/aged.bin"), 1);
 }
+
+const SIZE: usize = 1 << 20;
+
+/// An origin whose `/a.bin` and `/b.bin` are version 1 (`ETag "v1"`) to a plain GET, broken after
+/// 400 KiB, and version 2 (`ETag "v2"`, same length) to a resume, answered 200 whole (its If-Range
+/// does not match). `/a.bin`'s v2 differs from byte 0, `/b.bin`'s only after the break.
+async fn changing_origin() -> (
+    std::net::SocketAddr,
+    bytes::Bytes,
+    bytes::Bytes,
+    bytes::Bytes,
+) {
+    let v1 = random_bytes(SIZE, 91);
+    let a2 = random_bytes(SIZE, 92);
+    let mut b2 = v1.to_vec();
+    b2[600 << 10..].copy_from_slice(&random_bytes(SIZE - (600 << 10), 93));
+    let b2 = bytes::Bytes::from(b2);
+    let (o1, oa, ob) = (v1.clone(), a2.clone(), b2.clone());
+    let addr = raw_origin(move |mut s, head| {
+        let (v1, a2, b2) = (o1.clone(), oa.clone(), ob.clone());
+        async move {
+            let resume = head.to_lowercase().contains("\r\nrange:");
+            let (etag, body) = match (resume, head.contains("/a.bin")) {
+                (false, _) => ("v1", v1.slice(..400 << 10)),
+                (true, true) => ("v2", a2),
+                (true, false) => ("v2", b2),
+            };
+            let head = format!(
+                "HTTP/1.1 200 OK\r\ncontent-length: {SIZE}\r\netag: \"{etag}\"\r\n\
+                 content-type: application/x-{etag}\r\ncache-control: max-age=600\r\n\r\n"
+            );
+            let _ = s.write_all(head.as_bytes()).await;
+            let _ = s.write_all(&body).await;
+        }
+    })
+    .await;
+    (addr, v1, a2, b2)
+}
+
+/// The first 200 breaks half-way; the resume finds version 2 (same length) and gets a 200: what is
+/// stored, and what later clients get, is version 2 under version 2's validators and header block, so
+/// that a device resuming with `If-Range: "v1"` gets the whole new version, never a 206 of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_to_a_new_version_stores_it_under_its_own_validators() {
+    let (addr, _v1, a2, b2) = changing_origin().await;
+    let (node, _good) = node_for(addr).await;
+    for (path, v2) in [("/o/t/a.bin", a2), ("/o/t/b.bin", b2)] {
+        let url = node.url(path);
+        let first = get(&url).await;
+        if path.ends_with("a.bin") {
+            assert!(
+                first.aborted,
+                "{path}: the first client got a mix of versions"
+            );
+        }
+        eventually(20, "the new version stored", || {
+            node.blobs().contains(&sha256_hex(&v2))
+        })
+        .await;
+        let g = get(&url).await;
+        assert_eq!(g.status, 200);
+        assert!(
+            g.body == v2,
+            "{path}: the stored bytes are not the new version"
+        );
+        assert_eq!(g.header("etag"), "\"v2\"", "{path}");
+        assert_eq!(g.header("content-type"), "application/x-v2", "{path}");
+        let range = [("range", "bytes=500000-"), ("if-range", "\"v1\"")];
+        let g = request("GET", &url, &range).await;
+        assert_eq!(
+            g.status, 200,
+            "{path}: a range of v2 for a client holding v1"
+        );
+        assert!(g.body == v2);
+        let range = [("range", "bytes=500000-"), ("if-range", "\"v2\"")];
+        let g = request("GET", &url, &range).await;
+        assert_eq!(g.status, 206, "{path}");
+        assert!(g.body == v2.slice(500_000..));
+    }
+}
