@@ -16,7 +16,8 @@ use bytes::Bytes;
 use tokio::sync::watch;
 
 use super::FetchError;
-use crate::store::{now_ms, Digest, KeyMeta, StoredHeaders};
+use crate::store::{now_ms, Digest, KeyMeta};
+pub use head::Head;
 
 /// Bytes kept in memory behind the newest byte while a file backs the flight.
 const WINDOW: u64 = 2 << 20;
@@ -26,66 +27,6 @@ const PASS_WINDOW: u64 = 8 << 20;
 const MAP_CHUNK: u64 = 1 << 20;
 /// Largest chunk a reader takes at once from the file.
 const READ_CHUNK: usize = 256 << 10;
-
-/// What the upstream said about the object, known once its response headers arrived.
-#[derive(Clone, Debug)]
-pub struct Head {
-    /// The upstream's status (200, or another cacheable one).
-    pub status: http::StatusCode,
-    /// Object length, when the upstream announced it.
-    pub size: Option<u64>,
-    pub content_type: Option<String>,
-    /// The digest the bytes must have, when known before they arrive.
-    pub digest: Option<Digest>,
-    /// The upstream's ETag and Last-Modified, passed to clients.
-    pub etag: Option<String>,
-    pub last_modified: Option<String>,
-    /// The upstream's end-to-end fields, as they are stored and passed to clients.
-    pub headers: StoredHeaders,
-    /// Whether the object will be stored (false: streamed through only).
-    pub storing: bool,
-    /// Whether the response may serve later requests without revalidation (it has freshness left).
-    pub fresh: bool,
-    /// `Cache-Control: private`: never shared with another client, not even a collapsed one.
-    pub private: bool,
-    /// The request fields the response varies on, with the first client's values; None for `Vary: *`.
-    pub vary: Option<Vec<(String, Option<String>)>>,
-    /// Cache-Status members of upstream caches (a parent cistern), kept before ours.
-    pub upstream_cache_status: Option<String>,
-    /// The response's age when it arrived (RFC 9111 §4.2.3), when the upstream said anything of it.
-    pub age: Option<u64>,
-}
-
-impl Default for Head {
-    fn default() -> Head {
-        Head {
-            status: http::StatusCode::OK,
-            size: None,
-            content_type: None,
-            digest: None,
-            etag: None,
-            last_modified: None,
-            headers: StoredHeaders::default(),
-            storing: false,
-            fresh: true,
-            private: false,
-            vary: Some(Vec::new()),
-            upstream_cache_status: None,
-            age: None,
-        }
-    }
-}
-
-impl Head {
-    /// Whether this response may be given to a client whose request has fields `req`.
-    pub fn shareable_with(&self, req: &http::HeaderMap) -> bool {
-        !self.private
-            && self
-                .vary
-                .as_ref()
-                .is_some_and(|v| super::freshness::vary_matches(v, req))
-    }
-}
 
 /// How a client came to a flight.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -192,6 +133,13 @@ impl Flight {
             st.file = file;
             st.map = map;
         }
+        self.bump();
+    }
+
+    /// A restart took a new response: clients that come after are answered with its head. The bytes
+    /// held stay readable (until they turn out to differ: `diverge`).
+    pub fn restarted(&self, head: Head) {
+        self.state().head = Some(head);
         self.bump();
     }
 
@@ -379,6 +327,27 @@ impl Flight {
             }
             if rx.changed().await.is_err() {
                 return End::Failed(FetchError::Internal("transfer vanished".into()));
+            }
+        }
+    }
+
+    /// Waits until a byte of the body arrived, or every byte verified, or the flight ended: the error
+    /// that ended it first, if any. A body that ends empty has no last byte to hold back, so a client
+    /// whose answer would say it is whole waits here for the check instead (SPEC 4).
+    pub async fn first_byte(&self) -> Result<(), FetchError> {
+        let mut rx = self.tick.subscribe();
+        loop {
+            {
+                let st = self.state();
+                match &st.end {
+                    Some(End::Failed(e)) => return Err(e.clone()),
+                    Some(_) => return Ok(()),
+                    None if st.written > 0 || st.verified => return Ok(()),
+                    None => {}
+                }
+            }
+            if rx.changed().await.is_err() {
+                return Err(FetchError::Internal("transfer vanished".into()));
             }
         }
     }
@@ -592,5 +561,6 @@ impl Drop for FlightReader {
     }
 }
 
+mod head;
 #[cfg(test)]
 mod tests;

@@ -23,6 +23,26 @@ use body::{BodyEnd, Resumed};
 /// Most of an upstream error body kept to pass on to clients.
 const ERROR_BODY_MAX: usize = 64 << 10;
 
+/// The upstream response whose bytes the fill is taking: the first, or the one a restart began
+/// (SPEC 4: after a restart, the new response's validators and header block are what is stored).
+pub(super) struct Answered {
+    pub h: HeaderMap,
+    pub head: Head,
+    pub request_ms: u64,
+    pub response_ms: u64,
+}
+
+impl Answered {
+    /// The validator that may guard a resume (RFC 9110 §13.1.5): a strong ETag, else a strong
+    /// Last-Modified date.
+    fn validator(&self) -> Option<String> {
+        let etag = self.head.etag.as_deref().filter(|e| !e.starts_with("W/"));
+        let lm = self.head.last_modified.as_deref();
+        etag.or(lm.filter(|lm| strong_date(lm, &self.h)))
+            .map(str::to_string)
+    }
+}
+
 pub(super) struct Transfer {
     pub fetcher: Fetcher,
     pub flight: Arc<Flight>,
@@ -228,6 +248,7 @@ impl Transfer {
             h.get(n).and_then(|v| v.to_str().ok()).map(str::to_string)
         };
         let ds = freshness::directives(h);
+        let now = now_ms();
         Head {
             status,
             size: content_length(h),
@@ -243,7 +264,8 @@ impl Transfer {
             vary: freshness::vary_of(h, &self.target.headers),
             upstream_cache_status: s(http::header::HeaderName::from_static("cache-status")),
             age: (h.contains_key(http::header::AGE) || h.contains_key(http::header::DATE))
-                .then(|| freshness::initial_age(h, now_ms(), now_ms())),
+                .then(|| freshness::initial_age(h, now, now)),
+            age_at: now,
         }
     }
 
@@ -262,12 +284,10 @@ impl Transfer {
             && !(self.fetcher.inner.cfg.require_digest && digest.is_none())
     }
 
-    async fn fill(&self, mut headers: HeaderMap, resp: Response<Incoming>, request_ms: u64) -> End {
-        let fetcher = &self.fetcher;
-        let store = &fetcher.inner.store;
-        let h = resp.headers().clone();
-        let status = resp.status();
-        let response_ms = now_ms();
+    async fn fill(&self, headers: HeaderMap, resp: Response<Incoming>, request_ms: u64) -> End {
+        let store = &self.fetcher.inner.store;
+        let (parts, body) = resp.into_parts();
+        let (status, h) = (parts.status, parts.headers);
         let size = content_length(&h);
         let mut fill = if self.storable(status, &h) {
             let store = store.clone();
@@ -283,8 +303,6 @@ impl Transfer {
             None
         };
         let head = self.head_of(status, &h, fill.is_some());
-        let digest = head.digest;
-        let (etag, last_modified) = (head.etag.clone(), head.last_modified.clone());
         let map = match (fill.as_mut(), size) {
             (Some(f), Some(n)) => f.map(n),
             _ => None,
@@ -298,12 +316,29 @@ impl Transfer {
         if fill.is_none() {
             self.fetcher.record_unstored(&self.target.key);
         }
-        let mut sink = Sink {
+        let sink = Sink {
             hasher: Some(Sha256::new()),
             fill,
             written: 0,
         };
-        let mut body = resp.into_body();
+        let answered = Answered {
+            h,
+            head,
+            request_ms,
+            response_ms: now_ms(),
+        };
+        self.body(headers, body, sink, answered).await
+    }
+
+    /// Reads the body to its end, resuming it when it breaks, then verifies and stores it.
+    async fn body(
+        &self,
+        mut headers: HeaderMap,
+        mut body: Incoming,
+        mut sink: Sink,
+        mut now: Answered,
+    ) -> End {
+        let (status, size) = (now.head.status, now.head.size);
         let mut attempts = 0u32;
         // Bytes of a restarted transfer still to be compared with those already held.
         let mut compare_until = 0u64;
@@ -331,47 +366,25 @@ impl Transfer {
                     "the {status} body broke: {msg}"
                 )));
             }
-            let v = etag
-                .as_deref()
-                .filter(|e| !e.starts_with("W/"))
-                .or(last_modified.as_deref().filter(|lm| strong_date(lm, &h)));
+            let v = now.validator();
             let resumed = self
-                .resume(&mut headers, &mut attempts, &msg, v, &sink, size)
+                .resume(&mut headers, &mut attempts, &msg, v.as_deref(), &sink, size)
                 .await;
             match resumed {
                 Err(e) => return End::Failed(e),
                 Ok(Resumed::Continue(b)) => body = b,
-                Ok(Resumed::Restart(b)) => {
-                    // A restart from zero: compare with what is held; diverge at the first difference.
-                    compare_until = sink.written;
-                    if sink.fill.is_none() {
-                        // Nothing held to compare with: the clients attached cannot be given a mix.
-                        self.flight.diverge(0, None);
-                        compare_until = 0;
-                    }
-                    sink.written = 0;
-                    if compare_until == 0 {
-                        sink.hasher = Some(Sha256::new());
-                    }
-                    body = b;
+                Ok(Resumed::Restart(resp, request_ms)) => {
+                    body = self.restart(resp, request_ms, &mut sink, &mut compare_until, &mut now);
                 }
             }
         }
-        self.finish(sink, digest, &head, &h, request_ms, response_ms)
-            .await
+        self.finish(sink, &now).await
     }
 
     /// The body is whole: verify it, release the last byte, store it.
-    async fn finish(
-        &self,
-        mut sink: Sink,
-        digest: Option<Digest>,
-        head: &Head,
-        h: &HeaderMap,
-        request_ms: u64,
-        response_ms: u64,
-    ) -> End {
+    async fn finish(&self, mut sink: Sink, now: &Answered) -> End {
         let fetcher = &self.fetcher;
+        let (head, digest) = (&now.head, now.head.digest);
         let Some(hasher) = sink.hasher.take() else {
             return End::Failed(FetchError::Internal("hasher lost".into()));
         };
@@ -387,10 +400,10 @@ impl Transfer {
         }
         let meta: KeyMeta = freshness::key_meta(freshness::Received {
             status: head.status,
-            headers: h,
+            headers: &now.h,
             immutable: self.target.immutable || self.target.digest.is_some(),
-            request_ms,
-            response_ms,
+            request_ms: now.request_ms,
+            response_ms: now.response_ms,
             vary: head.vary.clone().unwrap_or_default(),
         });
         // The bytes are whole and verified: clients get their last bytes now; new clients keep joining

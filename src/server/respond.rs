@@ -332,6 +332,13 @@ async fn flight_response(
     ask: &Ask,
 ) -> Response<Body> {
     let member = flight_member(joined, &head);
+    if head.digest.is_some() && head.size.is_none_or(|s| s == 0) {
+        // The body may be empty: with no last byte to hold back, the head waits for the check (or,
+        // when the length is unknown, for a first byte), and a mismatch is a 502 (SPEC 4).
+        if let Err(e) = flight.first_byte().await {
+            return fetch_error_response(e);
+        }
+    }
     let mut repr = Repr {
         status: head.status,
         size: head.size,
@@ -341,7 +348,8 @@ async fn flight_response(
         content_type: head.content_type.clone(),
         cache_status: cache_status(head.upstream_cache_status.as_deref(), member),
         base: Some(headers::fields(&head.headers)),
-        age: head.age,
+        // Its age now, not when the head arrived: a late joiner adds the time since (RFC 9111 §4.2.3).
+        age: head.age_now(now_ms()),
     };
     let range = ask.range.filter(|_| {
         ask.if_range

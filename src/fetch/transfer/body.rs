@@ -7,16 +7,17 @@ use std::sync::atomic::Ordering;
 
 use bytes::Bytes;
 use futures_util::FutureExt;
-use http::{HeaderMap, HeaderValue, StatusCode};
+use http::{HeaderMap, HeaderValue, Response, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
+use sha2::{Digest as _, Sha256};
 
 use super::super::framing::{content_length, continues, same_etag};
 use super::super::rate::Rate;
 use super::super::sink::Sink;
 use super::super::FetchError;
-use super::{error_status, Transfer};
-use crate::store::StoreError;
+use super::{error_status, Answered, Transfer};
+use crate::store::{now_ms, StoreError};
 
 /// Bytes gathered from the body before one hash-and-write step on a blocking thread.
 const BATCH: usize = 256 << 10;
@@ -25,8 +26,8 @@ const BATCH: usize = 256 << 10;
 pub(super) enum Resumed {
     /// A 206 that continues the bytes held.
     Continue(Incoming),
-    /// A 200 from byte 0, to compare with the bytes held.
-    Restart(Incoming),
+    /// A 200 from byte 0, to compare with the bytes held, and when it was asked for.
+    Restart(Response<Incoming>, u64),
 }
 
 /// The first wait before a resume request; it doubles per attempt, up to the max.
@@ -68,6 +69,7 @@ impl Transfer {
                     headers.insert(http::header::IF_RANGE, v);
                 }
             }
+            let request_ms = now_ms();
             let resp = match self.upstream(headers).await {
                 Ok(r) => r,
                 Err(e) => {
@@ -88,12 +90,55 @@ impl Transfer {
                 StatusCode::OK if content_length(resp.headers()) == size => {
                     tracing::info!(held = sink.written, "upstream restarted from zero");
                     stats.resumes.fetch_add(1, Ordering::Relaxed);
-                    return Ok(Resumed::Restart(resp.into_body()));
+                    return Ok(Resumed::Restart(resp, request_ms));
                 }
                 status if status.is_client_error() => return Err(error_status(resp).await),
                 status => msg = format!("resume answered {status}"),
             }
         }
+    }
+
+    /// The upstream started over from byte 0 (a 200 to the resume): its bytes are compared with those
+    /// held, and its head (validators, header block, freshness) is what the fill now stores and what
+    /// clients that come after are answered with. Clients attached before are cut off at the first
+    /// difference; at once when nothing is held to compare with, or the new response is not stored.
+    pub(super) fn restart(
+        &self,
+        resp: Response<Incoming>,
+        request_ms: u64,
+        sink: &mut Sink,
+        compare_until: &mut u64,
+        now: &mut Answered,
+    ) -> Incoming {
+        let (parts, body) = resp.into_parts();
+        let storing = sink.fill.is_some() && self.storable(parts.status, &parts.headers);
+        if sink.fill.is_some() && !storing {
+            self.flight.stop_storing(0);
+            sink.fill = None;
+            self.fetcher.record_unstored(&self.target.key);
+        }
+        *compare_until = sink.written;
+        if sink.fill.is_none() {
+            // Nothing held to compare with: the clients attached cannot be given a mix.
+            self.flight.diverge(0, None);
+            *compare_until = 0;
+        }
+        sink.written = 0;
+        if *compare_until == 0 {
+            sink.hasher = Some(Sha256::new());
+        }
+        let head = self.head_of(parts.status, &parts.headers, storing);
+        if let Some(vary) = head.vary.as_ref().filter(|_| head.storing) {
+            self.permit.varies(vary);
+        }
+        self.flight.restarted(head.clone());
+        *now = Answered {
+            h: parts.headers,
+            head,
+            request_ms,
+            response_ms: now_ms(),
+        };
+        body
     }
 
     fn resume_or_fail(&self, attempts: &mut u32, msg: &str) -> Result<(), FetchError> {
