@@ -19,6 +19,7 @@ use super::sink::Sink;
 use super::{freshness, headers, FetchError, Fetcher, Target};
 use crate::store::{now_ms, Digest, KeyEntry, KeyMeta, StoreError};
 use body::{BodyEnd, Resumed};
+use restart::{FromPartial, Prior};
 
 /// Most of an upstream error body kept to pass on to clients.
 const ERROR_BODY_MAX: usize = 64 << 10;
@@ -95,9 +96,13 @@ impl Transfer {
                 .fetch_add(1, Ordering::Relaxed);
         }
         let mut request_ms = now_ms();
-        let resp = match self.answer(&mut headers, &mut request_ms).await {
-            Ok(r) => r,
-            Err(end) => return end,
+        let resp = match self.resume_partial(&headers).await {
+            FromPartial::Resumed(prior) => return self.fill(headers, *prior, request_ms).await,
+            FromPartial::Fresh(r) => r,
+            FromPartial::None => match self.answer(&mut headers, &mut request_ms).await {
+                Ok(r) => r,
+                Err(end) => return end,
+            },
         };
         let status = resp.status();
         // Besides 200s, a cacheable status is kept only when it can serve again: it has freshness or
@@ -113,7 +118,7 @@ impl Transfer {
         if !cacheable {
             return End::Failed(error_status(resp).await);
         }
-        let end = self.fill(headers, resp, request_ms).await;
+        let end = self.fill(headers, Prior::fresh(resp), request_ms).await;
         let secs = started.elapsed().as_secs_f64();
         match &end {
             End::Complete(d) => tracing::info!(digest = %d, secs, "transfer complete"),
@@ -254,14 +259,15 @@ impl Transfer {
             && !(self.fetcher.inner.cfg.require_digest && digest.is_none())
     }
 
-    async fn fill(&self, mut headers: HeaderMap, resp: Response<Incoming>, request_ms: u64) -> End {
+    async fn fill(&self, mut headers: HeaderMap, start: Prior, request_ms: u64) -> End {
         let fetcher = &self.fetcher;
         let store = &fetcher.inner.store;
-        let h = resp.headers().clone();
-        let status = resp.status();
+        let (h, status, held) = (start.headers, start.status, start.held);
         let response_ms = now_ms();
         let size = content_length(&h);
-        let mut fill = if self.storable(status, &h) {
+        let mut fill = if start.fill.is_some() {
+            start.fill
+        } else if self.storable(status, &h) {
             let store = store.clone();
             match tokio::task::spawn_blocking(move || store.begin_fill(size)).await {
                 Ok(Ok(f)) => Some(f),
@@ -275,6 +281,9 @@ impl Transfer {
             None
         };
         let head = self.head_of(status, &h, fill.is_some());
+        if held == 0 {
+            fill = self.keep_partial(fill, &head, &h).await;
+        }
         let digest = head.digest;
         let (etag, last_modified) = (head.etag.clone(), head.last_modified.clone());
         let map = match (fill.as_mut(), size) {
@@ -287,15 +296,16 @@ impl Transfer {
         }
         self.flight
             .set_head(head.clone(), fill.as_ref().map(|f| f.file()), map);
+        self.flight.held(held, start.rate);
         if fill.is_none() {
             self.fetcher.record_unstored(&self.target.key);
         }
         let mut sink = Sink {
-            hasher: Some(Sha256::new()),
+            hasher: Some(start.hasher),
             fill,
-            written: 0,
+            written: held,
         };
-        let mut body = resp.into_body();
+        let mut body = start.body;
         let mut attempts = 0u32;
         // Bytes of a restarted transfer still to be compared with those already held.
         let mut compare_until = 0u64;
@@ -441,3 +451,4 @@ async fn error_status(resp: Response<Incoming>) -> FetchError {
 }
 
 mod body;
+mod restart;
