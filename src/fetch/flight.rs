@@ -143,6 +143,18 @@ impl Flight {
         self.bump();
     }
 
+    /// The fill starts with `at` bytes already in its file (a partial kept across a restart), which
+    /// it was receiving at `rate` bytes/s.
+    pub fn held(&self, at: u64, rate: u64) {
+        if at > 0 {
+            let mut st = self.state();
+            st.written = at;
+            st.window_start = at;
+        }
+        let _ = rate;
+        self.bump();
+    }
+
     /// The store gave up on the object half-way: bytes from `at` on are not in the file (a full disk
     /// leaves a hole there, which must never reach a reader), so from now on they are kept in the window
     /// until every reader has them. Bytes before `at` stay readable from the file (mapped or not),

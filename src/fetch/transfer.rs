@@ -9,7 +9,7 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method, Response, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use sha2::{Digest as _, Sha256};
+use sha2::Digest as _;
 use tokio::sync::OwnedSemaphorePermit;
 
 use super::collapse::Permit;
@@ -19,6 +19,7 @@ use super::sink::Sink;
 use super::{freshness, headers, FetchError, Fetcher, Target};
 use crate::store::{now_ms, Digest, KeyEntry, KeyMeta, StoreError};
 use body::{BodyEnd, Resumed};
+use restart::{FromPartial, Prior};
 
 /// Most of an upstream error body kept to pass on to clients.
 const ERROR_BODY_MAX: usize = 64 << 10;
@@ -115,9 +116,13 @@ impl Transfer {
                 .fetch_add(1, Ordering::Relaxed);
         }
         let mut request_ms = now_ms();
-        let resp = match self.answer(&mut headers, &mut request_ms).await {
-            Ok(r) => r,
-            Err(end) => return end,
+        let resp = match self.resume_partial(&headers).await {
+            FromPartial::Resumed(prior) => return self.fill(headers, *prior, request_ms).await,
+            FromPartial::Fresh(r) => r,
+            FromPartial::None => match self.answer(&mut headers, &mut request_ms).await {
+                Ok(r) => r,
+                Err(end) => return end,
+            },
         };
         let status = resp.status();
         // Besides 200s, a cacheable status is kept only when it can serve again: it has freshness or
@@ -133,7 +138,7 @@ impl Transfer {
         if !cacheable {
             return End::Failed(error_status(resp).await);
         }
-        let end = self.fill(headers, resp, request_ms).await;
+        let end = self.fill(headers, Prior::fresh(resp), request_ms).await;
         let secs = started.elapsed().as_secs_f64();
         match &end {
             End::Complete(d) => tracing::info!(digest = %d, secs, "transfer complete"),
@@ -284,12 +289,13 @@ impl Transfer {
             && !(self.fetcher.inner.cfg.require_digest && digest.is_none())
     }
 
-    async fn fill(&self, headers: HeaderMap, resp: Response<Incoming>, request_ms: u64) -> End {
+    async fn fill(&self, headers: HeaderMap, start: Prior, request_ms: u64) -> End {
         let store = &self.fetcher.inner.store;
-        let (parts, body) = resp.into_parts();
-        let (status, h) = (parts.status, parts.headers);
+        let (h, status, held) = (start.headers, start.status, start.held);
         let size = content_length(&h);
-        let mut fill = if self.storable(status, &h) {
+        let mut fill = if start.fill.is_some() {
+            start.fill
+        } else if self.storable(status, &h) {
             let store = store.clone();
             match tokio::task::spawn_blocking(move || store.begin_fill(size)).await {
                 Ok(Ok(f)) => Some(f),
@@ -303,6 +309,9 @@ impl Transfer {
             None
         };
         let head = self.head_of(status, &h, fill.is_some());
+        if held == 0 {
+            fill = self.keep_partial(fill, &head, &h).await;
+        }
         let map = match (fill.as_mut(), size) {
             (Some(f), Some(n)) => f.map(n),
             _ => None,
@@ -313,13 +322,14 @@ impl Transfer {
         }
         self.flight
             .set_head(head.clone(), fill.as_ref().map(|f| f.file()), map);
+        self.flight.held(held, start.rate);
         if fill.is_none() {
             self.fetcher.record_unstored(&self.target.key);
         }
         let sink = Sink {
-            hasher: Some(Sha256::new()),
+            hasher: Some(start.hasher),
             fill,
-            written: 0,
+            written: held,
         };
         let answered = Answered {
             h,
@@ -327,7 +337,7 @@ impl Transfer {
             request_ms,
             response_ms: now_ms(),
         };
-        self.body(headers, body, sink, answered).await
+        self.body(headers, start.body, sink, answered).await
     }
 
     /// Reads the body to its end, resuming it when it breaks, then verifies and stores it.
@@ -463,3 +473,4 @@ async fn error_status(resp: Response<Incoming>) -> FetchError {
 }
 
 mod body;
+mod restart;

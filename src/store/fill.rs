@@ -10,25 +10,27 @@ use std::sync::Arc;
 use super::{Digest, KeyMeta, Store, StoreError};
 
 pub struct Fill {
-    store: Store,
-    path: PathBuf,
+    pub(super) store: Store,
+    pub(super) path: PathBuf,
     /// Shared with readers that stream the object while it arrives (they read with `pread`).
-    file: Arc<File>,
+    pub(super) file: Arc<File>,
     /// Bytes written so far.
-    len: u64,
+    pub(super) len: u64,
     /// Bytes reserved in the budget for this fill.
-    reserved: u64,
+    pub(super) reserved: u64,
     /// Of those, bytes the fill already occupies on the filesystem (allocated ahead, or written): the
     /// filesystem's free space no longer counts them, so the budget must not count them twice.
-    on_disk: u64,
+    pub(super) on_disk: u64,
     /// The file was sized to the announced length up front (see `map`): it is never shortened while
     /// readers may hold a mapping of it, so that no mapped page can vanish under them.
-    preallocated: bool,
+    pub(super) preallocated: bool,
     /// The size the file is mapped at, when it is.
-    mapped: Option<u64>,
-    committed: bool,
+    pub(super) mapped: Option<u64>,
+    pub(super) committed: bool,
     /// Bytes already handed to the disk by `start_writeback`.
-    flushed: u64,
+    pub(super) flushed: u64,
+    /// Kept as a partial fill that survives a restart (see `partial`), when it is.
+    pub(super) partial: Option<super::partial::Tracked>,
 }
 
 /// Written bytes are handed to the disk every this many, instead of all at once by the final fsync.
@@ -70,6 +72,7 @@ impl Fill {
             mapped: None,
             committed: false,
             flushed: 0,
+            partial: None,
         })
     }
 
@@ -112,6 +115,9 @@ impl Fill {
         }
         if self.len - self.flushed >= WRITEBACK_STEP {
             self.start_writeback();
+        }
+        if self.partial.is_some() {
+            self.sync_partial();
         }
         Ok(())
     }
@@ -204,6 +210,8 @@ impl Fill {
                 _ => io(e),
             });
         }
+        // The bytes held differ from the upstream's now: the partial kept of them goes.
+        self.drop_partial();
         let _ = std::fs::remove_file(&self.path);
         self.path = path;
         self.file = Arc::new(file);
@@ -249,6 +257,9 @@ impl Fill {
         });
         // Whatever happened, the temp file is the commit's now (renamed, or left for Drop to remove).
         self.committed = r.is_ok();
+        if self.committed {
+            self.drop_partial();
+        }
         r
     }
 }
@@ -282,6 +293,7 @@ impl Drop for Fill {
     fn drop(&mut self) {
         if !self.committed {
             let _ = std::fs::remove_file(&self.path);
+            self.drop_partial();
             self.store.release(self.reserved, self.on_disk);
         }
     }

@@ -15,6 +15,7 @@ mod keylog;
 mod keys;
 pub mod mapped;
 mod meta;
+mod partial;
 mod records;
 mod recover;
 
@@ -31,6 +32,7 @@ pub use digest::{BadDigest, Digest};
 pub use fill::Fill;
 pub use index::KeyEntry;
 pub use meta::{now_ms, KeyMeta, ObjectMeta, StoredHeaders};
+pub use partial::PartialRecord;
 
 pub use budget::free_bytes;
 use budget::Budget;
@@ -130,6 +132,8 @@ struct Shared {
     /// What is known of each object's `.keys` log (changed under the digest's lock).
     logs: keys::Logs,
     max_keys: usize,
+    /// Partial fills kept across restarts.
+    partials: Mutex<partial::Partials>,
 }
 
 #[derive(Default)]
@@ -252,8 +256,10 @@ impl Store {
                 catalog: catalog::Catalog::default(),
                 logs: keys::Logs::new(logs),
                 max_keys: cfg.max_keys_per_object.max(1),
+                partials: Mutex::default(),
             }),
         };
+        store.adopt_partials();
         Ok(store)
     }
 
@@ -433,8 +439,18 @@ impl Store {
         self.shared.tmp_dir.join(format!("fill-{pid}-{n}"))
     }
 
-    /// Reserves `n` more bytes, evicting least-recently-used unpinned objects that nobody is reading.
+    /// Reserves `n` more bytes, evicting least-recently-used unpinned objects that nobody is reading,
+    /// and giving up partial fills kept from before a restart (oldest first) when that is not enough.
     pub(crate) fn reserve(&self, n: u64) -> Result<(), StoreError> {
+        loop {
+            match self.reserve_now(n) {
+                Err(StoreError::NoRoom(_)) if self.drop_oldest_partial() => {}
+                r => return r,
+            }
+        }
+    }
+
+    fn reserve_now(&self, n: u64) -> Result<(), StoreError> {
         if n == 0 {
             return Ok(());
         }

@@ -423,7 +423,7 @@ def check_store(node, f, rnd, tally):
         for p in sorted(shard.iterdir()):
             if "." not in p.name:
                 blobs[p.name] = p
-            elif not (p.name.endswith(".meta") and p.with_suffix("").exists()):
+            elif not (p.suffix in (".meta", ".keys") and p.with_suffix("").exists()):
                 f.corrupt_objects.append("stray file %s" % p.name)
     for hexname, p in blobs.items():
         f.objects_checked += 1

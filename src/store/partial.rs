@@ -1,0 +1,385 @@
+//! Partial fills that survive a restart (SPEC 4, "Resume"). A fill whose response can be resumed (a
+//! strong validator) moves its temp file to `<dir>/partial/<id>.data`, `<id>` the SHA-256 of its key,
+//! and keeps beside it `<id>.json`: the response's head and validators and `valid`, the bytes of the
+//! data file known to be on disk. The data is fsynced before `valid` is raised, and the record is
+//! written atomically, so after a crash or a power cut `valid` is a lower bound of what the file holds.
+//! At start the partials are taken back (each reserves its room in the budget like a fill; the oldest
+//! give way first, to new fills too) and the next fill of the key resumes from `valid`; a torn or
+//! unreadable record, one whose data is gone or shorter than `valid`, or one older than a day goes.
+
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest as _, Sha256};
+
+use super::records::write_atomic;
+use super::{now_ms, Fill, Store, StoreError};
+
+/// A partial older than this is not resumed: what the upstream serves has likely moved on.
+const MAX_AGE_MS: u64 = 24 * 3600 * 1000;
+/// The data is fsynced and `valid` raised at most this often (and at least this often while bytes come).
+const SYNC_EVERY: Duration = Duration::from_millis(500);
+
+/// What is kept of a partial fill: enough to resume it and to serve and store what it becomes. The
+/// key, not the URL, is kept: a URL may carry a SAS token, which never goes to disk outside the object.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct PartialRecord {
+    pub key: String,
+    /// The upstream's status and response fields, as they arrived.
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub size: Option<u64>,
+    pub etag: Option<String>,
+    pub last_modified: Option<String>,
+    /// The digest the bytes must have, when it was known (hex).
+    pub digest: Option<String>,
+    /// Bytes of the data file that are fsynced: the resume starts here.
+    pub valid: u64,
+    /// Bytes per second the fill was receiving when `valid` was last raised.
+    pub rate: u64,
+    /// When the record was last written (ms since the epoch).
+    pub updated_ms: u64,
+}
+
+/// The partial a live fill keeps up to date.
+pub(super) struct Tracked {
+    id: String,
+    record: PartialRecord,
+    synced_at: Instant,
+}
+
+/// A partial taken back at start, waiting for the next fill of its key; its room is reserved.
+struct Parked {
+    record: PartialRecord,
+    reserved: u64,
+    on_disk: u64,
+}
+
+/// The partials of the store: parked ones, and the ids live fills keep.
+#[derive(Default)]
+pub(super) struct Partials {
+    parked: HashMap<String, Parked>,
+    live: HashSet<String>,
+}
+
+/// The file name of a key's partial.
+fn id_of(key: &str) -> String {
+    hex::encode(Sha256::digest(key.as_bytes()))
+}
+
+impl Store {
+    fn partial_dir(&self) -> PathBuf {
+        self.shared.budget.dir.join("partial")
+    }
+
+    fn partials(&self) -> std::sync::MutexGuard<'_, Partials> {
+        self.shared
+            .partials
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn remove_partial_files(&self, id: &str) {
+        let dir = self.partial_dir();
+        let _ = std::fs::remove_file(dir.join(format!("{id}.data")));
+        let _ = std::fs::remove_file(dir.join(format!("{id}.json")));
+    }
+
+    /// At start: takes back the partials that are whole and young, newest first while the budget has
+    /// room for them; removes the rest and any stray file. Blocking.
+    pub(super) fn adopt_partials(&self) {
+        let dir = self.partial_dir();
+        let Ok(rd) = std::fs::read_dir(&dir) else {
+            return;
+        };
+        let mut found: Vec<(u64, String, PartialRecord, u64)> = Vec::new();
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().to_string();
+            let Some(id) = name.strip_suffix(".json") else {
+                // Data files are looked at from their record; temp files of records go.
+                let data_id = name.strip_suffix(".data");
+                if data_id.is_none_or(|id| !dir.join(format!("{id}.json")).exists()) {
+                    let _ = std::fs::remove_file(e.path());
+                }
+                continue;
+            };
+            match read_partial(&dir, id) {
+                Some((rec, alloc)) => found.push((rec.updated_ms, id.to_string(), rec, alloc)),
+                None => {
+                    tracing::info!(partial = id, "partial fill unusable; removed");
+                    self.remove_partial_files(id);
+                }
+            }
+        }
+        found.sort_by_key(|f| std::cmp::Reverse(f.0));
+        for (_, id, record, alloc) in found {
+            let reserved = record.size.unwrap_or(record.valid).max(record.valid);
+            if self.reserve_now(reserved).is_err() {
+                tracing::info!(partial = %id, "no room for a partial fill; removed");
+                self.remove_partial_files(&id);
+                continue;
+            }
+            let on_disk = alloc.min(reserved);
+            self.note_on_disk(on_disk);
+            tracing::info!(partial = %id, valid = record.valid, "partial fill kept for resuming");
+            let parked = Parked {
+                record,
+                reserved,
+                on_disk,
+            };
+            self.partials().parked.insert(id, parked);
+        }
+    }
+
+    /// Bytes reserved by parked partials (for the budget's tests and ops).
+    pub fn parked_partials(&self) -> (usize, u64) {
+        let p = self.partials();
+        let bytes = p.parked.values().map(|x| x.reserved).sum();
+        (p.parked.len(), bytes)
+    }
+
+    /// Gives up the oldest parked partial, for room; false when there is none. Blocking.
+    pub(super) fn drop_oldest_partial(&self) -> bool {
+        let oldest = {
+            let mut p = self.partials();
+            let id = p
+                .parked
+                .iter()
+                .min_by_key(|(_, x)| x.record.updated_ms)
+                .map(|(id, _)| id.clone());
+            id.and_then(|id| p.parked.remove(&id).map(|x| (id, x)))
+        };
+        let Some((id, parked)) = oldest else {
+            return false;
+        };
+        tracing::info!(partial = %id, "partial fill given up for room");
+        self.remove_partial_files(&id);
+        self.release(parked.reserved, parked.on_disk);
+        true
+    }
+
+    /// The partial kept of `key`, as a fill positioned at its `valid` bytes, with its record. The fill
+    /// keeps the partial up to date from then on. Blocking.
+    pub fn take_partial(&self, key: &str) -> Option<(PartialRecord, Fill)> {
+        let id = id_of(key);
+        let parked = {
+            let mut p = self.partials();
+            let parked = p.parked.remove(&id)?;
+            p.live.insert(id.clone());
+            parked
+        };
+        let path = self.partial_dir().join(format!("{id}.data"));
+        let opened = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path);
+        let (file, len) = match opened.and_then(|f| f.metadata().map(|m| (f, m.len()))) {
+            Ok(x) if parked.record.key == key => x,
+            _ => {
+                self.partials().live.remove(&id);
+                self.remove_partial_files(&id);
+                self.release(parked.reserved, parked.on_disk);
+                return None;
+            }
+        };
+        let record = parked.record;
+        let fill = Fill {
+            store: self.clone(),
+            path,
+            file: Arc::new(file),
+            len: record.valid,
+            reserved: parked.reserved,
+            on_disk: parked.on_disk,
+            preallocated: record.size.is_some_and(|s| len >= s && s > 0),
+            mapped: None,
+            committed: false,
+            flushed: record.valid,
+            partial: Some(Tracked {
+                id,
+                record: record.clone(),
+                synced_at: Instant::now(),
+            }),
+        };
+        Some((record, fill))
+    }
+}
+
+/// A partial's record and its data file's allocated bytes, when the record is readable, its own,
+/// young, and its data holds `valid` bytes.
+fn read_partial(dir: &std::path::Path, id: &str) -> Option<(PartialRecord, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let bytes = std::fs::read(dir.join(format!("{id}.json"))).ok()?;
+    let rec: PartialRecord = serde_json::from_slice(&bytes).ok()?;
+    let md = std::fs::metadata(dir.join(format!("{id}.data"))).ok()?;
+    let young = now_ms().saturating_sub(rec.updated_ms) < MAX_AGE_MS;
+    let whole = md.len() >= rec.valid && rec.size.is_none_or(|s| rec.valid <= s);
+    (id_of(&rec.key) == id && young && whole && rec.valid > 0)
+        .then_some((rec, md.blocks().saturating_mul(512)))
+}
+
+impl Fill {
+    /// Keeps this fill as a partial that survives a restart: its file moves beside `record`, written
+    /// now. A key whose partial another fill keeps is not kept twice (false). Blocking.
+    pub fn keep_partial(&mut self, mut record: PartialRecord) -> Result<bool, StoreError> {
+        let id = id_of(&record.key);
+        let old = {
+            let mut p = self.store.partials();
+            if !p.live.insert(id.clone()) {
+                return Ok(false);
+            }
+            p.parked.remove(&id)
+        };
+        if let Some(old) = old {
+            self.store.release(old.reserved, old.on_disk);
+        }
+        let dir = self.store.partial_dir();
+        let to = dir.join(format!("{id}.data"));
+        record.valid = 0;
+        record.updated_ms = now_ms();
+        let moved = std::fs::create_dir_all(&dir)
+            .and_then(|_| std::fs::rename(&self.path, &to))
+            .and_then(|_| {
+                let json = serde_json::to_vec(&record).map_err(std::io::Error::other)?;
+                write_atomic(&dir.join(format!("{id}.json")), &json)
+            });
+        if let Err(source) = moved {
+            self.store.partials().live.remove(&id);
+            return Err(StoreError::Io {
+                path: to.display().to_string(),
+                source,
+            });
+        }
+        self.path = to;
+        self.partial = Some(Tracked {
+            id,
+            record,
+            synced_at: Instant::now(),
+        });
+        Ok(true)
+    }
+
+    /// Makes the bytes written so far durable and raises the record's `valid` to them, when it is
+    /// time to. A failure stops the keeping (the fill goes on). Blocking.
+    pub(super) fn sync_partial(&mut self) {
+        let Some(t) = self.partial.as_mut() else {
+            return;
+        };
+        let elapsed = t.synced_at.elapsed();
+        if elapsed < SYNC_EVERY || self.len <= t.record.valid {
+            return;
+        }
+        let gained = self.len - t.record.valid;
+        t.record.rate = (gained as f64 / elapsed.as_secs_f64().max(0.001)) as u64;
+        t.record.valid = self.len;
+        t.record.updated_ms = now_ms();
+        t.synced_at = Instant::now();
+        let json = t.partial_json();
+        let path = self.store.partial_dir().join(format!("{}.json", t.id));
+        let synced = self
+            .file
+            .sync_data()
+            .and_then(|_| json.and_then(|j| write_atomic(&path, &j)));
+        if let Err(e) = synced {
+            tracing::warn!(error = %e, "partial fill record not updated; it is no longer kept");
+            self.drop_partial();
+        }
+    }
+
+    /// Stops keeping the partial: its record goes (the data file is the fill's, to commit or remove).
+    pub(super) fn drop_partial(&mut self) {
+        if let Some(t) = self.partial.take() {
+            let dir = self.store.partial_dir();
+            let _ = std::fs::remove_file(dir.join(format!("{}.json", t.id)));
+            self.store.partials().live.remove(&t.id);
+        }
+    }
+}
+
+impl Tracked {
+    fn partial_json(&self) -> std::io::Result<Vec<u8>> {
+        serde_json::to_vec(&self.record).map_err(std::io::Error::other)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::StoreConfig;
+
+    fn open(dir: &std::path::Path, max_size: u64) -> Store {
+        Store::open(&StoreConfig {
+            dir: dir.to_path_buf(),
+            max_size,
+            min_free: 0,
+            max_object_size: 0,
+            max_filling: 0,
+            max_keys_per_object: 100,
+        })
+        .unwrap()
+    }
+
+    /// A partial of `valid` bytes for `key`, as a crash leaves it.
+    fn plant(dir: &std::path::Path, key: &str, valid: u64, updated_ms: u64) -> PathBuf {
+        let p = dir.join("partial");
+        std::fs::create_dir_all(&p).unwrap();
+        let id = id_of(key);
+        std::fs::write(p.join(format!("{id}.data")), vec![7u8; valid as usize]).unwrap();
+        let rec = PartialRecord {
+            key: key.into(),
+            status: 200,
+            headers: Vec::new(),
+            size: Some(valid),
+            etag: Some("\"e\"".into()),
+            last_modified: None,
+            digest: None,
+            valid,
+            rate: 0,
+            updated_ms,
+        };
+        let json = p.join(format!("{id}.json"));
+        std::fs::write(&json, serde_json::to_vec(&rec).unwrap()).unwrap();
+        json
+    }
+
+    #[test]
+    fn partials_count_against_the_budget_and_give_way() {
+        let t = tempfile::tempdir().unwrap();
+        plant(t.path(), "k/a", 1 << 20, now_ms());
+        let s = open(t.path(), 4 << 20);
+        assert_eq!(s.parked_partials(), (1, 1 << 20));
+        // Fills may reserve half the store: 1.5 MiB fits only once the partial gives way.
+        let f = s.begin_fill(Some(3 << 19)).unwrap();
+        assert_eq!(s.parked_partials(), (0, 0));
+        assert!(!t.path().join("partial").read_dir().unwrap().any(|_| true));
+        drop(f);
+        // A store with no room for it at start does not keep it.
+        plant(t.path(), "k/b", 1 << 20, now_ms());
+        drop(s);
+        let s = open(t.path(), 1 << 20);
+        assert_eq!(s.parked_partials(), (0, 0));
+    }
+
+    #[test]
+    fn torn_old_or_foreign_partials_go() {
+        let t = tempfile::tempdir().unwrap();
+        let torn = plant(t.path(), "k/torn", 1000, now_ms());
+        let bytes = std::fs::read(&torn).unwrap();
+        std::fs::write(&torn, &bytes[..bytes.len() / 2]).unwrap();
+        plant(t.path(), "k/old", 1000, now_ms() - MAX_AGE_MS - 1);
+        let good = plant(t.path(), "k/good", 1000, now_ms());
+        std::fs::write(t.path().join("partial/stray.data"), b"x").unwrap();
+        let s = open(t.path(), 0);
+        assert_eq!(s.parked_partials(), (1, 1000));
+        let left = t.path().join("partial").read_dir().unwrap().count();
+        assert_eq!(left, 2, "the good partial's data and record");
+        assert!(good.exists());
+        let (rec, fill) = s.take_partial("k/good").unwrap();
+        assert_eq!((rec.valid, fill.len()), (1000, 1000));
+        assert!(s.take_partial("k/good").is_none());
+        drop(fill);
+        assert!(!good.exists(), "a dropped fill leaves no partial");
+    }
+}
