@@ -5,59 +5,17 @@
 
 mod common;
 
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use common::*;
-
-async fn spawn(conf: &std::path::Path, port: u16) -> Child {
-    let child = Command::new(env!("CARGO_BIN_EXE_cistern"))
-        .args(["serve", "--config"])
-        .arg(conf)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let end = Instant::now() + Duration::from_secs(20);
-    // Connectable is not enough: the listener is bound before the store is recovered.
-    while tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .is_err()
-        || get(&format!("http://127.0.0.1:{port}/readyz")).await.status != 200
-    {
-        assert!(Instant::now() < end, "cistern did not start listening");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    child
-}
-
-/// `<dir>/cistern.toml`: a store in `<dir>/data` and the origin as `/o/t/`, on a free port.
-fn config(dir: &std::path::Path, origin: &Origin) -> (std::path::PathBuf, u16) {
-    let port = free_port();
-    let conf = dir.join("cistern.toml");
-    std::fs::write(
-        &conf,
-        format!(
-            "[server]\nlisten = \"127.0.0.1:{port}\"\n[store]\ndir = \"{}\"\nmin_free = \"0\"\n[upstream]\nallowed_origins = []\n[[origins]]\nname = \"t\"\nurl = \"{}\"\n[log]\nlevel = \"warn\"\n",
-            dir.join("data").display(),
-            origin.url()
-        ),
-    )
-    .unwrap();
-    (conf, port)
-}
 
 /// SIGTERM, which flushes the index: what was written before is in it for sure.
 fn stop(mut child: Child) {
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     let status = child.wait().unwrap();
     assert!(status.success(), "serve exited with {status} on SIGTERM");
-}
-
-fn kill9(mut child: Child) {
-    child.kill().unwrap();
-    child.wait().unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -74,8 +32,8 @@ async fn kill_9_mid_transfer_leaves_nothing_partial() {
         },
     );
     let tmp = tempfile::tempdir().unwrap();
-    let (conf, port) = config(tmp.path(), &origin);
-    let child = spawn(&conf, port).await;
+    let (conf, port) = binary_config(tmp.path(), &origin);
+    let child = start_binary(&conf, port).await;
     let url = format!("http://127.0.0.1:{port}/o/t/fw.bin");
     let client = tokio::spawn({
         let url = url.clone();
@@ -98,7 +56,7 @@ async fn kill_9_mid_transfer_leaves_nothing_partial() {
         "a killed transfer looked complete"
     );
 
-    let child = spawn(&conf, port).await;
+    let child = start_binary(&conf, port).await;
     assert_eq!(
         std::fs::read_dir(&tmpdir).unwrap().count(),
         0,
@@ -133,8 +91,8 @@ async fn an_invalidated_key_is_not_brought_back_by_kill_9() {
     };
     origin.put("/fw.bin", body.clone(), b);
     let tmp = tempfile::tempdir().unwrap();
-    let (conf, port) = config(tmp.path(), &origin);
-    let child = spawn(&conf, port).await;
+    let (conf, port) = binary_config(tmp.path(), &origin);
+    let child = start_binary(&conf, port).await;
     let url = format!("http://127.0.0.1:{port}/o/t/fw.bin");
     get(&url).await;
     let end = Instant::now() + Duration::from_secs(10);
@@ -143,12 +101,12 @@ async fn an_invalidated_key_is_not_brought_back_by_kill_9() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     stop(child);
-    let child = spawn(&conf, port).await;
+    let child = start_binary(&conf, port).await;
     let p = request_body("POST", &url, &[], bytes::Bytes::from_static(b"x")).await;
     assert_eq!(p.status, 200);
     kill9(child);
 
-    let _child = spawn(&conf, port).await;
+    let _child = start_binary(&conf, port).await;
     let g = get(&url).await;
     assert_eq!(g.body, body);
     assert_ne!(
@@ -165,7 +123,7 @@ async fn an_invalidated_key_is_not_brought_back_by_kill_9() {
 async fn a_pin_and_an_unpin_survive_kill_9() {
     let origin = Origin::start().await;
     let tmp = tempfile::tempdir().unwrap();
-    let (conf, port) = config(tmp.path(), &origin);
+    let (conf, port) = binary_config(tmp.path(), &origin);
     let body = random_bytes(50_000, 23);
     let hex = sha256_hex(&body);
     let base = format!("http://127.0.0.1:{port}/v1/admin");
@@ -173,26 +131,26 @@ async fn a_pin_and_an_unpin_survive_kill_9() {
         let v = get(&format!("{base}/content")).await.json();
         v[0]["pinned"].as_bool()
     };
-    let child = spawn(&conf, port).await;
+    let child = start_binary(&conf, port).await;
     let put = format!("{base}/content/sha256/{hex}");
     let g = admin_request("PUT", &put, body.clone()).await;
     assert_eq!(g.status, 201);
     stop(child);
     // Pinned by a second sideload with `?pin=true`, then killed.
-    let child = spawn(&conf, port).await;
+    let child = start_binary(&conf, port).await;
     let g = admin_request("PUT", &format!("{put}?pin=true"), body.clone()).await;
     assert!(g.status.is_success(), "{}", g.status);
     assert_eq!(pinned().await, Some(true));
     kill9(child);
-    let child = spawn(&conf, port).await;
+    let child = start_binary(&conf, port).await;
     assert_eq!(pinned().await, Some(true), "the pin was lost");
     stop(child);
     // Unpinned, then killed.
-    let child = spawn(&conf, port).await;
+    let child = start_binary(&conf, port).await;
     let g = admin_request("DELETE", &format!("{base}/pins/{hex}"), bytes::Bytes::new()).await;
     assert!(g.status.is_success(), "{}", g.status);
     kill9(child);
-    let _child = spawn(&conf, port).await;
+    let _child = start_binary(&conf, port).await;
     assert_eq!(pinned().await, Some(false), "the unpin was lost");
 }
 
@@ -202,8 +160,8 @@ async fn a_pin_and_an_unpin_survive_kill_9() {
 async fn sigterm_right_after_ready_is_a_graceful_stop() {
     let origin = Origin::start().await;
     let tmp = tempfile::tempdir().unwrap();
-    let (conf, port) = config(tmp.path(), &origin);
+    let (conf, port) = binary_config(tmp.path(), &origin);
     for _ in 0..10 {
-        stop(spawn(&conf, port).await);
+        stop(start_binary(&conf, port).await);
     }
 }

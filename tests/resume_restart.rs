@@ -6,7 +6,7 @@
 
 mod common;
 
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
@@ -14,46 +14,6 @@ use bytes::Bytes;
 use common::*;
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
-
-async fn spawn(conf: &std::path::Path, port: u16) -> Child {
-    let child = Command::new(env!("CARGO_BIN_EXE_cistern"))
-        .args(["serve", "--config"])
-        .arg(conf)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let end = Instant::now() + Duration::from_secs(20);
-    while tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .is_err()
-        || get(&format!("http://127.0.0.1:{port}/readyz")).await.status != 200
-    {
-        assert!(Instant::now() < end, "cistern did not start listening");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    child
-}
-
-fn config(dir: &std::path::Path, origin: &Origin) -> (std::path::PathBuf, u16) {
-    let port = free_port();
-    let conf = dir.join("cistern.toml");
-    std::fs::write(
-        &conf,
-        format!(
-            "[server]\nlisten = \"127.0.0.1:{port}\"\n[store]\ndir = \"{}\"\nmin_free = \"0\"\n[upstream]\nallowed_origins = []\n[[origins]]\nname = \"t\"\nurl = \"{}\"\n[log]\nlevel = \"warn\"\n",
-            dir.join("data").display(),
-            origin.url()
-        ),
-    )
-    .unwrap();
-    (conf, port)
-}
-
-fn kill9(mut child: Child) {
-    child.kill().unwrap();
-    child.wait().unwrap();
-}
 
 fn stop(mut child: Child) {
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
@@ -124,13 +84,13 @@ async fn a_fill_killed_late_resumes_after_the_restart() {
     let body = random_bytes(size, 41);
     origin.put("/big.bin", body.clone(), slow("\"v1\"", 2 << 20));
     let tmp = tempfile::tempdir().unwrap();
-    let (conf, port) = config(tmp.path(), &origin);
+    let (conf, port) = binary_config(tmp.path(), &origin);
     let url = format!("http://127.0.0.1:{port}/o/t/big.bin");
-    let child = spawn(&conf, port).await;
+    let child = start_binary(&conf, port).await;
     kill_at(child, &origin, &url, size * 3 / 4).await;
     let sent_before = origin.bytes_sent.load(Ordering::Relaxed);
 
-    let child = spawn(&conf, port).await;
+    let child = start_binary(&conf, port).await;
     // The range the Delivery Optimization agent asks for: from 75.26 % to the last byte.
     let from = size as u64 * 7526 / 10000;
     let range = format!("bytes={from}-{}", size - 1);
@@ -178,14 +138,14 @@ async fn a_partial_whose_validator_changed_starts_over() {
     let old = random_bytes(size, 42);
     origin.put("/fw.bin", old.clone(), slow("\"old\"", 2 << 20));
     let tmp = tempfile::tempdir().unwrap();
-    let (conf, port) = config(tmp.path(), &origin);
+    let (conf, port) = binary_config(tmp.path(), &origin);
     let url = format!("http://127.0.0.1:{port}/o/t/fw.bin");
-    let child = spawn(&conf, port).await;
+    let child = start_binary(&conf, port).await;
     kill_at(child, &origin, &url, size / 2).await;
     let new = random_bytes(size, 43);
     origin.put("/fw.bin", new.clone(), slow("\"new\"", 16 << 20));
 
-    let child = spawn(&conf, port).await;
+    let child = start_binary(&conf, port).await;
     let g = get(&url).await;
     assert_eq!(g.status, 200);
     assert!(g.body == new, "the new bytes");
@@ -213,9 +173,9 @@ async fn a_torn_partial_record_is_ignored() {
     let body = random_bytes(size, 44);
     origin.put("/fw.bin", body.clone(), slow("\"v\"", 2 << 20));
     let tmp = tempfile::tempdir().unwrap();
-    let (conf, port) = config(tmp.path(), &origin);
+    let (conf, port) = binary_config(tmp.path(), &origin);
     let url = format!("http://127.0.0.1:{port}/o/t/fw.bin");
-    let child = spawn(&conf, port).await;
+    let child = start_binary(&conf, port).await;
     kill_at(child, &origin, &url, size / 2).await;
     let dir = tmp.path().join("data/partial");
     let records: Vec<_> = dir
@@ -229,7 +189,7 @@ async fn a_torn_partial_record_is_ignored() {
     let whole = std::fs::read(&records[0]).unwrap();
     std::fs::write(&records[0], &whole[..whole.len() / 2]).unwrap();
 
-    let child = spawn(&conf, port).await;
+    let child = start_binary(&conf, port).await;
     assert!(
         !dir.read_dir().unwrap().any(|_| true),
         "torn partial removed"

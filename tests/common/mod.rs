@@ -14,8 +14,11 @@ use sha2::Digest as _;
 
 pub type Body = BoxBody<Bytes, std::io::Error>;
 
+mod binary;
 mod origin;
 mod raw;
+#[allow(unused_imports)]
+pub use binary::*;
 pub use origin::*;
 #[allow(unused_imports)]
 pub use raw::*;
