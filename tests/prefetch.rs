@@ -315,3 +315,21 @@ async fn a_prefetch_joining_a_device_transfer_that_stores_nothing_still_stores_t
     assert!(device.await.unwrap().body == body);
     assert!(node.blobs().contains(&sha256_hex(&body)));
 }
+
+/// A manifest that names a wrong digest for a URL fails its entry, and holds back only requests that
+/// expect that digest: a device asking the URL right after gets what the URL serves (it was held
+/// 502 `digest-mismatch` for a minute).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_digest_in_a_manifest_does_not_hold_back_devices() {
+    let origin = Origin::start().await;
+    let body = random_bytes(50_000, 62);
+    origin.put("/c/new.swu", body.clone(), Behaviour::default());
+    let node = Node::start(&origin, "").await;
+    let url = format!("{}/c/new.swu", origin.url());
+    let wrong = sha256_hex(b"the previous firmware");
+    let id = start_job(&node, &json!({"files": [{"url": url, "sha256": wrong}]})).await;
+    assert_eq!(wait_job(&node, &id).await["files"][0]["state"], "failed");
+    let g = proxy_get(node.addr, &url, &[]).await;
+    assert_eq!(g.status, 200, "{:?}", String::from_utf8_lossy(&g.body));
+    assert!(g.body == body);
+}

@@ -41,7 +41,7 @@ impl Fetcher {
         if req.only_if_cached {
             return Err(FetchError::NotCached);
         }
-        if stale.is_none() && self.mismatch_held(&t.key) {
+        if stale.is_none() && self.mismatch_held(t) {
             return Err(FetchError::DigestMismatch(
                 "the last transfer of this object failed verification; retrying after a minute"
                     .into(),

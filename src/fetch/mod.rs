@@ -293,21 +293,23 @@ impl Fetcher {
         &self.inner.collapse
     }
 
-    /// Whether a key's last transfer failed verification less than a minute ago.
-    fn mismatch_held(&self, key: &str) -> bool {
+    /// Whether the last transfer of a target failed verification less than a minute ago. A hold is
+    /// for the key and the digest it was expected to have: a manifest that names a wrong digest for a
+    /// URL holds back requests expecting that digest, not devices asking the URL without one.
+    fn mismatch_held(&self, t: &Target) -> bool {
         lock(&self.inner.mismatches)
-            .get(key)
+            .get(&hold_key(t))
             .is_some_and(|at| at.elapsed() < MISMATCH_HOLD)
     }
 
-    fn record_mismatch(&self, key: &str) {
+    fn record_mismatch(&self, t: &Target) {
         self.inner
             .stats
             .digest_mismatches
             .fetch_add(1, Ordering::Relaxed);
         let mut m = lock(&self.inner.mismatches);
         m.retain(|_, at| at.elapsed() < MISMATCH_HOLD);
-        m.insert(key.to_string(), Instant::now());
+        m.insert(hold_key(t), Instant::now());
     }
 
     /// Requests that are not cached (HEAD on a miss, requests with Authorization, ranges of objects
@@ -406,5 +408,13 @@ struct Running(Arc<tokio::sync::watch::Sender<usize>>);
 impl Drop for Running {
     fn drop(&mut self) {
         self.0.send_modify(|n| *n = n.saturating_sub(1));
+    }
+}
+
+/// The key of a mismatch hold: the target's key and the digest it expected, if any.
+fn hold_key(t: &Target) -> String {
+    match t.digest {
+        Some(d) => format!("{}\u{1e}{d}", t.key),
+        None => t.key.clone(),
     }
 }

@@ -401,7 +401,7 @@ impl Transfer {
         let got = Digest(hasher.finalize().into());
         if let Some(want) = digest {
             if want != got {
-                fetcher.record_mismatch(&self.target.key);
+                fetcher.record_mismatch(&self.target);
                 tracing::error!(expected = %want, got = %got, "digest mismatch; nothing stored");
                 return End::Failed(FetchError::DigestMismatch(format!(
                     "expected sha256 {want}, upstream sent {got}"
