@@ -240,10 +240,14 @@ impl Fetcher {
         let shared = !t.authorized();
         for _ in 0..2 {
             let (flight, joined, reader) = self.join_or_start(t, stale.clone(), &vary, shared);
-            if joined != Joined::InFlight || stale.is_some() {
+            if joined != Joined::InFlight {
                 return Some((flight, joined, reader));
             }
-            self.stats().collapsed.fetch_add(1, Ordering::Relaxed);
+            let collapsed = || self.stats().collapsed.fetch_add(1, Ordering::Relaxed);
+            if stale.is_some() {
+                collapsed();
+                return Some((flight, joined, reader));
+            }
             match flight.head().await {
                 Ok(h) if !h.shareable_with(&t.headers) => continue,
                 // Refused for the credentials (or SAS token) of the client that started it: that
@@ -254,7 +258,10 @@ impl Fetcher {
                     drop(reader);
                     return Some(self.join_or_start(t, stale, &vary, false));
                 }
-                _ => return Some((flight, joined, reader)),
+                _ => {
+                    collapsed();
+                    return Some((flight, joined, reader));
+                }
             }
         }
         None
