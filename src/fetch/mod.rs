@@ -284,9 +284,22 @@ impl Fetcher {
         matches!(idle, Ok(Ok(_)))
     }
 
-    /// The store and the one-fetch-per-object table, for the GET path (`lookup.rs`).
+    /// What the GET path (`lookup.rs`), the transfers (`transfer.rs`) and the prefetch jobs reach
+    /// through the fetcher: the store, the upstream client, the transfer slots, the jobs.
     fn store(&self) -> &Store {
         &self.inner.store
+    }
+
+    fn client(&self) -> &UpstreamClient {
+        &self.inner.client
+    }
+
+    fn slots(&self) -> &Arc<tokio::sync::Semaphore> {
+        &self.inner.slots
+    }
+
+    fn jobs(&self) -> &prefetch::Jobs {
+        &self.inner.jobs
     }
 
     fn collapse(&self) -> &collapse::Collapse {

@@ -169,7 +169,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl Fetcher {
     /// Starts a prefetch job; returns its id.
     pub async fn prefetch(&self, files: Vec<Wanted>, pin: bool) -> String {
-        let jobs = &self.inner.jobs;
+        let jobs = &self.jobs();
         let id = format!(
             "{:x}-{}",
             crate::store::now_ms(),
@@ -211,7 +211,7 @@ impl Fetcher {
                 match r {
                     Ok(()) => {
                         j.files[i].state = "stored".into();
-                        j.files[i].bytes = self.inner.store.size_of(&w.digest).unwrap_or(0);
+                        j.files[i].bytes = self.store().size_of(&w.digest).unwrap_or(0);
                     }
                     Err(e) => {
                         tracing::warn!(url = %redact(&w.url), error = %e, "prefetch failed");
@@ -240,7 +240,7 @@ impl Fetcher {
             urls: urls.to_vec(),
             pin,
         };
-        let store = self.inner.store.clone();
+        let store = self.store().clone();
         let r = tokio::task::spawn_blocking(move || {
             let bytes = serde_json::to_vec(&saved).map_err(|e| e.to_string())?;
             store
@@ -258,20 +258,20 @@ impl Fetcher {
     /// At start: reads the saved jobs back, carries the running ones on, keeps the newest ended ones
     /// readable and forgets older ones. Blocking (reads files); the jobs run on the runtime.
     pub fn resume_jobs(&self) {
-        let records = self.inner.store.records(RECORDS);
+        let records = self.store().records(RECORDS);
         let ended = records.len().saturating_sub(KEPT_JOBS);
         for (n, (id, bytes)) in records.into_iter().enumerate() {
             let saved: Saved = match serde_json::from_slice(&bytes) {
                 Ok(s) => s,
                 Err(e) => {
                     tracing::warn!(job = %id, error = %e, "unreadable prefetch job record; removed");
-                    self.inner.store.remove_record(RECORDS, &id);
+                    self.store().remove_record(RECORDS, &id);
                     continue;
                 }
             };
             let running = saved.job.state == "running";
             if n < ended && !running {
-                self.inner.store.remove_record(RECORDS, &id);
+                self.store().remove_record(RECORDS, &id);
                 continue;
             }
             let files: Option<Vec<Wanted>> = saved
@@ -291,7 +291,7 @@ impl Fetcher {
                 f.state = "queued".into();
             }
             let job = Arc::new(Mutex::new(job));
-            lock(&self.inner.jobs.jobs).insert(id.clone(), job.clone());
+            lock(&self.jobs().jobs).insert(id.clone(), job.clone());
             match (running, files) {
                 (true, Some(files)) if files.len() == saved.urls.len() => {
                     tracing::info!(job = %id, "carrying on a prefetch job after a restart");
@@ -304,12 +304,12 @@ impl Fetcher {
     }
 
     pub fn prefetch_job(&self, id: &str) -> Option<Job> {
-        lock(&self.inner.jobs.jobs).get(id).map(|j| lock(j).clone())
+        lock(&self.jobs().jobs).get(id).map(|j| lock(j).clone())
     }
 
     /// The newest `n` jobs of this process, newest first (for the dashboard).
     pub fn prefetch_jobs(&self, n: usize) -> Vec<Job> {
-        let jobs: Vec<Arc<Mutex<Job>>> = lock(&self.inner.jobs.jobs).values().cloned().collect();
+        let jobs: Vec<Arc<Mutex<Job>>> = lock(&self.jobs().jobs).values().cloned().collect();
         let mut out: Vec<Job> = jobs.iter().map(|j| lock(j).clone()).collect();
         // Ids start with the start time in hexadecimal milliseconds, then a sequence number.
         out.sort_by_key(|j| std::cmp::Reverse(job_order(&j.id)));
@@ -351,7 +351,7 @@ impl Fetcher {
                     if answered != w.digest {
                         return Err(format!("fetched bytes hash to {answered}"));
                     }
-                    let unstored = !flight.is_storing() && !self.inner.store.contains(&w.digest);
+                    let unstored = !flight.is_storing() && !self.store().contains(&w.digest);
                     if unstored && joined != super::Joined::Leader && attempt == 0 {
                         continue;
                     }
@@ -361,7 +361,7 @@ impl Fetcher {
                 Lookup::Pass => return Err("the URL's response cannot be cached (Vary: *)".into()),
             }
         }
-        let store = &self.inner.store;
+        let store = &self.store();
         if let Err(e) = store.stage(&w.digest, &t.key, &w.url.to_string()) {
             tracing::warn!(error = %e, "cannot record a staged mapping");
         }
@@ -374,7 +374,7 @@ impl Fetcher {
     /// After the URL answered bytes with digest `d`: its key maps to them (the transfer mapped it when
     /// it stored them; a transfer of bytes already stored that could not reserve room did not).
     fn map_answered(&self, key: &str, d: &Digest) -> Result<(), String> {
-        let store = &self.inner.store;
+        let store = &self.store();
         if !store.contains(d) {
             return Err("verified but not stored (no room in the store?)".into());
         }
@@ -391,7 +391,7 @@ impl Fetcher {
     /// every entry before fetching it, would otherwise keep devices' requests for the URL verified
     /// against a digest the URL never answered.
     fn unstage_unanswered(&self, w: &Wanted) {
-        let store = &self.inner.store;
+        let store = &self.store();
         let key = self.key_of(&w.url);
         let answered = store.lookup(&key).is_some_and(|e| e.digest == w.digest);
         if answered || store.staged_digest(&key) != Some(w.digest) {
@@ -403,17 +403,17 @@ impl Fetcher {
     }
 
     fn key_of(&self, url: &Uri) -> String {
-        super::key::cache_key(url, &self.inner.cfg.strip_query)
+        super::key::cache_key(url, &self.config().strip_query)
     }
 
     /// The URL a staged manifest named for a digest.
     pub fn staged_url(&self, d: &Digest) -> Option<Uri> {
-        self.inner.store.staged_url(d)?.parse().ok()
+        self.store().staged_url(d)?.parse().ok()
     }
 
     /// The digest a staged manifest gave a key.
     pub fn staged_digest(&self, key: &str) -> Option<Digest> {
-        self.inner.store.staged_digest(key)
+        self.store().staged_digest(key)
     }
 }
 

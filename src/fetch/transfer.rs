@@ -76,9 +76,9 @@ impl Transfer {
     /// does not wait: that copy is served at once, as when the upstream is unreachable (SPEC 2: only a
     /// miss waits; RFC 9111 §4.2.4).
     async fn slot(&self) -> Result<OwnedSemaphorePermit, End> {
-        let inner = &self.fetcher.inner;
-        let busy = FetchError::Busy(inner.cfg.max_transfers);
-        if let Ok(slot) = inner.slots.clone().try_acquire_owned() {
+        let (cfg, slots) = (self.fetcher.config(), self.fetcher.slots());
+        let busy = FetchError::Busy(cfg.max_transfers);
+        if let Ok(slot) = slots.clone().try_acquire_owned() {
             return Ok(slot);
         }
         let servable = |e: &&KeyEntry| freshness::stale_on_error(&e.meta, now_ms());
@@ -86,8 +86,8 @@ impl Transfer {
             tracing::info!("every upstream slot is taken; serving the stale copy");
             return Err(End::ServeStale(stale.digest, busy.to_string()));
         }
-        let wait = inner.cfg.connect_timeout;
-        match tokio::time::timeout(wait, inner.slots.clone().acquire_owned()).await {
+        let wait = cfg.connect_timeout;
+        match tokio::time::timeout(wait, slots.clone().acquire_owned()).await {
             Ok(Ok(slot)) => Ok(slot),
             _ => Err(End::Failed(busy)),
         }
@@ -110,8 +110,7 @@ impl Transfer {
                 }
             }
             self.fetcher
-                .inner
-                .stats
+                .stats()
                 .revalidations
                 .fetch_add(1, Ordering::Relaxed);
         }
@@ -217,7 +216,7 @@ impl Transfer {
         meta.initial_age = freshness::initial_age(h, request_ms, meta.fetched_at);
         meta.etag = meta.etag.or(stale.meta.etag.clone());
         meta.last_modified = meta.last_modified.or(stale.meta.last_modified.clone());
-        let store = self.fetcher.inner.store.clone();
+        let store = self.fetcher.store().clone();
         let keys = self.fetcher.keys_for(&self.target.key, &meta.vary);
         let d = stale.digest;
         // The key records are appended and synced to disk: off the runtime's worker threads.
@@ -236,7 +235,7 @@ impl Transfer {
 
     /// Asks upstream (the parents, or the origin) for the target.
     async fn upstream(&self, headers: &HeaderMap) -> Result<Response<Incoming>, FetchError> {
-        let client = &self.fetcher.inner.client;
+        let client = &self.fetcher.client();
         client
             .fetch(
                 Method::GET,
@@ -286,11 +285,11 @@ impl Transfer {
             && !self.target.no_store
             && freshness::storable(status, h, self.target.authorized())
             && freshness::vary_of(h, &self.target.headers).is_some()
-            && !(self.fetcher.inner.cfg.require_digest && digest.is_none())
+            && !(self.fetcher.config().require_digest && digest.is_none())
     }
 
     async fn fill(&self, headers: HeaderMap, start: Prior, request_ms: u64) -> End {
-        let store = &self.fetcher.inner.store;
+        let store = self.fetcher.store();
         let (h, status, held) = (start.headers, start.status, start.held);
         let size = content_length(&h);
         let mut fill = if start.fill.is_some() {
@@ -431,7 +430,7 @@ impl Transfer {
             fetcher.keys_for(&self.target.key, &meta.vary)
         };
         let ct = head.content_type.clone();
-        let store = fetcher.inner.store.clone();
+        let store = fetcher.store().clone();
         let r = tokio::task::spawn_blocking(move || {
             let first = keys.first().map(|k| (k.as_str(), meta.clone()));
             fill.commit(&got, first, ct, false)?;

@@ -77,7 +77,7 @@ impl Transfer {
                     continue;
                 }
             };
-            let stats = &self.fetcher.inner.stats;
+            let stats = &self.fetcher.stats();
             match resp.status() {
                 StatusCode::PARTIAL_CONTENT
                     if continues(resp.headers(), sink.written, size)
@@ -144,11 +144,10 @@ impl Transfer {
     fn resume_or_fail(&self, attempts: &mut u32, msg: &str) -> Result<(), FetchError> {
         *attempts += 1;
         self.fetcher
-            .inner
-            .stats
+            .stats()
             .errors_broken
             .fetch_add(1, Ordering::Relaxed);
-        if *attempts > self.fetcher.inner.cfg.retries {
+        if *attempts > self.fetcher.config().retries {
             return Err(FetchError::Unreachable(format!(
                 "transfer broke {} times; last: {msg}",
                 *attempts
@@ -169,8 +168,8 @@ impl Transfer {
         sink: &mut Sink,
         compare_until: &mut u64,
     ) -> BodyEnd {
-        let idle = self.fetcher.inner.cfg.idle_timeout;
-        let mut rate = Rate::new(self.fetcher.inner.cfg.min_rate, idle);
+        let idle = self.fetcher.config().idle_timeout;
+        let mut rate = Rate::new(self.fetcher.config().min_rate, idle);
         loop {
             let mut batch: Vec<Bytes> = Vec::new();
             let mut batch_len = 0usize;
@@ -207,8 +206,7 @@ impl Transfer {
             }
             if !batch.is_empty() {
                 self.fetcher
-                    .inner
-                    .stats
+                    .stats()
                     .bytes_fetched
                     .fetch_add(batch_len as u64, Ordering::Relaxed);
                 if let Err(e) = self.absorb(batch, sink, compare_until).await {

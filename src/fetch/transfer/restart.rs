@@ -63,7 +63,7 @@ impl Transfer {
         if self.stale.is_some() {
             return FromPartial::None;
         }
-        let store = self.fetcher.inner.store.clone();
+        let store = self.fetcher.store().clone();
         let key = self.target.key.clone();
         let taken = tokio::task::spawn_blocking(move || store.take_partial(&key)).await;
         let Ok(Some((rec, fill))) = taken else {
@@ -101,8 +101,7 @@ impl Transfer {
                     "resuming a partial fill kept across a restart"
                 );
                 self.fetcher
-                    .inner
-                    .stats
+                    .stats()
                     .resumes
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 match hashing.await.ok().flatten() {

@@ -223,17 +223,8 @@ impl UpstreamClient {
                 }
                 return self.send(method, u.clone(), headers).await.map(|(_, r)| r);
             };
-            let (target, own) = match (url, digest) {
-                (Some(u), _) => (u.clone(), false),
-                (None, Some(d)) => match own_url(at, &format!("/v1/content/sha256/{d}")) {
-                    Some(u) => (u, true),
-                    None => continue,
-                },
-                (None, None) => {
-                    return Err(FetchError::NotFound(
-                        "nothing to ask the parents for".into(),
-                    ))
-                }
+            let Some((target, own)) = parent_target(at, url, digest)? else {
+                continue;
             };
             let req = (method.clone(), target, own, headers, empty_body());
             match self.ask_parent(hop, req).await? {
@@ -453,5 +444,21 @@ fn classify(url: &Uri, e: &hyper_util::client::legacy::Error) -> FetchError {
     match unreadable {
         true => FetchError::BadResponse(detail),
         false => FetchError::Unreachable(detail),
+    }
+}
+
+/// What a parent at `at` is asked for: the origin URL in absolute form, or (for a digest alone) its
+/// own content-addressed path; None when its URL cannot carry that path.
+fn parent_target(
+    at: &Uri,
+    url: Option<&Uri>,
+    digest: Option<Digest>,
+) -> Result<Option<(Uri, bool)>, FetchError> {
+    match (url, digest) {
+        (Some(u), _) => Ok(Some((u.clone(), false))),
+        (None, Some(d)) => Ok(own_url(at, &format!("/v1/content/sha256/{d}")).map(|u| (u, true))),
+        (None, None) => Err(FetchError::NotFound(
+            "nothing to ask the parents for".into(),
+        )),
     }
 }
