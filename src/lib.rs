@@ -143,94 +143,20 @@ impl Gateway {
             trust_edge_bundle(&mut cfg, w).await;
         }
         let cfg = Arc::new(cfg);
-        let tls = if cfg.server.tls_listen.is_empty() {
-            None
-        } else {
-            let s = &cfg.server;
-            let acceptor = match (&workload, s.tls_cert.is_empty()) {
-                // Under IoT Edge without certificate files: the workload API's, renewed.
-                (Some(w), true) => {
-                    let resolver = server::edge::renewing_resolver(w.clone())
-                        .await
-                        .map_err(|e| anyhow::anyhow!("server.tls_listen: {e}"))?;
-                    server::edge::acceptor(resolver).map_err(anyhow::Error::msg)?
-                }
-                _ => server::tls_acceptor(&s.tls_cert, &s.tls_key, &s.client_ca)
-                    .map_err(anyhow::Error::msg)?,
-            };
-            Some((s.tls_listen.as_str(), acceptor))
-        };
-        let listeners = server::Listeners::bind(&cfg.server.listen, tls)
-            .await
-            .with_context(|| {
-                format!(
-                    "server.listen {} / tls_listen {}: cannot bind",
-                    cfg.server.listen, cfg.server.tls_listen
-                )
-            })?;
+        let listeners = bind(&cfg, workload.as_ref()).await?;
         let c2 = cfg.clone();
         let store = tokio::task::spawn_blocking(move || open_store(&c2)).await??;
-        let mut literal = Vec::new();
-        for u in cfg
-            .origins
-            .iter()
-            .map(|o| &o.url)
-            .chain(cfg.upstream.parents.iter())
-        {
-            if let Ok(uri) = u.parse::<http::Uri>() {
-                literal.push((
-                    uri.host().unwrap_or_default().to_string(),
-                    fetch::upstream::port_of(&uri),
-                ));
-            }
-        }
-        let policy = Arc::new(OriginPolicy::new(&cfg.upstream.allowed_origins, &literal));
         // One director for the process: fills and the relay's forwarder choose parents by it.
         let director = Arc::new(
             Director::new(&cfg.upstream.parents, cfg.upstream.allow_direct)
                 .map_err(anyhow::Error::msg)?,
         );
-        let client = UpstreamClient::new(
-            &ClientConfig {
-                connect_timeout: cfg.upstream.connect_timeout.0,
-                idle_timeout: cfg.upstream.idle_timeout.0,
-                ca_file: cfg.upstream.ca_file.clone(),
-                proxy: cfg.upstream.proxy.clone(),
-                client_cert: cfg.upstream.client_cert.clone(),
-                client_key: cfg.upstream.client_key.clone(),
-            },
-            policy,
-            director.clone(),
-        )
-        .map_err(anyhow::Error::msg)?;
-        let fetcher = Fetcher::new(
-            store.clone(),
-            client,
-            FetchConfig {
-                node_id: cfg.node.id.clone(),
-                retries: cfg.upstream.retries,
-                idle_timeout: cfg.upstream.idle_timeout.0,
-                connect_timeout: cfg.upstream.connect_timeout.0,
-                min_rate: cfg.upstream.min_rate.0,
-                max_transfers: cfg.upstream.max_transfers as usize,
-                require_digest: cfg.upstream.require_digest,
-                strip_query: cfg.upstream.strip_query.clone(),
-            },
-        );
+        let client = upstream_client(&cfg, director.clone())?;
+        let fetcher = Fetcher::new(store.clone(), client, fetch_config(&cfg));
         // Prefetch jobs a restart interrupted carry on.
         fetcher.resume_jobs();
         let relay = open_relay(&cfg, &director).await?;
-        let forwarder = {
-            let tls = fetch::upstream::connect::tls_config(fetch::upstream::connect::Trust {
-                ca_file: &cfg.upstream.ca_file,
-                client_cert: &cfg.upstream.client_cert,
-                client_key: &cfg.upstream.client_key,
-            })
-            .map_err(anyhow::Error::msg)?;
-            let client =
-                fetch::upstream::connect::simple_client(tls, Some(cfg.upstream.connect_timeout.0));
-            tokio::spawn(relay.clone().forward(client))
-        };
+        let forwarder = start_forwarder(&cfg, &relay)?;
         let stats = Arc::new(server::ServerStats::default());
         let ops = Arc::new(ops::Ops {
             node_id: cfg.node.id.clone(),
@@ -251,45 +177,18 @@ impl Gateway {
             stats,
             ready: AtomicBool::new(true),
         });
-        let addr = listeners.local_addr();
-        let tls_addr = listeners.tls_addr();
+        let (addr, tls_addr) = (listeners.local_addr(), listeners.tls_addr());
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let grace = cfg.server.shutdown_grace.0;
-        let flusher = store.clone();
-        let transfers = fetcher.clone();
-        let task = tokio::spawn(async move {
-            let periodic = flusher.clone();
-            let flush_task = tokio::spawn(async move {
-                let mut tick = tokio::time::interval(std::time::Duration::from_secs(30));
-                loop {
-                    tick.tick().await;
-                    let s = periodic.clone();
-                    let _ = tokio::task::spawn_blocking(move || s.flush()).await;
-                }
-            });
-            let stop_at = Arc::new(std::sync::OnceLock::new());
-            let at = stop_at.clone();
-            server::serve(
-                app,
-                listeners,
-                async move {
-                    let _ = stopped.await;
-                    let _ = at.set(std::time::Instant::now());
-                },
-                grace,
-            )
-            .await;
-            // Transfers no client waits for any more end within what is left of the grace period.
-            let spent = stop_at.get().map_or(grace, |t| t.elapsed());
-            if !transfers.drain(grace.saturating_sub(spent)).await {
-                tracing::warn!("transfers still running at the end of the shutdown grace period");
-            }
-            flush_task.abort();
-            forwarder.abort();
-            sampler.abort();
-            relay.flush().await;
-            let _ = tokio::task::spawn_blocking(move || flusher.flush()).await;
-        });
+        let serving = Serving {
+            app,
+            listeners,
+            grace: cfg.server.shutdown_grace.0,
+            store: store.clone(),
+            fetcher: fetcher.clone(),
+            relay,
+            background: vec![forwarder, sampler],
+        };
+        let task = tokio::spawn(serving.run(stopped));
         tracing::info!(addr = ?addr, node = %cfg.node.id, store = %cfg.store.dir.display(), "cistern serving");
         Ok(Gateway {
             addr,
@@ -305,5 +204,141 @@ impl Gateway {
     pub async fn shutdown(self) {
         let _ = self.stop.send(());
         let _ = self.task.await;
+    }
+}
+
+/// The listeners of `[server]`: plain, and TLS with the configured certificate files or, under IoT
+/// Edge without them, the workload API's certificate, renewed.
+async fn bind(
+    cfg: &Config,
+    workload: Option<&server::edge::Workload>,
+) -> anyhow::Result<server::Listeners> {
+    let s = &cfg.server;
+    let tls = if s.tls_listen.is_empty() {
+        None
+    } else {
+        let acceptor = match (workload, s.tls_cert.is_empty()) {
+            (Some(w), true) => {
+                let resolver = server::edge::renewing_resolver(w.clone())
+                    .await
+                    .map_err(|e| anyhow::anyhow!("server.tls_listen: {e}"))?;
+                server::edge::acceptor(resolver).map_err(anyhow::Error::msg)?
+            }
+            _ => server::tls_acceptor(&s.tls_cert, &s.tls_key, &s.client_ca)
+                .map_err(anyhow::Error::msg)?,
+        };
+        Some((s.tls_listen.as_str(), acceptor))
+    };
+    server::Listeners::bind(&s.listen, tls)
+        .await
+        .with_context(|| {
+            format!(
+                "server.listen {} / tls_listen {}: cannot bind",
+                s.listen, s.tls_listen
+            )
+        })
+}
+
+/// The upstream client of `[upstream]`: the allowlist (every named origin's and parent's host a
+/// literal pattern on its port), the director's parents, TLS and the site proxy.
+fn upstream_client(cfg: &Config, director: Arc<Director>) -> anyhow::Result<UpstreamClient> {
+    let literal: Vec<(String, u16)> = cfg
+        .origins
+        .iter()
+        .map(|o| &o.url)
+        .chain(cfg.upstream.parents.iter())
+        .filter_map(|u| u.parse::<http::Uri>().ok())
+        .map(|uri| {
+            let host = uri.host().unwrap_or_default().to_string();
+            (host, fetch::upstream::port_of(&uri))
+        })
+        .collect();
+    let policy = Arc::new(OriginPolicy::new(&cfg.upstream.allowed_origins, &literal));
+    let u = &cfg.upstream;
+    let client_cfg = ClientConfig {
+        connect_timeout: u.connect_timeout.0,
+        idle_timeout: u.idle_timeout.0,
+        ca_file: u.ca_file.clone(),
+        proxy: u.proxy.clone(),
+        client_cert: u.client_cert.clone(),
+        client_key: u.client_key.clone(),
+    };
+    UpstreamClient::new(&client_cfg, policy, director).map_err(anyhow::Error::msg)
+}
+
+fn fetch_config(cfg: &Config) -> FetchConfig {
+    let u = &cfg.upstream;
+    FetchConfig {
+        node_id: cfg.node.id.clone(),
+        retries: u.retries,
+        idle_timeout: u.idle_timeout.0,
+        connect_timeout: u.connect_timeout.0,
+        min_rate: u.min_rate.0,
+        max_transfers: u.max_transfers as usize,
+        require_digest: u.require_digest,
+        strip_query: u.strip_query.clone(),
+    }
+}
+
+/// The relay's forwarder, on a client of its own with the upstream's trust and client certificate.
+fn start_forwarder(
+    cfg: &Config,
+    relay: &relay::Relay,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    use fetch::upstream::connect;
+    let tls = connect::tls_config(connect::Trust {
+        ca_file: &cfg.upstream.ca_file,
+        client_cert: &cfg.upstream.client_cert,
+        client_key: &cfg.upstream.client_key,
+    })
+    .map_err(anyhow::Error::msg)?;
+    let client = connect::simple_client(tls, Some(cfg.upstream.connect_timeout.0));
+    Ok(tokio::spawn(relay.clone().forward(client)))
+}
+
+/// A started gateway's parts, run until the stop: the listeners serve, the index is flushed every
+/// 30 s; at the stop, connections and then transfers drain within the grace period, the background
+/// tasks end and everything is flushed.
+struct Serving {
+    app: Arc<server::App>,
+    listeners: server::Listeners,
+    grace: std::time::Duration,
+    store: store::Store,
+    fetcher: Fetcher,
+    relay: relay::Relay,
+    background: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Serving {
+    async fn run(self, stopped: tokio::sync::oneshot::Receiver<()>) {
+        let periodic = self.store.clone();
+        let flush_task = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(std::time::Duration::from_secs(30));
+            loop {
+                tick.tick().await;
+                let s = periodic.clone();
+                let _ = tokio::task::spawn_blocking(move || s.flush()).await;
+            }
+        });
+        let stop_at = Arc::new(std::sync::OnceLock::new());
+        let at = stop_at.clone();
+        let stopping = async move {
+            let _ = stopped.await;
+            let _ = at.set(std::time::Instant::now());
+        };
+        let grace = self.grace;
+        server::serve(self.app, self.listeners, stopping, grace).await;
+        // Transfers no client waits for any more end within what is left of the grace period.
+        let spent = stop_at.get().map_or(grace, |t| t.elapsed());
+        if !self.fetcher.drain(grace.saturating_sub(spent)).await {
+            tracing::warn!("transfers still running at the end of the shutdown grace period");
+        }
+        flush_task.abort();
+        for t in self.background {
+            t.abort();
+        }
+        self.relay.flush().await;
+        let store = self.store;
+        let _ = tokio::task::spawn_blocking(move || store.flush()).await;
     }
 }
