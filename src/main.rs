@@ -7,8 +7,10 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 use cistern::config::Config;
-use cistern::ops::cli::{self, load, runtime};
+mod cli;
+
 use cistern::ops::remote::Remote;
+use cli::{load, runtime};
 
 #[derive(Parser)]
 #[command(

@@ -6,8 +6,8 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 
-use super::remote::Remote;
-use crate::config::{self, Config};
+use cistern::config::{self, Config};
+use cistern::ops::remote::Remote;
 
 pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
@@ -21,12 +21,12 @@ pub fn load(path: Option<PathBuf>) -> anyhow::Result<Config> {
     Ok(Config::load(path.as_deref())?)
 }
 
-fn hash_file(path: &std::path::Path) -> anyhow::Result<crate::store::Digest> {
+fn hash_file(path: &std::path::Path) -> anyhow::Result<cistern::store::Digest> {
     use sha2::Digest as _;
     let mut f = std::fs::File::open(path).with_context(|| path.display().to_string())?;
     let mut h = sha2::Sha256::new();
     std::io::copy(&mut f, &mut h).with_context(|| path.display().to_string())?;
-    Ok(crate::store::Digest(h.finalize().into()))
+    Ok(cistern::store::Digest(h.finalize().into()))
 }
 
 pub fn import(
@@ -45,7 +45,7 @@ pub fn import(
     }
     let want = match &sha256 {
         Some(s) => Some(
-            crate::store::Digest::parse_any(s)
+            cistern::store::Digest::parse_any(s)
                 .with_context(|| format!("--sha256 `{s}` is not a SHA-256 digest"))?,
         ),
         None => None,
@@ -61,7 +61,7 @@ pub fn import(
                 .with_context(|| f.display().to_string())?
                 .len();
             let pb = indicatif::ProgressBar::new(len);
-            pb.set_style(crate::ops::remote::bar_style());
+            pb.set_style(cistern::ops::remote::bar_style());
             rt.block_on(r.put_file(&f, &d.hex(), pin, pb.clone()))?;
             pb.finish_and_clear();
             println!("{d}  {}", f.display());
@@ -69,7 +69,7 @@ pub fn import(
         return Ok(());
     }
     let cfg = load(config)?;
-    let store = crate::open_store(&cfg).map_err(|e| {
+    let store = cistern::open_store(&cfg).map_err(|e| {
         if format!("{e:#}").contains("in use") {
             anyhow::anyhow!("{e:#}; a running gateway holds it: use --server URL")
         } else {
@@ -94,7 +94,7 @@ pub fn import(
             h.update(&buf[..n]);
             fill.write(&buf[..n])?;
         }
-        let got = crate::store::Digest(h.finalize().into());
+        let got = cistern::store::Digest(h.finalize().into());
         if let Some(w) = want {
             if w != got {
                 anyhow::bail!("{}: hashes to {got}, not {w}; nothing stored", f.display());
@@ -137,7 +137,7 @@ pub fn verify(
         return Ok(bad.is_empty() || repair);
     }
     let cfg = load(config)?;
-    let store = crate::open_store(&cfg)?;
+    let store = cistern::open_store(&cfg)?;
     let n = store.usage().objects;
     let bad = store.verify(repair);
     for (d, p) in &bad {
@@ -164,14 +164,14 @@ pub fn prefetch(
     if let Some(r) = remote {
         return rt.block_on(r.prefetch(&v));
     }
-    let (files, pin) = crate::fetch::prefetch::parse(&v, None)
+    let (files, pin) = cistern::fetch::prefetch::parse(&v, None)
         .map_err(|e| anyhow::anyhow!("{}: {e}", manifest.display()))?;
     let mut cfg = load(config)?;
     // No listener: this process only fetches into the store (a running gateway would hold it).
     cfg.server.listen = String::new();
     cfg.server.tls_listen = String::new();
     rt.block_on(async move {
-        let gw = crate::Gateway::start(cfg).await.map_err(|e| {
+        let gw = cistern::Gateway::start(cfg).await.map_err(|e| {
             if format!("{e:#}").contains("in use") {
                 anyhow::anyhow!("{e:#}; a running gateway holds it: use --server URL")
             } else {
@@ -185,13 +185,13 @@ pub fn prefetch(
         }
         let id = gw.fetcher.prefetch(files, pin).await;
         let pb = indicatif::ProgressBar::new(0);
-        pb.set_style(crate::ops::remote::bar_style());
+        pb.set_style(cistern::ops::remote::bar_style());
         let ok = loop {
             let job = serde_json::to_value(gw.fetcher.prefetch_job(&id)).unwrap_or_default();
-            crate::ops::remote::show(&pb, &job);
+            cistern::ops::remote::show(&pb, &job);
             if job["state"] != "running" {
                 pb.finish_and_clear();
-                crate::ops::remote::report(&job);
+                cistern::ops::remote::report(&job);
                 break job["state"] == "done";
             }
             tokio::time::sleep(std::time::Duration::from_millis(300)).await;
@@ -212,7 +212,7 @@ pub fn doctor(config: Option<PathBuf>) -> anyhow::Result<bool> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let checks = rt.block_on(crate::ops::doctor::run(&cfg));
+    let checks = rt.block_on(cistern::ops::doctor::run(&cfg));
     for c in &checks {
         println!("{c}");
     }
@@ -223,7 +223,7 @@ pub fn doctor(config: Option<PathBuf>) -> anyhow::Result<bool> {
 /// one line saying why (exit 1).
 pub fn health(config: Option<PathBuf>) -> anyhow::Result<()> {
     let cfg = load(config)?;
-    let line = crate::ops::health::probe(&cfg).map_err(anyhow::Error::msg)?;
+    let line = cistern::ops::health::probe(&cfg).map_err(anyhow::Error::msg)?;
     println!("{line}");
     Ok(())
 }
