@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use bytes::Bytes;
 use tokio::sync::watch;
 
-use super::FetchError;
+use super::error::FetchError;
 use crate::store::{now_ms, Digest, KeyMeta};
 pub use head::Head;
 

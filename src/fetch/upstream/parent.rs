@@ -9,10 +9,10 @@ use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
+use super::super::error::FetchError;
 use super::connect::ReqBody;
 use super::proxy::{Inner, ProxyConnector};
 use crate::fetch::policy::host_of;
-use crate::fetch::FetchError;
 
 /// The connections to one parent gateway (its health is the director's).
 pub struct Parent {
