@@ -84,6 +84,8 @@ struct State {
     /// Position of each reader, for pass-through back-pressure.
     readers: HashMap<u64, u64>,
     next_reader: u64,
+    /// How fast the bytes arrive.
+    pace: rate::Pace,
 }
 
 pub struct Flight {
@@ -111,6 +113,7 @@ impl Flight {
                 meta: None,
                 readers: HashMap::new(),
                 next_reader: 0,
+                pace: rate::Pace::new(),
             }),
             tick: watch::channel(0).0,
         })
@@ -151,7 +154,7 @@ impl Flight {
             st.written = at;
             st.window_start = at;
         }
-        let _ = rate;
+        self.state().pace.seed(rate);
         self.bump();
     }
 
@@ -221,6 +224,12 @@ impl Flight {
         self.state().written
     }
 
+    /// Whether the fill has reached `offset`, or will at its recent pace within `within` (SPEC 4).
+    pub fn reaches_within(&self, offset: u64, within: std::time::Duration) -> bool {
+        let st = self.state();
+        st.verified || st.end.is_some() || st.pace.reaches(st.written, offset, within)
+    }
+
     pub fn reader_count(&self) -> usize {
         self.state().readers.len()
     }
@@ -230,6 +239,7 @@ impl Flight {
         {
             let mut st = self.state();
             for c in chunks {
+                st.pace.arrived(c.len() as u64);
                 let at = st.written;
                 st.written += c.len() as u64;
                 // Bytes in the mapped file are read from the mapping; the others from memory.
@@ -574,5 +584,6 @@ impl Drop for FlightReader {
 }
 
 mod head;
+mod rate;
 #[cfg(test)]
 mod tests;

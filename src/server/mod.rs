@@ -47,6 +47,9 @@ use crate::store::Store;
 use respond::Ask;
 use route::{FormKind, Route, Router};
 
+/// How soon a fill must reach a range's first byte for the range to be served from it (SPEC 4).
+const AHEAD: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Endpoints served by another module (ops) under cistern's own paths.
 pub trait OwnEndpoints: Send + Sync {
     /// Answers the request, or None when the path is not one of these endpoints.
@@ -306,7 +309,15 @@ impl App {
                 let open_range = !h.storing
                     && h.size.is_none()
                     && ask.range.is_some_and(|r| r.bounded().is_none());
-                if unsuited || open_range {
+                // A range the fill will not reach in about 2 s goes upstream as a range of its own
+                // (streamed, not stored) while the fill goes on (SPEC 4, "Resume").
+                let far_ahead = !head
+                    && h.status == StatusCode::OK
+                    && ask
+                        .range
+                        .and_then(|r| r.first_byte(h.size))
+                        .is_some_and(|at| !flight.reaches_within(at, AHEAD));
+                if unsuited || open_range || far_ahead {
                     drop(reader);
                     return self.bypass(m.clone(), &t).await;
                 }

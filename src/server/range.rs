@@ -76,6 +76,19 @@ impl ByteRange {
         }
     }
 
+    /// The first byte a 206 for this range would send, when that is known now: None for a range that is
+    /// unsatisfiable (or whole) at the size, and for a suffix range while the size is unknown.
+    pub fn first_byte(self, size: Option<u64>) -> Option<u64> {
+        match (self, size) {
+            (_, Some(size)) => match self.resolve(size) {
+                Resolved::Partial { start, .. } => Some(start),
+                _ => None,
+            },
+            (ByteRange::From { first, .. }, None) => Some(first),
+            (ByteRange::Suffix(_), None) => None,
+        }
+    }
+
     /// For an object whose size is not known yet: the bytes [start, end) when that can be served as they
     /// arrive (`a-b`); None when the size is needed first (`a-`, `-n`). A last byte of u64::MAX ends
     /// the range at u64::MAX (no object reaches it), unless that leaves it empty: then it too waits.
@@ -155,6 +168,10 @@ mod tests {
         assert_eq!(r("bytes=-5").resolve(0), Resolved::Whole);
         assert_eq!(r("bytes=10-19").bounded(), Some((10, 20)));
         assert_eq!(r("bytes=10-").bounded(), None);
+        assert_eq!(r("bytes=10-").first_byte(None), Some(10));
+        assert_eq!(r("bytes=-10").first_byte(None), None);
+        assert_eq!(r("bytes=-10").first_byte(Some(50)), Some(40));
+        assert_eq!(r("bytes=50-").first_byte(Some(50)), None);
         // Regression: a last byte of u64::MAX overflowed while the size was still unknown.
         let huge = format!("bytes=0-{}", u64::MAX);
         assert_eq!(r(&huge).bounded(), Some((0, u64::MAX)));

@@ -253,6 +253,7 @@ fn serve(
     };
     let total = full_body.len();
     let mut start = 0usize;
+    let mut end = total;
     let mut status = StatusCode::OK;
     if let Some(r) = req.headers().get("range").and_then(|v| v.to_str().ok()) {
         let if_range_ok = match (req.headers().get("if-range"), &etag) {
@@ -261,13 +262,13 @@ fn serve(
             (None, _) => true,
         };
         if !b.ignore_range && if_range_ok {
-            if let Some(a) = r.strip_prefix("bytes=").and_then(|x| x.strip_suffix('-')) {
-                start = a.parse().unwrap_or(0);
+            if let Some((a, b)) = byte_range(r, total) {
+                (start, end) = (a, b);
                 status = StatusCode::PARTIAL_CONTENT;
             }
         }
     }
-    let mut body_bytes = full_body.slice(start..);
+    let mut body_bytes = full_body.slice(start..end);
     let mut break_now = false;
     if let Some(n) = b.break_after {
         let mut sb = served_breaks.lock().unwrap();
@@ -280,7 +281,7 @@ fn serve(
     }
     let rate = b.rate;
     let chunk = b.chunk.unwrap_or(16 << 10);
-    let len = total - start;
+    let len = end - start;
     let sent = bytes_sent.clone();
     let stream =
         futures_util::stream::unfold((body_bytes, break_now, false), move |(rest, brk, done)| {
@@ -319,7 +320,7 @@ fn serve(
     if status == StatusCode::PARTIAL_CONTENT {
         h.insert(
             "content-range",
-            format!("bytes {start}-{}/{total}", total - 1)
+            format!("bytes {start}-{}/{total}", end.saturating_sub(1))
                 .parse()
                 .unwrap(),
         );
@@ -349,6 +350,17 @@ fn serve(
         h.insert("repr-digest", v.parse().unwrap());
     }
     r
+}
+
+/// `bytes=a-` and `bytes=a-b` (b clamped to the end) as [start, end); anything else is answered whole.
+fn byte_range(r: &str, total: usize) -> Option<(usize, usize)> {
+    let (a, b) = r.strip_prefix("bytes=")?.split_once('-')?;
+    let a = a.parse::<usize>().ok()?.min(total);
+    let b = match b {
+        "" => total,
+        b => b.parse::<usize>().ok()?.saturating_add(1),
+    };
+    Some((a, b.clamp(a, total)))
 }
 
 fn extra_headers(r: &mut Response<Body>, b: &Behaviour) {
