@@ -13,7 +13,6 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use common::*;
 use http_body_util::{BodyExt, Empty};
-use hyper_util::rt::TokioIo;
 
 fn stop(mut child: Child) {
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
@@ -47,12 +46,7 @@ async fn kill_at(child: Child, origin: &Origin, url: &str, at: usize) {
 /// A GET with headers, timing its response head: (status, head time, headers, body).
 async fn timed_get(url: &str, headers: &[(&str, &str)]) -> (u16, Duration, http::HeaderMap, Bytes) {
     let uri: http::Uri = url.parse().unwrap();
-    let addr = format!("{}:{}", uri.host().unwrap(), uri.port_u16().unwrap());
-    let sock = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(sock))
-        .await
-        .unwrap();
-    tokio::spawn(conn);
+    let mut sender = connect_to(&uri).await;
     let mut req = http::Request::get(uri.path()).header("host", uri.authority().unwrap().as_str());
     for (k, v) in headers {
         req = req.header(*k, *v);

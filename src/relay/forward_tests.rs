@@ -12,7 +12,6 @@ use super::{NextHop, Relay, Sent};
 use crate::fetch::policy::OriginPolicy;
 use crate::fetch::upstream::{connect, ClientConfig, UpstreamClient};
 use crate::fetch::{Ask, Director, Hop};
-use crate::relay::RelayConfig;
 
 /// A fake parent counting connections: `answer` true answers 202 to anything, false closes at once.
 async fn fake_parent(answer: bool) -> (String, Arc<AtomicUsize>) {
@@ -60,16 +59,7 @@ async fn wired(
         client_key: String::new(),
     };
     let client = UpstreamClient::new(&cfg, policy, d.clone()).unwrap();
-    let rc = RelayConfig {
-        node_id: "n1".into(),
-        batch_size: 10,
-        max_queue: 1 << 20,
-        max_store: 64 << 20,
-        max_report: 64 << 10,
-        history_per_device: 3,
-        max_backoff: std::time::Duration::from_secs(1),
-        dedup_entries: 100,
-    };
+    let rc = crate::relay::tests::cfg();
     let relay = Relay::open(dir, rc, Some(NextHop::Parents(d.clone()))).unwrap();
     (d, client, relay)
 }

@@ -1,7 +1,8 @@
 use super::*;
 use serde_json::json;
 
-fn cfg() -> RelayConfig {
+/// A small relay configuration for tests (also the forwarder's, `forward_tests.rs`).
+pub(super) fn cfg() -> RelayConfig {
     RelayConfig {
         node_id: "n1".into(),
         batch_size: 10,

@@ -226,14 +226,25 @@ pub async fn request(method: &str, url: &str, headers: &[(&str, &str)]) -> Got {
     request_body(method, url, headers, Bytes::new()).await
 }
 
-pub async fn request_body(method: &str, url: &str, headers: &[(&str, &str)], body: Bytes) -> Got {
-    let uri: http::Uri = url.parse().unwrap();
+/// A new HTTP/1.1 connection to the authority of `uri`, its driver spawned.
+pub async fn connect_to<B>(uri: &http::Uri) -> hyper::client::conn::http1::SendRequest<B>
+where
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let addr = format!("{}:{}", uri.host().unwrap(), uri.port_u16().unwrap());
     let sock = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(sock))
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(sock))
         .await
         .unwrap();
     tokio::spawn(conn);
+    sender
+}
+
+pub async fn request_body(method: &str, url: &str, headers: &[(&str, &str)], body: Bytes) -> Got {
+    let uri: http::Uri = url.parse().unwrap();
+    let mut sender = connect_to(&uri).await;
     let mut req = Request::builder()
         .method(method)
         .uri(uri.path_and_query().map(|p| p.as_str()).unwrap_or("/"));
