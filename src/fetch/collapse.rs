@@ -26,6 +26,16 @@ pub struct Selector {
     pub revalidation: bool,
 }
 
+impl Selector {
+    /// Whether this selector finds a fill of `key`: the key itself or one of its variants
+    /// (`<key>\u{1f}...`).
+    fn of_key(&self, key: &str) -> bool {
+        self.key
+            .strip_prefix(key)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with('\u{1f}'))
+    }
+}
+
 /// What asking the table gave.
 pub enum Ask {
     /// A fill in flight that the request may use.
@@ -146,15 +156,9 @@ impl Collapse {
     /// Returned so that the caller can wait for those already committing.
     pub fn invalidate(&self, key: &str) -> Vec<Arc<Flight>> {
         let mut t = lock(&self.table);
-        let of_key = |s: &Selector| {
-            s.key == key
-                || s.key
-                    .strip_prefix(key)
-                    .is_some_and(|rest| rest.starts_with('\u{1f}'))
-        };
         let mut gone: Vec<Arc<Flight>> = Vec::new();
         t.fills.retain(|s, f| {
-            if of_key(s) {
+            if s.of_key(key) {
                 gone.push(f.clone());
                 return false;
             }
@@ -223,11 +227,7 @@ impl Permit {
             }
         }
         let key = &self.key;
-        let left = t.fills.keys().any(|s| {
-            s.key == *key
-                || (s.key.starts_with(key.as_str()) && s.key[key.len()..].starts_with('\u{1f}'))
-        });
-        if !left {
+        if !t.fills.keys().any(|s| s.of_key(key)) {
             t.vary.remove(key);
         }
     }
