@@ -54,21 +54,89 @@ pub(super) struct Transfer {
     pub permit: Arc<Permit>,
 }
 
+/// The steps of a fill, in the shape of Varnish's `vbf_stp_*` (cache_fetch.c): each step is one
+/// method that returns the next, and every way a fill ends is `Done` with its `End`, reached only
+/// through `Transfer::steps`. A fill: waits for a slot, asks upstream (resuming a partial kept across a
+/// restart, or revalidating), takes the answer (whether to store it, the head published), reads the
+/// body, resumes it when it breaks, and verifies and commits it.
+enum Step {
+    /// Take one of `upstream.max_transfers` slots.
+    Slot,
+    /// Ask upstream: resume a kept partial, revalidate the stored copy, or request afresh.
+    Ask,
+    /// Upstream answered with a response to take (`fetch` in Varnish's terms).
+    Take(Box<Prior>, u64, HeaderMap),
+    /// The body's bytes are arriving.
+    Body(Box<Reading>),
+    /// The body broke (the reason said): resume it, or fail.
+    Resume(Box<Reading>, String),
+    /// Every byte arrived: verify, release the last byte to readers, commit.
+    Verify(Box<Reading>),
+    /// The fill ended.
+    Done(End),
+}
+
+/// A fill's body phase: what its reading, resuming and verifying steps carry between them.
+pub(super) struct Reading {
+    /// The request fields sent upstream (a resume adds Range and If-Range to them).
+    headers: HeaderMap,
+    body: Incoming,
+    sink: Sink,
+    /// The response whose bytes are being taken.
+    now: Answered,
+    /// Resumes so far.
+    attempts: u32,
+    /// Bytes of a restarted transfer still to be compared with those already held.
+    compare_until: u64,
+}
+
 impl Transfer {
     pub async fn run(self) {
         let span = tracing::info_span!("transfer", key = %self.target.key);
         let flight = self.flight.clone();
         let permit = self.permit.clone();
         let fetcher = self.fetcher.clone();
-        let end = match self.slot().await {
-            Ok(_slot) => tracing::Instrument::instrument(self.transfer(), span).await,
-            Err(end) => end,
-        };
+        let end = tracing::Instrument::instrument(self.steps(), span).await;
         if let End::Failed(e) = &end {
             fetcher.count_error(e);
         }
         flight.finish(end);
         drop(permit);
+    }
+
+    /// Runs the fill's steps to their end.
+    async fn steps(self) -> End {
+        let started = std::time::Instant::now();
+        // The upstream slot, held from the first request to the end of the fill.
+        let mut _slot = None;
+        let mut step = Step::Slot;
+        loop {
+            step = match step {
+                Step::Slot => match self.slot().await {
+                    Ok(slot) => {
+                        _slot = Some(slot);
+                        Step::Ask
+                    }
+                    Err(end) => Step::Done(end),
+                },
+                Step::Ask => self.ask().await,
+                Step::Take(prior, request_ms, headers) => {
+                    self.take(headers, *prior, request_ms).await
+                }
+                Step::Body(r) => self.read(r).await,
+                Step::Resume(r, why) => self.resume_body(r, why).await,
+                Step::Verify(r) => Step::Done(self.finish(r.sink, &r.now).await),
+                Step::Done(end) => {
+                    let secs = started.elapsed().as_secs_f64();
+                    match &end {
+                        End::Complete(d) => tracing::info!(digest = %d, secs, "transfer complete"),
+                        End::Failed(e) => tracing::warn!(error = %e, secs, "transfer failed"),
+                        _ => {}
+                    }
+                    return end;
+                }
+            }
+        }
     }
 
     /// One of `upstream.max_transfers` slots, held for the whole transfer. A miss waits for one up to
@@ -93,8 +161,9 @@ impl Transfer {
         }
     }
 
-    async fn transfer(self) -> End {
-        let started = std::time::Instant::now();
+    /// The request fields of the fill: the client's end-to-end ones, and the stored copy's validators
+    /// when this is a revalidation.
+    fn request_headers(&self) -> HeaderMap {
         let mut headers = self.fetcher.fill_headers(&self.target);
         if let Some(stale) = &self.stale {
             let validators = [
@@ -114,19 +183,25 @@ impl Transfer {
                 .revalidations
                 .fetch_add(1, Ordering::Relaxed);
         }
+        headers
+    }
+
+    /// Asks upstream: a partial kept across a restart is resumed; otherwise the request goes out
+    /// (conditional for a revalidation). Besides 200s, a cacheable status is taken only when it can
+    /// serve again: it has freshness or a validator (an origin's bare 404 page is passed on, not
+    /// stored: SPEC 4).
+    async fn ask(&self) -> Step {
+        let mut headers = self.request_headers();
         let mut request_ms = now_ms();
         let resp = match self.resume_partial(&headers).await {
-            FromPartial::Resumed(prior) => return self.fill(headers, *prior, request_ms).await,
+            FromPartial::Resumed(prior) => return Step::Take(prior, request_ms, headers),
             FromPartial::Fresh(r) => r,
             FromPartial::None => match self.answer(&mut headers, &mut request_ms).await {
                 Ok(r) => r,
-                Err(end) => return end,
+                Err(end) => return Step::Done(end),
             },
         };
-        let status = resp.status();
-        // Besides 200s, a cacheable status is kept only when it can serve again: it has freshness or
-        // a validator (an origin's bare 404 page is passed on, not stored: SPEC 4).
-        let h = resp.headers();
+        let (status, h) = (resp.status(), resp.headers());
         let reusable = freshness::lifetime(status, h) > 0
             || h.contains_key(http::header::ETAG)
             || h.contains_key(http::header::LAST_MODIFIED);
@@ -135,102 +210,9 @@ impl Transfer {
                 && status != StatusCode::PARTIAL_CONTENT
                 && reusable);
         if !cacheable {
-            return End::Failed(error_status(resp).await);
+            return Step::Done(End::Failed(error_status(resp).await));
         }
-        let end = self.fill(headers, Prior::fresh(resp), request_ms).await;
-        let secs = started.elapsed().as_secs_f64();
-        match &end {
-            End::Complete(d) => tracing::info!(digest = %d, secs, "transfer complete"),
-            End::Failed(e) => tracing::warn!(error = %e, secs, "transfer failed"),
-            _ => {}
-        }
-        end
-    }
-
-    /// The upstream's answer to the fill, or how the transfer ends without one: a revalidation's 304
-    /// (the stored response is fresh again), or its failure (the stored copy may be served stale). A 304
-    /// that does not select the stored response (another ETag: RFC 9111 §4.3.4) updates nothing, and the
-    /// object is asked for again, unconditionally: what is stored is not what the upstream now serves.
-    async fn answer(
-        &self,
-        headers: &mut HeaderMap,
-        request_ms: &mut u64,
-    ) -> Result<Response<Incoming>, End> {
-        let mut conditional = self.stale.is_some();
-        // At most twice: the second request is unconditional, so its 304 is not taken as one.
-        for _ in 0..2 {
-            *request_ms = now_ms();
-            let resp = self.upstream(headers).await;
-            let Some(stale) = &self.stale else {
-                return resp.map_err(End::Failed);
-            };
-            match resp {
-                Ok(r) if r.status() == StatusCode::NOT_MODIFIED && conditional => {
-                    let m = &stale.meta;
-                    let (etag, lm) = (m.etag.as_deref(), m.last_modified.as_deref());
-                    if headers::selects(etag, lm, r.headers()) {
-                        return Err(self.revalidated(stale, r.headers(), *request_ms).await);
-                    }
-                    tracing::warn!(
-                        stored = ?etag,
-                        got = ?r.headers().get(http::header::ETAG),
-                        "a 304 names another validator than the stored response's; fetching again"
-                    );
-                    headers.remove(http::header::IF_NONE_MATCH);
-                    headers.remove(http::header::IF_MODIFIED_SINCE);
-                    conditional = false;
-                }
-                Ok(r) if r.status().is_server_error() => {
-                    tracing::warn!(status = %r.status(), "revalidation failed");
-                    let why = format!("upstream answered {}", r.status());
-                    return Err(End::ServeStale(stale.digest, why));
-                }
-                Err(
-                    e @ (FetchError::Unreachable(_)
-                    | FetchError::Timeout(_)
-                    | FetchError::BadResponse(_)),
-                ) => {
-                    tracing::warn!(error = %e, "revalidation failed");
-                    return Err(End::ServeStale(stale.digest, e.to_string()));
-                }
-                other => return other.map_err(End::Failed),
-            }
-        }
-        Err(End::Failed(FetchError::Internal(
-            "no answer after an unconditional request".into(),
-        )))
-    }
-
-    /// A 304 to a revalidation: the stored header block takes the 304's fields and the key its new
-    /// freshness (RFC 9111 §3.2, §4.3.4).
-    async fn revalidated(&self, stale: &KeyEntry, h: &HeaderMap, request_ms: u64) -> End {
-        let merged = headers::to_map(&headers::updated_by(&stale.meta.headers, h));
-        let mut meta = freshness::key_meta(freshness::Received {
-            status: StatusCode::from_u16(stale.meta.status).unwrap_or(StatusCode::OK),
-            headers: &merged,
-            immutable: self.target.immutable,
-            request_ms,
-            response_ms: now_ms(),
-            vary: stale.meta.vary.clone(),
-        });
-        meta.initial_age = freshness::initial_age(h, request_ms, meta.fetched_at);
-        meta.etag = meta.etag.or(stale.meta.etag.clone());
-        meta.last_modified = meta.last_modified.or(stale.meta.last_modified.clone());
-        let store = self.fetcher.store().clone();
-        let keys = self.fetcher.keys_for(&self.target.key, &meta.vary);
-        let d = stale.digest;
-        // The key records are appended and synced to disk: off the runtime's worker threads.
-        let refreshed = tokio::task::spawn_blocking(move || {
-            for key in keys {
-                if store.lookup(&key).is_some_and(|e| e.digest == d) {
-                    let _ = store.refresh_key(&key, meta.clone());
-                }
-            }
-        });
-        if let Err(e) = refreshed.await {
-            tracing::error!(error = %e, "recording a revalidation failed");
-        }
-        End::Revalidated(d)
+        Step::Take(Box::new(Prior::fresh(resp)), request_ms, headers)
     }
 
     /// Asks upstream (the parents, or the origin) for the target.
@@ -288,7 +270,9 @@ impl Transfer {
             && !(self.fetcher.config().require_digest && digest.is_none())
     }
 
-    async fn fill(&self, headers: HeaderMap, start: Prior, request_ms: u64) -> End {
+    /// Takes upstream's answer: whether it is stored (a fill begun, or the partial's kept), the head
+    /// published to the clients waiting, then on to its body.
+    async fn take(&self, headers: HeaderMap, start: Prior, request_ms: u64) -> Step {
         let store = self.fetcher.store();
         let (h, status, held) = (start.headers, start.status, start.held);
         let size = content_length(&h);
@@ -330,64 +314,86 @@ impl Transfer {
             fill,
             written: held,
         };
-        let answered = Answered {
+        let now = Answered {
             h,
             head,
             request_ms,
             response_ms: now_ms(),
         };
-        self.body(headers, start.body, sink, answered).await
+        Step::Body(Box::new(Reading {
+            headers,
+            body: start.body,
+            sink,
+            now,
+            attempts: 0,
+            compare_until: 0,
+        }))
     }
 
-    /// Reads the body to its end, resuming it when it breaks, then verifies and stores it.
-    async fn body(
-        &self,
-        mut headers: HeaderMap,
-        mut body: Incoming,
-        mut sink: Sink,
-        mut now: Answered,
-    ) -> End {
-        let (status, size) = (now.head.status, now.head.size);
-        let mut attempts = 0u32;
-        // Bytes of a restarted transfer still to be compared with those already held.
-        let mut compare_until = 0u64;
-        loop {
-            // A body is complete only when its framing says so: hyper ends a Content-Length body at its
-            // length and a chunked one at its last chunk, and reports either cut short as an error; a
-            // close-delimited body ends at a clean close. Anything else is broken, and a broken body
-            // is never read again: it is resumed from a new response, or the transfer fails.
-            let msg = match self.pump(&mut body, &mut sink, &mut compare_until).await {
-                BodyEnd::NoReaders => {
-                    return End::Failed(FetchError::Internal(
-                        "every client left a pass-through transfer".into(),
-                    ))
-                }
-                BodyEnd::Complete if size.is_none_or(|s| s == sink.written) => break,
-                BodyEnd::Complete => format!(
-                    "body ended at {} of {} bytes",
-                    sink.written,
-                    size.unwrap_or(0)
-                ),
-                BodyEnd::Broken(msg) => msg,
-            };
-            if status != StatusCode::OK {
-                return End::Failed(FetchError::Unreachable(format!(
-                    "the {status} body broke: {msg}"
-                )));
+    /// Reads the body until it ends or breaks. A body is complete only when its framing says so: hyper
+    /// ends a Content-Length body at its length and a chunked one at its last chunk, and reports either
+    /// cut short as an error; a close-delimited body ends at a clean close. Anything else is broken, and
+    /// a broken body is never read again: it is resumed from a new response, or the fill fails.
+    async fn read(&self, mut r: Box<Reading>) -> Step {
+        let size = r.now.head.size;
+        let Reading {
+            body,
+            sink,
+            compare_until,
+            ..
+        } = &mut *r;
+        let why = match self.pump(body, sink, compare_until).await {
+            BodyEnd::NoReaders => {
+                return Step::Done(End::Failed(FetchError::Internal(
+                    "every client left a pass-through transfer".into(),
+                )))
             }
-            let v = now.validator();
-            let resumed = self
-                .resume(&mut headers, &mut attempts, &msg, v.as_deref(), &sink, size)
-                .await;
-            match resumed {
-                Err(e) => return End::Failed(e),
-                Ok(Resumed::Continue(b)) => body = b,
-                Ok(Resumed::Restart(resp, request_ms)) => {
-                    body = self.restart(resp, request_ms, &mut sink, &mut compare_until, &mut now);
-                }
+            BodyEnd::Complete if size.is_none_or(|s| s == r.sink.written) => {
+                return Step::Verify(r)
+            }
+            BodyEnd::Complete => format!(
+                "body ended at {} of {} bytes",
+                r.sink.written,
+                size.unwrap_or(0)
+            ),
+            BodyEnd::Broken(msg) => msg,
+        };
+        Step::Resume(r, why)
+    }
+
+    /// The body broke: a 200's is resumed (a 206 that continues it, or a 200 that restarts it); any
+    /// other status's fails the fill.
+    async fn resume_body(&self, mut r: Box<Reading>, why: String) -> Step {
+        let (status, size) = (r.now.head.status, r.now.head.size);
+        if status != StatusCode::OK {
+            return Step::Done(End::Failed(FetchError::Unreachable(format!(
+                "the {status} body broke: {why}"
+            ))));
+        }
+        let v = r.now.validator();
+        let Reading {
+            headers,
+            attempts,
+            sink,
+            ..
+        } = &mut *r;
+        let resumed = self
+            .resume(headers, attempts, &why, v.as_deref(), sink, size)
+            .await;
+        match resumed {
+            Err(e) => return Step::Done(End::Failed(e)),
+            Ok(Resumed::Continue(b)) => r.body = b,
+            Ok(Resumed::Restart(resp, request_ms)) => {
+                let Reading {
+                    sink,
+                    compare_until,
+                    now,
+                    ..
+                } = &mut *r;
+                r.body = self.restart(resp, request_ms, sink, compare_until, now);
             }
         }
-        self.finish(sink, &now).await
+        Step::Body(r)
     }
 
     /// The body is whole: verify it, release the last byte, store it.
@@ -472,4 +478,5 @@ async fn error_status(resp: Response<Incoming>) -> FetchError {
 }
 
 mod body;
+mod condfetch;
 mod restart;
