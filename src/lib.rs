@@ -59,10 +59,9 @@ pub fn open_store(cfg: &Config) -> anyhow::Result<Store> {
 async fn trust_edge_bundle(cfg: &mut Config, w: &server::edge::Workload) {
     match w.trust_bundle().await {
         Ok(pem) => {
-            let mut all = if cfg.upstream.ca_file.is_empty() {
-                String::new()
-            } else {
-                std::fs::read_to_string(&cfg.upstream.ca_file).unwrap_or_default()
+            let mut all = match &cfg.upstream.ca_file {
+                None => String::new(),
+                Some(f) => std::fs::read_to_string(f).unwrap_or_default(),
             };
             all.push('\n');
             all.push_str(&pem);
@@ -70,7 +69,7 @@ async fn trust_edge_bundle(cfg: &mut Config, w: &server::edge::Workload) {
             let written =
                 std::fs::create_dir_all(&cfg.store.dir).and_then(|_| std::fs::write(&path, all));
             match written {
-                Ok(()) => cfg.upstream.ca_file = path.display().to_string(),
+                Ok(()) => cfg.upstream.ca_file = Some(path),
                 Err(e) => tracing::warn!(error = %e, "cannot write the IoT Edge trust bundle"),
             }
         }
@@ -86,9 +85,9 @@ async fn open_relay(cfg: &Config, director: &Arc<Director>) -> anyhow::Result<re
     let next_hop = if !s.forward_to.is_empty() {
         let token = if !s.forward_token.is_empty() {
             Some(s.forward_token.clone())
-        } else if !s.forward_token_file.is_empty() {
-            let t = std::fs::read_to_string(&s.forward_token_file)
-                .with_context(|| format!("status.forward_token_file {}", s.forward_token_file))?;
+        } else if let Some(f) = &s.forward_token_file {
+            let t = std::fs::read_to_string(f)
+                .with_context(|| format!("status.forward_token_file {}", f.display()))?;
             Some(t.trim().to_string())
         } else {
             None
@@ -217,15 +216,16 @@ async fn bind(
     let tls = if s.tls_listen.is_empty() {
         None
     } else {
-        let acceptor = match (workload, s.tls_cert.is_empty()) {
-            (Some(w), true) => {
+        let acceptor = match (workload, &s.tls_cert, &s.tls_key) {
+            (Some(w), None, _) => {
                 let resolver = server::edge::renewing_resolver(w.clone())
                     .await
                     .map_err(|e| anyhow::anyhow!("server.tls_listen: {e}"))?;
                 server::edge::acceptor(resolver).map_err(anyhow::Error::msg)?
             }
-            _ => server::tls_acceptor(&s.tls_cert, &s.tls_key, &s.client_ca)
+            (_, Some(cert), Some(key)) => server::tls_acceptor(cert, key, s.client_ca.as_deref())
                 .map_err(anyhow::Error::msg)?,
+            _ => anyhow::bail!("server.tls_listen needs server.tls_cert and server.tls_key"),
         };
         Some((s.tls_listen.as_str(), acceptor))
     };
@@ -287,9 +287,9 @@ fn start_forwarder(
 ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
     use fetch::upstream::connect;
     let tls = connect::tls_config(connect::Trust {
-        ca_file: &cfg.upstream.ca_file,
-        client_cert: &cfg.upstream.client_cert,
-        client_key: &cfg.upstream.client_key,
+        ca_file: cfg.upstream.ca_file.as_deref(),
+        client_cert: cfg.upstream.client_cert.as_deref(),
+        client_key: cfg.upstream.client_key.as_deref(),
     })
     .map_err(anyhow::Error::msg)?;
     let client = connect::simple_client(tls, Some(cfg.upstream.connect_timeout.0));
@@ -332,6 +332,8 @@ impl Serving {
         let spent = stop_at.get().map_or(grace, |t| t.elapsed());
         if !self.fetcher.drain(grace.saturating_sub(spent)).await {
             tracing::warn!("transfers still running at the end of the shutdown grace period");
+            // Cut off with the runtime: each keeps what it holds, to resume after the restart.
+            self.store.keep_partials_at_stop();
         }
         flush_task.abort();
         for t in self.background {

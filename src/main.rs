@@ -102,8 +102,8 @@ struct RemoteArgs {
     #[arg(long)]
     token_file: Option<PathBuf>,
     /// Extra CA bundle to trust the gateway's certificate.
-    #[arg(long, default_value = "")]
-    ca_file: String,
+    #[arg(long)]
+    ca_file: Option<PathBuf>,
 }
 
 impl RemoteArgs {
@@ -113,7 +113,7 @@ impl RemoteArgs {
             Some(s) => Ok(Some(Remote::new(
                 s,
                 self.token_file.as_deref(),
-                &self.ca_file,
+                self.ca_file.as_deref(),
             )?)),
         }
     }

@@ -123,8 +123,8 @@ async fn tls_node(
     let top_dir = tempfile::tempdir().unwrap();
     let mut cfg = config(top_dir.path(), origin, "");
     cfg.server.tls_listen = "127.0.0.1:0".into();
-    cfg.server.tls_cert = cert.display().to_string();
-    cfg.server.tls_key = key.display().to_string();
+    cfg.server.tls_cert = Some(cert.clone());
+    cfg.server.tls_key = Some(key.clone());
     let top = Node::start_with(cfg).await;
     let tls_addr = top.gw.as_ref().unwrap().tls_addr.unwrap();
     let mut top = top;
@@ -143,7 +143,7 @@ async fn a_child_reaches_its_parent_over_tls() {
     let mut cfg = config(child_dir.path(), &origin, "");
     cfg.node.id = "child".into();
     cfg.upstream.parents = vec![format!("https://127.0.0.1:{}", tls_addr.port())];
-    cfg.upstream.ca_file = cert.display().to_string();
+    cfg.upstream.ca_file = Some(cert.clone());
     let child = Node::start_with(cfg).await;
     let g = get(&child.url("/o/t/tls.bin")).await;
     assert_eq!(g.status, 200, "{:?}", g.body);
@@ -253,7 +253,7 @@ async fn https_origins_are_reached_through_a_connect_tunnel_of_the_site_proxy() 
         cfg.origins[0].url = format!("https://127.0.0.1:{}/o/t", tls_addr.port());
         cfg.upstream.allowed_origins = vec![format!("127.0.0.1:{}", tls_addr.port())];
         cfg.upstream.proxy = format!("http://{proxy}");
-        cfg.upstream.ca_file = ca.map(|c| c.display().to_string()).unwrap_or_default();
+        cfg.upstream.ca_file = ca.map(|c| c.to_path_buf());
         (cfg, dir)
     };
     let (cfg, dir) = node_with(Some(&cert));

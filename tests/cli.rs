@@ -366,8 +366,8 @@ async fn health_probes_the_tls_listener_when_there_is_no_plain_one() {
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = config(dir.path(), &origin, "");
     cfg.server.tls_listen = "127.0.0.1:0".into();
-    cfg.server.tls_cert = cert.display().to_string();
-    cfg.server.tls_key = key.display().to_string();
+    cfg.server.tls_cert = Some(cert.clone());
+    cfg.server.tls_key = Some(key.clone());
     let node = Node::start_with(cfg).await;
     let tls = node.gw.as_ref().unwrap().tls_addr.unwrap().to_string();
     let (cert, key) = (cert.display().to_string(), key.display().to_string());

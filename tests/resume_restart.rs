@@ -31,6 +31,12 @@ fn slow(etag: &str, rate: u64) -> Behaviour {
 /// Starts a full download of `url` and kills `child` once the origin sent `at` bytes; returns when
 /// the process is gone.
 async fn kill_at(child: Child, origin: &Origin, url: &str, at: usize) {
+    cut_at(child, origin, url, at, kill9).await
+}
+
+/// Starts a full download of `url` and stops `child` with `cut` once the origin sent `at` bytes;
+/// returns when the process is gone.
+async fn cut_at(child: Child, origin: &Origin, url: &str, at: usize, cut: fn(Child)) {
     let client = tokio::spawn({
         let url = url.to_string();
         async move { get(&url).await }
@@ -39,7 +45,7 @@ async fn kill_at(child: Child, origin: &Origin, url: &str, at: usize) {
         origin.bytes_sent.load(Ordering::Relaxed) >= at
     })
     .await;
-    kill9(child);
+    cut(child);
     let _ = client.await;
 }
 
@@ -73,15 +79,30 @@ fn blob(tmp: &std::path::Path, body: &[u8]) -> std::path::PathBuf {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fill_killed_late_resumes_after_the_restart() {
+    resumes_after_a_restart(kill9).await;
+}
+
+/// A graceful stop whose grace period ends before the fill does keeps the fill's bytes as a crash
+/// would (regression: the fill was dropped with the runtime and its partial removed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fill_cut_off_by_a_graceful_stop_resumes_after_the_restart() {
+    resumes_after_a_restart(stop).await;
+}
+
+/// A slow fill cut off at 75 % by `cut`, cistern started again, and a client resuming near the end.
+async fn resumes_after_a_restart(cut: fn(Child)) {
     let origin = Origin::start().await;
     let size = 16usize << 20;
     let body = random_bytes(size, 41);
     origin.put("/big.bin", body.clone(), slow("\"v1\"", 2 << 20));
     let tmp = tempfile::tempdir().unwrap();
     let (conf, port) = binary_config(tmp.path(), &origin);
+    let text = std::fs::read_to_string(&conf).unwrap();
+    let text = text.replace("[server]\n", "[server]\nshutdown_grace = \"1s\"\n");
+    std::fs::write(&conf, text).unwrap();
     let url = format!("http://127.0.0.1:{port}/o/t/big.bin");
     let child = start_binary(&conf, port).await;
-    kill_at(child, &origin, &url, size * 3 / 4).await;
+    cut_at(child, &origin, &url, size * 3 / 4, cut).await;
     let sent_before = origin.bytes_sent.load(Ordering::Relaxed);
 
     let child = start_binary(&conf, port).await;

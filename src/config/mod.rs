@@ -3,6 +3,7 @@
 //! code receives typed values. This module calls no other cistern module.
 
 mod env;
+mod path;
 mod reference;
 mod units;
 
@@ -70,12 +71,16 @@ pub struct Node {
 pub struct Server {
     pub listen: String,
     pub tls_listen: String,
-    pub tls_cert: String,
-    pub tls_key: String,
-    pub client_ca: String,
+    #[serde(with = "path")]
+    pub tls_cert: Option<PathBuf>,
+    #[serde(with = "path")]
+    pub tls_key: Option<PathBuf>,
+    #[serde(with = "path")]
+    pub client_ca: Option<PathBuf>,
     pub allowed_clients: Vec<ipnet::IpNet>,
     pub admin_token: String,
-    pub admin_token_file: String,
+    #[serde(with = "path")]
+    pub admin_token_file: Option<PathBuf>,
     pub max_connections: usize,
     pub allow_connect: bool,
     pub shutdown_grace: Span,
@@ -91,12 +96,12 @@ impl Default for Server {
         Server {
             listen: "0.0.0.0:8080".into(),
             tls_listen: String::new(),
-            tls_cert: String::new(),
-            tls_key: String::new(),
-            client_ca: String::new(),
+            tls_cert: None,
+            tls_key: None,
+            client_ca: None,
             allowed_clients: Vec::new(),
             admin_token: String::new(),
-            admin_token_file: String::new(),
+            admin_token_file: None,
             max_connections: 10_000,
             allow_connect: false,
             shutdown_grace: Span::secs(10),
@@ -138,9 +143,12 @@ pub struct Upstream {
     pub allow_direct: bool,
     pub allowed_origins: Vec<String>,
     pub origin_scheme: String,
-    pub ca_file: String,
-    pub client_cert: String,
-    pub client_key: String,
+    #[serde(with = "path")]
+    pub ca_file: Option<PathBuf>,
+    #[serde(with = "path")]
+    pub client_cert: Option<PathBuf>,
+    #[serde(with = "path")]
+    pub client_key: Option<PathBuf>,
     pub proxy: String,
     pub connect_timeout: Span,
     pub idle_timeout: Span,
@@ -168,9 +176,9 @@ impl Default for Upstream {
                 "*.download.windowsupdate.com",
             ]),
             origin_scheme: "http".into(),
-            ca_file: String::new(),
-            client_cert: String::new(),
-            client_key: String::new(),
+            ca_file: None,
+            client_cert: None,
+            client_key: None,
             proxy: String::new(),
             connect_timeout: Span::secs(10),
             idle_timeout: Span::secs(60),
@@ -200,7 +208,8 @@ pub struct Origin {
 pub struct Status {
     pub forward_to: String,
     pub forward_token: String,
-    pub forward_token_file: String,
+    #[serde(with = "path")]
+    pub forward_token_file: Option<PathBuf>,
     pub batch_size: usize,
     pub max_queue: ByteSize,
     /// Everything the relay keeps (queue, history, dedup records, set-aside reports); 507 beyond.
@@ -217,7 +226,7 @@ impl Default for Status {
         Status {
             forward_to: String::new(),
             forward_token: String::new(),
-            forward_token_file: String::new(),
+            forward_token_file: None,
             batch_size: 500,
             max_queue: ByteSize(1 << 30),
             max_store: ByteSize(2 << 30),
@@ -344,7 +353,7 @@ impl Config {
             }
         }
         if !self.server.tls_listen.is_empty()
-            && (self.server.tls_cert.is_empty() || self.server.tls_key.is_empty())
+            && (self.server.tls_cert.is_none() || self.server.tls_key.is_none())
             && std::env::var("IOTEDGE_WORKLOADURI").is_err()
         {
             return Err(invalid(
@@ -442,7 +451,7 @@ impl Config {
     pub fn admin_token(&self) -> Result<Option<String>, ConfigError> {
         secret(
             &self.server.admin_token,
-            &self.server.admin_token_file,
+            self.server.admin_token_file.as_deref(),
             "server.admin_token_file",
         )
     }
@@ -459,14 +468,15 @@ impl Config {
     }
 }
 
-fn secret(inline: &str, file: &str, key: &str) -> Result<Option<String>, ConfigError> {
+fn secret(inline: &str, file: Option<&Path>, key: &str) -> Result<Option<String>, ConfigError> {
     if !inline.is_empty() {
         return Ok(Some(inline.to_string()));
     }
-    if file.is_empty() {
+    let Some(file) = file else {
         return Ok(None);
-    }
-    let t = std::fs::read_to_string(file).map_err(|e| invalid(key, format!("{file}: {e}")))?;
+    };
+    let t = std::fs::read_to_string(file)
+        .map_err(|e| invalid(key, format!("{}: {e}", file.display())))?;
     let t = t.trim().to_string();
     Ok((!t.is_empty()).then_some(t))
 }

@@ -421,9 +421,9 @@ async fn listener_check(listen: &str, timeout: Duration) -> Check {
 /// The upstream trust the gateway itself uses.
 fn trust(u: &Upstream) -> connect::Trust<'_> {
     connect::Trust {
-        ca_file: &u.ca_file,
-        client_cert: &u.client_cert,
-        client_key: &u.client_key,
+        ca_file: u.ca_file.as_deref(),
+        client_cert: u.client_cert.as_deref(),
+        client_key: u.client_key.as_deref(),
     }
 }
 

@@ -28,7 +28,11 @@ pub struct Remote {
 }
 
 impl Remote {
-    pub fn new(server: &str, token_file: Option<&Path>, ca_file: &str) -> anyhow::Result<Remote> {
+    pub fn new(
+        server: &str,
+        token_file: Option<&Path>,
+        ca_file: Option<&Path>,
+    ) -> anyhow::Result<Remote> {
         let base: Uri = server
             .parse()
             .with_context(|| format!("--server `{server}` is not a URL"))?;

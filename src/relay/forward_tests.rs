@@ -53,10 +53,10 @@ async fn wired(
     let cfg = ClientConfig {
         connect_timeout: std::time::Duration::from_secs(2),
         idle_timeout: std::time::Duration::from_secs(2),
-        ca_file: String::new(),
+        ca_file: None,
         proxy: String::new(),
-        client_cert: String::new(),
-        client_key: String::new(),
+        client_cert: None,
+        client_key: None,
     };
     let client = UpstreamClient::new(&cfg, policy, d.clone()).unwrap();
     let rc = crate::relay::tests::cfg();

@@ -3,7 +3,7 @@
 //! `CHECK_EVERY`); connections already open keep their session; a new pair that does not load (a
 //! half-written file, a key that does not match) is logged and the old certificate kept.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
 
@@ -17,16 +17,19 @@ const CHECK_EVERY: Duration = Duration::from_secs(5);
 
 /// Builds the TLS acceptor from PEM files; with `client_ca`, clients must present a certificate it
 /// signed (mTLS). The certificate is reloaded when its files change, for as long as the acceptor lives.
-pub fn tls_acceptor(cert: &str, key: &str, client_ca: &str) -> Result<TlsAcceptor, String> {
+pub fn tls_acceptor(
+    cert: &Path,
+    key: &Path,
+    client_ca: Option<&Path>,
+) -> Result<TlsAcceptor, String> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let resolver = Arc::new(Reloading::load(cert, key, provider.clone())?);
     let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
         .map_err(|e| e.to_string())?;
-    let builder = if client_ca.is_empty() {
-        builder.with_no_client_auth()
-    } else {
-        let ca = |e: &dyn std::fmt::Display| format!("server.client_ca {client_ca}: {e}");
+    let builder = if let Some(client_ca) = client_ca {
+        let ca =
+            |e: &dyn std::fmt::Display| format!("server.client_ca {}: {e}", client_ca.display());
         let pem = std::fs::read(client_ca).map_err(|e| ca(&e))?;
         let mut roots = rustls::RootCertStore::empty();
         for c in rustls_pemfile::certs(&mut pem.as_slice()) {
@@ -37,6 +40,8 @@ pub fn tls_acceptor(cert: &str, key: &str, client_ca: &str) -> Result<TlsAccepto
                 .build()
                 .map_err(|e| ca(&e))?;
         builder.with_client_cert_verifier(verifier)
+    } else {
+        builder.with_no_client_auth()
     };
     let cfg = builder.with_cert_resolver(resolver.clone());
     if let Ok(rt) = tokio::runtime::Handle::try_current() {
@@ -59,8 +64,8 @@ struct Reloading {
 type Stamp = [Option<(SystemTime, u64)>; 2];
 
 impl Reloading {
-    fn load(cert: &str, key: &str, provider: Arc<CryptoProvider>) -> Result<Reloading, String> {
-        let (cert, key) = (PathBuf::from(cert), PathBuf::from(key));
+    fn load(cert: &Path, key: &Path, provider: Arc<CryptoProvider>) -> Result<Reloading, String> {
+        let (cert, key) = (cert.to_path_buf(), key.to_path_buf());
         let stamp = stamp_of(&cert, &key);
         let ck = certified_key(&cert, &key, &provider)?;
         Ok(Reloading {

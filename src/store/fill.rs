@@ -291,7 +291,7 @@ fn allocate(file: &File, len: u64) -> std::io::Result<bool> {
 
 impl Drop for Fill {
     fn drop(&mut self) {
-        if !self.committed {
+        if !self.committed && !self.park_at_stop() {
             let _ = std::fs::remove_file(&self.path);
             self.drop_partial();
             self.store.release(self.reserved, self.on_disk);

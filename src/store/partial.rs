@@ -63,6 +63,9 @@ struct Parked {
 pub(super) struct Partials {
     parked: HashMap<String, Parked>,
     live: HashSet<String>,
+    /// The gateway is stopping and the fills still running are cut off: each keeps its partial
+    /// (bytes synced, record raised to them) instead of removing it, as a crash would have.
+    stopping: bool,
 }
 
 /// The file name of a key's partial.
@@ -71,6 +74,12 @@ fn id_of(key: &str) -> String {
 }
 
 impl Store {
+    /// The gateway is stopping without waiting for the fills still running: from now on a fill that
+    /// ends uncommitted keeps its partial, to be resumed after the restart (SPEC 4, "Resume").
+    pub fn keep_partials_at_stop(&self) {
+        self.partials().stopping = true;
+    }
+
     fn partial_dir(&self) -> PathBuf {
         self.shared.budget.dir.join("partial")
     }
@@ -285,6 +294,36 @@ impl Fill {
         if let Err(e) = synced {
             tracing::warn!(error = %e, "partial fill record not updated; it is no longer kept");
             self.drop_partial();
+        }
+    }
+
+    /// At a stop that cuts this fill off (`Store::keep_partials_at_stop`), keeps the bytes it holds
+    /// as its partial: synced, and its record raised to them. False when there is none to keep, or
+    /// it could not be written (the fill then removes it as usual).
+    pub(super) fn park_at_stop(&mut self) -> bool {
+        if !self.store.partials().stopping {
+            return false;
+        }
+        let Some(t) = self.partial.as_mut() else {
+            return false;
+        };
+        t.record.valid = self.len;
+        t.record.updated_ms = now_ms();
+        let path = self.store.partial_dir().join(format!("{}.json", t.id));
+        let kept = self
+            .file
+            .sync_data()
+            .and_then(|_| t.partial_json())
+            .and_then(|j| write_atomic(&path, &j));
+        match kept {
+            Ok(()) => {
+                tracing::info!(key = %t.record.key, bytes = self.len, "stopping: fill kept as a partial");
+                true
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "stopping: partial fill not kept");
+                false
+            }
         }
     }
 

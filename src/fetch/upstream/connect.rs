@@ -9,6 +9,7 @@
 //! (`ops::health`'s probe of this process's own loopback listener is deliberately not built here: it
 //! verifies no certificate, and that must not be a setting of upstream TLS.)
 
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -33,12 +34,12 @@ pub fn empty_body() -> ReqBody {
 pub type Https<R = GaiResolver> = hyper_rustls::HttpsConnector<HttpConnector<R>>;
 
 /// Where a connection's certificates come from: `upstream.ca_file`, `upstream.client_cert` and
-/// `upstream.client_key` (empty: none).
+/// `upstream.client_key` (None: none).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Trust<'a> {
-    pub ca_file: &'a str,
-    pub client_cert: &'a str,
-    pub client_key: &'a str,
+    pub ca_file: Option<&'a Path>,
+    pub client_cert: Option<&'a Path>,
+    pub client_key: Option<&'a Path>,
 }
 
 /// An HTTPS-or-HTTP connector resolving with the system resolver.
@@ -95,13 +96,12 @@ pub fn tls_config(trust: Trust<'_>) -> Result<rustls::ClientConfig, String> {
     if roots.is_empty() {
         roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
     }
-    if !ca_file.is_empty() {
-        let pem = std::fs::read(ca_file).map_err(|e| format!("upstream.ca_file {ca_file}: {e}"))?;
+    if let Some(ca_file) = ca_file {
+        let err =
+            |e: &dyn std::fmt::Display| format!("upstream.ca_file {}: {e}", ca_file.display());
+        let pem = std::fs::read(ca_file).map_err(|e| err(&e))?;
         for c in rustls_pemfile::certs(&mut pem.as_slice()) {
-            let c = c.map_err(|e| format!("upstream.ca_file {ca_file}: {e}"))?;
-            roots
-                .add(c)
-                .map_err(|e| format!("upstream.ca_file {ca_file}: {e}"))?;
+            roots.add(c.map_err(|e| err(&e))?).map_err(|e| err(&e))?;
         }
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -109,19 +109,24 @@ pub fn tls_config(trust: Trust<'_>) -> Result<rustls::ClientConfig, String> {
         .with_safe_default_protocol_versions()
         .map_err(|e| e.to_string())?
         .with_root_certificates(roots);
-    if client_cert.is_empty() {
+    let Some(client_cert) = client_cert else {
         return Ok(builder.with_no_client_auth());
-    }
-    let pem = std::fs::read(client_cert)
-        .map_err(|e| format!("upstream.client_cert {client_cert}: {e}"))?;
+    };
+    let cert_err =
+        |e: &dyn std::fmt::Display| format!("upstream.client_cert {}: {e}", client_cert.display());
+    let pem = std::fs::read(client_cert).map_err(|e| cert_err(&e))?;
     let certs = rustls_pemfile::certs(&mut pem.as_slice())
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| format!("upstream.client_cert {client_cert}: {e}"))?;
-    let pem =
-        std::fs::read(client_key).map_err(|e| format!("upstream.client_key {client_key}: {e}"))?;
+        .map_err(|e| cert_err(&e))?;
+    let Some(client_key) = client_key else {
+        return Err("upstream.client_cert needs upstream.client_key".into());
+    };
+    let key_err =
+        |e: &dyn std::fmt::Display| format!("upstream.client_key {}: {e}", client_key.display());
+    let pem = std::fs::read(client_key).map_err(|e| key_err(&e))?;
     let key = rustls_pemfile::private_key(&mut pem.as_slice())
-        .map_err(|e| format!("upstream.client_key {client_key}: {e}"))?
-        .ok_or_else(|| format!("upstream.client_key {client_key}: no private key in the file"))?;
+        .map_err(|e| key_err(&e))?
+        .ok_or_else(|| key_err(&"no private key in the file"))?;
     builder
         .with_client_auth_cert(certs, key)
         .map_err(|e| format!("upstream.client_cert: {e}"))

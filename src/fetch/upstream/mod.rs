@@ -6,6 +6,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -81,12 +82,12 @@ type Connector = connect::Https<CheckedResolver>;
 pub struct ClientConfig {
     pub connect_timeout: Duration,
     pub idle_timeout: Duration,
-    pub ca_file: String,
+    pub ca_file: Option<PathBuf>,
     /// `upstream.proxy`, or empty.
     pub proxy: String,
     /// Client certificate and key (PEM) for mTLS to parents.
-    pub client_cert: String,
-    pub client_key: String,
+    pub client_cert: Option<PathBuf>,
+    pub client_key: Option<PathBuf>,
 }
 
 #[derive(Clone)]
@@ -123,9 +124,9 @@ impl UpstreamClient {
             policy: policy.clone(),
         };
         let tls = connect::tls_config(connect::Trust {
-            ca_file: &cfg.ca_file,
-            client_cert: &cfg.client_cert,
-            client_key: &cfg.client_key,
+            ca_file: cfg.ca_file.as_deref(),
+            client_cert: cfg.client_cert.as_deref(),
+            client_key: cfg.client_key.as_deref(),
         })?;
         let timeout = Some(cfg.connect_timeout);
         let https = connect::connector_with(
