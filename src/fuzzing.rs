@@ -33,7 +33,7 @@ pub fn vary_for(
     stored: &[(String, Option<String>)],
     req: &HeaderMap,
 ) -> Vec<(String, Option<String>)> {
-    crate::fetch::vary_for(stored, req)
+    crate::fetch::key::vary_for(stored, req)
 }
 
 /// Header fields from text: one `name: value` per line (`\n` or `\r\n`). A line that hyper would

@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use http::HeaderMap;
 
 use super::flight::{Flight, Joined};
-use super::{variant_key, vary_for};
+use super::key::{variant_key, vary_for};
 use crate::store::Digest;
 
 /// Where a fill is found.

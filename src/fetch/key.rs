@@ -10,6 +10,9 @@
 use http::uri::Scheme;
 use http::Uri;
 
+use http::HeaderMap;
+
+use super::freshness;
 use super::policy::normalise_host;
 
 /// The name of one `name=value` query parameter.
@@ -54,6 +57,34 @@ fn key_query(q: &str, strip: &[String]) -> String {
     // Stable: repeats of one name keep their relative order.
     kept.sort_by_key(|p| param_name(p));
     kept.join("&")
+}
+
+/// The index key of one variant of a key's response (RFC 9111 §4.1): the key and the request fields the
+/// response varies on, with their values.
+pub fn variant_key(key: &str, vary: &[(String, Option<String>)]) -> String {
+    let mut k = key.to_string();
+    for (n, v) in vary {
+        k.push('\u{1f}');
+        k.push_str(n);
+        if let Some(v) = v {
+            k.push('=');
+            k.push_str(v);
+        }
+    }
+    k
+}
+
+/// The request's values for the fields a stored response varies on.
+pub(crate) fn vary_for(
+    stored: &[(String, Option<String>)],
+    req: &HeaderMap,
+) -> Vec<(String, Option<String>)> {
+    let names: Vec<String> = stored.iter().map(|(n, _)| n.clone()).collect();
+    let mut fake = HeaderMap::new();
+    if let Ok(v) = http::HeaderValue::from_str(&names.join(", ")) {
+        fake.insert(http::header::VARY, v);
+    }
+    freshness::vary_of(&fake, req).unwrap_or_default()
 }
 
 #[cfg(test)]

@@ -5,9 +5,8 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use super::freshness::{self, RequestCc, Reuse};
-use super::{
-    collapse, transfer, variant_key, vary_for, FetchError, Fetcher, HitKind, Lookup, Target,
-};
+use super::key::{variant_key, vary_for};
+use super::{collapse, transfer, FetchError, Fetcher, HitKind, Lookup, Target};
 use super::{End, Flight, FlightReader, Joined};
 use crate::store::{now_ms, Digest, Hit, KeyMeta};
 

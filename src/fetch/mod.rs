@@ -8,6 +8,7 @@ pub mod flight;
 pub(crate) mod framing;
 pub mod freshness;
 pub mod headers;
+mod jobs;
 pub mod key;
 mod lookup;
 pub mod policy;
@@ -29,6 +30,7 @@ use serde::Serialize;
 use crate::store::{Digest, Hit, KeyMeta, Store};
 pub use error::FetchError;
 pub use flight::{End, Flight, FlightReader, Head, Joined};
+use key::variant_key;
 use policy::OriginPolicy;
 use upstream::UpstreamClient;
 pub use upstream::{Ask, Director, Hop, Outcome};
@@ -154,35 +156,7 @@ struct Inner {
     /// Slots for upstream transfers (`upstream.max_transfers`).
     slots: Arc<tokio::sync::Semaphore>,
     /// Prefetch jobs and the mappings staged manifests made.
-    jobs: prefetch::Jobs,
-}
-
-/// The index key of one variant of a key's response (RFC 9111 §4.1): the key and the request fields the
-/// response varies on, with their values.
-pub fn variant_key(key: &str, vary: &[(String, Option<String>)]) -> String {
-    let mut k = key.to_string();
-    for (n, v) in vary {
-        k.push('\u{1f}');
-        k.push_str(n);
-        if let Some(v) = v {
-            k.push('=');
-            k.push_str(v);
-        }
-    }
-    k
-}
-
-/// The request's values for the fields a stored response varies on.
-pub(crate) fn vary_for(
-    stored: &[(String, Option<String>)],
-    req: &HeaderMap,
-) -> Vec<(String, Option<String>)> {
-    let names: Vec<String> = stored.iter().map(|(n, _)| n.clone()).collect();
-    let mut fake = HeaderMap::new();
-    if let Ok(v) = http::HeaderValue::from_str(&names.join(", ")) {
-        fake.insert(http::header::VARY, v);
-    }
-    freshness::vary_of(&fake, req).unwrap_or_default()
+    jobs: jobs::Jobs,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -202,7 +176,7 @@ impl Fetcher {
                 running: Arc::new(tokio::sync::watch::Sender::new(0)),
                 slots: Arc::new(tokio::sync::Semaphore::new(cfg.max_transfers)),
                 cfg,
-                jobs: prefetch::Jobs::default(),
+                jobs: jobs::Jobs::default(),
             }),
         }
     }
@@ -298,7 +272,7 @@ impl Fetcher {
         &self.inner.slots
     }
 
-    fn jobs(&self) -> &prefetch::Jobs {
+    fn jobs(&self) -> &jobs::Jobs {
         &self.inner.jobs
     }
 

@@ -4,14 +4,13 @@
 //! has answered bytes with that digest, and the staged record (key -> digest, and digest -> URL, which
 //! lets a content-addressed request be fetched from that URL) is written then too.
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
 use http::Uri;
-use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use super::jobs::{job_order, lock, FileState, Job, Saved, KEPT_JOBS, RECORDS};
 use super::{End, Fetcher, Flight, Lookup, Target};
 use crate::store::Digest;
 
@@ -121,49 +120,6 @@ pub fn parse(v: &Value, base_url: Option<&str>) -> Result<(Vec<Wanted>, bool), B
         }
     }
     Ok((out, pin))
-}
-
-#[derive(Serialize, Deserialize, Clone, Debug)]
-pub struct FileState {
-    /// Without its query (a SAS `sig`): what the job shows.
-    pub url: String,
-    pub sha256: Digest,
-    pub size: Option<u64>,
-    pub state: String,
-    pub bytes: u64,
-    pub error: Option<String>,
-}
-
-#[derive(Serialize, Deserialize, Clone, Debug)]
-pub struct Job {
-    pub id: String,
-    pub state: String,
-    pub files: Vec<FileState>,
-}
-
-/// A job as it is kept on disk (`store` record `prefetch/<id>`): what it shows, the whole URLs to fetch
-/// from, and whether to pin. Written when the job starts and after each file, so that a restart
-/// carries a running job on from its first file not stored.
-#[derive(Serialize, Deserialize)]
-struct Saved {
-    job: Job,
-    urls: Vec<String>,
-    pin: bool,
-}
-
-/// Ended jobs kept readable (on disk and in memory); older ones are forgotten at start.
-const KEPT_JOBS: usize = 100;
-const RECORDS: &str = "prefetch";
-
-/// The prefetch jobs: running, and ended ones kept for reading back.
-#[derive(Default)]
-pub struct Jobs {
-    next: AtomicU64,
-    jobs: Mutex<HashMap<String, Arc<Mutex<Job>>>>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Fetcher {
@@ -432,15 +388,6 @@ async fn follow(flight: &Flight, job: &Arc<Mutex<Job>>, i: usize) -> Result<Dige
         End::ServeStale(_, why) => Err(why),
         End::Failed(e) => Err(e.to_string()),
     }
-}
-
-/// (start time, sequence number) from a job id `<hex ms>-<n>`.
-fn job_order(id: &str) -> (u64, u64) {
-    let (ms, n) = id.split_once('-').unwrap_or((id, "0"));
-    (
-        u64::from_str_radix(ms, 16).unwrap_or(0),
-        n.parse().unwrap_or(0),
-    )
 }
 
 /// A URL as it may be shown: without its query, which may hold a SAS `sig`.
