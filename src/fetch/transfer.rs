@@ -292,9 +292,6 @@ impl Transfer {
             None
         };
         let head = self.head_of(status, &h, fill.is_some());
-        if held == 0 {
-            fill = self.keep_partial(fill, &head, &h).await;
-        }
         let map = match (fill.as_mut(), size) {
             (Some(f), Some(n)) => f.map(n),
             _ => None,
@@ -306,6 +303,9 @@ impl Transfer {
         self.flight
             .set_head(head.clone(), fill.as_ref().map(|f| f.file()), map);
         self.flight.held(held, start.rate);
+        if held == 0 {
+            fill = self.keep_partial(fill, &head, &h).await;
+        }
         if fill.is_none() {
             self.fetcher.record_unstored(&self.target.key);
         }

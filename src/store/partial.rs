@@ -49,6 +49,8 @@ pub(super) struct Tracked {
     id: String,
     record: PartialRecord,
     synced_at: Instant,
+    /// The fill's file has moved to the partials' folder (done at the first sync).
+    placed: bool,
 }
 
 /// A partial taken back at start, waiting for the next fill of its key; its room is reserved.
@@ -210,6 +212,7 @@ impl Store {
                 id,
                 record: record.clone(),
                 synced_at: Instant::now(),
+                placed: true,
             }),
         };
         Some((record, fill))
@@ -230,8 +233,10 @@ fn read_partial(dir: &std::path::Path, id: &str) -> Option<(PartialRecord, u64)>
 }
 
 impl Fill {
-    /// Keeps this fill as a partial that survives a restart: its file moves beside `record`, written
-    /// now. A key whose partial another fill keeps is not kept twice (false). Blocking.
+    /// Keeps this fill as a partial that survives a restart. Nothing is written yet: at the first
+    /// sync (`SYNC_EVERY` into the fill) its file moves beside its record, so that a fill that ends
+    /// sooner costs no disk sync and delays no client. A key whose partial another fill keeps is not
+    /// kept twice (false). Blocking.
     pub fn keep_partial(&mut self, mut record: PartialRecord) -> Result<bool, StoreError> {
         let id = id_of(&record.key);
         let old = {
@@ -242,30 +247,17 @@ impl Fill {
             p.parked.remove(&id)
         };
         if let Some(old) = old {
+            // Superseded by this fill: its files go now, not when this one is first synced.
             self.store.release(old.reserved, old.on_disk);
+            self.store.remove_partial_files(&id);
         }
-        let dir = self.store.partial_dir();
-        let to = dir.join(format!("{id}.data"));
         record.valid = 0;
         record.updated_ms = now_ms();
-        let moved = std::fs::create_dir_all(&dir)
-            .and_then(|_| std::fs::rename(&self.path, &to))
-            .and_then(|_| {
-                let json = serde_json::to_vec(&record).map_err(std::io::Error::other)?;
-                write_atomic(&dir.join(format!("{id}.json")), &json)
-            });
-        if let Err(source) = moved {
-            self.store.partials().live.remove(&id);
-            return Err(StoreError::Io {
-                path: to.display().to_string(),
-                source,
-            });
-        }
-        self.path = to;
         self.partial = Some(Tracked {
             id,
             record,
             synced_at: Instant::now(),
+            placed: false,
         });
         Ok(true)
     }
@@ -287,10 +279,11 @@ impl Fill {
         t.synced_at = Instant::now();
         let json = t.partial_json();
         let path = self.store.partial_dir().join(format!("{}.json", t.id));
-        let synced = self
-            .file
-            .sync_data()
-            .and_then(|_| json.and_then(|j| write_atomic(&path, &j)));
+        let synced = self.place_partial().and_then(|_| {
+            self.file
+                .sync_data()
+                .and_then(|_| json.and_then(|j| write_atomic(&path, &j)))
+        });
         if let Err(e) = synced {
             tracing::warn!(error = %e, "partial fill record not updated; it is no longer kept");
             self.drop_partial();
@@ -310,14 +303,16 @@ impl Fill {
         t.record.valid = self.len;
         t.record.updated_ms = now_ms();
         let path = self.store.partial_dir().join(format!("{}.json", t.id));
+        let json = t.partial_json();
+        let key = t.record.key.clone();
         let kept = self
-            .file
-            .sync_data()
-            .and_then(|_| t.partial_json())
+            .place_partial()
+            .and_then(|_| self.file.sync_data())
+            .and(json)
             .and_then(|j| write_atomic(&path, &j));
         match kept {
             Ok(()) => {
-                tracing::info!(key = %t.record.key, bytes = self.len, "stopping: fill kept as a partial");
+                tracing::info!(%key, bytes = self.len, "stopping: fill kept as a partial");
                 true
             }
             Err(e) => {
@@ -325,6 +320,20 @@ impl Fill {
                 false
             }
         }
+    }
+
+    /// Moves the fill's file to the partials' folder, once (a rename: readers and the mapping keep
+    /// their open file).
+    fn place_partial(&mut self) -> std::io::Result<()> {
+        let Some(t) = self.partial.as_mut().filter(|t| !t.placed) else {
+            return Ok(());
+        };
+        let dir = self.store.partial_dir();
+        let to = dir.join(format!("{}.data", t.id));
+        std::fs::create_dir_all(&dir).and_then(|_| std::fs::rename(&self.path, &to))?;
+        t.placed = true;
+        self.path = to;
+        Ok(())
     }
 
     /// Stops keeping the partial: its record goes (the data file is the fill's, to commit or remove).
@@ -420,5 +429,45 @@ mod tests {
         assert!(s.take_partial("k/good").is_none());
         drop(fill);
         assert!(!good.exists(), "a dropped fill leaves no partial");
+    }
+
+    fn record(key: &str) -> PartialRecord {
+        PartialRecord {
+            key: key.into(),
+            status: 200,
+            headers: Vec::new(),
+            size: Some(8),
+            etag: Some("\"e\"".into()),
+            last_modified: None,
+            digest: None,
+            valid: 0,
+            rate: 0,
+            updated_ms: now_ms(),
+        }
+    }
+
+    /// A fill kept as a partial writes nothing (no disk sync before the first bytes reach clients)
+    /// until it has run for `SYNC_EVERY`; a fill that ends sooner never touches the partials' folder.
+    #[test]
+    fn a_partial_is_written_only_once_the_fill_has_run_a_while() {
+        let t = tempfile::tempdir().unwrap();
+        let s = open(t.path(), 0);
+        let partials = t.path().join("partial");
+        let count = || partials.read_dir().map(|d| d.count()).unwrap_or(0);
+        let mut quick = s.begin_fill(Some(8)).unwrap();
+        assert!(quick.keep_partial(record("k/quick")).unwrap());
+        quick.write(b"abcd").unwrap();
+        assert_eq!(count(), 0, "nothing written for a young fill");
+        drop(quick);
+        assert_eq!(count(), 0);
+        let mut slow = s.begin_fill(Some(8)).unwrap();
+        assert!(slow.keep_partial(record("k/slow")).unwrap());
+        slow.write(b"abcd").unwrap();
+        std::thread::sleep(SYNC_EVERY);
+        slow.write(b"efgh").unwrap();
+        assert_eq!(count(), 2, "its data and its record, once synced");
+        let json = partials.join(format!("{}.json", id_of("k/slow")));
+        let rec: PartialRecord = serde_json::from_slice(&std::fs::read(json).unwrap()).unwrap();
+        assert_eq!(rec.valid, 8);
     }
 }
