@@ -56,3 +56,52 @@ impl hyper::body::Body for Slices {
         hyper::body::SizeHint::with_exact(self.0.len() as u64)
     }
 }
+
+/// Several buffers, one after the other (the parts of a multipart answer and the framing around
+/// them), each handed to hyper in slices of at most `SLICE` bytes, zero-copy like [`slices`].
+pub fn chain(bufs: Vec<Bytes>) -> Body {
+    let left = bufs.iter().map(|b| b.len() as u64).sum();
+    Chain {
+        bufs: bufs.into(),
+        left,
+    }
+    .boxed()
+}
+
+struct Chain {
+    bufs: std::collections::VecDeque<Bytes>,
+    /// Bytes not yet handed out.
+    left: u64,
+}
+
+impl hyper::body::Body for Chain {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, BodyError>>> {
+        loop {
+            let Some(front) = self.bufs.front_mut() else {
+                return std::task::Poll::Ready(None);
+            };
+            if front.is_empty() {
+                self.bufs.pop_front();
+                continue;
+            }
+            let n = front.len().min(SLICE);
+            let frame = front.split_to(n);
+            self.left -= n as u64;
+            return std::task::Poll::Ready(Some(Ok(hyper::body::Frame::data(frame))));
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.left == 0
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        hyper::body::SizeHint::with_exact(self.left)
+    }
+}
