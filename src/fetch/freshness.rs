@@ -114,7 +114,7 @@ fn delta(v: &str) -> Option<u64> {
 }
 
 fn date(h: &HeaderMap, name: http::header::HeaderName) -> Option<SystemTime> {
-    httpdate::parse_http_date(h.get(name)?.to_str().ok()?.trim()).ok()
+    date::parse(h.get(name)?.to_str().ok()?)
 }
 
 /// Statuses a cache may store without explicit freshness (RFC 9110 §15.1).
@@ -128,7 +128,10 @@ pub fn heuristically_cacheable(s: StatusCode) -> bool {
 /// Whether a shared cache may store this response to a GET (RFC 9111 §3, §3.5).
 pub fn storable(status: StatusCode, h: &HeaderMap, authorized: bool) -> bool {
     let ds = response_directives(h);
-    if has(&ds, "no-store") || has(&ds, "private") {
+    // `must-understand` lets a cache that implements the status's caching rules ignore `no-store`
+    // (RFC 9111 §5.2.2.3); every status this cache stores by default is such a status.
+    let understood = has(&ds, "must-understand") && heuristically_cacheable(status);
+    if (has(&ds, "no-store") && !understood) || has(&ds, "private") {
         return false;
     }
     if authorized && !(has(&ds, "must-revalidate") || has(&ds, "public") || has(&ds, "s-maxage")) {
@@ -380,11 +383,20 @@ fn normalised(req: &HeaderMap, name: &str) -> Option<String> {
     if lines.is_empty() {
         return None;
     }
-    let parts: Vec<&str> = lines
+    let mut parts: Vec<String> = lines
         .iter()
         .flat_map(|l| l.split(','))
-        .map(str::trim)
+        .map(|p| p.trim().to_string())
         .collect();
+    // Language ranges and content codings are case-insensitive, and their order says nothing that
+    // their weights do not (RFC 9110 §12.5.3, §12.5.4; RFC 4647 §2): such requests select the same
+    // variant.
+    if name == "accept-language" || name == "accept-encoding" {
+        for p in &mut parts {
+            *p = p.to_ascii_lowercase().replace(' ', "");
+        }
+        parts.sort();
+    }
     Some(parts.join(","))
 }
 
@@ -393,6 +405,7 @@ pub fn vary_matches(stored: &[(String, Option<String>)], req: &HeaderMap) -> boo
     stored.iter().all(|(n, v)| normalised(req, n) == *v)
 }
 
+mod date;
 mod targeted;
 #[cfg(test)]
 mod tests;
