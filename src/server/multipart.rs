@@ -103,12 +103,15 @@ pub enum Piece {
     Span(u64, u64),
 }
 
-/// The `multipart/byteranges` framing of a set of parts.
+/// The `multipart/byteranges` framing of a set of parts: every part's header and the closing boundary
+/// written once, into one buffer that the pieces are views of.
 pub struct Layout {
     boundary: String,
-    part_type: String,
-    size: u64,
     parts: Vec<(u64, u64)>,
+    /// The framing text, part headers in order, then the closing boundary.
+    text: Bytes,
+    /// Where each part's header ends in `text` (the closing boundary follows the last).
+    ends: Vec<usize>,
 }
 
 impl Layout {
@@ -125,11 +128,24 @@ impl Layout {
         size: u64,
         part_type: &str,
     ) -> Layout {
+        use std::fmt::Write as _;
+        let mut text = String::with_capacity(parts.len() * (boundary.len() + part_type.len() + 80));
+        let mut ends = Vec::with_capacity(parts.len());
+        for &(start, end) in &parts {
+            // Writing to a String cannot fail.
+            let _ = write!(
+                text,
+                "\r\n--{boundary}\r\nContent-Type: {part_type}\r\nContent-Range: bytes {start}-{}/{size}\r\n\r\n",
+                end - 1
+            );
+            ends.push(text.len());
+        }
+        let _ = write!(text, "\r\n--{boundary}--\r\n");
         Layout {
             boundary,
-            part_type: part_type.to_string(),
-            size,
             parts,
+            text: Bytes::from(text),
+            ends,
         }
     }
 
@@ -138,41 +154,22 @@ impl Layout {
         format!("multipart/byteranges; boundary={}", self.boundary)
     }
 
-    fn part_header(&self, start: u64, end: u64) -> String {
-        format!(
-            "\r\n--{}\r\nContent-Type: {}\r\nContent-Range: bytes {}-{}/{}\r\n\r\n",
-            self.boundary,
-            self.part_type,
-            start,
-            end - 1,
-            self.size
-        )
-    }
-
-    fn closing(&self) -> String {
-        format!("\r\n--{}--\r\n", self.boundary)
-    }
-
     /// The body's exact length, for the Content-Length sent before the first part.
     pub fn length(&self) -> u64 {
-        let framing: usize = self
-            .parts
-            .iter()
-            .map(|&(s, e)| self.part_header(s, e).len())
-            .sum::<usize>()
-            + self.closing().len();
         let bytes: u64 = self.parts.iter().map(|&(s, e)| e - s).sum();
-        framing as u64 + bytes
+        self.text.len() as u64 + bytes
     }
 
     /// The body as pieces, in order.
     pub fn pieces(&self) -> Vec<Piece> {
         let mut out = Vec::with_capacity(self.parts.len() * 2 + 1);
-        for &(s, e) in &self.parts {
-            out.push(Piece::Text(Bytes::from(self.part_header(s, e))));
+        let mut at = 0;
+        for (&(s, e), &end) in self.parts.iter().zip(&self.ends) {
+            out.push(Piece::Text(self.text.slice(at..end)));
             out.push(Piece::Span(s, e));
+            at = end;
         }
-        out.push(Piece::Text(Bytes::from(self.closing())));
+        out.push(Piece::Text(self.text.slice(at..)));
         out
     }
 }
