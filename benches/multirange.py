@@ -130,7 +130,7 @@ def main():
     root = tempfile.mkdtemp(prefix="cistern-multirange-bench-")
     procs = []
     try:
-        body = random.Random(1).randbytes(SIZE)
+        body = os.urandom(SIZE)
         os.makedirs(os.path.join(root, "www"))
         with open(os.path.join(root, "www", "f.bin"), "wb") as f:
             f.write(body)
