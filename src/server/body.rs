@@ -24,41 +24,9 @@ pub fn empty() -> Body {
 /// `sendfile` takes a slice of a mapping whatever its size.
 const SLICE: usize = 4 << 20;
 
-/// A whole buffer, handed to hyper in slices of at most `SLICE` bytes (zero-copy: each is a view of
-/// the same buffer).
-pub fn slices(b: Bytes) -> Body {
-    Slices(b).boxed()
-}
-
-struct Slices(Bytes);
-
-impl hyper::body::Body for Slices {
-    type Data = Bytes;
-    type Error = BodyError;
-
-    fn poll_frame(
-        mut self: std::pin::Pin<&mut Self>,
-        _cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, BodyError>>> {
-        if self.0.is_empty() {
-            return std::task::Poll::Ready(None);
-        }
-        let n = self.0.len().min(SLICE);
-        let frame = self.0.split_to(n);
-        std::task::Poll::Ready(Some(Ok(hyper::body::Frame::data(frame))))
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.0.is_empty()
-    }
-
-    fn size_hint(&self) -> hyper::body::SizeHint {
-        hyper::body::SizeHint::with_exact(self.0.len() as u64)
-    }
-}
-
 /// Several buffers, one after the other (the parts of a multipart answer and the framing around
-/// them), each handed to hyper in slices of at most `SLICE` bytes, zero-copy like [`slices`].
+/// them), each handed to hyper in slices of at most `SLICE` bytes (zero-copy: each is a view of the
+/// same buffer).
 pub fn chain(bufs: Vec<Bytes>) -> Body {
     let left = bufs.iter().map(|b| b.len() as u64).sum();
     Chain {
