@@ -83,6 +83,9 @@ pub struct Server {
     pub admin_token_file: Option<PathBuf>,
     pub max_connections: usize,
     pub allow_connect: bool,
+    /// Ranges one request may ask for (a `multipart/byteranges` answer); a larger set gets 200 with
+    /// the whole body (SPEC 4).
+    pub max_ranges: usize,
     pub shutdown_grace: Span,
     /// The kernel send buffer of each client connection; "0" leaves it to the kernel's autotuning.
     /// Beyond SPEC 2: a bounded buffer keeps what is in flight small and cache-hot, which on a LAN
@@ -104,6 +107,7 @@ impl Default for Server {
             admin_token_file: None,
             max_connections: 10_000,
             allow_connect: false,
+            max_ranges: 200,
             shutdown_grace: Span::secs(10),
             send_buffer: ByteSize(256 << 10),
         }

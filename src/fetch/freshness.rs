@@ -22,6 +22,18 @@ pub fn directives(h: &HeaderMap) -> Vec<(String, Option<String>)> {
     )
 }
 
+/// The directives that govern how this node stores and reuses a response: `CDN-Cache-Control`'s when
+/// the response has a valid one (RFC 9213: it is aimed at caches like this one, and Cache-Control and
+/// Expires then do not count here; both are still passed on unchanged), else Cache-Control's.
+pub fn response_directives(h: &HeaderMap) -> Vec<(String, Option<String>)> {
+    targeted::directives(h).unwrap_or_else(|| directives(h))
+}
+
+/// Whether `Expires` counts for a response: not when a valid CDN-Cache-Control is in charge.
+fn expires_counts(h: &HeaderMap) -> bool {
+    h.contains_key(http::header::EXPIRES) && targeted::directives(h).is_none()
+}
+
 /// Cache-Control field lines as directives (RFC 9111 §5.2: `token [ "=" ( token / quoted-string ) ]`,
 /// comma-separated). A comma inside a quoted string is part of its value (RFC 9110 §5.6.4), and a
 /// member whose name is not a token is not a directive.
@@ -102,7 +114,7 @@ fn delta(v: &str) -> Option<u64> {
 }
 
 fn date(h: &HeaderMap, name: http::header::HeaderName) -> Option<SystemTime> {
-    httpdate::parse_http_date(h.get(name)?.to_str().ok()?.trim()).ok()
+    date::parse(h.get(name)?.to_str().ok()?)
 }
 
 /// Statuses a cache may store without explicit freshness (RFC 9110 §15.1).
@@ -115,8 +127,11 @@ pub fn heuristically_cacheable(s: StatusCode) -> bool {
 
 /// Whether a shared cache may store this response to a GET (RFC 9111 §3, §3.5).
 pub fn storable(status: StatusCode, h: &HeaderMap, authorized: bool) -> bool {
-    let ds = directives(h);
-    if has(&ds, "no-store") || has(&ds, "private") {
+    let ds = response_directives(h);
+    // `must-understand` lets a cache that implements the status's caching rules ignore `no-store`
+    // (RFC 9111 §5.2.2.3); every status this cache stores by default is such a status.
+    let understood = has(&ds, "must-understand") && heuristically_cacheable(status);
+    if (has(&ds, "no-store") && !understood) || has(&ds, "private") {
         return false;
     }
     if authorized && !(has(&ds, "must-revalidate") || has(&ds, "public") || has(&ds, "s-maxage")) {
@@ -125,19 +140,25 @@ pub fn storable(status: StatusCode, h: &HeaderMap, authorized: bool) -> bool {
     if status == StatusCode::PARTIAL_CONTENT || status == StatusCode::NOT_MODIFIED {
         return false;
     }
-    let explicit = has(&ds, "max-age") || has(&ds, "s-maxage") || h.contains_key("expires");
+    let explicit = has(&ds, "max-age") || has(&ds, "s-maxage") || expires_counts(h);
     heuristically_cacheable(status) || explicit || has(&ds, "public")
 }
 
 /// Whether a stored response may answer a request with credentials (RFC 9111 §3.5): its
 /// Cache-Control says `public`, `s-maxage` or `must-revalidate`.
 pub fn shareable_with_credentials(m: &KeyMeta) -> bool {
-    let ds = parse_directives(
-        m.headers
-            .iter()
-            .filter(|(n, _)| n == "cache-control")
-            .map(|(_, v)| v.as_str()),
-    );
+    let mut h = HeaderMap::new();
+    for (n, v) in m.headers.iter() {
+        if n == "cache-control" || n == "cdn-cache-control" {
+            if let (Ok(n), Ok(v)) = (
+                http::header::HeaderName::from_bytes(n.as_bytes()),
+                http::HeaderValue::from_str(v),
+            ) {
+                h.append(n, v);
+            }
+        }
+    }
+    let ds = response_directives(&h);
     ["public", "s-maxage", "must-revalidate"]
         .iter()
         .any(|d| has(&ds, d))
@@ -145,7 +166,7 @@ pub fn shareable_with_credentials(m: &KeyMeta) -> bool {
 
 /// The freshness lifetime in seconds of a response, as a shared cache computes it.
 pub fn lifetime(status: StatusCode, h: &HeaderMap) -> u64 {
-    let ds = directives(h);
+    let ds = response_directives(h);
     if has(&ds, "no-cache") {
         return 0;
     }
@@ -156,7 +177,7 @@ pub fn lifetime(status: StatusCode, h: &HeaderMap) -> u64 {
         }
     }
     let served = date(h, http::header::DATE).unwrap_or_else(SystemTime::now);
-    if h.contains_key(http::header::EXPIRES) {
+    if expires_counts(h) {
         // An invalid Expires means "already expired" (RFC 9111 §5.3).
         return date(h, http::header::EXPIRES)
             .and_then(|e| e.duration_since(served).ok())
@@ -206,7 +227,7 @@ pub fn key_meta(r: Received<'_>) -> KeyMeta {
     let h = r.headers;
     let s =
         |n: http::header::HeaderName| h.get(n).and_then(|v| v.to_str().ok()).map(str::to_string);
-    let ds = directives(h);
+    let ds = response_directives(h);
     let no_stale = [
         "must-revalidate",
         "proxy-revalidate",
@@ -362,11 +383,20 @@ fn normalised(req: &HeaderMap, name: &str) -> Option<String> {
     if lines.is_empty() {
         return None;
     }
-    let parts: Vec<&str> = lines
+    let mut parts: Vec<String> = lines
         .iter()
         .flat_map(|l| l.split(','))
-        .map(str::trim)
+        .map(|p| p.trim().to_string())
         .collect();
+    // Language ranges and content codings are case-insensitive, and their order says nothing that
+    // their weights do not (RFC 9110 §12.5.3, §12.5.4; RFC 4647 §2): such requests select the same
+    // variant.
+    if name == "accept-language" || name == "accept-encoding" {
+        for p in &mut parts {
+            *p = p.to_ascii_lowercase().replace(' ', "");
+        }
+        parts.sort();
+    }
     Some(parts.join(","))
 }
 
@@ -375,5 +405,7 @@ pub fn vary_matches(stored: &[(String, Option<String>)], req: &HeaderMap) -> boo
     stored.iter().all(|(n, v)| normalised(req, n) == *v)
 }
 
+mod date;
+mod targeted;
 #[cfg(test)]
 mod tests;

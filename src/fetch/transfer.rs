@@ -233,7 +233,7 @@ impl Transfer {
         let s = |n: http::header::HeaderName| {
             h.get(n).and_then(|v| v.to_str().ok()).map(str::to_string)
         };
-        let ds = freshness::directives(h);
+        let ds = freshness::response_directives(h);
         let now = now_ms();
         Head {
             status,
@@ -255,16 +255,12 @@ impl Transfer {
         }
     }
 
-    /// Whether the response is to be stored: identity coding, cacheable, Vary usable, a digest when
-    /// one is required, and a request that allows storing.
+    /// Whether the response is to be stored: cacheable, Vary usable, a digest when one is required, and
+    /// a request that allows storing. A content coding does not matter: the bytes are stored as they
+    /// came, with their Content-Encoding, and a digest is of those bytes (RFC 9530 Repr-Digest; SPEC 4).
     fn storable(&self, status: StatusCode, h: &HeaderMap) -> bool {
-        let identity = h
-            .get(http::header::CONTENT_ENCODING)
-            .and_then(|v| v.to_str().ok())
-            .is_none_or(|v| v.trim().eq_ignore_ascii_case("identity"));
         let digest = self.target.digest.or_else(|| Digest::from_headers(h));
-        identity
-            && !self.target.no_store
+        !self.target.no_store
             && freshness::storable(status, h, self.target.authorized())
             && freshness::vary_of(h, &self.target.headers).is_some()
             && !(self.fetcher.config().require_digest && digest.is_none())

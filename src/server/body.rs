@@ -24,15 +24,25 @@ pub fn empty() -> Body {
 /// `sendfile` takes a slice of a mapping whatever its size.
 const SLICE: usize = 4 << 20;
 
-/// A whole buffer, handed to hyper in slices of at most `SLICE` bytes (zero-copy: each is a view of
-/// the same buffer).
-pub fn slices(b: Bytes) -> Body {
-    Slices(b).boxed()
+/// Several buffers, one after the other (the parts of a multipart answer and the framing around
+/// them), each handed to hyper in slices of at most `SLICE` bytes (zero-copy: each is a view of the
+/// same buffer).
+pub fn chain(bufs: Vec<Bytes>) -> Body {
+    let left = bufs.iter().map(|b| b.len() as u64).sum();
+    Chain {
+        bufs: bufs.into(),
+        left,
+    }
+    .boxed()
 }
 
-struct Slices(Bytes);
+struct Chain {
+    bufs: std::collections::VecDeque<Bytes>,
+    /// Bytes not yet handed out.
+    left: u64,
+}
 
-impl hyper::body::Body for Slices {
+impl hyper::body::Body for Chain {
     type Data = Bytes;
     type Error = BodyError;
 
@@ -40,19 +50,26 @@ impl hyper::body::Body for Slices {
         mut self: std::pin::Pin<&mut Self>,
         _cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, BodyError>>> {
-        if self.0.is_empty() {
-            return std::task::Poll::Ready(None);
+        loop {
+            let Some(front) = self.bufs.front_mut() else {
+                return std::task::Poll::Ready(None);
+            };
+            if front.is_empty() {
+                self.bufs.pop_front();
+                continue;
+            }
+            let n = front.len().min(SLICE);
+            let frame = front.split_to(n);
+            self.left -= n as u64;
+            return std::task::Poll::Ready(Some(Ok(hyper::body::Frame::data(frame))));
         }
-        let n = self.0.len().min(SLICE);
-        let frame = self.0.split_to(n);
-        std::task::Poll::Ready(Some(Ok(hyper::body::Frame::data(frame))))
     }
 
     fn is_end_stream(&self) -> bool {
-        self.0.is_empty()
+        self.left == 0
     }
 
     fn size_hint(&self) -> hyper::body::SizeHint {
-        hyper::body::SizeHint::with_exact(self.0.len() as u64)
+        hyper::body::SizeHint::with_exact(self.left)
     }
 }

@@ -12,6 +12,7 @@ pub mod error;
 mod guard;
 mod listener;
 mod metered;
+pub mod multipart;
 pub mod range;
 mod respond;
 pub mod route;
@@ -270,11 +271,11 @@ impl App {
             return r;
         }
         let head = m == Method::HEAD;
-        let ask = Ask::from_headers(&t.headers, head);
+        let ask = Ask::from_headers(&t.headers, head, self.cfg.server.max_ranges);
         let cc = RequestCc::parse(&t.headers);
         // A range of an object that was not stored last time (too big, no room, not cacheable) goes
         // upstream as a range instead of refetching the object from its first byte (SPEC 4).
-        let unstored_range = !head && ask.range.is_some() && self.fetcher.recently_unstored(&t.key);
+        let unstored_range = !head && ask.ranged() && self.fetcher.recently_unstored(&t.key);
         if unstored_range {
             return self.bypass(m.clone(), &t).await;
         }
@@ -304,11 +305,12 @@ impl App {
                 };
                 // A collapsed client whose request the response does not suit (private, another
                 // variant) makes its own request; so does an open range of an object passed through
-                // whose size is unknown (it cannot be answered from the stream: SPEC 4).
+                // whose size is unknown, and a set of ranges of an object passed through (neither
+                // can be answered from the stream, which keeps no bytes behind it: SPEC 4).
                 let unsuited = joined != Joined::Leader && !h.shareable_with(&t.headers);
                 let open_range = !h.storing
-                    && h.size.is_none()
-                    && ask.range.is_some_and(|r| r.bounded().is_none());
+                    && (!ask.set.is_empty()
+                        || (h.size.is_none() && ask.range.is_some_and(|r| r.bounded().is_none())));
                 // A range the fill will not reach in about 2 s goes upstream as a range of its own
                 // (streamed, not stored) while the fill goes on (SPEC 4, "Resume").
                 let far_ahead = !head

@@ -1,5 +1,6 @@
 //! `Range: bytes=...` (RFC 9110 §14.1.2), reduced to what a cache answers: one satisfiable range, the
-//! whole body (no header, not parseable, not bytes, or several ranges), or unsatisfiable.
+//! whole body (no header, not parseable, not bytes), or unsatisfiable. A set of several ranges is
+//! parsed here too ([`parse_set`]); `multipart` decides how it is answered.
 
 /// A parsed single byte range, before the object's size is applied.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -10,15 +11,41 @@ pub enum ByteRange {
     Suffix(u64),
 }
 
-/// Parses a Range header value. None means "ignore it and send the whole body" (RFC 9110: a server may
-/// ignore a Range it does not understand; several ranges are answered whole here).
+/// Largest number of range-specs parsed from one header: far more than `server.max_ranges` may allow,
+/// so that a hostile header of thousands of tiny ranges costs no more than this to look at.
+pub const PARSE_LIMIT: usize = 10_000;
+
+/// Parses a Range header value holding exactly one range. None means "ignore it and send the whole
+/// body" (RFC 9110: a server may ignore a Range it does not understand) or "several ranges" (see
+/// [`parse_set`]).
 pub fn parse(v: &str) -> Option<ByteRange> {
-    let spec = v.trim();
-    let (unit, set) = spec.split_once('=')?;
-    if !unit.trim().eq_ignore_ascii_case("bytes") || set.contains(',') {
+    match parse_set(v)?.as_slice() {
+        [one] => Some(*one),
+        _ => None,
+    }
+}
+
+/// Parses a Range header value into its range-specs, in the order asked (RFC 9110 §14.1.1: empty list
+/// elements are allowed). None when any spec does not parse, the unit is not bytes, or the set holds
+/// more than [`PARSE_LIMIT`] specs: the header is then ignored as a whole.
+pub fn parse_set(v: &str) -> Option<Vec<ByteRange>> {
+    let (unit, set) = v.trim().split_once('=')?;
+    if !unit.trim().eq_ignore_ascii_case("bytes") {
         return None;
     }
-    let (a, b) = set.trim().split_once('-')?;
+    let mut out = Vec::new();
+    for spec in set.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        if out.len() == PARSE_LIMIT {
+            return None;
+        }
+        out.push(parse_spec(spec)?);
+    }
+    (!out.is_empty()).then_some(out)
+}
+
+/// One `a-b`, `a-` or `-n`.
+fn parse_spec(spec: &str) -> Option<ByteRange> {
+    let (a, b) = spec.split_once('-')?;
     let (a, b) = (a.trim(), b.trim());
     let num = |s: &str| -> Option<u64> {
         if s.is_empty() || !s.bytes().all(|c| c.is_ascii_digit()) {
@@ -138,6 +165,8 @@ mod tests {
         for v in [
             "items=0-1",
             "bytes=0-1,5-6",
+            "bytes=0-1,x",
+            "bytes=,",
             "bytes=5-1",
             "bytes=a-b",
             "bytes=-",
@@ -146,6 +175,34 @@ mod tests {
         ] {
             assert_eq!(parse(v), None, "{v}");
         }
+    }
+
+    #[test]
+    fn parses_a_set_in_the_order_asked() {
+        let set = parse_set("bytes=500-599, 0-99,,-10 ,7-").unwrap();
+        assert_eq!(
+            set,
+            vec![
+                ByteRange::From {
+                    first: 500,
+                    last: Some(599)
+                },
+                ByteRange::From {
+                    first: 0,
+                    last: Some(99)
+                },
+                ByteRange::Suffix(10),
+                ByteRange::From {
+                    first: 7,
+                    last: None
+                },
+            ]
+        );
+        assert_eq!(parse_set("bytes=0-1,2-1"), None);
+        let many = format!("bytes={}", vec!["0-0"; PARSE_LIMIT + 1].join(","));
+        assert_eq!(parse_set(&many), None);
+        let most = format!("bytes={}", vec!["0-0"; PARSE_LIMIT].join(","));
+        assert_eq!(parse_set(&most).map(|s| s.len()), Some(PARSE_LIMIT));
     }
 
     #[test]

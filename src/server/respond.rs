@@ -8,9 +8,10 @@ use http::{HeaderMap, HeaderValue, Response, StatusCode};
 use http_body_util::{BodyExt, StreamBody};
 use hyper::body::Frame;
 
-use super::body::{empty, slices, Body, BodyError};
+use super::body::{empty, Body, BodyError};
 use super::error::fetch_error_response;
 use super::metered::Outcome;
+use super::multipart::{self, Layout, Piece, Plan};
 use super::range::{self, ByteRange, Resolved};
 use crate::fetch::{headers, Flight, FlightReader, Head, HitKind, Joined};
 use crate::store::{now_ms, Digest, Hit, KeyMeta};
@@ -18,23 +19,51 @@ use crate::store::{now_ms, Digest, Hit, KeyMeta};
 /// What the client asked for, beyond the object itself.
 pub struct Ask {
     pub head: bool,
+    /// A single range asked.
     pub range: Option<ByteRange>,
+    /// Several ranges asked, in their order (empty unless two or more).
+    pub set: Vec<ByteRange>,
+    /// `server.max_ranges`: a larger set is answered whole.
+    pub max_ranges: usize,
     pub if_range: Option<String>,
     pub if_none_match: Option<String>,
     pub if_modified_since: Option<String>,
 }
 
 impl Ask {
-    pub fn from_headers(h: &HeaderMap, head: bool) -> Ask {
+    pub fn from_headers(h: &HeaderMap, head: bool, max_ranges: usize) -> Ask {
         let s = |n: http::header::HeaderName| {
             h.get(n).and_then(|v| v.to_str().ok()).map(str::to_string)
         };
+        let mut set = s(http::header::RANGE)
+            .and_then(|v| range::parse_set(&v))
+            .unwrap_or_default();
+        let range = (set.len() == 1).then(|| set.remove(0));
         Ask {
             head,
-            range: s(http::header::RANGE).and_then(|v| range::parse(&v)),
+            range,
+            set,
+            max_ranges,
             if_range: s(http::header::IF_RANGE),
             if_none_match: s(http::header::IF_NONE_MATCH),
             if_modified_since: s(http::header::IF_MODIFIED_SINCE),
+        }
+    }
+
+    /// Whether the request asks for any range at all.
+    pub fn ranged(&self) -> bool {
+        self.range.is_some() || !self.set.is_empty()
+    }
+
+    /// How the ranges asked are answered on a representation of `size` bytes.
+    fn plan(&self, size: u64) -> Plan {
+        if !self.set.is_empty() {
+            return multipart::plan(&self.set, size, self.max_ranges);
+        }
+        match self.range.map(|r| r.resolve(size)) {
+            None | Some(Resolved::Whole) => Plan::Whole,
+            Some(Resolved::Partial { start, end }) => Plan::One { start, end },
+            Some(Resolved::Unsatisfiable) => Plan::Unsatisfiable,
         }
     }
 }
@@ -200,21 +229,24 @@ fn hit_response(hit: Hit, meta: Option<KeyMeta>, how: HitKind, ask: &Ask) -> Res
             .map(|m| m.age(now)),
     };
     let size = hit.bytes.len() as u64;
-    answer(&repr, ask, size, move |start, end| {
+    let hit = Arc::new(hit);
+    answer(&repr, ask, size, move |pieces| {
         // The bytes own the hit, so the object counts as being read (and is not evicted) until hyper
         // has written the last of them, not only until the headers were built. They go in slices, so
-        // that what was sent can be counted as it goes.
-        slices(Bytes::from_owner(Sending {
-            hit,
-            start: start as usize,
-            end: end as usize,
-        }))
+        // that what was sent can be counted as it goes; each part is a view of the object's mapping.
+        multipart::stored_body(pieces, |start, end| {
+            Bytes::from_owner(Sending {
+                hit: hit.clone(),
+                start: start as usize,
+                end: end as usize,
+            })
+        })
     })
 }
 
 /// A slice of a stored object that keeps the object's read guard for as long as it lives.
 struct Sending {
-    hit: Hit,
+    hit: Arc<Hit>,
     start: usize,
     end: usize,
 }
@@ -225,40 +257,62 @@ impl AsRef<[u8]> for Sending {
     }
 }
 
-/// Builds the answer for a representation of known size; `body(start, end)` gives the bytes.
+/// Builds the answer for a representation of known size; `body(pieces)` gives the bytes: the whole
+/// object, one range, or the parts of a `multipart/byteranges` answer with their framing.
 fn answer(
     repr: &Repr<'_>,
     ask: &Ask,
     size: u64,
-    body: impl FnOnce(u64, u64) -> Body,
+    body: impl FnOnce(Vec<Piece>) -> Body,
 ) -> Response<Body> {
     let mut h = HeaderMap::new();
     repr.headers(&mut h);
     if repr.status != StatusCode::OK {
         // Ranges and validators are about 200 representations (RFC 9110 §14.2, §13.1).
         set(&mut h, "content-length", &size.to_string());
-        let b = if ask.head { empty() } else { body(0, size) };
+        let b = if ask.head {
+            empty()
+        } else {
+            body(vec![Piece::Span(0, size)])
+        };
         return with(repr.status, h, b);
     }
     if repr.not_modified(ask) {
         return with(StatusCode::NOT_MODIFIED, h, empty());
     }
-    let range = ask.range.filter(|_| {
-        ask.if_range
-            .as_deref()
-            .is_none_or(|v| repr.range_applies(v))
-    });
-    let (status, start, end) = match range.map(|r| r.resolve(size)) {
-        None | Some(Resolved::Whole) => (StatusCode::OK, 0, size),
-        Some(Resolved::Partial { start, end }) => {
+    let applies = ask
+        .if_range
+        .as_deref()
+        .is_none_or(|v| repr.range_applies(v));
+    let plan = if applies { ask.plan(size) } else { Plan::Whole };
+    let (status, length, pieces) = match plan {
+        Plan::Whole => (StatusCode::OK, size, vec![Piece::Span(0, size)]),
+        Plan::One { start, end } => {
             set(
                 &mut h,
                 "content-range",
                 &format!("bytes {start}-{}/{size}", end - 1),
             );
-            (StatusCode::PARTIAL_CONTENT, start, end)
+            (
+                StatusCode::PARTIAL_CONTENT,
+                end - start,
+                vec![Piece::Span(start, end)],
+            )
         }
-        Some(Resolved::Unsatisfiable) => {
+        Plan::Many(parts) => {
+            let part_type = h
+                .get(http::header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("application/octet-stream");
+            let layout = Layout::new(parts, size, part_type);
+            set(&mut h, "content-type", &layout.content_type());
+            (
+                StatusCode::PARTIAL_CONTENT,
+                layout.length(),
+                layout.pieces(),
+            )
+        }
+        Plan::Unsatisfiable => {
             set(&mut h, "content-range", &format!("bytes */{size}"));
             h.remove("cache-status");
             let e = super::error::ApiError::new(
@@ -275,8 +329,8 @@ fn answer(
             return r;
         }
     };
-    set(&mut h, "content-length", &(end - start).to_string());
-    let b = if ask.head { empty() } else { body(start, end) };
+    set(&mut h, "content-length", &length.to_string());
+    let b = if ask.head { empty() } else { body(pieces) };
     with(status, h, b)
 }
 
@@ -351,11 +405,11 @@ async fn flight_response(
         // Its age now, not when the head arrived: a late joiner adds the time since (RFC 9111 §4.2.3).
         age: head.age_now(now_ms()),
     };
-    let range = ask.range.filter(|_| {
-        ask.if_range
-            .as_deref()
-            .is_none_or(|v| repr.range_applies(v))
-    });
+    let applies = ask
+        .if_range
+        .as_deref()
+        .is_none_or(|v| repr.range_applies(v));
+    let range = ask.range.filter(|_| applies);
     if repr.size.is_none() {
         if let Some((start, end)) = range.and_then(|r| r.bounded()) {
             // `a-b` on an object of unknown size: served as the bytes arrive (RFC 9110 §14.4 `a-b/*`).
@@ -373,8 +427,9 @@ async fn flight_response(
             };
             return with(StatusCode::PARTIAL_CONTENT, h, b);
         }
-        if range.is_some() {
-            // `a-` and `-n` need the size: wait for the end of the object.
+        if range.is_some() || (applies && !ask.set.is_empty()) {
+            // `a-` and `-n` need the size, and so does a set of ranges (its answer's exact length goes
+            // out before its first part): wait for the end of the object.
             match flight.wait_end().await {
                 crate::fetch::End::Complete(_) => repr.size = Some(flight.written()),
                 crate::fetch::End::Failed(e) => return fetch_error_response(e),
@@ -383,8 +438,8 @@ async fn flight_response(
         }
     }
     match repr.size {
-        Some(size) => answer(&repr, ask, size, move |start, end| {
-            stream(reader, start, Some(end))
+        Some(size) => answer(&repr, ask, size, move |pieces| {
+            multipart::flight_body(reader, pieces)
         }),
         None => {
             let mut h = HeaderMap::new();

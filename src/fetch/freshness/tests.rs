@@ -157,6 +157,58 @@ fn vary_selects_by_normalised_request_fields() {
         &h(&[("accept-language", "de,en"), ("accept-encoding", "gzip")])
     ));
     assert!(vary_of(&h(&[("vary", "*")]), &req).is_none());
+    // Language ranges in another order or letter case select the same variant; other fields keep
+    // their order.
+    assert!(vary_matches(&v, &h(&[("accept-language", "en, DE")])));
+    let other = vary_of(&h(&[("vary", "x-order")]), &h(&[("x-order", "a, b")])).unwrap();
+    assert!(!vary_matches(&other, &h(&[("x-order", "b, a")])));
+}
+
+#[test]
+fn must_understand_overrides_no_store_for_known_statuses() {
+    let cc = h(&[("cache-control", "max-age=3600, no-store, must-understand")]);
+    assert!(storable(OK, &cc, false));
+    let unknown = StatusCode::from_u16(599).unwrap();
+    assert!(!storable(unknown, &cc, false));
+    assert!(!storable(
+        OK,
+        &h(&[("cache-control", "max-age=3600, no-store")]),
+        false
+    ));
+}
+
+#[test]
+fn cdn_cache_control_replaces_cache_control_and_expires() {
+    let l = |p: &[(&str, &str)]| lifetime(OK, &h(p));
+    let expires = ("expires", "Sun, 06 Nov 1994 08:59:37 GMT");
+    let date = ("date", "Sun, 06 Nov 1994 08:49:37 GMT");
+    assert_eq!(
+        l(&[
+            ("cdn-cache-control", "max-age=5"),
+            ("cache-control", "max-age=60")
+        ]),
+        5
+    );
+    assert_eq!(l(&[("cdn-cache-control", "max-age=0"), expires, date]), 0);
+    assert_eq!(l(&[("cdn-cache-control", "foo"), expires, date]), 0);
+    assert_eq!(
+        l(&[("cdn-cache-control", "max-age=\"5\""), expires, date]),
+        600
+    );
+    let nostore = ("cache-control", "no-store");
+    assert!(storable(
+        OK,
+        &h(&[nostore, ("cdn-cache-control", "max-age=60")]),
+        false
+    ));
+    assert!(!storable(
+        OK,
+        &h(&[
+            ("cache-control", "max-age=60"),
+            ("cdn-cache-control", "no-store")
+        ]),
+        false
+    ));
 }
 
 #[test]
