@@ -57,6 +57,7 @@ async fn wired(
         proxy: String::new(),
         client_cert: String::new(),
         client_key: String::new(),
+        connect_to: Vec::new(),
     };
     let client = UpstreamClient::new(&cfg, policy, d.clone()).unwrap();
     let rc = crate::relay::tests::cfg();
