@@ -467,17 +467,18 @@ fn classify(url: &Uri, e: &hyper_util::client::legacy::Error) -> FetchError {
 }
 
 /// A TLS failure (the handshake with the upstream: a certificate that does not verify, an alert) in
-/// an error chain. rustls' errors reach hyper inside an `io::Error`, whose `source()` skips them.
+/// an error chain. rustls' errors reach hyper inside `io::Error`s (hyper-rustls wraps tokio-rustls'
+/// in another), whose `source()` skips what they wrap.
 fn tls_failure(e: &(dyn std::error::Error + 'static)) -> Option<String> {
-    let inner = match e.downcast_ref::<std::io::Error>() {
-        Some(io) => io
-            .get_ref()
-            .map(|i| i as &(dyn std::error::Error + 'static)),
-        None => Some(e),
-    };
-    inner
-        .and_then(|i| i.downcast_ref::<rustls::Error>())
-        .map(|t| t.to_string())
+    let mut e = e;
+    for _ in 0..4 {
+        if let Some(t) = e.downcast_ref::<rustls::Error>() {
+            return Some(t.to_string());
+        }
+        let inner = e.downcast_ref::<std::io::Error>()?.get_ref()?;
+        e = inner;
+    }
+    None
 }
 
 /// What a parent at `at` is asked for: the origin URL in absolute form, or (for a digest alone) its
