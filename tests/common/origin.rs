@@ -71,6 +71,8 @@ pub struct Origin {
     task: tokio::task::JoinHandle<()>,
     conns: Arc<Mutex<Vec<tokio::task::AbortHandle>>>,
     pub bytes_sent: Arc<AtomicUsize>,
+    /// Connections that came over TLS (an origin started with `start_tls`).
+    pub tls_connections: Arc<AtomicUsize>,
 }
 
 impl Origin {
@@ -103,13 +105,15 @@ impl Origin {
         );
         let conns: Arc<Mutex<Vec<tokio::task::AbortHandle>>> = Default::default();
         let c = conns.clone();
+        let tls_connections = Arc::new(AtomicUsize::new(0));
+        let tc = tls_connections.clone();
         let task = tokio::spawn(async move {
             loop {
                 let Ok((sock, _)) = listener.accept().await else {
                     break;
                 };
                 let (f, l, b, s) = (f.clone(), l.clone(), b.clone(), s.clone());
-                let tls = tls.clone();
+                let (tls, tc) = (tls.clone(), tc.clone());
                 let h = tokio::spawn(async move {
                     let svc = hyper::service::service_fn(move |req| {
                         let (f, l, b, s) = (f.clone(), l.clone(), b.clone(), s.clone());
@@ -131,6 +135,7 @@ impl Origin {
                         // 0x16: a TLS handshake record.
                         (Some(acceptor), Ok(1)) if first[0] == 0x16 => {
                             if let Ok(s) = acceptor.accept(sock).await {
+                                tc.fetch_add(1, Ordering::Relaxed);
                                 let _ = http.serve_connection(TokioIo::new(s), svc).await;
                             }
                         }
@@ -150,6 +155,7 @@ impl Origin {
             task,
             conns,
             bytes_sent,
+            tls_connections,
         }
     }
 
