@@ -49,12 +49,24 @@ async fn a_ca_key_readable_by_others_is_refused_at_start() {
     let conf = config(tmp.path(), free_port());
     let key = tmp.path().join("ca").join("ca.key");
     std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
-    let r = Command::new(env!("CARGO_BIN_EXE_cistern"))
+    let mut child = Command::new(env!("CARGO_BIN_EXE_cistern"))
         .args(["serve", "--config"])
         .arg(&conf)
         .env("RUST_LOG", "error")
-        .output()
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
         .unwrap();
+    let end = Instant::now() + Duration::from_secs(20);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > end {
+            child.kill().unwrap();
+            child.wait().unwrap();
+            panic!("serve started with a CA key readable by others");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let r = child.wait_with_output().unwrap();
     assert_eq!(r.status.code(), Some(1));
     let err = String::from_utf8_lossy(&r.stderr);
     assert_eq!(err.trim().lines().count(), 1, "{err}");
