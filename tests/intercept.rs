@@ -303,7 +303,9 @@ async fn a_tls_name_other_than_the_connect_host_is_refused() {
     let sock = tunnel(s.node.addr, "origin.test").await;
     // Refused by cistern (an alert), not by this client's own check of a certificate it was given.
     let refused = tls.connect(name("plain.tunnel"), sock).await;
-    let e = refused.err().expect("a certificate was given for another name");
+    let e = refused
+        .err()
+        .expect("a certificate was given for another name");
     assert!(e.to_string().contains("received fatal alert"), "{e}");
     let sock = tunnel(s.node.addr, "origin.test").await;
     let ok = tls.connect(name("origin.test"), sock).await;
@@ -332,4 +334,30 @@ async fn a_handshake_never_finished_holds_its_place_until_the_header_timeout() {
         "dropped after {waited:?}"
     );
     drop(silent);
+}
+
+/// Under IoT Edge the site CA can be an intermediate of a chain the devices already trust: the leaf
+/// goes out with it, and a client that trusts only the root accepts it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_intermediate_ca_goes_out_with_its_leaves() {
+    if !have_curl() {
+        return;
+    }
+    let root = TestCa::new("edge root CA");
+    let inter = root.intermediate("cistern interception CA");
+    let mut files = None;
+    let s = site(|c| {
+        let dir = c.store.dir.parent().unwrap().to_path_buf();
+        let (ic, ik) = inter.write(&dir, "intermediate");
+        std::fs::write(dir.join("root.pem"), root.pem()).unwrap();
+        c.server.intercept_ca_cert = ic.display().to_string();
+        c.server.intercept_ca_key = ik.display().to_string();
+        files = Some(dir.join("root.pem"));
+    })
+    .await;
+    let body = random_bytes(1000, 9);
+    s.origin.put("/i.bin", body.clone(), max_age());
+    let r = curl(&s, &files.unwrap(), "https://origin.test/i.bin", &[]).await;
+    assert!(r.ok, "curl refused the chain");
+    assert_eq!(r.body, body);
 }

@@ -12,8 +12,15 @@ use common::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_cache_host_form_over_tls_asks_its_origin_over_https() {
-    if std::process::Command::new("curl").arg("--version").output().is_err() {
-        assert!(std::env::var_os("CISTERN_REQUIRE_CURL").is_none(), "curl is not installed");
+    if std::process::Command::new("curl")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        assert!(
+            std::env::var_os("CISTERN_REQUIRE_CURL").is_none(),
+            "curl is not installed"
+        );
         eprintln!("SKIPPED: curl is not installed (apt-get install curl)");
         return;
     }
@@ -61,7 +68,11 @@ async fn the_cache_host_form_over_tls_asks_its_origin_over_https() {
     assert!(first.status.success(), "{heads}");
     assert!(heads.starts_with("http/1.1 200"), "{heads}");
     assert_eq!(std::fs::read(dir.join("a")).unwrap(), body);
-    assert_eq!(origin.tls_connections.load(Ordering::Relaxed), 1, "asked over https");
+    assert_eq!(
+        origin.tls_connections.load(Ordering::Relaxed),
+        1,
+        "asked over https"
+    );
     let second = curl("b").output().await.unwrap();
     let heads = String::from_utf8_lossy(&second.stdout).to_ascii_lowercase();
     assert!(heads.contains("cache-status: cistern; hit"), "{heads}");

@@ -23,6 +23,16 @@ impl TestCa {
         TestCa { cert, key }
     }
 
+    /// An intermediate CA that this one signs.
+    pub fn intermediate(&self, name: &str) -> TestCa {
+        let key = KeyPair::generate().unwrap();
+        let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        p.distinguished_name.push(DnType::CommonName, name);
+        let cert = p.signed_by(&key, &self.cert, &self.key).unwrap();
+        TestCa { cert, key }
+    }
+
     pub fn pem(&self) -> String {
         self.cert.pem()
     }
