@@ -361,3 +361,126 @@ async fn an_intermediate_ca_goes_out_with_its_leaves() {
     assert!(r.ok, "curl refused the chain");
     assert_eq!(r.body, body);
 }
+
+/// Whether a Debian program is here (else SKIPPED, unless `CISTERN_REQUIRE_<NAME>` is set).
+fn have(program: &str, require: &str) -> bool {
+    let here = std::process::Command::new(program)
+        .arg("--version")
+        .output()
+        .is_ok();
+    if !here {
+        assert!(
+            std::env::var_os(require).is_none(),
+            "{program} is not installed (apt-get install {program})"
+        );
+        eprintln!("SKIPPED: {program} is not installed (apt-get install {program})");
+    }
+    here
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wget_through_interception_with_the_site_ca() {
+    if !have("wget", "CISTERN_REQUIRE_WGET") {
+        return;
+    }
+    let s = site(|_| {}).await;
+    let body = random_bytes(100_000, 11);
+    s.origin.put("/w.bin", body.clone(), max_age());
+    for out in ["w1", "w2"] {
+        let r = tokio::process::Command::new("wget")
+            .env("https_proxy", format!("http://{}", s.node.addr))
+            .args(["-q", "--timeout=20", "--tries=1", "--ca-certificate"])
+            .arg(&s.site_ca)
+            .arg("-O")
+            .arg(s.dir.join(out))
+            .arg("https://origin.test/w.bin")
+            .status()
+            .await
+            .unwrap();
+        assert!(r.success());
+        assert_eq!(std::fs::read(s.dir.join(out)).unwrap(), body);
+    }
+    assert_eq!(s.origin.gets("/w.bin"), 1);
+}
+
+/// apt over an https source, with `Acquire::https::Proxy` and the site CA: a flat repository of one
+/// package on the TLS origin; the package downloaded twice is fetched from the origin once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn apt_over_an_https_source_through_interception() {
+    if !have("apt-get", "CISTERN_REQUIRE_APT") {
+        return;
+    }
+    let s = site(|_| {}).await;
+    let deb = random_bytes(40_000, 12);
+    let packages = format!(
+        "Package: cistern-test\nVersion: 1.0\nArchitecture: all\nMaintainer: t <t@example.net>\n\
+         Filename: ./cistern-test_1.0_all.deb\nSize: {}\nSHA256: {}\nDescription: test\n\n",
+        deb.len(),
+        sha256_hex(&deb)
+    );
+    let release = format!(
+        "Date: {}\nSHA256:\n {} {} Packages\n",
+        httpdate::fmt_http_date(std::time::SystemTime::now()),
+        sha256_hex(packages.as_bytes()),
+        packages.len()
+    );
+    let meta = Behaviour {
+        cache_control: Some("max-age=60".into()),
+        ..Default::default()
+    };
+    // apt asks for the files of a flat repository `./` as `<base>/./<file>`.
+    s.origin
+        .put("/repo/./Release", release.into(), meta.clone());
+    s.origin.put("/repo/./Packages", packages.into(), meta);
+    s.origin
+        .put("/repo/./cistern-test_1.0_all.deb", deb.clone(), max_age());
+    let root = s.dir.join("apt");
+    for d in [
+        "lists/partial",
+        "archives/partial",
+        "etc/preferences.d",
+        "out",
+    ] {
+        std::fs::create_dir_all(root.join(d)).unwrap();
+    }
+    std::fs::write(root.join("status"), "").unwrap();
+    let sources = root.join("sources.list");
+    std::fs::write(&sources, "deb [trusted=yes] https://origin.test/repo ./\n").unwrap();
+    let r = |d: &str| root.join(d).display().to_string();
+    let opts = [
+        format!("Acquire::https::Proxy=http://{}", s.node.addr),
+        format!("Acquire::https::CaInfo={}", s.site_ca.display()),
+        format!("Dir::Etc::sourcelist={}", sources.display()),
+        "Dir::Etc::sourceparts=-".into(),
+        format!("Dir::Etc::preferencesparts={}", r("etc/preferences.d")),
+        format!("Dir::State::lists={}", r("lists")),
+        format!("Dir::State::status={}", r("status")),
+        format!("Dir::Cache={}", r("cache")),
+        "Debug::NoLocking=1".into(),
+        "APT::Sandbox::User=root".into(),
+        "Acquire::Languages=none".into(),
+    ];
+    let apt = |args: &[&str]| {
+        let mut c = tokio::process::Command::new("apt-get");
+        c.current_dir(root.join("out"));
+        for o in &opts {
+            c.arg("-o").arg(o);
+        }
+        c.args(["-q", "-y"]).args(args);
+        c
+    };
+    let up = apt(&["update"]).output().await.unwrap();
+    assert!(
+        up.status.success(),
+        "{}",
+        String::from_utf8_lossy(&up.stderr)
+    );
+    let file = root.join("out").join("cistern-test_1.0_all.deb");
+    for _ in 0..2 {
+        let _ = std::fs::remove_file(&file);
+        let d = apt(&["download", "cistern-test"]).output().await.unwrap();
+        assert!(d.status.success(), "{}", String::from_utf8_lossy(&d.stderr));
+        assert_eq!(std::fs::read(&file).unwrap(), deb);
+    }
+    assert_eq!(s.origin.gets("/repo/./cistern-test_1.0_all.deb"), 1);
+}
