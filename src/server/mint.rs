@@ -139,7 +139,11 @@ impl Minter {
 
     /// The leaf for `host` (a DNS name or an address literal), from the cache or made now.
     pub fn leaf(&self, host: &str) -> Result<Arc<CertifiedKey>, String> {
-        let now = SystemTime::now();
+        self.leaf_at(host, SystemTime::now())
+    }
+
+    /// The leaf for `host` as of `now`.
+    fn leaf_at(&self, host: &str, now: SystemTime) -> Result<Arc<CertifiedKey>, String> {
         let mut leaves = self.leaves.lock().unwrap_or_else(|p| p.into_inner());
         leaves.clock += 1;
         let clock = leaves.clock;
@@ -260,6 +264,24 @@ mod tests {
             m.leaf(&format!("h{i}.example")).unwrap();
         }
         assert_eq!(m.cached(), MAX_LEAVES);
+    }
+
+    #[test]
+    fn a_leaf_is_made_again_a_day_before_it_expires() {
+        let (c, k) = ca();
+        let m = Minter::from_pem(&c, &k, ("ca.pem", "ca.key")).unwrap();
+        let now = SystemTime::now();
+        let a = m.leaf_at("a.example", now).unwrap();
+        let later = now + LEAF_LIFE - RENEW_BEFORE - Duration::from_secs(60);
+        assert!(Arc::ptr_eq(&a, &m.leaf_at("a.example", later).unwrap()));
+        let renewed = m
+            .leaf_at("a.example", later + Duration::from_secs(120))
+            .unwrap();
+        assert!(
+            !Arc::ptr_eq(&a, &renewed),
+            "a leaf with less than a day left was kept"
+        );
+        assert_eq!(m.cached(), 1);
     }
 
     #[test]
