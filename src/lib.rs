@@ -142,6 +142,7 @@ impl Gateway {
             trust_edge_bundle(&mut cfg, w).await;
         }
         let cfg = Arc::new(cfg);
+        let intercept = interception(&cfg)?;
         let listeners = bind(&cfg, workload.as_ref()).await?;
         let c2 = cfg.clone();
         let store = tokio::task::spawn_blocking(move || open_store(&c2)).await??;
@@ -175,6 +176,7 @@ impl Gateway {
             own: Some(ops),
             stats,
             ready: AtomicBool::new(true),
+            intercept,
         });
         let (addr, tls_addr) = (listeners.local_addr(), listeners.tls_addr());
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -204,6 +206,21 @@ impl Gateway {
         let _ = self.stop.send(());
         let _ = self.task.await;
     }
+}
+
+/// `server.intercept`: the site CA, loaded and checked (a key readable by others, a key that does not
+/// match, a certificate that is not a CA: no start, one line naming the file).
+fn interception(cfg: &Config) -> anyhow::Result<Option<Arc<server::intercept::Interception>>> {
+    let s = &cfg.server;
+    if !s.intercept {
+        return Ok(None);
+    }
+    let (Some(cert), Some(key)) = (&s.intercept_ca_cert, &s.intercept_ca_key) else {
+        anyhow::bail!("server.intercept needs server.intercept_ca_cert and server.intercept_ca_key");
+    };
+    let minter = server::mint::Minter::load(cert, key)?;
+    let icp = server::intercept::Interception::new(minter, &s.intercept_hosts);
+    Ok(Some(Arc::new(icp)))
 }
 
 /// The listeners of `[server]`: plain, and TLS with the configured certificate files or, under IoT
@@ -262,6 +279,7 @@ fn upstream_client(cfg: &Config, director: Arc<Director>) -> anyhow::Result<Upst
         proxy: u.proxy.clone(),
         client_cert: u.client_cert.clone(),
         client_key: u.client_key.clone(),
+        connect_to: u.connect_to.clone(),
     };
     UpstreamClient::new(&client_cfg, policy, director).map_err(anyhow::Error::msg)
 }

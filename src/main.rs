@@ -90,6 +90,24 @@ enum Cmd {
         #[command(flatten)]
         remote: RemoteArgs,
     },
+    /// The site CA of interception (server.intercept).
+    Ca {
+        #[command(subcommand)]
+        cmd: CaCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum CaCmd {
+    /// Make a site CA: DIR/ca.pem and DIR/ca.key (mode 0600), ECDSA P-256, 10 years.
+    Init {
+        /// Directory to write the two files into (created if needed).
+        #[arg(long)]
+        out: PathBuf,
+        /// The CA's common name, as devices will show it.
+        #[arg(long, default_value = "cistern site CA")]
+        name: String,
+    },
 }
 
 /// Working through a running gateway's admin API.
@@ -198,6 +216,12 @@ fn main() -> ExitCode {
         } => remote
             .remote()
             .and_then(|r| cli::import(files, sha256, pin, config, r))
+            .map(|_| true),
+        Cmd::Ca {
+            cmd: CaCmd::Init { out, name },
+        } => cistern::ops::ca::init(&out, &name)
+            .map(|f| print!("{}", cistern::ops::ca::next_steps(&f)))
+            .map_err(anyhow::Error::msg)
             .map(|_| true),
     };
     match result {

@@ -83,6 +83,17 @@ pub struct Server {
     pub admin_token_file: Option<PathBuf>,
     pub max_connections: usize,
     pub allow_connect: bool,
+    /// With `allow_connect`: CONNECTs to allowed origins (of `intercept_hosts` when set) are
+    /// terminated with a certificate signed by `intercept_ca_cert`/`intercept_ca_key` and cached.
+    pub intercept: bool,
+    /// PEM: the CA (root or intermediate) that signs the per-host certificates.
+    #[serde(with = "path")]
+    pub intercept_ca_cert: Option<PathBuf>,
+    /// PEM: its private key; must not be readable by group or others.
+    #[serde(with = "path")]
+    pub intercept_ca_key: Option<PathBuf>,
+    /// Host patterns to intercept; empty = every allowed origin. Others are tunnelled.
+    pub intercept_hosts: Vec<String>,
     /// Ranges one request may ask for (a `multipart/byteranges` answer); a larger set gets 200 with
     /// the whole body (SPEC 4).
     pub max_ranges: usize,
@@ -107,6 +118,10 @@ impl Default for Server {
             admin_token_file: None,
             max_connections: 10_000,
             allow_connect: false,
+            intercept: false,
+            intercept_ca_cert: None,
+            intercept_ca_key: None,
+            intercept_hosts: Vec::new(),
             max_ranges: 200,
             shutdown_grace: Span::secs(10),
             send_buffer: ByteSize(256 << 10),
@@ -164,6 +179,11 @@ pub struct Upstream {
     pub max_transfers: u32,
     pub strip_query: Vec<String>,
     pub require_digest: bool,
+    /// Not a configuration key (no file or variable sets it): names that a program embedding cistern
+    /// (the integration tests) resolves itself, as curl's `--connect-to` does: `(host, address)`, the
+    /// address taken as the checked result of resolving `host` on any port.
+    #[serde(skip)]
+    pub connect_to: Vec<(String, SocketAddr)>,
 }
 
 impl Default for Upstream {
@@ -184,6 +204,7 @@ impl Default for Upstream {
             client_cert: None,
             client_key: None,
             proxy: String::new(),
+            connect_to: Vec::new(),
             connect_timeout: Span::secs(10),
             idle_timeout: Span::secs(60),
             retries: 5,
@@ -365,6 +386,7 @@ impl Config {
                 "needs server.tls_cert and server.tls_key",
             ));
         }
+        self.validate_intercept()?;
         if self.server.max_connections == 0 {
             return Err(invalid("server.max_connections", "must be at least 1"));
         }
@@ -425,6 +447,35 @@ impl Config {
 
     /// `status.max_report` within what one request may carry, and `status.max_store` with room beyond
     /// the dedup records, which are bounded by count (`dedup_entries`), not dropped to make room.
+    /// `server.intercept` needs CONNECT and a CA; its host patterns are host patterns.
+    fn validate_intercept(&self) -> Result<(), ConfigError> {
+        let s = &self.server;
+        for pat in &s.intercept_hosts {
+            if pat.is_empty() || pat.contains(['/', '@', ' ', '?', '#']) {
+                return Err(invalid(
+                    "server.intercept_hosts",
+                    format!("`{pat}` is not a host pattern"),
+                ));
+            }
+        }
+        if !s.intercept {
+            return Ok(());
+        }
+        if !s.allow_connect {
+            return Err(invalid(
+                "server.intercept",
+                "needs server.allow_connect = true",
+            ));
+        }
+        if s.intercept_ca_cert.is_none() || s.intercept_ca_key.is_none() {
+            return Err(invalid(
+                "server.intercept",
+                "needs server.intercept_ca_cert and server.intercept_ca_key (`cistern ca init` makes a pair)",
+            ));
+        }
+        Ok(())
+    }
+
     fn validate_status_bounds(&self) -> Result<(), ConfigError> {
         let s = &self.status;
         let report = s.max_report.0;

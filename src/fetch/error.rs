@@ -14,6 +14,10 @@ pub enum FetchError {
     RedirectNotAllowed(String),
     #[error("upstream unreachable: {0}")]
     Unreachable(String),
+    /// The upstream's TLS handshake failed: its certificate does not verify against the system roots
+    /// and `upstream.ca_file`, or it spoke no acceptable TLS. Never retried without verification.
+    #[error("upstream TLS failed: {0}")]
+    UpstreamTls(String),
     #[error("upstream sent a response that cannot be read: {0}")]
     BadResponse(String),
     #[error("upstream {0} did not answer in time")]

@@ -382,7 +382,7 @@ impl Fetcher {
         let c = match e {
             FetchError::Timeout(_) => &s.errors_timeout,
             FetchError::Status { .. } | FetchError::BadResponse(_) => &s.errors_status,
-            FetchError::Unreachable(_) => &s.errors_unreachable,
+            FetchError::Unreachable(_) | FetchError::UpstreamTls(_) => &s.errors_unreachable,
             _ => return,
         };
         c.fetch_add(1, Ordering::Relaxed);

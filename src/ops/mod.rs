@@ -2,6 +2,7 @@
 //! Reads the counters that `server`, `fetch` and `store` expose; nothing calls into this module except
 //! through the [`OwnEndpoints`] hook it is wired in with.
 
+pub mod ca;
 pub mod dashboard;
 pub mod doctor;
 pub mod health;

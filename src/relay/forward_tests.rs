@@ -57,6 +57,7 @@ async fn wired(
         proxy: String::new(),
         client_cert: None,
         client_key: None,
+        connect_to: Vec::new(),
     };
     let client = UpstreamClient::new(&cfg, policy, d.clone()).unwrap();
     let rc = crate::relay::tests::cfg();

@@ -3,8 +3,10 @@
 //! its connection's place under `server.max_connections`, closes when the process stops (the drain
 //! waits for it) and after `upstream.idle_timeout` with no byte either way.
 
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -17,10 +19,16 @@ use tokio::net::TcpStream;
 
 use super::body::{empty, Body};
 use super::error::ApiError;
+use super::intercept;
 use super::listener::ConnHold;
 use super::App;
 
-pub async fn tunnel(app: &App, req: Request<Incoming>, authority: Authority) -> Response<Body> {
+pub async fn tunnel(
+    app: Arc<App>,
+    req: Request<Incoming>,
+    authority: Authority,
+    peer: SocketAddr,
+) -> Response<Body> {
     if !app.cfg.server.allow_connect {
         return ApiError::new(
             StatusCode::FORBIDDEN,
@@ -31,8 +39,7 @@ pub async fn tunnel(app: &App, req: Request<Incoming>, authority: Authority) -> 
     }
     let host = authority.host().to_string();
     let port = authority.port_u16().unwrap_or(443);
-    let policy = app.fetcher.policy();
-    if port != 443 || !policy.host_allowed(&host, port) {
+    if port != 443 || !app.fetcher.policy().host_allowed(&host, port) {
         return ApiError::new(
             StatusCode::FORBIDDEN,
             "origin-not-allowed",
@@ -40,31 +47,14 @@ pub async fn tunnel(app: &App, req: Request<Incoming>, authority: Authority) -> 
         )
         .into_response();
     }
-    let addrs: Vec<std::net::SocketAddr> =
-        match tokio::net::lookup_host((host.trim_matches(['[', ']']), port)).await {
-            Ok(a) => a
-                .filter(|a| match host.trim_matches(['[', ']']).parse() {
-                    // An address literal: exempt only where a pattern names it on this port.
-                    Ok(literal) => a.ip() == literal && policy.literal_allowed(literal, port),
-                    Err(_) => policy.addr_allowed(a.ip()),
-                })
-                .collect(),
-            Err(e) => {
-                return ApiError::new(
-                    StatusCode::BAD_GATEWAY,
-                    "upstream-unreachable",
-                    format!("{host}: {e}"),
-                )
-                .into_response()
-            }
-        };
-    let Some(addr) = addrs.first().copied() else {
-        return ApiError::new(
-            StatusCode::FORBIDDEN,
-            "address-not-allowed",
-            format!("{host} resolves to an address cistern may not connect to"),
-        )
-        .into_response();
+    // Interception (SPEC 3, "HTTPS payloads"): terminated here; the address check comes with each
+    // request inside, as for the forward-proxy form.
+    if let Some(icp) = app.intercept.clone().filter(|i| i.takes(&host)) {
+        return intercept::terminate(app, icp, req, &authority, peer);
+    }
+    let addr = match checked_addr(&app, &host, port).await {
+        Ok(a) => a,
+        Err(e) => return e.into_response(),
     };
     let upstream =
         match tokio::time::timeout(app.cfg.upstream.connect_timeout.0, TcpStream::connect(addr))
@@ -91,6 +81,43 @@ pub async fn tunnel(app: &App, req: Request<Incoming>, authority: Authority) -> 
     let mut r = Response::new(empty());
     *r.status_mut() = StatusCode::OK;
     r
+}
+
+/// The address a tunnel to `host` connects to: resolved (or given by `upstream.connect_to`) and
+/// checked (SPEC 2).
+async fn checked_addr(app: &App, host: &str, port: u16) -> Result<SocketAddr, ApiError> {
+    let name = host.trim_matches(['[', ']']);
+    let given = app.cfg.upstream.connect_to.iter();
+    if let Some((_, a)) = given
+        .into_iter()
+        .find(|(h, _)| h.eq_ignore_ascii_case(name))
+    {
+        return Ok(*a);
+    }
+    let policy = app.fetcher.policy();
+    let addrs: Vec<SocketAddr> = match tokio::net::lookup_host((name, port)).await {
+        Ok(a) => a
+            .filter(|a| match name.parse() {
+                // An address literal: exempt only where a pattern names it on this port.
+                Ok(literal) => a.ip() == literal && policy.literal_allowed(literal, port),
+                Err(_) => policy.addr_allowed(a.ip()),
+            })
+            .collect(),
+        Err(e) => {
+            return Err(ApiError::new(
+                StatusCode::BAD_GATEWAY,
+                "upstream-unreachable",
+                format!("{host}: {e}"),
+            ))
+        }
+    };
+    addrs.first().copied().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::FORBIDDEN,
+            "address-not-allowed",
+            format!("{host} resolves to an address cistern may not connect to"),
+        )
+    })
 }
 
 /// Copies both ways until either side closes, no byte has moved for `idle`, or the process stops.

@@ -54,6 +54,7 @@ pub fn fetch_error_response(e: FetchError) -> Response<Body> {
         FetchError::RedirectNotAllowed(_) => (S::BAD_GATEWAY, "redirect-not-allowed"),
         FetchError::Unreachable(_) => (S::GATEWAY_TIMEOUT, "upstream-unreachable"),
         FetchError::BadResponse(_) => (S::BAD_GATEWAY, "upstream-bad-response"),
+        FetchError::UpstreamTls(_) => (S::BAD_GATEWAY, "upstream-tls"),
         FetchError::Timeout(_) => (S::GATEWAY_TIMEOUT, "upstream-timeout"),
         FetchError::DigestMismatch(_) => (S::BAD_GATEWAY, "digest-mismatch"),
         FetchError::Diverged => (S::BAD_GATEWAY, "upstream-changed"),

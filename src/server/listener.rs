@@ -13,13 +13,15 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
 
+use super::intercept::Inside;
 use super::stall::Stall;
 use super::App;
 
 /// Request head bound: request line plus headers (431 beyond it).
 const MAX_HEAD_BYTES: usize = 64 << 10;
-/// A client has this long to send a request head (also the keep-alive idle bound).
-const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
+/// A client has this long to send a request head (also the keep-alive idle bound, and the bound on
+/// the TLS handshake inside an intercepted tunnel).
+pub(super) const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
 /// A client that takes no response bytes for this long is disconnected.
 const STALL_TIMEOUT: Duration = Duration::from_secs(60);
 /// A TLS client has this long to finish its handshake.
@@ -73,6 +75,13 @@ pub(super) struct ConnHold {
 }
 
 impl ConnHold {
+    fn new(permit: OwnedSemaphorePermit, guard: Shutdown) -> ConnHold {
+        ConnHold {
+            _permit: Arc::new(permit),
+            guard,
+        }
+    }
+
     /// Turns true when the process is stopping.
     pub fn stopping(&self) -> watch::Receiver<bool> {
         self.guard.stop.clone()
@@ -175,13 +184,14 @@ async fn accept_loop(
             match tls {
                 None => {
                     let io = Stall::new(super::zerocopy::Conn::new(sock), STALL_TIMEOUT);
-                    connection(app, io, peer, guard, permit).await
+                    connection(app, io, peer, ConnHold::new(permit, guard), None).await
                 }
                 Some(acceptor) => {
                     match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(sock)).await {
                         Ok(Ok(s)) => {
                             let io = Stall::new(TokioIo::new(s), STALL_TIMEOUT);
-                            connection(app, io, peer, guard, permit).await
+                            let hold = ConnHold::new(permit, guard);
+                            connection(app, io, peer, hold, Some(Arrival::Tls)).await
                         }
                         Ok(Err(e)) => {
                             tracing::debug!(client = %peer.ip(), error = %e, "TLS handshake failed")
@@ -194,22 +204,46 @@ async fn accept_loop(
     }
 }
 
+/// How a request reached cistern, when not in plain HTTP on a listener: put in its extensions.
+#[derive(Clone, Debug)]
+pub(super) enum Arrival {
+    /// On the TLS listener: the cache-host form asks its origin over https (SPEC 3).
+    Tls,
+    /// Inside an intercepted CONNECT tunnel to a host.
+    Tunnel(Inside),
+}
+
+/// Serves the requests inside an intercepted tunnel (after its TLS handshake) as a connection of
+/// the listeners: the same bounds, the connection's hold kept until it ends.
+pub(super) async fn tunnelled<I>(
+    app: Arc<App>,
+    io: I,
+    peer: SocketAddr,
+    hold: ConnHold,
+    inside: Inside,
+) where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let io = Stall::new(io, STALL_TIMEOUT);
+    connection(app, io, peer, hold, Some(Arrival::Tunnel(inside))).await
+}
+
 async fn connection<I>(
     app: Arc<App>,
     io: I,
     peer: SocketAddr,
-    guard: Shutdown,
-    permit: OwnedSemaphorePermit,
+    hold: ConnHold,
+    arrival: Option<Arrival>,
 ) where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
-    let hold = ConnHold {
-        _permit: Arc::new(permit),
-        guard: guard.clone(),
-    };
+    let guard = hold.guard.clone();
     let svc = service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
         let app = app.clone();
         req.extensions_mut().insert(hold.clone());
+        if let Some(a) = &arrival {
+            req.extensions_mut().insert(a.clone());
+        }
         async move {
             let mut res = app.handle(req, peer).await;
             super::case::canonical(&mut res);

@@ -10,8 +10,10 @@ mod connect;
 pub mod edge;
 pub mod error;
 mod guard;
+pub mod intercept;
 mod listener;
 mod metered;
+pub mod mint;
 pub mod multipart;
 pub mod range;
 mod respond;
@@ -102,6 +104,8 @@ pub struct App {
     pub own: Option<Arc<dyn OwnEndpoints>>,
     pub stats: Arc<ServerStats>,
     pub ready: AtomicBool,
+    /// `server.intercept`: the CA and hosts of interception; None when off.
+    pub intercept: Option<Arc<intercept::Interception>>,
 }
 
 impl App {
@@ -197,9 +201,20 @@ impl App {
             );
             return (e.into_response(), None, None);
         }
+        let arrival = req.extensions().get::<listener::Arrival>().cloned();
+        if let Some(listener::Arrival::Tunnel(inside)) = &arrival {
+            if let Err(e) = inside.rewrite(&mut req) {
+                return (e.into_response(), None, None);
+            }
+        }
+        // The cache-host form over TLS asks its origin over https (SPEC 3, "HTTPS payloads").
+        let origin_scheme = match arrival {
+            Some(listener::Arrival::Tls) => "https",
+            _ => &self.cfg.upstream.origin_scheme,
+        };
         let router = Router {
             origins: &self.cfg.origins,
-            origin_scheme: &self.cfg.upstream.origin_scheme,
+            origin_scheme,
             strip_query: &self.cfg.upstream.strip_query,
         };
         let route = match router.route(req.method(), req.uri()) {
@@ -207,9 +222,11 @@ impl App {
             Err(e) => return (e.into_response(), None, None),
         };
         match route {
-            Route::Connect { authority } => {
-                (connect::tunnel(&self, req, authority).await, None, None)
-            }
+            Route::Connect { authority } => (
+                connect::tunnel(self.clone(), req, authority, peer).await,
+                None,
+                None,
+            ),
             Route::Own => (self.own(req, peer).await, None, None),
             Route::Content { digest } => {
                 let t = Target {

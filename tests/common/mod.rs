@@ -17,11 +17,14 @@ pub type Body = BoxBody<Bytes, std::io::Error>;
 mod binary;
 mod origin;
 mod raw;
+mod tls;
 #[allow(unused_imports)]
 pub use binary::*;
 pub use origin::*;
 #[allow(unused_imports)]
 pub use raw::*;
+#[allow(unused_imports)]
+pub use tls::*;
 
 /// Starts the real binary, `cistern serve --config <conf>`, with the fail points `failpoints`
 /// (FAILPOINTS syntax; "" for none; they act only in a binary built with `--features failpoints`).

@@ -71,6 +71,8 @@ pub struct Origin {
     task: tokio::task::JoinHandle<()>,
     conns: Arc<Mutex<Vec<tokio::task::AbortHandle>>>,
     pub bytes_sent: Arc<AtomicUsize>,
+    /// Connections that came over TLS (an origin started with `start_tls`).
+    pub tls_connections: Arc<AtomicUsize>,
 }
 
 impl Origin {
@@ -79,6 +81,16 @@ impl Origin {
     }
 
     pub async fn start_on(addr: SocketAddr) -> Origin {
+        Self::start_with(addr, None).await
+    }
+
+    /// An origin that speaks TLS (with `tls`) and plain HTTP on one port: a connection whose first
+    /// byte opens a TLS handshake is TLS, any other plain; the same files and log either way.
+    pub async fn start_tls(tls: tokio_rustls::TlsAcceptor) -> Origin {
+        Self::start_with("127.0.0.1:0".parse().unwrap(), Some(tls)).await
+    }
+
+    async fn start_with(addr: SocketAddr, tls: Option<tokio_rustls::TlsAcceptor>) -> Origin {
         let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let files: Arc<Mutex<HashMap<String, OriginFile>>> = Default::default();
@@ -93,12 +105,15 @@ impl Origin {
         );
         let conns: Arc<Mutex<Vec<tokio::task::AbortHandle>>> = Default::default();
         let c = conns.clone();
+        let tls_connections = Arc::new(AtomicUsize::new(0));
+        let tc = tls_connections.clone();
         let task = tokio::spawn(async move {
             loop {
                 let Ok((sock, _)) = listener.accept().await else {
                     break;
                 };
                 let (f, l, b, s) = (f.clone(), l.clone(), b.clone(), s.clone());
+                let (tls, tc) = (tls.clone(), tc.clone());
                 let h = tokio::spawn(async move {
                     let svc = hyper::service::service_fn(move |req| {
                         let (f, l, b, s) = (f.clone(), l.clone(), b.clone(), s.clone());
@@ -114,9 +129,20 @@ impl Origin {
                             Ok::<_, std::convert::Infallible>(serve(req, f, l, b, s))
                         }
                     });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(sock), svc)
-                        .await;
+                    let http = hyper::server::conn::http1::Builder::new();
+                    let mut first = [0u8; 1];
+                    match (tls, sock.peek(&mut first).await) {
+                        // 0x16: a TLS handshake record.
+                        (Some(acceptor), Ok(1)) if first[0] == 0x16 => {
+                            if let Ok(s) = acceptor.accept(sock).await {
+                                tc.fetch_add(1, Ordering::Relaxed);
+                                let _ = http.serve_connection(TokioIo::new(s), svc).await;
+                            }
+                        }
+                        _ => {
+                            let _ = http.serve_connection(TokioIo::new(sock), svc).await;
+                        }
+                    }
                 });
                 c.lock().unwrap().push(h.abort_handle());
             }
@@ -129,6 +155,7 @@ impl Origin {
             task,
             conns,
             bytes_sent,
+            tls_connections,
         }
     }
 

@@ -47,6 +47,8 @@ struct AddrRefused(String);
 #[derive(Clone)]
 struct CheckedResolver {
     policy: Arc<OriginPolicy>,
+    /// Names resolved by the embedding program (`upstream.connect_to`): taken as checked.
+    connect_to: Arc<Vec<(String, SocketAddr)>>,
 }
 
 impl tower_service::Service<Name> for CheckedResolver {
@@ -60,7 +62,16 @@ impl tower_service::Service<Name> for CheckedResolver {
 
     fn call(&mut self, name: Name) -> Self::Future {
         let policy = self.policy.clone();
+        let given: Vec<SocketAddr> = self
+            .connect_to
+            .iter()
+            .filter(|(h, _)| h.eq_ignore_ascii_case(name.as_str()))
+            .map(|(_, a)| *a)
+            .collect();
         Box::pin(async move {
+            if !given.is_empty() {
+                return Ok(given.into_iter());
+            }
             let host = name.as_str().to_string();
             let addrs: Vec<SocketAddr> =
                 tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
@@ -88,6 +99,8 @@ pub struct ClientConfig {
     /// Client certificate and key (PEM) for mTLS to parents.
     pub client_cert: Option<PathBuf>,
     pub client_key: Option<PathBuf>,
+    /// `upstream.connect_to`: names the embedding program resolves itself.
+    pub connect_to: Vec<(String, SocketAddr)>,
 }
 
 #[derive(Clone)]
@@ -122,6 +135,7 @@ impl UpstreamClient {
     ) -> Result<UpstreamClient, String> {
         let resolver = CheckedResolver {
             policy: policy.clone(),
+            connect_to: Arc::new(cfg.connect_to.clone()),
         };
         let tls = connect::tls_config(connect::Trust {
             ca_file: cfg.ca_file.as_deref(),
@@ -425,10 +439,12 @@ fn own_url(parent: &Uri, path: &str) -> Option<Uri> {
 fn classify(url: &Uri, e: &hyper_util::client::legacy::Error) -> FetchError {
     let mut src: Option<&(dyn std::error::Error + 'static)> = Some(e);
     let mut unreadable = false;
+    let mut tls = None;
     while let Some(s) = src {
         if let Some(r) = s.downcast_ref::<AddrRefused>() {
             return FetchError::AddressRefused(r.0.clone());
         }
+        tls = tls.or_else(|| tls_failure(s));
         // A head too large, a bad status line, bad fields: the upstream answered, but not in HTTP.
         unreadable |= s
             .downcast_ref::<hyper::Error>()
@@ -441,11 +457,29 @@ fn classify(url: &Uri, e: &hyper_util::client::legacy::Error) -> FetchError {
         detail = format!("{detail}: {s}");
         src = s.source();
     }
+    if let Some(why) = tls {
+        return FetchError::UpstreamTls(format!("{}: {why}", host_of(url)));
+    }
     let detail = format!("{}: {detail}", host_of(url));
     match unreadable {
         true => FetchError::BadResponse(detail),
         false => FetchError::Unreachable(detail),
     }
+}
+
+/// A TLS failure (the handshake with the upstream: a certificate that does not verify, an alert) in
+/// an error chain. rustls' errors reach hyper inside `io::Error`s (hyper-rustls wraps tokio-rustls'
+/// in another), whose `source()` skips what they wrap.
+fn tls_failure(e: &(dyn std::error::Error + 'static)) -> Option<String> {
+    let mut e = e;
+    for _ in 0..4 {
+        if let Some(t) = e.downcast_ref::<rustls::Error>() {
+            return Some(t.to_string());
+        }
+        let inner = e.downcast_ref::<std::io::Error>()?.get_ref()?;
+        e = inner;
+    }
+    None
 }
 
 /// What a parent at `at` is asked for: the origin URL in absolute form, or (for a digest alone) its
