@@ -216,7 +216,9 @@ fn interception(cfg: &Config) -> anyhow::Result<Option<Arc<server::intercept::In
         return Ok(None);
     }
     let (Some(cert), Some(key)) = (&s.intercept_ca_cert, &s.intercept_ca_key) else {
-        anyhow::bail!("server.intercept needs server.intercept_ca_cert and server.intercept_ca_key");
+        anyhow::bail!(
+            "server.intercept needs server.intercept_ca_cert and server.intercept_ca_key"
+        );
     };
     let minter = server::mint::Minter::load(cert, key)?;
     let icp = server::intercept::Interception::new(minter, &s.intercept_hosts);
