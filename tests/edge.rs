@@ -90,6 +90,21 @@ async fn workload_api_certificates_and_trust_bundle() {
     let top_dir = tempfile::tempdir().unwrap();
     let mut cfg = config(top_dir.path(), &origin, "");
     cfg.server.tls_listen = "127.0.0.1:0".into();
+    // An https origin for the cache-host form over TLS (below), trusted through upstream.ca_file.
+    let origin_pki = TestCa::new("origin CA");
+    let (oc, ok) = origin_pki.issue(&["origin.test"]);
+    let tls_origin = Origin::start_tls(tls_acceptor(&oc, &ok)).await;
+    let fw = random_bytes(150_000, 62);
+    let fresh = Behaviour {
+        cache_control: Some("max-age=3600".into()),
+        ..Default::default()
+    };
+    tls_origin.put("/filestreamingservice/files/fw.bin", fw.clone(), fresh);
+    let origin_ca = top_dir.path().join("origin-ca.pem");
+    std::fs::write(&origin_ca, origin_pki.pem()).unwrap();
+    cfg.upstream.allowed_origins = vec!["origin.test".into()];
+    cfg.upstream.ca_file = Some(origin_ca);
+    cfg.upstream.connect_to = vec![("origin.test".into(), tls_origin.addr)];
     let top = Node::start_with(cfg).await;
     let tls_port = top.gw.as_ref().unwrap().tls_addr.unwrap().port();
     assert!(asked
@@ -107,4 +122,48 @@ async fn workload_api_certificates_and_trust_bundle() {
     assert_eq!(g.status, 200, "{}", String::from_utf8_lossy(&g.body));
     assert_eq!(g.body, body);
     eventually(5, "stored at the parent", || top.blobs().len() == 1).await;
+
+    // A Delivery Optimization agent given an https URL keeps its scheme when it swaps in the cache
+    // host: curl, trusting the edge CA as a device does, asks the TLS listener (the workload API's
+    // certificate) in the cache-host form; the origin is asked over https, once.
+    if std::process::Command::new("curl")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        assert!(
+            std::env::var_os("CISTERN_REQUIRE_CURL").is_none(),
+            "curl is not installed"
+        );
+        eprintln!("SKIPPED: the cache-host form over TLS (curl is not installed)");
+        return;
+    }
+    let edge_ca = tmp.path().join("edge-ca.pem");
+    std::fs::write(&edge_ca, ca.cert.pem()).unwrap();
+    let url = format!(
+        "https://127.0.0.1:{tls_port}/filestreamingservice/files/fw.bin?cacheHostOrigin=origin.test"
+    );
+    for (out, status) in [("fw.a", "cistern; fwd=uri-miss"), ("fw.b", "cistern; hit")] {
+        let got = tokio::process::Command::new("curl")
+            .args(["-sS", "--max-time", "20", "-D", "-", "--cacert"])
+            .arg(&edge_ca)
+            .arg("-o")
+            .arg(tmp.path().join(out))
+            .arg(&url)
+            .output()
+            .await
+            .unwrap();
+        let heads = String::from_utf8_lossy(&got.stdout).to_ascii_lowercase();
+        let err = String::from_utf8_lossy(&got.stderr);
+        assert!(heads.starts_with("http/1.1 200"), "{heads}{err}");
+        assert!(
+            heads.contains(&format!("cache-status: {status}")),
+            "{heads}"
+        );
+        assert!(std::fs::read(tmp.path().join(out)).unwrap() == fw);
+    }
+    let tls_asks = tls_origin
+        .tls_connections
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(tls_asks, 1, "the origin asked over https, once");
 }
