@@ -1,6 +1,7 @@
 //! Under IoT Edge (SPEC 8): with TLS on and no certificate files, the server certificate comes from the
 //! workload API (common name IOTEDGE_GATEWAYHOSTNAME), and a child trusts its parent through the
-//! workload API's trust bundle. The workload API here is a mock on a unix socket. This file holds one
+//! workload API's trust bundle, and the cache-host form over TLS answers on that certificate (SPEC 3,
+//! "HTTPS payloads"). The workload API here is a mock on a unix socket. This file holds one
 //! test because it sets the process environment.
 
 mod common;
