@@ -55,6 +55,8 @@ pub struct Config {
     pub store: Store,
     pub upstream: Upstream,
     pub origins: Vec<Origin>,
+    /// Container registries served under `/v2/` (SPEC 9); the first is the default.
+    pub registries: Vec<Registry>,
     pub status: Status,
     pub log: Log,
 }
@@ -201,6 +203,29 @@ pub struct Origin {
     pub url: String,
     #[serde(default)]
     pub immutable: bool,
+}
+
+/// A container registry pulled through `/v2/` (SPEC 9).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Registry {
+    /// Names the registry in a `/v2/<name>/...` path; same grammar as an origin's name.
+    pub name: String,
+    /// Its base URL, e.g. `https://mcr.microsoft.com`.
+    pub url: String,
+    /// For the registry's Basic or token authentication; empty = anonymous.
+    #[serde(default)]
+    pub username: String,
+    /// The password (or token) for `username`, read at start; never logged or stored.
+    #[serde(default, with = "path")]
+    pub password_file: Option<PathBuf>,
+    /// How long a manifest fetched by tag is reused before it is revalidated.
+    #[serde(default = "default_tag_ttl")]
+    pub tag_ttl: Span,
+}
+
+fn default_tag_ttl() -> Span {
+    Span::secs(300)
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -406,6 +431,7 @@ impl Config {
             }
             check_url(&format!("origins.{}.url", o.name), &o.url)?;
         }
+        self.validate_registries()?;
         if !self.status.forward_to.is_empty() {
             check_url("status.forward_to", &self.status.forward_to)?;
         }
@@ -421,6 +447,32 @@ impl Config {
 
     /// `status.max_report` within what one request may carry, and `status.max_store` with room beyond
     /// the dedup records, which are bounded by count (`dedup_entries`), not dropped to make room.
+    fn validate_registries(&self) -> Result<(), ConfigError> {
+        let mut seen = std::collections::HashSet::new();
+        for r in &self.registries {
+            if !valid_origin_name(&r.name) {
+                return Err(invalid(
+                    "registries.name",
+                    format!("`{}` must match [a-z0-9][a-z0-9._-]{{0,62}}", r.name),
+                ));
+            }
+            if !seen.insert(r.name.clone()) {
+                return Err(invalid(
+                    "registries.name",
+                    format!("`{}` is named twice", r.name),
+                ));
+            }
+            check_url(&format!("registries.{}.url", r.name), &r.url)?;
+            if r.password_file.is_some() && r.username.is_empty() {
+                return Err(invalid(
+                    &format!("registries.{}.password_file", r.name),
+                    "needs a username",
+                ));
+            }
+        }
+        Ok(())
+    }
+
     fn validate_status_bounds(&self) -> Result<(), ConfigError> {
         let s = &self.status;
         let report = s.max_report.0;
