@@ -246,6 +246,7 @@ fn upstream_client(cfg: &Config, director: Arc<Director>) -> anyhow::Result<Upst
         .origins
         .iter()
         .map(|o| &o.url)
+        .chain(cfg.registries.iter().map(|r| &r.url))
         .chain(cfg.upstream.parents.iter())
         .filter_map(|u| u.parse::<http::Uri>().ok())
         .map(|uri| {
@@ -263,7 +264,36 @@ fn upstream_client(cfg: &Config, director: Arc<Director>) -> anyhow::Result<Upst
         client_cert: u.client_cert.clone(),
         client_key: u.client_key.clone(),
     };
-    UpstreamClient::new(&client_cfg, policy, director).map_err(anyhow::Error::msg)
+    let client = UpstreamClient::new(&client_cfg, policy, director).map_err(anyhow::Error::msg)?;
+    Ok(client.with_registries(registry_creds(cfg)?))
+}
+
+/// Each `[[registries]]` entry's URL and credentials, its password read from `password_file`.
+fn registry_creds(cfg: &Config) -> anyhow::Result<Vec<fetch::upstream::registry::RegistryCred>> {
+    let mut out = Vec::new();
+    for r in &cfg.registries {
+        let password = match &r.password_file {
+            Some(p) => Some(
+                std::fs::read_to_string(p)
+                    .with_context(|| {
+                        format!("registries.{}.password_file {}", r.name, p.display())
+                    })?
+                    .trim_end_matches(['\r', '\n'])
+                    .to_string(),
+            ),
+            None => None,
+        };
+        let url = r
+            .url
+            .parse()
+            .with_context(|| format!("registries.{}.url", r.name))?;
+        out.push(fetch::upstream::registry::RegistryCred {
+            url,
+            username: r.username.clone(),
+            password,
+        });
+    }
+    Ok(out)
 }
 
 fn fetch_config(cfg: &Config) -> FetchConfig {

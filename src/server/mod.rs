@@ -13,6 +13,7 @@ mod guard;
 mod listener;
 mod metered;
 pub mod range;
+mod registry;
 mod respond;
 pub mod route;
 mod stall;
@@ -210,6 +211,10 @@ impl App {
                 (connect::tunnel(&self, req, authority).await, None, None)
             }
             Route::Own => (self.own(req, peer).await, None, None),
+            Route::Registry => {
+                let (r, key) = self.registry(req).await;
+                (r, Some(FormKind::Registry), key)
+            }
             Route::Content { digest } => {
                 let t = Target {
                     key: format!("sha256/{digest}"),

@@ -17,6 +17,7 @@ pub type Body = BoxBody<Bytes, std::io::Error>;
 mod binary;
 mod origin;
 mod raw;
+pub mod registry;
 #[allow(unused_imports)]
 pub use binary::*;
 pub use origin::*;

@@ -1,0 +1,336 @@
+//! Container registries for the image tests: Debian's `docker-registry` (distribution 2.8) on a loopback
+//! port with its storage in a temporary directory, a front in this process that every pull goes through
+//! (it counts requests, can lie about blob bytes, can stop answering, and can ask for bearer tokens it
+//! hands out itself), a small OCI image layout built from a few files, and `skopeo`.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioIo;
+
+use super::{free_port, random_bytes, sha256_hex};
+
+/// `docker-registry` running on a loopback port; killed when dropped.
+pub struct DistRegistry {
+    child: Child,
+    pub port: u16,
+    _dir: tempfile::TempDir,
+}
+
+/// None (and a SKIPPED line) where a program is missing, unless `CISTERN_REQUIRE_REGISTRY` is set
+/// (`.ci/run` installs them and sets it: there the tests must run).
+pub fn programs_present() -> bool {
+    let missing: Vec<&str> = ["/usr/bin/docker-registry", "/usr/bin/skopeo"]
+        .into_iter()
+        .filter(|p| !Path::new(p).exists())
+        .collect();
+    if missing.is_empty() {
+        return true;
+    }
+    assert!(
+        std::env::var_os("CISTERN_REQUIRE_REGISTRY").is_none(),
+        "{missing:?} not installed (apt-get install docker-registry skopeo)"
+    );
+    eprintln!("SKIPPED: {missing:?} not installed (apt-get install docker-registry skopeo)");
+    false
+}
+
+impl DistRegistry {
+    pub async fn start() -> DistRegistry {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let conf = dir.path().join("config.yml");
+        let text = format!(
+            "version: 0.1\nlog:\n  level: error\n  accesslog:\n    disabled: true\nstorage:\n  \
+             filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n",
+            dir.path().join("storage").display()
+        );
+        std::fs::write(&conf, text).unwrap();
+        let child = Command::new("/usr/bin/docker-registry")
+            .arg("serve")
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let r = DistRegistry {
+            child,
+            port,
+            _dir: dir,
+        };
+        let url = format!("http://127.0.0.1:{port}/v2/");
+        let end = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        loop {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+                && super::get(&url).await.status == StatusCode::OK
+            {
+                return r;
+            }
+            assert!(
+                std::time::Instant::now() < end,
+                "docker-registry did not start"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for DistRegistry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// What the front in front of the registry does.
+#[derive(Default)]
+pub struct FrontState {
+    /// Every request: method and path with query.
+    pub log: Mutex<Vec<(String, String)>>,
+    /// Blob bodies come back with one byte changed (same length).
+    pub tamper: AtomicBool,
+    /// Connections are closed without an answer (the registry is unreachable).
+    pub down: AtomicBool,
+    /// Requests need `Authorization: Bearer <token>`, handed out at `/token` to `user:secret`.
+    pub bearer: AtomicBool,
+    /// Tokens handed out.
+    pub tokens: AtomicUsize,
+}
+
+pub struct Front {
+    pub addr: SocketAddr,
+    pub state: Arc<FrontState>,
+}
+
+const TOKEN: &str = "tok-4711";
+
+impl Front {
+    pub async fn start(registry_port: u16) -> Front {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let state = Arc::new(FrontState::default());
+        let st = state.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((sock, _)) = l.accept().await else {
+                    continue;
+                };
+                let st = st.clone();
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |req| {
+                        answer(st.clone(), registry_port, addr, req)
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(sock), svc)
+                        .await;
+                });
+            }
+        });
+        Front { addr, state }
+    }
+
+    /// GET requests for blobs that reached the registry.
+    pub fn blob_gets(&self) -> usize {
+        self.count(|m, p| m == "GET" && p.contains("/blobs/"))
+    }
+
+    pub fn count(&self, f: impl Fn(&str, &str) -> bool) -> usize {
+        let log = self.state.log.lock().unwrap();
+        log.iter().filter(|(m, p)| f(m, p)).count()
+    }
+}
+
+async fn answer(
+    st: Arc<FrontState>,
+    port: u16,
+    me: SocketAddr,
+    req: Request<hyper::body::Incoming>,
+) -> Result<Response<Full<Bytes>>, std::io::Error> {
+    if st.down.load(Ordering::SeqCst) {
+        return Err(std::io::Error::other("down"));
+    }
+    let method = req.method().to_string();
+    let pq = req
+        .uri()
+        .path_and_query()
+        .map_or("/", |p| p.as_str())
+        .to_string();
+    st.log.lock().unwrap().push((method.clone(), pq.clone()));
+    if st.bearer.load(Ordering::SeqCst) {
+        if pq.starts_with("/token") {
+            let ok = req
+                .headers()
+                .get("authorization")
+                .and_then(|v| v.to_str().ok())
+                == Some("Basic dXNlcjpzZWNyZXQ=");
+            if !ok || !pq.contains("scope=repository%3A") {
+                return Ok(status(StatusCode::UNAUTHORIZED));
+            }
+            st.tokens.fetch_add(1, Ordering::SeqCst);
+            let body = format!("{{\"token\":\"{TOKEN}\",\"expires_in\":300}}");
+            return Ok(Response::new(Full::new(Bytes::from(body))));
+        }
+        let authed = req
+            .headers()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            == Some(&format!("Bearer {TOKEN}"));
+        if !authed && pq != "/v2/" {
+            let mut r = status(StatusCode::UNAUTHORIZED);
+            let c = format!(
+                "Bearer realm=\"http://{me}/token\",service=\"front\",scope=\"repository:x:pull\""
+            );
+            r.headers_mut()
+                .insert("www-authenticate", c.parse().unwrap());
+            return Ok(r);
+        }
+    }
+    let tamper = st.tamper.load(Ordering::SeqCst) && method == "GET" && pq.contains("/blobs/");
+    let mut out = Request::builder().method(req.method()).uri(&pq);
+    for (k, v) in req.headers() {
+        if k != "authorization" && k != "host" {
+            out = out.header(k, v);
+        }
+    }
+    let out = out
+        .header("host", format!("127.0.0.1:{port}"))
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let uri: http::Uri = format!("http://127.0.0.1:{port}/").parse().unwrap();
+    let mut sender = super::connect_to(&uri).await;
+    let resp = sender
+        .send_request(out)
+        .await
+        .map_err(std::io::Error::other)?;
+    let (parts, body) = resp.into_parts();
+    let mut bytes = body
+        .collect()
+        .await
+        .map_err(std::io::Error::other)?
+        .to_bytes()
+        .to_vec();
+    if tamper && !bytes.is_empty() {
+        let mid = bytes.len() / 2;
+        bytes[mid] ^= 0xff;
+    }
+    Ok(Response::from_parts(parts, Full::new(Bytes::from(bytes))))
+}
+
+fn status(s: StatusCode) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from_static(b"{\"errors\":[]}")));
+    *r.status_mut() = s;
+    r
+}
+
+/// An OCI image layout with one image of `layers` (uncompressed tar layers of the given files), tagged
+/// `tag`. Returns the digests (hex) of the manifest, the config and each layer.
+pub struct Image {
+    pub dir: PathBuf,
+    pub manifest: String,
+    pub config: String,
+    pub layers: Vec<String>,
+}
+
+pub fn oci_image(dir: &Path, tag: &str, layers: &[&[(&str, Bytes)]]) -> Image {
+    let blobs = dir.join("blobs/sha256");
+    std::fs::create_dir_all(&blobs).unwrap();
+    let put = |b: &[u8]| {
+        let hex = sha256_hex(b);
+        std::fs::write(blobs.join(&hex), b).unwrap();
+        (hex, b.len())
+    };
+    let mut descs = Vec::new();
+    for (i, files) in layers.iter().enumerate() {
+        let src = tempfile::tempdir().unwrap();
+        for (name, body) in *files {
+            std::fs::write(src.path().join(name), body).unwrap();
+        }
+        let tar = dir.join(format!("layer{i}.tar"));
+        let ok = Command::new("tar")
+            .args(["--sort=name", "--mtime=@0", "--owner=0", "--group=0", "-cf"])
+            .arg(&tar)
+            .arg("-C")
+            .arg(src.path())
+            .arg(".")
+            .status()
+            .unwrap();
+        assert!(ok.success());
+        let bytes = std::fs::read(&tar).unwrap();
+        std::fs::remove_file(&tar).unwrap();
+        descs.push(put(&bytes));
+    }
+    let diff_ids: Vec<String> = descs
+        .iter()
+        .map(|(h, _)| format!("\"sha256:{h}\""))
+        .collect();
+    let config = format!(
+        "{{\"architecture\":\"amd64\",\"os\":\"linux\",\"config\":{{}},\"rootfs\":{{\"type\":\"layers\",\"diff_ids\":[{}]}}}}",
+        diff_ids.join(",")
+    );
+    let (chex, clen) = put(config.as_bytes());
+    let layer_json: Vec<String> = descs
+        .iter()
+        .map(|(h, n)| {
+            format!("{{\"mediaType\":\"application/vnd.oci.image.layer.v1.tar\",\"digest\":\"sha256:{h}\",\"size\":{n}}}")
+        })
+        .collect();
+    let manifest = format!(
+        "{{\"schemaVersion\":2,\"mediaType\":\"application/vnd.oci.image.manifest.v1+json\",\"config\":{{\"mediaType\":\"application/vnd.oci.image.config.v1+json\",\"digest\":\"sha256:{chex}\",\"size\":{clen}}},\"layers\":[{}]}}",
+        layer_json.join(",")
+    );
+    let (mhex, mlen) = put(manifest.as_bytes());
+    let index = format!(
+        "{{\"schemaVersion\":2,\"manifests\":[{{\"mediaType\":\"application/vnd.oci.image.manifest.v1+json\",\"digest\":\"sha256:{mhex}\",\"size\":{mlen},\"annotations\":{{\"org.opencontainers.image.ref.name\":\"{tag}\"}}}}]}}"
+    );
+    std::fs::write(dir.join("index.json"), index).unwrap();
+    std::fs::write(dir.join("oci-layout"), "{\"imageLayoutVersion\":\"1.0.0\"}").unwrap();
+    Image {
+        dir: dir.to_path_buf(),
+        manifest: mhex,
+        config: chex,
+        layers: descs.into_iter().map(|(h, _)| h).collect(),
+    }
+}
+
+/// A small image: a 1 MiB layer of random bytes and a layer of two small files.
+pub fn small_image(dir: &Path, tag: &str, seed: u64) -> Image {
+    let big = random_bytes(1 << 20, seed);
+    let a: &[(&str, Bytes)] = &[("payload.bin", big)];
+    let b: &[(&str, Bytes)] = &[
+        ("hello.txt", Bytes::from_static(b"hello\n")),
+        ("version", Bytes::from(format!("{seed}\n"))),
+    ];
+    oci_image(dir, tag, &[a, b])
+}
+
+/// Runs `skopeo` with a policy that accepts anything (the test's own images), in a blocking task.
+pub async fn skopeo(args: Vec<String>) -> std::process::Output {
+    tokio::task::spawn_blocking(move || {
+        Command::new("/usr/bin/skopeo")
+            .arg("--insecure-policy")
+            .args(&args)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap()
+}
+
+/// `skopeo copy` of `src` to `dst`, TLS verification off on both sides (plain HTTP on loopback).
+pub async fn copy(src: &str, dst: &str) -> std::process::Output {
+    let args = [
+        "copy",
+        "--src-tls-verify=false",
+        "--dest-tls-verify=false",
+        "--retry-times=0",
+        src,
+        dst,
+    ];
+    skopeo(args.iter().map(|s| s.to_string()).collect()).await
+}

@@ -1,0 +1,335 @@
+//! Container images through cistern (SPEC 9) against a real registry (Debian's `docker-registry`) and a
+//! real client (`skopeo`): pulled twice, the second pull asks the registry for no blob; a registry that
+//! lies about a blob's bytes; a chain of two nodes; the registry stopped (offline pull, tags stale).
+
+mod common;
+
+use std::sync::atomic::Ordering;
+
+use common::registry::{copy, programs_present, small_image, DistRegistry, Front, Image};
+use common::*;
+use http::StatusCode;
+
+/// The registry with one image pushed as `test/app:1`, the front every pull goes through, and a
+/// cistern node with that registry (named `local`) and `extra` config.
+struct Site {
+    image: Image,
+    front: Front,
+    node: Node,
+    _reg: DistRegistry,
+    tmp: tempfile::TempDir,
+}
+
+async fn site(extra: &str) -> Option<Site> {
+    if !programs_present() {
+        return None;
+    }
+    let reg = DistRegistry::start().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let src = small_image(&tmp.path().join("src"), "1", 7);
+    let pushed = copy(
+        &format!("oci:{}:1", src.dir.display()),
+        &format!("docker://127.0.0.1:{}/test/app:1", reg.port),
+    )
+    .await;
+    assert!(
+        pushed.status.success(),
+        "push: {}",
+        String::from_utf8_lossy(&pushed.stderr)
+    );
+    // The registry holds what skopeo pushed (it compresses the layers): its digests are the image's.
+    let image = pushed_image(reg.port, "test/app", "1").await;
+    let front = Front::start(reg.port).await;
+    let node = registry_node(&front, extra).await;
+    Some(Site {
+        image,
+        front,
+        node,
+        _reg: reg,
+        tmp,
+    })
+}
+
+/// The digests of an image as the registry at `port` holds it.
+async fn pushed_image(port: u16, repo: &str, tag: &str) -> Image {
+    let url = format!("http://127.0.0.1:{port}/v2/{repo}/manifests/{tag}");
+    let g = request(
+        "GET",
+        &url,
+        &[("accept", "application/vnd.oci.image.manifest.v1+json")],
+    )
+    .await;
+    assert_eq!(g.status, StatusCode::OK);
+    let hex = |v: &serde_json::Value| {
+        v.as_str()
+            .unwrap()
+            .trim_start_matches("sha256:")
+            .to_string()
+    };
+    let m = g.json();
+    Image {
+        dir: std::path::PathBuf::new(),
+        manifest: sha256_hex(&g.body),
+        config: hex(&m["config"]["digest"]),
+        layers: m["layers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| hex(&l["digest"]))
+            .collect(),
+    }
+}
+
+async fn registry_node(front: &Front, extra: &str) -> Node {
+    let tmp = tempfile::tempdir().unwrap();
+    let text = format!(
+        "[node]\nid = \"top\"\n[server]\nlisten = \"127.0.0.1:0\"\n[store]\ndir = \"{}\"\nmin_free = \"0\"\n\
+         [upstream]\nallowed_origins = []\nconnect_timeout = \"2s\"\nidle_timeout = \"2s\"\nretries = 2\n\
+         [[registries]]\nname = \"local\"\nurl = \"http://{}\"\n{extra}\n",
+        tmp.path().join("data").display(),
+        front.addr
+    );
+    let cfg = cistern::config::Config::from_toml_str(&text, "test", &[]).unwrap();
+    let mut n = Node::start_with(cfg).await;
+    n.keep(tmp);
+    n
+}
+
+/// Pulls `test/app:1` through `node` into a new OCI layout; the layer files it wrote.
+async fn pull(node: &Node, out: &std::path::Path) -> Result<(), String> {
+    let o = copy(
+        &format!("docker://{}/test/app:1", node.addr),
+        &format!("oci:{}:1", out.display()),
+    )
+    .await;
+    match o.status.success() {
+        true => Ok(()),
+        false => Err(String::from_utf8_lossy(&o.stderr).to_string()),
+    }
+}
+
+/// Waits until the object `hex` is stored under `n` keys (the tag's answers are committed).
+async fn wait_keys(node: &Node, hex: &str, n: usize) {
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let g = get(&node.url("/v1/admin/content")).await;
+        let body = String::from_utf8_lossy(&g.body).to_string();
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+        let list = v
+            .as_array()
+            .or_else(|| v["objects"].as_array())
+            .cloned()
+            .unwrap_or_default();
+        let keys = list
+            .iter()
+            .find(|o| o["digest"].as_str().is_some_and(|d| d.ends_with(hex)))
+            .and_then(|o| o["keys"].as_array().map(|k| k.len()))
+            .unwrap_or(0);
+        if keys >= n {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < end,
+            "{hex} not stored under {n} keys: {body}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+fn same_blobs(image: &Image, out: &std::path::Path) {
+    for hex in image.layers.iter().chain([&image.config, &image.manifest]) {
+        let got = std::fs::read(out.join("blobs/sha256").join(hex)).unwrap();
+        assert_eq!(sha256_hex(&got), *hex);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn skopeo_pulls_twice_and_the_second_asks_the_registry_for_no_blob() {
+    let Some(s) = site("").await else { return };
+    let out1 = s.tmp.path().join("out1");
+    pull(&s.node, &out1).await.unwrap();
+    same_blobs(&s.image, &out1);
+    let first = s.front.blob_gets();
+    assert_eq!(first, 3, "two layers and the config, once each");
+    let out2 = s.tmp.path().join("out2");
+    pull(&s.node, &out2).await.unwrap();
+    same_blobs(&s.image, &out2);
+    assert_eq!(
+        s.front.blob_gets(),
+        first,
+        "the second pull asked for no blob"
+    );
+    // A blob is the same object as the content-addressed form; stored on disk once.
+    let layer = &s.image.layers[0];
+    let g = get(&s.node.url(&format!("/v1/content/sha256/{layer}"))).await;
+    assert_eq!(g.status, StatusCode::OK);
+    assert!(
+        g.header("cache-status").contains("hit"),
+        "{}",
+        g.header("cache-status")
+    );
+    assert_eq!(sha256_hex(&g.body), *layer);
+    assert!(s.node.blobs().contains(layer));
+    // The manifest by digest: its digest and media type.
+    let m = &s.image.manifest;
+    let g = get(&s.node.url(&format!("/v2/test/app/manifests/sha256:{m}"))).await;
+    assert_eq!(g.status, StatusCode::OK);
+    assert_eq!(g.header("docker-content-digest"), format!("sha256:{m}"));
+    assert_eq!(
+        g.header("content-type"),
+        "application/vnd.oci.image.manifest.v1+json"
+    );
+    assert_eq!(g.header("docker-distribution-api-version"), "registry/2.0");
+    // A range of a blob, from the store.
+    let g = request(
+        "GET",
+        &s.node.url(&format!("/v2/test/app/blobs/sha256:{layer}")),
+        &[("range", "bytes=10-19")],
+    )
+    .await;
+    assert_eq!(g.status, StatusCode::PARTIAL_CONTENT);
+    assert_eq!(g.body.len(), 10);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn registry_choice_grammar_and_pushes() {
+    let Some(s) = site("").await else { return };
+    let n = &s.node;
+    let accept = ("accept", "application/vnd.oci.image.manifest.v1+json");
+    let g = get(&n.url("/v2/")).await;
+    assert_eq!((g.status, g.body.as_ref()), (StatusCode::OK, &b"{}"[..]));
+    assert_eq!(g.header("docker-distribution-api-version"), "registry/2.0");
+    // By name prefix, by ns, and the default registry: the same manifest.
+    let m = format!("sha256:{}", s.image.manifest);
+    for path in [
+        "/v2/local/test/app/manifests/1".to_string(),
+        format!("/v2/test/app/manifests/1?ns={}", s.front.addr),
+        "/v2/test/app/manifests/1".to_string(),
+    ] {
+        let g = request("GET", &n.url(&path), &[accept]).await;
+        assert_eq!(g.status, StatusCode::OK, "{path}");
+        assert_eq!(g.header("docker-content-digest"), m, "{path}");
+    }
+    let g = get(&n.url("/v2/test/app/manifests/1?ns=elsewhere.example")).await;
+    assert_eq!(g.status, StatusCode::NOT_FOUND);
+    assert_eq!(g.json()["errors"][0]["code"], "NAME_UNKNOWN");
+    let before = s.front.count(|_, _| true);
+    for bad in [
+        "/v2/Test/app/manifests/1",
+        "/v2/a//b/manifests/1",
+        "/v2/a/manifests/.x",
+        "/v2/a/blobs/sha256:00",
+    ] {
+        let g = get(&n.url(bad)).await;
+        assert_eq!(g.status, StatusCode::BAD_REQUEST, "{bad}");
+        assert!(g.json()["errors"][0]["code"].is_string(), "{bad}");
+    }
+    for method in ["PUT", "POST", "PATCH", "DELETE"] {
+        let g = request(method, &n.url("/v2/test/app/manifests/1"), &[]).await;
+        assert_eq!(g.status, StatusCode::METHOD_NOT_ALLOWED, "{method}");
+        assert_eq!(g.json()["errors"][0]["code"], "UNSUPPORTED");
+    }
+    assert_eq!(
+        s.front.count(|_, _| true),
+        before,
+        "nothing refused reached the registry"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_tampered_blob_is_never_delivered_whole_nor_stored() {
+    let Some(s) = site("").await else { return };
+    s.front.state.tamper.store(true, Ordering::SeqCst);
+    let layer = &s.image.layers[0];
+    let url = s.node.url(&format!("/v2/test/app/blobs/sha256:{layer}"));
+    let g = get(&url).await;
+    assert!(
+        g.aborted || g.status != StatusCode::OK,
+        "a tampered blob came through whole"
+    );
+    assert_ne!(sha256_hex(&g.body), *layer);
+    let g = get(&url).await;
+    assert_eq!(g.status, StatusCode::BAD_GATEWAY);
+    assert!(!s.node.blobs().contains(layer));
+    let out = s.tmp.path().join("out");
+    assert!(
+        pull(&s.node, &out).await.is_err(),
+        "skopeo pulled a tampered image"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_chain_of_two_nodes_fetches_each_blob_once() {
+    let Some(s) = site("").await else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let text = format!(
+        "[node]\nid = \"child\"\n[server]\nlisten = \"127.0.0.1:0\"\n[store]\ndir = \"{}\"\nmin_free = \"0\"\n\
+         [upstream]\nparents = [\"http://{}\"]\nallowed_origins = []\nconnect_timeout = \"2s\"\nidle_timeout = \"2s\"\n",
+        tmp.path().join("data").display(),
+        s.node.addr
+    );
+    let cfg = cistern::config::Config::from_toml_str(&text, "child", &[]).unwrap();
+    let mut child = Node::start_with(cfg).await;
+    child.keep(tmp);
+    for i in 0..2 {
+        let out = s.tmp.path().join(format!("out{i}"));
+        pull(&child, &out).await.unwrap();
+        same_blobs(&s.image, &out);
+    }
+    assert_eq!(s.front.blob_gets(), 3, "each blob crossed the uplink once");
+    for hex in s.image.layers.iter().chain([&s.image.config]) {
+        assert!(child.blobs().contains(hex), "the child stored {hex}");
+        assert!(s.node.blobs().contains(hex), "the top stored {hex}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn with_the_registry_stopped_stored_images_pull_and_tags_are_stale() {
+    let Some(s) = site("tag_ttl = \"0s\"").await else {
+        return;
+    };
+    let out = s.tmp.path().join("out1");
+    pull(&s.node, &out).await.unwrap();
+    let manifest_gets = |s: &Site| {
+        s.front
+            .count(|m, p| m == "GET" && p.contains("/manifests/"))
+    };
+    let gets = manifest_gets(&s);
+    // Past tag_ttl, an unchanged tag is renewed by a HEAD, without a download.
+    let accept = ("accept", "application/vnd.oci.image.manifest.v1+json");
+    let url = s.node.url("/v2/test/app/manifests/1");
+    let g = request("GET", &url, &[accept]).await;
+    assert_eq!(g.status, StatusCode::OK);
+    let m = s.image.manifest.clone();
+    wait_keys(&s.node, &m, 2).await;
+    let g = request("GET", &url, &[accept]).await;
+    assert_eq!(g.status, StatusCode::OK);
+    assert!(
+        s.front
+            .count(|m, p| m == "HEAD" && p.contains("/manifests/1"))
+            >= 1
+    );
+    assert_eq!(
+        manifest_gets(&s),
+        gets + 1,
+        "the new Accept fetched once, then renewed by HEAD"
+    );
+    s.front.state.down.store(true, Ordering::SeqCst);
+    let g = request("GET", &url, &[accept]).await;
+    assert_eq!(g.status, StatusCode::OK);
+    assert!(
+        g.header("cache-status").contains("stale"),
+        "{}",
+        g.header("cache-status")
+    );
+    assert_eq!(
+        g.header("docker-content-digest"),
+        format!("sha256:{}", s.image.manifest)
+    );
+    let out = s.tmp.path().join("out2");
+    pull(&s.node, &out).await.unwrap();
+    same_blobs(&s.image, &out);
+    // What was never stored is a 504, quickly.
+    let g = get(&s.node.url("/v2/test/other/manifests/1")).await;
+    assert_eq!(g.status, StatusCode::GATEWAY_TIMEOUT);
+}
