@@ -71,6 +71,12 @@ async fn pushed_image(port: u16, repo: &str, tag: &str) -> Image {
         dir: std::path::PathBuf::new(),
         manifest: sha256_hex(&g.body),
         config: hex(&m["config"]["digest"]),
+        sizes: m["layers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| l["size"].as_u64().unwrap())
+            .collect(),
         layers: m["layers"]
             .as_array()
             .unwrap()
@@ -234,6 +240,23 @@ async fn registry_choice_grammar_and_pushes() {
         before,
         "nothing refused reached the registry"
     );
+    // A HEAD of a blob not stored asks the registry's HEAD and stores nothing; with a Via (a child
+    // mirror asking) it starts the fill (distribution #4747).
+    let layer = s.image.layers[0].clone();
+    let size = s.image.sizes[0];
+    let url = n.url(&format!("/v2/test/app/blobs/sha256:{layer}"));
+    let g = request("HEAD", &url, &[]).await;
+    assert_eq!(g.status, StatusCode::OK);
+    assert_eq!(s.front.count(|m, p| m == "HEAD" && p.contains(&layer)), 1);
+    assert_eq!(s.front.blob_gets(), 0);
+    let g = request("HEAD", &url, &[("via", "1.1 child-gw")]).await;
+    assert_eq!(g.status, StatusCode::OK);
+    assert_eq!(g.header("content-length"), size.to_string());
+    eventually(10, "the HEAD's fill stored the blob", || {
+        n.blobs().contains(&layer)
+    })
+    .await;
+    assert_eq!(s.front.blob_gets(), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -332,4 +355,58 @@ async fn with_the_registry_stopped_stored_images_pull_and_tags_are_stale() {
     // What was never stored is a 504, quickly.
     let g = get(&s.node.url("/v2/test/other/manifests/1")).await;
     assert_eq!(g.status, StatusCode::GATEWAY_TIMEOUT);
+}
+
+/// Every file under `dir`, as text (lossy), for secrets that must not be there.
+fn all_text(dir: &std::path::Path) -> String {
+    let mut out = String::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.push_str(&all_text(&p));
+        } else if let Ok(b) = std::fs::read(&p) {
+            out.push_str(&String::from_utf8_lossy(&b));
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bearer_tokens_are_fetched_once_per_scope_and_basic_is_answered() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pw = tmp.path().join("pw");
+    std::fs::write(&pw, "secret\n").unwrap();
+    let creds = format!("username = \"user\"\npassword_file = \"{}\"", pw.display());
+    let Some(s) = site(&creds).await else { return };
+    s.front.state.bearer.store(true, Ordering::SeqCst);
+    for i in 0..2 {
+        let out = s.tmp.path().join(format!("out{i}"));
+        pull(&s.node, &out).await.unwrap();
+        same_blobs(&s.image, &out);
+    }
+    assert_eq!(
+        s.front.state.tokens.load(Ordering::SeqCst),
+        1,
+        "one token, reused"
+    );
+    assert_eq!(s.front.blob_gets(), 3);
+    // Basic: the credentials go with the request the registry challenged.
+    s.front.state.bearer.store(false, Ordering::SeqCst);
+    s.front.state.basic.store(true, Ordering::SeqCst);
+    let accept = [("accept", "application/vnd.oci.image.manifest.v1+json")];
+    let basic_before = s.front.count(|_, _| true);
+    let g = request("GET", &s.node.url("/v2/test/app/manifests/1"), &accept).await;
+    assert_eq!(g.status, StatusCode::OK);
+    assert!(
+        s.front.count(|_, _| true) > basic_before,
+        "asked the registry (a new Accept)"
+    );
+    let text = all_text(&s.node.dir);
+    assert!(
+        !text.contains("secret") && !text.contains("tok-4711") && !text.contains("dXNlcjpzZWNyZXQ")
+    );
+    // Without credentials, the registry's refusal goes back to the client.
+    let anon = registry_node(&s.front, "").await;
+    let g = request("GET", &anon.url("/v2/test/app/manifests/1"), &accept).await;
+    assert_eq!(g.status, StatusCode::UNAUTHORIZED);
 }

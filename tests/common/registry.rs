@@ -101,6 +101,8 @@ pub struct FrontState {
     pub bearer: AtomicBool,
     /// Tokens handed out.
     pub tokens: AtomicUsize,
+    /// Requests need `Authorization: Basic` of `user:secret`.
+    pub basic: AtomicBool,
 }
 
 pub struct Front {
@@ -191,6 +193,17 @@ async fn answer(
             return Ok(r);
         }
     }
+    let basic = req
+        .headers()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        == Some("Basic dXNlcjpzZWNyZXQ=");
+    if st.basic.load(Ordering::SeqCst) && !basic && pq != "/v2/" {
+        let mut r = status(StatusCode::UNAUTHORIZED);
+        let c = "Basic realm=\"front\"".parse().unwrap();
+        r.headers_mut().insert("www-authenticate", c);
+        return Ok(r);
+    }
     let tamper = st.tamper.load(Ordering::SeqCst) && method == "GET" && pq.contains("/blobs/");
     let mut out = Request::builder().method(req.method()).uri(&pq);
     for (k, v) in req.headers() {
@@ -235,6 +248,8 @@ pub struct Image {
     pub manifest: String,
     pub config: String,
     pub layers: Vec<String>,
+    /// Each layer's size in bytes.
+    pub sizes: Vec<u64>,
 }
 
 pub fn oci_image(dir: &Path, tag: &str, layers: &[&[(&str, Bytes)]]) -> Image {
@@ -265,6 +280,7 @@ pub fn oci_image(dir: &Path, tag: &str, layers: &[&[(&str, Bytes)]]) -> Image {
         std::fs::remove_file(&tar).unwrap();
         descs.push(put(&bytes));
     }
+    let sizes = descs.iter().map(|(_, n)| *n as u64).collect();
     let diff_ids: Vec<String> = descs
         .iter()
         .map(|(h, _)| format!("\"sha256:{h}\""))
@@ -295,6 +311,7 @@ pub fn oci_image(dir: &Path, tag: &str, layers: &[&[(&str, Bytes)]]) -> Image {
         manifest: mhex,
         config: chex,
         layers: descs.into_iter().map(|(h, _)| h).collect(),
+        sizes,
     }
 }
 
