@@ -140,10 +140,8 @@ impl App {
             };
         }
         if let Some(ns) = ns {
-            return match regs
-                .iter()
-                .find(|r| registry_host(r).is_some_and(|h| h == ns))
-            {
+            let named = |r: &&Registry| registry_host(r).is_some_and(|h| same_registry(&h, &ns));
+            return match regs.iter().find(named) {
                 Some(r) => Ok((Upstream::Registry(r), rest)),
                 None => Err(format!("registry {ns} is not configured")),
             };
@@ -264,6 +262,13 @@ fn refused(e: Refusal) -> Response<Body> {
     }
 }
 
+/// Whether a registry's host is the one `ns` names: itself, or Docker Hub by its short name (containerd
+/// sends `ns=docker.io` for the registry at `registry-1.docker.io`).
+fn same_registry(host: &str, ns: &str) -> bool {
+    const HUB: [&str; 3] = ["docker.io", "registry-1.docker.io", "index.docker.io"];
+    host == ns || (HUB.contains(&host) && HUB.contains(&ns))
+}
+
 /// A registry's `host[:port]`, lower-cased, as containerd's `ns=` names it.
 fn registry_host(r: &Registry) -> Option<String> {
     let u: Uri = r.url.parse().ok()?;
@@ -310,5 +315,18 @@ fn tag_key(up: &Upstream<'_>, url: &Uri, asked: &Uri, h: &HeaderMap) -> String {
             "parent{}#accept={accept}",
             asked.path_and_query().map_or("", |p| p.as_str())
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::same_registry;
+
+    #[test]
+    fn docker_hub_by_its_short_name() {
+        assert!(same_registry("registry-1.docker.io", "docker.io"));
+        assert!(same_registry("mcr.microsoft.com", "mcr.microsoft.com"));
+        assert!(!same_registry("mcr.microsoft.com", "docker.io"));
+        assert!(!same_registry("127.0.0.1:5000", "127.0.0.1:5001"));
     }
 }
