@@ -410,3 +410,58 @@ async fn bearer_tokens_are_fetched_once_per_scope_and_basic_is_answered() {
     let g = request("GET", &anon.url("/v2/test/app/manifests/1"), &accept).await;
     assert_eq!(g.status, StatusCode::UNAUTHORIZED);
 }
+
+/// `podman pull` of an image whose registry is only reachable through its `registries.conf` mirror,
+/// cistern; twice, into two empty image stores: the second pull asks the registry for no blob.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn podman_pulls_through_a_registries_conf_mirror() {
+    let podman = std::path::Path::new("/usr/bin/podman");
+    let rootful = std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"));
+    if !podman.exists() || !rootful {
+        assert!(
+            std::env::var_os("CISTERN_REQUIRE_PODMAN").is_none(),
+            "podman (rootful) is not available"
+        );
+        eprintln!("SKIPPED: podman is not installed or this is not root (apt-get install podman)");
+        return;
+    }
+    let Some(s) = site("").await else { return };
+    let conf = s.tmp.path().join("registries.conf");
+    let text = format!(
+        "[[registry]]\nlocation = \"registry.invalid\"\n[[registry.mirror]]\nlocation = \"{}/local\"\ninsecure = true\n",
+        s.node.addr
+    );
+    std::fs::write(&conf, text).unwrap();
+    for i in 0..2 {
+        let root = s.tmp.path().join(format!("podman{i}"));
+        let conf = conf.clone();
+        let out = tokio::task::spawn_blocking(move || {
+            std::process::Command::new("/usr/bin/podman")
+                .env("CONTAINERS_REGISTRIES_CONF", &conf)
+                .arg("--root")
+                .arg(root.join("root"))
+                .arg("--runroot")
+                .arg(root.join("run"))
+                .args([
+                    "--storage-driver",
+                    "vfs",
+                    "pull",
+                    "-q",
+                    "registry.invalid/test/app:1",
+                ])
+                .output()
+                .unwrap()
+        })
+        .await
+        .unwrap();
+        assert!(
+            out.status.success(),
+            "podman pull: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    assert_eq!(s.front.blob_gets(), 3, "each blob crossed the uplink once");
+}
