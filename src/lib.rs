@@ -172,6 +172,7 @@ impl Gateway {
             store: store.clone(),
             relay: relay.clone(),
             admin_token: cfg.admin_token()?,
+            pull_token: cfg.pull_token()?,
             own: Some(ops),
             stats,
             ready: AtomicBool::new(true),

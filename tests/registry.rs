@@ -465,3 +465,62 @@ async fn podman_pulls_through_a_registries_conf_mirror() {
     }
     assert_eq!(s.front.blob_gets(), 3, "each blob crossed the uplink once");
 }
+
+/// `server.pull_token`: without it a client gets a 401 naming this node's token endpoint, which hands
+/// the token back for Basic credentials whose password is the token (how `docker login` and `podman
+/// login` work); `skopeo --src-creds` pulls with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_pull_token_asks_for_a_login() {
+    let Some(s) = site("").await else { return };
+    let mut cfg = s.node.cfg.clone();
+    cfg.server.pull_token = "pt-1234".into();
+    cfg.store.dir = s.tmp.path().join("locked");
+    let locked = Node::start_with(cfg).await;
+    let g = get(&locked.url("/v2/")).await;
+    assert_eq!(g.status, StatusCode::UNAUTHORIZED);
+    let realm = format!("http://{}/v2/token", locked.addr);
+    assert_eq!(
+        g.header("www-authenticate"),
+        format!("Bearer realm=\"{realm}\",service=\"cistern\"")
+    );
+    // "anyone:pt-1234"
+    let basic = ("authorization", "Basic YW55b25lOnB0LTEyMzQ=");
+    let g = request("GET", &realm, &[basic]).await;
+    assert_eq!(g.status, StatusCode::OK);
+    assert_eq!(g.json()["token"], "pt-1234");
+    let g = request(
+        "GET",
+        &realm,
+        &[("authorization", "Basic YW55b25lOnB0LTEyMzU=")],
+    )
+    .await;
+    assert_eq!(g.status, StatusCode::UNAUTHORIZED);
+    let g = request(
+        "GET",
+        &locked.url("/v2/"),
+        &[("authorization", "Bearer pt-1234")],
+    )
+    .await;
+    assert_eq!(g.status, StatusCode::OK);
+    let src = format!("docker://{}/test/app:1", locked.addr);
+    let out = s.tmp.path().join("denied");
+    let o = copy(&src, &format!("oci:{}:1", out.display())).await;
+    assert!(!o.status.success(), "pulled without the token");
+    assert_eq!(
+        s.front.count(|_, _| true),
+        0,
+        "nothing reached the registry"
+    );
+    let out = s.tmp.path().join("allowed");
+    let args = [
+        "copy",
+        "--src-tls-verify=false",
+        "--src-creds",
+        "anyone:pt-1234",
+        &src,
+        &format!("oci:{}:1", out.display()),
+    ];
+    let o = common::registry::skopeo(args.iter().map(|a| a.to_string()).collect()).await;
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    same_blobs(&s.image, &out);
+}

@@ -85,6 +85,10 @@ pub struct Server {
     pub admin_token_file: Option<PathBuf>,
     pub max_connections: usize,
     pub allow_connect: bool,
+    /// When set, `/v2/` (container images) needs it: Bearer, or Basic with any user (SPEC 9).
+    pub pull_token: String,
+    #[serde(with = "path")]
+    pub pull_token_file: Option<PathBuf>,
     pub shutdown_grace: Span,
     /// The kernel send buffer of each client connection; "0" leaves it to the kernel's autotuning.
     /// Beyond SPEC 2: a bounded buffer keeps what is in flight small and cache-hot, which on a LAN
@@ -106,6 +110,8 @@ impl Default for Server {
             admin_token_file: None,
             max_connections: 10_000,
             allow_connect: false,
+            pull_token: String::new(),
+            pull_token_file: None,
             shutdown_grace: Span::secs(10),
             send_buffer: ByteSize(256 << 10),
         }
@@ -508,10 +514,23 @@ impl Config {
         )
     }
 
+    /// `server.pull_token`, inline or from `pull_token_file`; None = `/v2/` needs no login.
+    pub fn pull_token(&self) -> Result<Option<String>, ConfigError> {
+        secret(
+            &self.server.pull_token,
+            self.server.pull_token_file.as_deref(),
+            "server.pull_token_file",
+        )
+    }
+
     /// The config as `check-config` prints it: effective values, secrets redacted.
     pub fn redacted_toml(&self) -> String {
         let mut c = self.clone();
-        for s in [&mut c.server.admin_token, &mut c.status.forward_token] {
+        for s in [
+            &mut c.server.admin_token,
+            &mut c.server.pull_token,
+            &mut c.status.forward_token,
+        ] {
             if !s.is_empty() {
                 *s = "<redacted>".into();
             }

@@ -99,6 +99,8 @@ pub struct App {
     pub store: Store,
     pub relay: crate::relay::Relay,
     pub admin_token: Option<String>,
+    /// `server.pull_token`: when set, `/v2/` needs it (SPEC 9).
+    pub pull_token: Option<String>,
     pub own: Option<Arc<dyn OwnEndpoints>>,
     pub stats: Arc<ServerStats>,
     pub ready: AtomicBool,

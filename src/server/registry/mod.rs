@@ -5,6 +5,7 @@
 //! targets (verified, collapsed, streamed, resumed, the same object as `/v1/content/sha256/<hex>`); by
 //! tag the stored answer is reused for `tag_ttl`, then revalidated (`fetch::registry`).
 
+mod login;
 mod name;
 mod wire;
 
@@ -39,6 +40,15 @@ impl App {
         &self,
         mut req: Request<Incoming>,
     ) -> (Response<Body>, Option<String>) {
+        if let Some(token) = &self.pull_token {
+            let realm = self.realm(&req);
+            if req.uri().path() == "/v2/token" {
+                return (login::token(token, req.headers(), &realm), None);
+            }
+            if !login::authorized(token, req.headers()) {
+                return (login::challenge(&realm), None);
+            }
+        }
         let m = req.method().clone();
         if m != Method::GET && m != Method::HEAD {
             let mut r = wire::error(
@@ -115,6 +125,28 @@ impl App {
                 )
             }
         }
+    }
+
+    /// This node's token endpoint as a client reached it: `http(s)://<Host>/v2/token` (https when the
+    /// request came to the port of `server.tls_listen`).
+    fn realm(&self, req: &Request<Incoming>) -> String {
+        let host = req
+            .headers()
+            .get(http::header::HOST)
+            .and_then(|v| v.to_str().ok())
+            .or(req.uri().authority().map(|a| a.as_str()))
+            .filter(|h| {
+                h.bytes()
+                    .all(|c| c.is_ascii_alphanumeric() || b".-:[]".contains(&c))
+            })
+            .unwrap_or("localhost");
+        let port = host.rsplit_once(':').map(|(_, p)| p).unwrap_or("");
+        let tls = &self.cfg.server.tls_listen;
+        let https = !tls.is_empty()
+            && !port.is_empty()
+            && tls.rsplit_once(':').map(|(_, p)| p) == Some(port);
+        let scheme = if https { "https" } else { "http" };
+        format!("{scheme}://{host}/v2/token")
     }
 
     /// Which upstream a path is for, and the path after `/v2/` without a registry's name; why none.
