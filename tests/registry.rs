@@ -67,8 +67,17 @@ async fn pushed_image(port: u16, repo: &str, tag: &str) -> Image {
             .to_string()
     };
     let m = g.json();
+    let size = g.body.len() as u64
+        + m["config"]["size"].as_u64().unwrap()
+        + m["layers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| l["size"].as_u64().unwrap())
+            .sum::<u64>();
     Image {
         dir: std::path::PathBuf::new(),
+        size,
         manifest: sha256_hex(&g.body),
         config: hex(&m["config"]["digest"]),
         sizes: m["layers"]
@@ -195,6 +204,18 @@ async fn skopeo_pulls_twice_and_the_second_asks_the_registry_for_no_blob() {
     .await;
     assert_eq!(g.status, StatusCode::PARTIAL_CONTENT);
     assert_eq!(g.body.len(), 10);
+    // The stored image, as the admin API lists it.
+    let g = get(&s.node.url("/v1/admin/images")).await;
+    assert_eq!(g.status, StatusCode::OK);
+    let want = serde_json::json!([{
+        "registry": s.front.addr.to_string(),
+        "repository": "test/app",
+        "tag": "1",
+        "digest": format!("sha256:{m}"),
+        "platforms": ["linux/amd64"],
+        "size": s.image.size,
+    }]);
+    assert_eq!(g.json(), want);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -22,6 +22,10 @@ pub async fn handle(app: &App, req: Request<Incoming>) -> Response<Body> {
     let r = match (method.clone(), path.as_str()) {
         // HEAD also serves clients as a cheap check of their token before a long upload.
         (Method::GET | Method::HEAD, "/content") => Ok(json(StatusCode::OK, &app.store.list())),
+        (Method::GET | Method::HEAD, "/images") => {
+            let images = super::registry::images::list(&app.store).await;
+            Ok(json(StatusCode::OK, &images))
+        }
         (Method::POST, "/verify") => verify(app, req).await,
         (Method::POST, "/relay/retry") => set_aside(app, AsideOp::Requeue, "requeued").await,
         (Method::DELETE, "/relay/set-aside") => set_aside(app, AsideOp::Drop, "dropped").await,

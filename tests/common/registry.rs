@@ -250,6 +250,8 @@ pub struct Image {
     pub layers: Vec<String>,
     /// Each layer's size in bytes.
     pub sizes: Vec<u64>,
+    /// The manifest's, the config's and the layers' sizes together.
+    pub size: u64,
 }
 
 pub fn oci_image(dir: &Path, tag: &str, layers: &[&[(&str, Bytes)]]) -> Image {
@@ -310,6 +312,7 @@ pub fn oci_image(dir: &Path, tag: &str, layers: &[&[(&str, Bytes)]]) -> Image {
         dir: dir.to_path_buf(),
         manifest: mhex,
         config: chex,
+        size: (mlen + clen) as u64 + descs.iter().map(|(_, n)| *n as u64).sum::<u64>(),
         layers: descs.into_iter().map(|(h, _)| h).collect(),
         sizes,
     }

@@ -5,6 +5,7 @@
 //! targets (verified, collapsed, streamed, resumed, the same object as `/v1/content/sha256/<hex>`); by
 //! tag the stored answer is reused for `tag_ttl`, then revalidated (`fetch::registry`).
 
+pub(super) mod images;
 mod login;
 mod name;
 mod wire;
