@@ -1,7 +1,8 @@
 //! Container registries for the image tests: Debian's `docker-registry` (distribution 2.8) on a loopback
 //! port with its storage in a temporary directory, a front in this process that every pull goes through
 //! (it counts requests, can lie about blob bytes, can stop answering, and can ask for bearer tokens it
-//! hands out itself), a small OCI image layout built from a few files, and `skopeo`.
+//! hands out itself), a small OCI image layout built from a few files, `skopeo`, and a `Site`: the
+//! registry with one image pushed, its front, and a cistern node mirroring it.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -14,7 +15,7 @@ use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
 
-use super::{free_port, random_bytes, sha256_hex};
+use super::{free_port, get, random_bytes, request, sha256_hex, Node};
 
 /// `docker-registry` running on a loopback port; killed when dropped.
 pub struct DistRegistry {
@@ -108,6 +109,8 @@ pub struct FrontState {
 pub struct Front {
     pub addr: SocketAddr,
     pub state: Arc<FrontState>,
+    /// The registry's port behind it.
+    port: u16,
 }
 
 const TOKEN: &str = "tok-4711";
@@ -134,7 +137,16 @@ impl Front {
                 });
             }
         });
-        Front { addr, state }
+        Front {
+            addr,
+            state,
+            port: registry_port,
+        }
+    }
+
+    /// The port of the registry behind the front (for pushes, which do not go through it).
+    pub fn upstream_port(&self) -> u16 {
+        self.port
     }
 
     /// GET requests for blobs that reached the registry.
@@ -353,4 +365,152 @@ pub async fn copy(src: &str, dst: &str) -> std::process::Output {
         dst,
     ];
     skopeo(args.iter().map(|s| s.to_string()).collect()).await
+}
+
+/// The registry with one image pushed as `test/app:1`, the front every pull goes through, and a
+/// cistern node with that registry (named `local`) and `extra` config.
+pub struct Site {
+    pub image: Image,
+    pub front: Front,
+    pub node: Node,
+    _reg: DistRegistry,
+    pub tmp: tempfile::TempDir,
+}
+
+pub async fn site(extra: &str) -> Option<Site> {
+    if !programs_present() {
+        return None;
+    }
+    let reg = DistRegistry::start().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let src = small_image(&tmp.path().join("src"), "1", 7);
+    let pushed = copy(
+        &format!("oci:{}:1", src.dir.display()),
+        &format!("docker://127.0.0.1:{}/test/app:1", reg.port),
+    )
+    .await;
+    assert!(
+        pushed.status.success(),
+        "push: {}",
+        String::from_utf8_lossy(&pushed.stderr)
+    );
+    // The registry holds what skopeo pushed (it compresses the layers): its digests are the image's.
+    let image = pushed_image(reg.port, "test/app", "1").await;
+    let front = Front::start(reg.port).await;
+    let node = registry_node(&front, extra).await;
+    Some(Site {
+        image,
+        front,
+        node,
+        _reg: reg,
+        tmp,
+    })
+}
+
+/// The digests of an image as the registry at `port` holds it.
+pub async fn pushed_image(port: u16, repo: &str, tag: &str) -> Image {
+    let url = format!("http://127.0.0.1:{port}/v2/{repo}/manifests/{tag}");
+    let g = request(
+        "GET",
+        &url,
+        &[("accept", "application/vnd.oci.image.manifest.v1+json")],
+    )
+    .await;
+    assert_eq!(g.status, StatusCode::OK);
+    let hex = |v: &serde_json::Value| {
+        v.as_str()
+            .unwrap()
+            .trim_start_matches("sha256:")
+            .to_string()
+    };
+    let m = g.json();
+    let size = g.body.len() as u64
+        + m["config"]["size"].as_u64().unwrap()
+        + m["layers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| l["size"].as_u64().unwrap())
+            .sum::<u64>();
+    Image {
+        dir: std::path::PathBuf::new(),
+        size,
+        manifest: sha256_hex(&g.body),
+        config: hex(&m["config"]["digest"]),
+        sizes: m["layers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| l["size"].as_u64().unwrap())
+            .collect(),
+        layers: m["layers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| hex(&l["digest"]))
+            .collect(),
+    }
+}
+
+pub async fn registry_node(front: &Front, extra: &str) -> Node {
+    let tmp = tempfile::tempdir().unwrap();
+    let text = format!(
+        "[node]\nid = \"top\"\n[server]\nlisten = \"127.0.0.1:0\"\n[store]\ndir = \"{}\"\nmin_free = \"0\"\n\
+         [upstream]\nallowed_origins = []\nconnect_timeout = \"2s\"\nidle_timeout = \"2s\"\nretries = 2\n\
+         [[registries]]\nname = \"local\"\nurl = \"http://{}\"\n{extra}\n",
+        tmp.path().join("data").display(),
+        front.addr
+    );
+    let cfg = cistern::config::Config::from_toml_str(&text, "test", &[]).unwrap();
+    let mut n = Node::start_with(cfg).await;
+    n.keep(tmp);
+    n
+}
+
+/// Pulls `test/app:1` through `node` into a new OCI layout; the layer files it wrote.
+pub async fn pull(node: &Node, out: &std::path::Path) -> Result<(), String> {
+    let o = copy(
+        &format!("docker://{}/test/app:1", node.addr),
+        &format!("oci:{}:1", out.display()),
+    )
+    .await;
+    match o.status.success() {
+        true => Ok(()),
+        false => Err(String::from_utf8_lossy(&o.stderr).to_string()),
+    }
+}
+
+/// Waits until the object `hex` is stored under `n` keys (the tag's answers are committed).
+pub async fn wait_keys(node: &Node, hex: &str, n: usize) {
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let g = get(&node.url("/v1/admin/content")).await;
+        let body = String::from_utf8_lossy(&g.body).to_string();
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+        let list = v
+            .as_array()
+            .or_else(|| v["objects"].as_array())
+            .cloned()
+            .unwrap_or_default();
+        let keys = list
+            .iter()
+            .find(|o| o["digest"].as_str().is_some_and(|d| d.ends_with(hex)))
+            .and_then(|o| o["keys"].as_array().map(|k| k.len()))
+            .unwrap_or(0);
+        if keys >= n {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < end,
+            "{hex} not stored under {n} keys: {body}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+pub fn same_blobs(image: &Image, out: &std::path::Path) {
+    for hex in image.layers.iter().chain([&image.config, &image.manifest]) {
+        let got = std::fs::read(out.join("blobs/sha256").join(hex)).unwrap();
+        assert_eq!(sha256_hex(&got), *hex);
+    }
 }
