@@ -284,3 +284,66 @@ async fn a_shared_layer_crosses_once_and_a_moved_tag_is_followed() {
         format!("sha256:{}", other.manifest)
     );
 }
+
+/// A prefetch job with `images`: the image's manifest, config and layers are its files, staged ahead
+/// of need; a pull afterwards asks the registry for no blob.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_prefetch_job_stages_an_image() {
+    let Some(s) = site("").await else { return };
+    let body = serde_json::json!({"images": [format!("{}/test/app:1", s.front.addr)], "pin": true});
+    let g = admin_request(
+        "POST",
+        &s.node.url("/v1/admin/prefetch"),
+        body.to_string().into(),
+    )
+    .await;
+    assert_eq!(
+        g.status,
+        StatusCode::ACCEPTED,
+        "{}",
+        String::from_utf8_lossy(&g.body)
+    );
+    let id = g.json()["id"].as_str().unwrap().to_string();
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let job = loop {
+        let g = get(&s.node.url(&format!("/v1/admin/prefetch/{id}"))).await;
+        let job = g.json();
+        if job["state"] != "running" {
+            break job;
+        }
+        assert!(
+            std::time::Instant::now() < end,
+            "the job did not end: {job}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    assert_eq!(job["state"], "done", "{job}");
+    let files: Vec<String> = job["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["sha256"].as_str().unwrap_or("").to_string())
+        .collect();
+    let mut want = vec![s.image.manifest.clone(), s.image.config.clone()];
+    want.extend(s.image.layers.iter().cloned());
+    for hex in &want {
+        assert!(
+            files.iter().any(|f| f.contains(hex.as_str())),
+            "{hex} not in {files:?}"
+        );
+        assert!(s.node.blobs().contains(hex), "{hex} not stored");
+    }
+    assert_eq!(s.front.blob_gets(), 3);
+    pull(&s.node, &s.tmp.path().join("out")).await.unwrap();
+    assert_eq!(s.front.blob_gets(), 3, "the pull asked for no blob");
+    for bad in ["elsewhere.example/test/app:1", "test/App:1"] {
+        let body = serde_json::json!({"images": [bad]});
+        let g = admin_request(
+            "POST",
+            &s.node.url("/v1/admin/prefetch"),
+            body.to_string().into(),
+        )
+        .await;
+        assert_eq!(g.status, StatusCode::BAD_REQUEST, "{bad}");
+    }
+}

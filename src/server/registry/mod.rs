@@ -8,6 +8,7 @@
 pub(super) mod images;
 mod login;
 mod name;
+pub(super) mod stage;
 mod wire;
 
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri};
@@ -211,8 +212,27 @@ impl App {
         key: String,
         url: Uri,
         ttl: std::time::Duration,
-        mut headers: HeaderMap,
+        headers: HeaderMap,
     ) -> Response<Body> {
+        let (t, stale) = self.tag_target(key, url, ttl, headers).await;
+        let digest = t.digest;
+        let r = self.object(req, t, super::FormKind::Registry).await;
+        let r = wire::object(r, digest, None);
+        match stale {
+            true => wire::stale(r),
+            false => r,
+        }
+    }
+
+    /// The target a tag's request is served from (the stored answer's digest when it may answer), and
+    /// whether that answer is stale.
+    async fn tag_target(
+        &self,
+        key: String,
+        url: Uri,
+        ttl: std::time::Duration,
+        mut headers: HeaderMap,
+    ) -> (Target, bool) {
         let state = self.fetcher.tag_state(&key, &url, ttl, &headers).await;
         let (digest, stale) = match state {
             TagState::Fresh(d) | TagState::Renewed(d) => (Some(d), false),
@@ -228,12 +248,7 @@ impl App {
         }
         let mut t = target(key, url, digest, headers);
         t.immutable = digest.is_some();
-        let r = self.object(req, t, super::FormKind::Registry).await;
-        let r = wire::object(r, digest, None);
-        match stale {
-            true => wire::stale(r),
-            false => r,
-        }
+        (t, stale)
     }
 
     /// Starts (or joins) the fill of an object and answers a HEAD from it.
