@@ -42,24 +42,7 @@ impl App {
         &self,
         mut req: Request<Incoming>,
     ) -> (Response<Body>, Option<String>) {
-        if let Some(token) = &self.pull_token {
-            let realm = self.realm(&req);
-            if req.uri().path() == "/v2/token" {
-                return (login::token(token, req.headers(), &realm), None);
-            }
-            if !login::authorized(token, req.headers()) {
-                return (login::challenge(&realm), None);
-            }
-        }
-        let m = req.method().clone();
-        if m != Method::GET && m != Method::HEAD {
-            let mut r = wire::error(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "UNSUPPORTED",
-                format!("{m} is not served: cistern is a pull-through mirror"),
-            );
-            r.headers_mut()
-                .insert(http::header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+        if let Some(r) = self.gate(&req) {
             return (r, None);
         }
         let uri = req.uri().clone();
@@ -91,6 +74,45 @@ impl App {
             Object::Blob { repo, digest } => (repo, Err(digest)),
             Object::Manifest { repo, reference } => (repo, Ok(reference)),
         };
+        self.serve(req, &up, &repo, what, &uri, headers).await
+    }
+
+    /// What is answered before the path is looked at: a login when `pull_token` is set, and 405 for
+    /// pushes and deletes.
+    fn gate(&self, req: &Request<Incoming>) -> Option<Response<Body>> {
+        if let Some(token) = &self.pull_token {
+            let realm = self.realm(req);
+            if req.uri().path() == "/v2/token" {
+                return Some(login::token(token, req.headers(), &realm));
+            }
+            if !login::authorized(token, req.headers()) {
+                return Some(login::challenge(&realm));
+            }
+        }
+        let m = req.method();
+        if m == Method::GET || m == Method::HEAD {
+            return None;
+        }
+        let mut r = wire::error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "UNSUPPORTED",
+            format!("{m} is not served: cistern is a pull-through mirror"),
+        );
+        r.headers_mut()
+            .insert(http::header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+        Some(r)
+    }
+
+    /// Serves a blob (`Err(digest)`) or a manifest of `repo` from `up`; the answer and its key.
+    async fn serve(
+        &self,
+        req: Request<Incoming>,
+        up: &Upstream<'_>,
+        repo: &str,
+        what: Result<Reference, Digest>,
+        uri: &Uri,
+        headers: HeaderMap,
+    ) -> (Response<Body>, Option<String>) {
         let kind = match &what {
             Err(_) => "blobs",
             Ok(_) => "manifests",
@@ -99,32 +121,25 @@ impl App {
             Err(d) | Ok(Reference::Digest(d)) => format!("sha256:{d}"),
             Ok(Reference::Tag(t)) => t.clone(),
         };
-        let url = match upstream_url(&up, &repo, kind, &tail, &uri) {
-            Some(u) => u,
-            None => {
-                let r = wire::error(StatusCode::BAD_REQUEST, "NAME_INVALID", "cannot forward");
-                return (r, None);
-            }
+        let Some(url) = upstream_url(up, repo, kind, &tail, uri) else {
+            let r = wire::error(StatusCode::BAD_REQUEST, "NAME_INVALID", "cannot forward");
+            return (r, None);
         };
         match what {
             Err(d) | Ok(Reference::Digest(d)) => {
                 let key = format!("sha256/{d}");
                 let t = target(key.clone(), url, Some(d), headers);
-                (
-                    wire::object(self.by_digest(req, t).await, Some(d), None),
-                    Some(key),
-                )
+                let r = self.by_digest(req, t).await;
+                (wire::object(r, Some(d)), Some(key))
             }
             Ok(Reference::Tag(_)) => {
                 let ttl = match up {
                     Upstream::Registry(r) => r.tag_ttl.0,
                     Upstream::Parent => CHILD_TAG_TTL,
                 };
-                let key = tag_key(&up, &url, &uri, &headers);
-                (
-                    self.by_tag(req, key.clone(), url, ttl, headers).await,
-                    Some(key),
-                )
+                let key = tag_key(up, &url, uri, &headers);
+                let r = self.by_tag(req, key.clone(), url, ttl, headers).await;
+                (r, Some(key))
             }
         }
     }
@@ -217,7 +232,7 @@ impl App {
         let (t, stale) = self.tag_target(key, url, ttl, headers).await;
         let digest = t.digest;
         let r = self.object(req, t, super::FormKind::Registry).await;
-        let r = wire::object(r, digest, None);
+        let r = wire::object(r, digest);
         match stale {
             true => wire::stale(r),
             false => r,

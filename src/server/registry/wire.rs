@@ -1,6 +1,6 @@
 //! The registry API's own answers (SPEC 9, OCI distribution spec): errors as
 //! `{"errors":[{"code","message"}]}`, `Docker-Distribution-API-Version` on every `/v2/` answer, and
-//! `Docker-Content-Digest` with the stored `Content-Type` on every blob and manifest answer.
+//! `Docker-Content-Digest` on every blob and manifest answer whose digest is known.
 
 use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode};
@@ -42,24 +42,13 @@ pub fn versioned(mut r: Response<Body>) -> Response<Body> {
 }
 
 /// A blob or manifest answer: `Docker-Content-Digest` when the digest is known (asked by digest, or a
-/// stored tag), and the stored media type when the answer lost it; errors pass as they are.
-pub fn object(
-    mut r: Response<Body>,
-    digest: Option<Digest>,
-    media_type: Option<&str>,
-) -> Response<Body> {
+/// stored tag; an answer fetched by tag carries the registry's own); errors pass as they are. The
+/// `Content-Type` is the stored one (the registry's media type).
+pub fn object(mut r: Response<Body>, digest: Option<Digest>) -> Response<Body> {
     let ok = r.status().is_success() || r.status() == StatusCode::NOT_MODIFIED;
-    if ok {
-        let h = r.headers_mut();
-        if let Some(d) = digest {
-            if let Ok(v) = HeaderValue::from_str(&format!("sha256:{d}")) {
-                h.insert("docker-content-digest", v);
-            }
-        }
-        if let Some(t) = media_type.and_then(|t| HeaderValue::from_str(t).ok()) {
-            if r.status() != StatusCode::PARTIAL_CONTENT {
-                r.headers_mut().insert(http::header::CONTENT_TYPE, t);
-            }
+    if let (true, Some(d)) = (ok, digest) {
+        if let Ok(v) = HeaderValue::from_str(&format!("sha256:{d}")) {
+            r.headers_mut().insert("docker-content-digest", v);
         }
     }
     versioned(r)
