@@ -347,3 +347,83 @@ async fn a_prefetch_job_stages_an_image() {
         assert_eq!(g.status, StatusCode::BAD_REQUEST, "{bad}");
     }
 }
+
+/// A multi-platform index: a prefetch with `platforms` stages the index and the asked platform's
+/// manifest, config and layers only; the admin listing names both platforms.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_index_is_staged_for_the_platforms_asked() {
+    let Some(s) = site("").await else { return };
+    let dir = s.tmp.path().join("multi");
+    let (_, amd, arm) = oci_index(&dir, "2");
+    let o = skopeo(
+        [
+            "copy",
+            "--all",
+            "--dest-tls-verify=false",
+            &format!("oci:{}:2", dir.display()),
+            &format!(
+                "docker://127.0.0.1:{}/test/multi:2",
+                s.front.upstream_port()
+            ),
+        ]
+        .iter()
+        .map(|a| a.to_string())
+        .collect(),
+    )
+    .await;
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let body = serde_json::json!({
+        "images": [format!("local/test/multi:2")],
+        "platforms": ["linux/arm64"],
+    });
+    let g = admin_request(
+        "POST",
+        &s.node.url("/v1/admin/prefetch"),
+        body.to_string().into(),
+    )
+    .await;
+    assert_eq!(
+        g.status,
+        StatusCode::ACCEPTED,
+        "{}",
+        String::from_utf8_lossy(&g.body)
+    );
+    let id = g.json()["id"].as_str().unwrap().to_string();
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let job = loop {
+        let job = get(&s.node.url(&format!("/v1/admin/prefetch/{id}")))
+            .await
+            .json();
+        if job["state"] != "running" {
+            break job;
+        }
+        assert!(
+            std::time::Instant::now() < end,
+            "the job did not end: {job}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    assert_eq!(job["state"], "done", "{job}");
+    // The index, the arm64 manifest, its config, the shared layer and its own layer.
+    assert_eq!(job["files"].as_array().unwrap().len(), 5, "{job}");
+    // skopeo pushed the configs as they were (the layers it compressed).
+    assert!(s.node.blobs().contains(&arm.config));
+    assert!(
+        !s.node.blobs().contains(&amd.config),
+        "the amd64 image was not staged"
+    );
+    let images = get(&s.node.url("/v1/admin/images")).await.json();
+    let multi = images
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["repository"] == "test/multi")
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(
+        multi["platforms"],
+        serde_json::json!(["linux/amd64", "linux/arm64"]),
+        "{images}"
+    );
+    assert_eq!(multi["tag"], "2");
+}

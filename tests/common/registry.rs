@@ -267,6 +267,11 @@ pub struct Image {
 }
 
 pub fn oci_image(dir: &Path, tag: &str, layers: &[&[(&str, Bytes)]]) -> Image {
+    oci_image_for(dir, tag, "amd64", layers)
+}
+
+/// An image for `linux/<arch>`, as `oci_image`.
+pub fn oci_image_for(dir: &Path, tag: &str, arch: &str, layers: &[&[(&str, Bytes)]]) -> Image {
     let blobs = dir.join("blobs/sha256");
     std::fs::create_dir_all(&blobs).unwrap();
     let put = |b: &[u8]| {
@@ -300,7 +305,7 @@ pub fn oci_image(dir: &Path, tag: &str, layers: &[&[(&str, Bytes)]]) -> Image {
         .map(|(h, _)| format!("\"sha256:{h}\""))
         .collect();
     let config = format!(
-        "{{\"architecture\":\"amd64\",\"os\":\"linux\",\"config\":{{}},\"rootfs\":{{\"type\":\"layers\",\"diff_ids\":[{}]}}}}",
+        "{{\"architecture\":\"{arch}\",\"os\":\"linux\",\"config\":{{}},\"rootfs\":{{\"type\":\"layers\",\"diff_ids\":[{}]}}}}",
         diff_ids.join(",")
     );
     let (chex, clen) = put(config.as_bytes());
@@ -328,6 +333,37 @@ pub fn oci_image(dir: &Path, tag: &str, layers: &[&[(&str, Bytes)]]) -> Image {
         layers: descs.into_iter().map(|(h, _)| h).collect(),
         sizes,
     }
+}
+
+/// An index of two images, `linux/amd64` and `linux/arm64`, sharing their big layer, tagged `tag` in
+/// the layout at `dir`. Returns the index's digest and the two images.
+pub fn oci_index(dir: &Path, tag: &str) -> (String, Image, Image) {
+    let big: &[(&str, Bytes)] = &[("payload.bin", random_bytes(1 << 20, 11))];
+    let amd: &[(&str, Bytes)] = &[("arch", Bytes::from_static(b"amd64\n"))];
+    let arm: &[(&str, Bytes)] = &[("arch", Bytes::from_static(b"arm64\n"))];
+    let a = oci_image_for(dir, "amd", "amd64", &[big, amd]);
+    let b = oci_image_for(dir, "arm", "arm64", &[big, arm]);
+    let blobs = dir.join("blobs/sha256");
+    let entry = |i: &Image, arch: &str| {
+        let size = std::fs::metadata(blobs.join(&i.manifest)).unwrap().len();
+        format!(
+            "{{\"mediaType\":\"application/vnd.oci.image.manifest.v1+json\",\"digest\":\"sha256:{}\",\"size\":{size},\"platform\":{{\"architecture\":\"{arch}\",\"os\":\"linux\"}}}}",
+            i.manifest
+        )
+    };
+    let index = format!(
+        "{{\"schemaVersion\":2,\"mediaType\":\"application/vnd.oci.image.index.v1+json\",\"manifests\":[{},{}]}}",
+        entry(&a, "amd64"),
+        entry(&b, "arm64")
+    );
+    let hex = sha256_hex(index.as_bytes());
+    std::fs::write(blobs.join(&hex), &index).unwrap();
+    let top = format!(
+        "{{\"schemaVersion\":2,\"manifests\":[{{\"mediaType\":\"application/vnd.oci.image.index.v1+json\",\"digest\":\"sha256:{hex}\",\"size\":{},\"annotations\":{{\"org.opencontainers.image.ref.name\":\"{tag}\"}}}}]}}",
+        index.len()
+    );
+    std::fs::write(dir.join("index.json"), top).unwrap();
+    (hex, a, b)
 }
 
 /// A small image: a 1 MiB layer of random bytes and a layer of two small files.
