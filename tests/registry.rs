@@ -427,3 +427,31 @@ async fn an_index_is_staged_for_the_platforms_asked() {
     );
     assert_eq!(multi["tag"], "2");
 }
+
+/// A registry that answers a tag with other bytes than its `Docker-Content-Digest` names: the manifest
+/// is never delivered whole, nor stored under the tag.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_tampered_manifest_by_tag_is_refused() {
+    let Some(s) = site("").await else { return };
+    s.front.state.tamper_manifests.store(true, Ordering::SeqCst);
+    let accept = ("accept", "application/vnd.oci.image.manifest.v1+json");
+    let url = s.node.url("/v2/test/app/manifests/1");
+    let g = request("GET", &url, &[accept]).await;
+    assert!(
+        g.aborted || g.status != StatusCode::OK,
+        "a tampered manifest came through whole"
+    );
+    let g = request("GET", &url, &[accept]).await;
+    assert_eq!(g.status, StatusCode::BAD_GATEWAY);
+    let out = s.tmp.path().join("out");
+    assert!(
+        pull(&s.node, &out).await.is_err(),
+        "skopeo pulled a tampered manifest"
+    );
+    let images = get(&s.node.url("/v1/admin/images")).await.json();
+    assert_eq!(
+        images,
+        serde_json::json!([]),
+        "nothing stored under the tag"
+    );
+}

@@ -81,6 +81,20 @@ impl Fetcher {
     }
 }
 
+/// The digest a registry's answer names for its bytes (`Docker-Content-Digest`), so that a manifest
+/// fetched by tag is verified as it arrives, like one fetched by digest. Not for Docker's signed schema 1
+/// manifests, whose digest is that of the manifest without its signatures.
+pub fn manifest_digest(h: &HeaderMap) -> Option<Digest> {
+    let ct = h
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    if ct.contains("distribution.manifest.v1") {
+        return None;
+    }
+    content_digest(h)
+}
+
 /// The `Docker-Content-Digest` of an answer, when it is a sha256 digest.
 pub fn content_digest(h: &HeaderMap) -> Option<Digest> {
     let v = h.get("docker-content-digest")?.to_str().ok()?;

@@ -239,7 +239,11 @@ impl Transfer {
             status,
             size: content_length(h),
             content_type: s(http::header::CONTENT_TYPE),
-            digest: self.target.digest.or_else(|| Digest::from_headers(h)),
+            digest: self
+                .target
+                .digest
+                .or_else(|| Digest::from_headers(h))
+                .or_else(|| super::registry::manifest_digest(h)),
             etag: s(http::header::ETAG),
             last_modified: s(http::header::LAST_MODIFIED),
             headers: headers::capture(h),
@@ -262,7 +266,11 @@ impl Transfer {
             .get(http::header::CONTENT_ENCODING)
             .and_then(|v| v.to_str().ok())
             .is_none_or(|v| v.trim().eq_ignore_ascii_case("identity"));
-        let digest = self.target.digest.or_else(|| Digest::from_headers(h));
+        let digest = self
+            .target
+            .digest
+            .or_else(|| Digest::from_headers(h))
+            .or_else(|| super::registry::manifest_digest(h));
         identity
             && !self.target.no_store
             && freshness::storable(status, h, self.target.authorized())

@@ -96,6 +96,8 @@ pub struct FrontState {
     pub log: Mutex<Vec<(String, String)>>,
     /// Blob bodies come back with one byte changed (same length).
     pub tamper: AtomicBool,
+    /// So do manifest bodies.
+    pub tamper_manifests: AtomicBool,
     /// Connections are closed without an answer (the registry is unreachable).
     pub down: AtomicBool,
     /// Requests need `Authorization: Bearer <token>`, handed out at `/token` to `user:secret`.
@@ -216,7 +218,9 @@ async fn answer(
         r.headers_mut().insert("www-authenticate", c);
         return Ok(r);
     }
-    let tamper = st.tamper.load(Ordering::SeqCst) && method == "GET" && pq.contains("/blobs/");
+    let tamper = method == "GET"
+        && ((st.tamper.load(Ordering::SeqCst) && pq.contains("/blobs/"))
+            || (st.tamper_manifests.load(Ordering::SeqCst) && pq.contains("/manifests/")));
     let mut out = Request::builder().method(req.method()).uri(&pq);
     for (k, v) in req.headers() {
         if k != "authorization" && k != "host" {
