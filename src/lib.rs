@@ -173,6 +173,7 @@ impl Gateway {
             store: store.clone(),
             relay: relay.clone(),
             admin_token: cfg.admin_token()?,
+            pull_token: cfg.pull_token()?,
             own: Some(ops),
             stats,
             ready: AtomicBool::new(true),
@@ -265,6 +266,7 @@ fn upstream_client(cfg: &Config, director: Arc<Director>) -> anyhow::Result<Upst
         .origins
         .iter()
         .map(|o| &o.url)
+        .chain(cfg.registries.iter().map(|r| &r.url))
         .chain(cfg.upstream.parents.iter())
         .filter_map(|u| u.parse::<http::Uri>().ok())
         .map(|uri| {
@@ -283,7 +285,36 @@ fn upstream_client(cfg: &Config, director: Arc<Director>) -> anyhow::Result<Upst
         client_key: u.client_key.clone(),
         connect_to: u.connect_to.clone(),
     };
-    UpstreamClient::new(&client_cfg, policy, director).map_err(anyhow::Error::msg)
+    let client = UpstreamClient::new(&client_cfg, policy, director).map_err(anyhow::Error::msg)?;
+    Ok(client.with_registries(registry_creds(cfg)?))
+}
+
+/// Each `[[registries]]` entry's URL and credentials, its password read from `password_file`.
+fn registry_creds(cfg: &Config) -> anyhow::Result<Vec<fetch::upstream::registry::RegistryCred>> {
+    let mut out = Vec::new();
+    for r in &cfg.registries {
+        let password = match &r.password_file {
+            Some(p) => Some(
+                std::fs::read_to_string(p)
+                    .with_context(|| {
+                        format!("registries.{}.password_file {}", r.name, p.display())
+                    })?
+                    .trim_end_matches(['\r', '\n'])
+                    .to_string(),
+            ),
+            None => None,
+        };
+        let url = r
+            .url
+            .parse()
+            .with_context(|| format!("registries.{}.url", r.name))?;
+        out.push(fetch::upstream::registry::RegistryCred {
+            url,
+            username: r.username.clone(),
+            password,
+        });
+    }
+    Ok(out)
 }
 
 fn fetch_config(cfg: &Config) -> FetchConfig {

@@ -39,6 +39,7 @@ fuzz_target!(|data: &[u8]| {
             assert_eq!(uri.path(), format!("/v1/content/sha256/{}", digest.hex()));
         }
         Ok(Route::Own) => {}
+        Ok(Route::Registry) => assert!(uri.path() == "/v2" || uri.path().starts_with("/v2/")),
         Ok(Route::Url { kind, url, key, .. }) => {
             check_url(&url, &key, &strip);
             match kind {
@@ -49,6 +50,7 @@ fuzz_target!(|data: &[u8]| {
                 FormKind::CacheHost => check_cache_host(&uri, &url),
                 FormKind::Named => check_named(&uri, &url, &origins),
                 FormKind::Content => panic!("{uri}: a URL route of the content kind"),
+                FormKind::Registry => panic!("{uri}: a URL route of the registry kind"),
             }
         }
     }

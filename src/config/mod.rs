@@ -55,6 +55,8 @@ pub struct Config {
     pub store: Store,
     pub upstream: Upstream,
     pub origins: Vec<Origin>,
+    /// Container registries served under `/v2/` (SPEC 9); the first is the default.
+    pub registries: Vec<Registry>,
     pub status: Status,
     pub log: Log,
 }
@@ -97,6 +99,10 @@ pub struct Server {
     /// Ranges one request may ask for (a `multipart/byteranges` answer); a larger set gets 200 with
     /// the whole body (SPEC 4).
     pub max_ranges: usize,
+    /// When set, `/v2/` (container images) needs it: Bearer, or Basic with any user (SPEC 9).
+    pub pull_token: String,
+    #[serde(with = "path")]
+    pub pull_token_file: Option<PathBuf>,
     pub shutdown_grace: Span,
     /// The kernel send buffer of each client connection; "0" leaves it to the kernel's autotuning.
     /// Beyond SPEC 2: a bounded buffer keeps what is in flight small and cache-hot, which on a LAN
@@ -123,6 +129,8 @@ impl Default for Server {
             intercept_ca_key: None,
             intercept_hosts: Vec::new(),
             max_ranges: 200,
+            pull_token: String::new(),
+            pull_token_file: None,
             shutdown_grace: Span::secs(10),
             send_buffer: ByteSize(256 << 10),
         }
@@ -226,6 +234,29 @@ pub struct Origin {
     pub url: String,
     #[serde(default)]
     pub immutable: bool,
+}
+
+/// A container registry pulled through `/v2/` (SPEC 9).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Registry {
+    /// Names the registry in a `/v2/<name>/...` path; same grammar as an origin's name.
+    pub name: String,
+    /// Its base URL, e.g. `https://mcr.microsoft.com`.
+    pub url: String,
+    /// For the registry's Basic or token authentication; empty = anonymous.
+    #[serde(default)]
+    pub username: String,
+    /// The password (or token) for `username`, read at start; never logged or stored.
+    #[serde(default, with = "path")]
+    pub password_file: Option<PathBuf>,
+    /// How long a manifest fetched by tag is reused before it is revalidated.
+    #[serde(default = "default_tag_ttl")]
+    pub tag_ttl: Span,
+}
+
+fn default_tag_ttl() -> Span {
+    Span::secs(300)
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -432,6 +463,7 @@ impl Config {
             }
             check_url(&format!("origins.{}.url", o.name), &o.url)?;
         }
+        self.validate_registries()?;
         if !self.status.forward_to.is_empty() {
             check_url("status.forward_to", &self.status.forward_to)?;
         }
@@ -445,8 +477,6 @@ impl Config {
         Ok(())
     }
 
-    /// `status.max_report` within what one request may carry, and `status.max_store` with room beyond
-    /// the dedup records, which are bounded by count (`dedup_entries`), not dropped to make room.
     /// `server.intercept` needs CONNECT and a CA; its host patterns are host patterns.
     fn validate_intercept(&self) -> Result<(), ConfigError> {
         let s = &self.server;
@@ -476,6 +506,35 @@ impl Config {
         Ok(())
     }
 
+    /// Registries are named like origins, once each, with a URL; a password needs a user name.
+    fn validate_registries(&self) -> Result<(), ConfigError> {
+        let mut seen = std::collections::HashSet::new();
+        for r in &self.registries {
+            if !valid_origin_name(&r.name) {
+                return Err(invalid(
+                    "registries.name",
+                    format!("`{}` must match [a-z0-9][a-z0-9._-]{{0,62}}", r.name),
+                ));
+            }
+            if !seen.insert(r.name.clone()) {
+                return Err(invalid(
+                    "registries.name",
+                    format!("`{}` is named twice", r.name),
+                ));
+            }
+            check_url(&format!("registries.{}.url", r.name), &r.url)?;
+            if r.password_file.is_some() && r.username.is_empty() {
+                return Err(invalid(
+                    &format!("registries.{}.password_file", r.name),
+                    "needs a username",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// `status.max_report` within what one request may carry, and `status.max_store` with room beyond
+    /// the dedup records, which are bounded by count (`dedup_entries`), not dropped to make room.
     fn validate_status_bounds(&self) -> Result<(), ConfigError> {
         let s = &self.status;
         let report = s.max_report.0;
@@ -511,10 +570,23 @@ impl Config {
         )
     }
 
+    /// `server.pull_token`, inline or from `pull_token_file`; None = `/v2/` needs no login.
+    pub fn pull_token(&self) -> Result<Option<String>, ConfigError> {
+        secret(
+            &self.server.pull_token,
+            self.server.pull_token_file.as_deref(),
+            "server.pull_token_file",
+        )
+    }
+
     /// The config as `check-config` prints it: effective values, secrets redacted.
     pub fn redacted_toml(&self) -> String {
         let mut c = self.clone();
-        for s in [&mut c.server.admin_token, &mut c.status.forward_token] {
+        for s in [
+            &mut c.server.admin_token,
+            &mut c.server.pull_token,
+            &mut c.status.forward_token,
+        ] {
             if !s.is_empty() {
                 *s = "<redacted>".into();
             }

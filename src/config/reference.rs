@@ -8,7 +8,7 @@ pub const REFERENCE: &str = include_str!("../../config/reference.toml");
 #[cfg(test)]
 mod tests {
     use super::REFERENCE;
-    use crate::config::{Config, Origin};
+    use crate::config::{Config, Origin, Registry};
     use toml::Value;
 
     fn serialized<T: serde::Serialize>(v: &T) -> Value {
@@ -36,12 +36,12 @@ mod tests {
         keys
     }
 
-    /// The commented-out `[[origins]]` example, uncommented (its own comment lines dropped).
-    fn origins_example(text: &str) -> String {
+    /// The commented-out `[[<table>]]` example, uncommented (its own comment lines dropped).
+    fn example(text: &str, table: &str) -> String {
         let mut out = String::new();
         let mut inside = false;
         for line in text.lines() {
-            if line == "# [[origins]]" {
+            if line == format!("# [[{table}]]") {
                 inside = true;
             } else if inside && !line.starts_with("# ") {
                 break;
@@ -97,8 +97,9 @@ mod tests {
                         }
                     }
                 }
-                // The array of tables ([[origins]]) is empty by default: its example is checked below.
-                Value::Array(_) => assert_eq!(section, "origins"),
+                // The arrays of tables ([[origins]], [[registries]]) are empty by default: their
+                // examples are checked below.
+                Value::Array(_) => assert!(section == "origins" || section == "registries"),
                 _ => missing.push(section.clone()),
             }
         }
@@ -120,23 +121,45 @@ mod tests {
         Config::from_toml_str(REFERENCE, "config/reference.toml", &[]).unwrap();
     }
 
+    /// Every key of `template` is written in the example, which parses to `one`.
+    fn assert_complete(table: &str, example: &str, one: Value, template: Value) {
+        for key in template.as_table().unwrap().keys() {
+            assert!(
+                one.get(key).is_some() && example.contains(&format!("\n{key} = ")),
+                "the [[{table}]] example lacks `{key}`: {example}"
+            );
+        }
+    }
+
     #[test]
     fn origins_example_is_complete_and_valid() {
-        let example = origins_example(REFERENCE);
+        let example = example(REFERENCE, "origins");
         let c = Config::from_toml_str(&example, "the [[origins]] example", &[]).unwrap();
         assert_eq!(c.origins.len(), 1, "{example}");
-        let one = serialized(&c.origins[0]);
         let template = serialized(&Origin {
             name: String::new(),
             url: String::new(),
             immutable: false,
         });
-        for key in template.as_table().unwrap().keys() {
-            assert!(
-                one.get(key).is_some() && example.contains(&format!("\n{key} = ")),
-                "the [[origins]] example lacks `{key}`: {example}"
-            );
-        }
+        assert_complete("origins", &example, serialized(&c.origins[0]), template);
+    }
+
+    #[test]
+    fn registries_example_is_complete_and_valid() {
+        let example = example(REFERENCE, "registries");
+        let c = Config::from_toml_str(&example, "the [[registries]] example", &[]).unwrap();
+        assert_eq!(c.registries.len(), 1, "{example}");
+        let r = &c.registries[0];
+        assert_eq!(r.tag_ttl.0, std::time::Duration::from_secs(300));
+        assert!(r.password_file.is_none() && r.username.is_empty());
+        let template = serialized(&Registry {
+            name: String::new(),
+            url: String::new(),
+            username: String::new(),
+            password_file: Some("x".into()),
+            tag_ttl: crate::config::Span::secs(1),
+        });
+        assert_complete("registries", &example, serialized(r), template);
     }
 
     #[test]

@@ -150,3 +150,48 @@ fn keys_per_object_are_bounded_by_default_and_settable() {
         .to_string();
     assert!(e.contains("store.max_keys_per_object"), "{e}");
 }
+
+#[test]
+fn registries_are_checked() {
+    let c = load(
+        "[[registries]]\nname = \"mcr\"\nurl = \"https://mcr.microsoft.com\"\n\n[[registries]]\nname = \"local\"\nurl = \"http://127.0.0.1:5000\"\nusername = \"u\"\npassword_file = \"/run/secrets/p\"\ntag_ttl = \"30s\"\n",
+        &[],
+    )
+    .unwrap();
+    assert_eq!(c.registries.len(), 2);
+    assert_eq!(
+        c.registries[0].tag_ttl.0,
+        std::time::Duration::from_secs(300)
+    );
+    assert_eq!(
+        c.registries[1].tag_ttl.0,
+        std::time::Duration::from_secs(30)
+    );
+    assert_eq!(
+        c.registries[1].password_file.as_deref(),
+        Some(std::path::Path::new("/run/secrets/p"))
+    );
+    for (bad, key) in [
+        (
+            "name = \"MCR\"\nurl = \"https://m.example\"",
+            "registries.name",
+        ),
+        (
+            "name = \"m\"\nurl = \"ftp://m.example\"",
+            "registries.m.url",
+        ),
+        (
+            "name = \"m\"\nurl = \"https://m.example\"\npassword_file = \"/p\"",
+            "registries.m.password_file",
+        ),
+        (
+            "name = \"m\"\nurl = \"https://m.example\"\ntagttl = \"1s\"",
+            "tagttl",
+        ),
+    ] {
+        let e = load(&format!("[[registries]]\n{bad}\n"), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(key), "{bad}: {e}");
+    }
+}

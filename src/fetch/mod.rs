@@ -14,6 +14,7 @@ mod lookup;
 pub mod policy;
 pub mod prefetch;
 mod rate;
+pub mod registry;
 mod sink;
 mod transfer;
 pub mod upstream;

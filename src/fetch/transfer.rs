@@ -239,7 +239,11 @@ impl Transfer {
             status,
             size: content_length(h),
             content_type: s(http::header::CONTENT_TYPE),
-            digest: self.target.digest.or_else(|| Digest::from_headers(h)),
+            digest: self
+                .target
+                .digest
+                .or_else(|| Digest::from_headers(h))
+                .or_else(|| super::registry::manifest_digest(h)),
             etag: s(http::header::ETAG),
             last_modified: s(http::header::LAST_MODIFIED),
             headers: headers::capture(h),
@@ -259,7 +263,11 @@ impl Transfer {
     /// a request that allows storing. A content coding does not matter: the bytes are stored as they
     /// came, with their Content-Encoding, and a digest is of those bytes (RFC 9530 Repr-Digest; SPEC 4).
     fn storable(&self, status: StatusCode, h: &HeaderMap) -> bool {
-        let digest = self.target.digest.or_else(|| Digest::from_headers(h));
+        let digest = self
+            .target
+            .digest
+            .or_else(|| Digest::from_headers(h))
+            .or_else(|| super::registry::manifest_digest(h));
         !self.target.no_store
             && freshness::storable(status, h, self.target.authorized())
             && freshness::vary_of(h, &self.target.headers).is_some()

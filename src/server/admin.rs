@@ -22,6 +22,10 @@ pub async fn handle(app: &App, req: Request<Incoming>) -> Response<Body> {
     let r = match (method.clone(), path.as_str()) {
         // HEAD also serves clients as a cheap check of their token before a long upload.
         (Method::GET | Method::HEAD, "/content") => Ok(json(StatusCode::OK, &app.store.list())),
+        (Method::GET | Method::HEAD, "/images") => {
+            let images = super::registry::images::list(&app.store).await;
+            Ok(json(StatusCode::OK, &images))
+        }
         (Method::POST, "/verify") => verify(app, req).await,
         (Method::POST, "/relay/retry") => set_aside(app, AsideOp::Requeue, "requeued").await,
         (Method::DELETE, "/relay/set-aside") => set_aside(app, AsideOp::Drop, "dropped").await,
@@ -209,8 +213,26 @@ async fn prefetch(app: &App, req: Request<Incoming>) -> Result<Response<Body>, A
     let raw = read_json_body(req).await?;
     let v: serde_json::Value = serde_json::from_slice(&raw)
         .map_err(|e| ApiError::bad_request("bad-json", e.to_string()))?;
-    let (files, pin) = crate::fetch::prefetch::parse(&v, None)
-        .map_err(|e| ApiError::bad_request("bad-manifest", e.to_string()))?;
+    let images = super::registry::stage::strings(v.get("images"), "images")?;
+    let platforms = super::registry::stage::strings(v.get("platforms"), "platforms")?;
+    let (mut files, pin) = match images.is_empty() || v.get("files").is_some() {
+        true => crate::fetch::prefetch::parse(&v, None)
+            .map_err(|e| ApiError::bad_request("bad-manifest", e.to_string()))?,
+        false => (
+            Vec::new(),
+            v.get("pin").and_then(|p| p.as_bool()).unwrap_or(false),
+        ),
+    };
+    if !images.is_empty() {
+        use super::registry::stage::StageError;
+        match app.image_files(&images, &platforms).await {
+            Ok(f) => files.extend(f),
+            Err(StageError::Name(e)) => return Err(ApiError::bad_request("bad-manifest", e)),
+            Err(StageError::Fetch(e)) => {
+                return Err(ApiError::new(StatusCode::BAD_GATEWAY, "upstream", e))
+            }
+        }
+    }
     for f in &files {
         app.fetcher.check(&f.url).map_err(|e| {
             ApiError::new(StatusCode::FORBIDDEN, "origin-not-allowed", e.to_string())

@@ -16,6 +16,7 @@ mod metered;
 pub mod mint;
 pub mod multipart;
 pub mod range;
+mod registry;
 mod respond;
 pub mod route;
 mod stall;
@@ -101,6 +102,8 @@ pub struct App {
     pub store: Store,
     pub relay: crate::relay::Relay,
     pub admin_token: Option<String>,
+    /// `server.pull_token`: when set, `/v2/` needs it (SPEC 9).
+    pub pull_token: Option<String>,
     pub own: Option<Arc<dyn OwnEndpoints>>,
     pub stats: Arc<ServerStats>,
     pub ready: AtomicBool,
@@ -228,6 +231,10 @@ impl App {
                 None,
             ),
             Route::Own => (self.own(req, peer).await, None, None),
+            Route::Registry => {
+                let (r, key) = self.registry(req).await;
+                (r, Some(FormKind::Registry), key)
+            }
             Route::Content { digest } => {
                 let t = Target {
                     key: format!("sha256/{digest}"),

@@ -18,6 +18,8 @@ pub enum FormKind {
     CacheHost,
     Named,
     Content,
+    /// The container registry API under `/v2/` (SPEC 9).
+    Registry,
 }
 
 impl FormKind {
@@ -27,6 +29,7 @@ impl FormKind {
             FormKind::CacheHost => "cache-host",
             FormKind::Named => "named-origin",
             FormKind::Content => "content",
+            FormKind::Registry => "registry",
         }
     }
 }
@@ -45,6 +48,8 @@ pub enum Route {
     Content {
         digest: Digest,
     },
+    /// The container registry API (`/v2/` and below), parsed by `server::registry`.
+    Registry,
     /// cistern's own endpoints (`/v1/...`, `/healthz`, ...).
     Own,
 }
@@ -114,6 +119,9 @@ impl Router<'_> {
                 key,
                 immutable: origin.immutable,
             });
+        }
+        if path == "/v2" || path.starts_with("/v2/") {
+            return Ok(Route::Registry);
         }
         Ok(Route::Own)
     }

@@ -18,6 +18,7 @@ mod binary;
 mod origin;
 mod raw;
 mod tls;
+pub mod registry;
 #[allow(unused_imports)]
 pub use binary::*;
 pub use origin::*;

@@ -35,6 +35,7 @@ pub mod director;
 mod parent;
 mod proxy;
 mod redirect;
+pub mod registry;
 
 const MAX_REDIRECTS: usize = 5;
 
@@ -115,6 +116,8 @@ pub struct UpstreamClient {
     parents: Arc<HashMap<Uri, Parent>>,
     /// Set with `upstream.proxy`: origin traffic goes through the site's proxy.
     proxy: Option<ProxyClients>,
+    /// The container registries' credentials and tokens (SPEC 9); empty without `[[registries]]`.
+    registries: Arc<registry::RegistryAuth>,
 }
 
 /// What came of asking one parent.
@@ -183,7 +186,14 @@ impl UpstreamClient {
             director,
             parents: Arc::new(parents),
             proxy,
+            registries: Arc::default(),
         })
+    }
+
+    /// The client with the container registries' credentials (SPEC 9).
+    pub fn with_registries(mut self, creds: Vec<registry::RegistryCred>) -> UpstreamClient {
+        self.registries = Arc::new(registry::RegistryAuth::new(creds));
+        self
     }
 
     pub fn policy(&self) -> &OriginPolicy {
@@ -214,12 +224,14 @@ impl UpstreamClient {
         digest: Option<Digest>,
         headers: &HeaderMap,
     ) -> Result<Response<Incoming>, FetchError> {
-        if let (true, Some(u)) = (self.director.has_parents(), url) {
+        // A URL with neither scheme nor host names a path of the parent's own (`/v2/...`).
+        let origin = url.filter(|u| u.scheme().is_some());
+        if let (true, Some(u)) = (self.director.has_parents(), origin) {
             // Never an open proxy, not even towards a parent.
             self.host_check(u)?;
         }
         let hops = self.director.hops(Ask::Object {
-            origin: url.is_some(),
+            origin: origin.is_some(),
         });
         let mut last = match self.director.has_parents() {
             true => FetchError::Unreachable("no parent answered".into()),
@@ -230,7 +242,7 @@ impl UpstreamClient {
         let n = hops.len();
         for (i, hop) in hops.iter().enumerate() {
             let Hop::Parent(at) = hop else {
-                let Some(u) = url else { break };
+                let Some(u) = origin else { break };
                 if self.director.has_parents() {
                     tracing::warn!(
                         "every parent failed; going to the origin directly (upstream.allow_direct)"
@@ -315,6 +327,14 @@ impl UpstreamClient {
         if !self.policy.host_allowed(host, port) {
             return Err(FetchError::NotAllowed(format!("{host}:{port}")));
         }
+        self.check_address(url)
+    }
+
+    /// The address rules alone, for an address literal (SPEC 2): for where a registry points (its
+    /// blob storage, its token service), which needs no host pattern of its own.
+    fn check_address(&self, url: &Uri) -> Result<(), FetchError> {
+        let host = url.host().unwrap_or_default();
+        let port = port_of(url);
         // Through a proxy, the proxy resolves and connects: the address check is its own (SPEC 2).
         if let (None, Ok(ip)) = (&self.proxy, host.trim_matches(['[', ']']).parse::<IpAddr>()) {
             if !self.policy.literal_allowed(ip, port) {
@@ -333,11 +353,11 @@ impl UpstreamClient {
     ) -> Result<(Uri, Response<Incoming>), FetchError> {
         let mut url = url;
         self.check(&url)?;
+        // A registry's redirect to its blob storage needs no allowlist entry of its own (SPEC 9).
+        let registry = self.registries.registry_of(&url).is_some();
         let mut headers = std::borrow::Cow::Borrowed(headers);
         for _ in 0..=MAX_REDIRECTS {
-            let resp = self
-                .send_once(method.clone(), &url, &headers, empty_body())
-                .await?;
+            let resp = self.send_signed(method.clone(), &url, &headers).await?;
             if !is_redirect(resp.status()) {
                 return Ok((url, resp));
             }
@@ -354,7 +374,11 @@ impl UpstreamClient {
                     host_of(&url)
                 ))
             })?;
-            if let Err(e) = self.check(&next) {
+            let checked = match registry {
+                true => self.check_address(&next),
+                false => self.check(&next),
+            };
+            if let Err(e) = checked {
                 return Err(FetchError::RedirectNotAllowed(e.to_string()));
             }
             tracing::debug!(from = %host_of(&url), to = %host_of(&next), "following redirect");
@@ -490,6 +514,10 @@ fn parent_target(
     digest: Option<Digest>,
 ) -> Result<Option<(Uri, bool)>, FetchError> {
     match (url, digest) {
+        (Some(u), _) if u.scheme().is_none() => {
+            let path = u.path_and_query().map_or("/", |p| p.as_str());
+            Ok(own_url(at, path).map(|u| (u, true)))
+        }
         (Some(u), _) => Ok(Some((u.clone(), false))),
         (None, Some(d)) => Ok(own_url(at, &format!("/v1/content/sha256/{d}")).map(|u| (u, true))),
         (None, None) => Err(FetchError::NotFound(
