@@ -17,8 +17,8 @@ pub type Body = BoxBody<Bytes, std::io::Error>;
 mod binary;
 mod origin;
 mod raw;
-mod tls;
 pub mod registry;
+mod tls;
 #[allow(unused_imports)]
 pub use binary::*;
 pub use origin::*;
