@@ -10,8 +10,8 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use http::uri::{Authority, PathAndQuery, Scheme};
-use http::{Method, Request, Response, StatusCode, Uri};
+use http::uri::Authority;
+use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use rustls::server::{ClientHello, ResolvesServerCert};
@@ -21,6 +21,7 @@ use super::body::{empty, Body};
 use super::error::ApiError;
 use super::listener::{self, ConnHold, HEADER_TIMEOUT};
 use super::mint::Minter;
+pub use super::tunnel::{inner_uri, tunnel_host, Inside};
 use super::App;
 use crate::fetch::policy::{normalise_host, OriginPolicy};
 
@@ -108,7 +109,7 @@ pub fn terminate(
                 return tracing::debug!(client = %peer.ip(), %host, "intercepted TLS handshake timed out")
             }
         };
-        let inside = Inside(Arc::new(host));
+        let inside = Inside::to(host);
         listener::tunnelled(app, TokioIo::new(tls), peer, hold, inside).await;
     });
     let mut r = Response::new(empty());
@@ -116,64 +117,10 @@ pub fn terminate(
     r
 }
 
-/// The host a tunnel was opened to: lower-case, no trailing dot, no brackets around an IPv6 literal
-/// (as SNI and certificates name it).
-pub fn tunnel_host(host: &str) -> String {
-    normalise_host(host.trim_matches(['[', ']']))
-}
-
 /// Whether the SNI name a client sent may be answered for a tunnel to `host` (no SNI: the CONNECT
 /// host is meant; an address literal is never sent as SNI).
 pub fn sni_matches(sni: Option<&str>, host: &str) -> bool {
     sni.is_none_or(|s| normalise_host(s) == host)
-}
-
-/// Put in each request of an intercepted tunnel: the host it was opened to.
-#[derive(Clone, Debug)]
-pub struct Inside(Arc<String>);
-
-impl Inside {
-    /// Makes a request inside the tunnel the forward-proxy request for `https://<host><path>`. The
-    /// tunnel's host is the only one it can reach: an absolute-form target must name it, and a
-    /// CONNECT inside is refused.
-    pub fn rewrite(&self, req: &mut Request<Incoming>) -> Result<(), ApiError> {
-        *req.uri_mut() = inner_uri(req.method(), req.uri(), &self.0)?;
-        Ok(())
-    }
-}
-
-/// The URL a request inside a tunnel to `host` stands for.
-pub fn inner_uri(method: &Method, uri: &Uri, host: &str) -> Result<Uri, ApiError> {
-    let bad = |d: &str| ApiError::bad_request("bad-url", d.to_string());
-    if method == Method::CONNECT {
-        return Err(bad("CONNECT inside an intercepted tunnel"));
-    }
-    if let Some(a) = uri.authority() {
-        let port_ok = a.port_u16().is_none_or(|p| p == 443);
-        if tunnel_host(a.host()) != host || !port_ok || uri.scheme() != Some(&Scheme::HTTPS) {
-            return Err(bad(
-                "a request inside a tunnel must be for the tunnel's host",
-            ));
-        }
-    }
-    let pq = uri
-        .path_and_query()
-        .cloned()
-        .unwrap_or_else(|| PathAndQuery::from_static("/"));
-    if !pq.as_str().starts_with('/') {
-        return Err(bad("the request target must be a path"));
-    }
-    let authority: Authority = match host.parse::<std::net::Ipv6Addr>() {
-        Ok(_) => format!("[{host}]").parse(),
-        Err(_) => host.parse(),
-    }
-    .map_err(|_| bad("the tunnel's host cannot be a URL's"))?;
-    Uri::builder()
-        .scheme(Scheme::HTTPS)
-        .authority(authority)
-        .path_and_query(pq)
-        .build()
-        .map_err(|_| bad("the request target cannot be forwarded"))
 }
 
 /// The certificate of one tunnel: the CONNECT host's, and only for that SNI name.
@@ -202,29 +149,6 @@ impl ResolvesServerCert for TunnelCert {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn requests_inside_name_the_tunnel_host_only() {
-        let get = Method::GET;
-        let u = |s: &str| s.parse::<Uri>().unwrap();
-        let ok = inner_uri(&get, &u("/fw.bin?sig=S"), "origin.test").unwrap();
-        assert_eq!(ok.to_string(), "https://origin.test/fw.bin?sig=S");
-        let ok = inner_uri(&get, &u("https://Origin.Test:443/a"), "origin.test").unwrap();
-        assert_eq!(ok.to_string(), "https://origin.test/a");
-        assert_eq!(
-            inner_uri(&get, &u("/a"), "::1").unwrap().to_string(),
-            "https://[::1]/a"
-        );
-        for bad in [
-            "https://other.test/a",
-            "http://origin.test/a",
-            "https://origin.test:8443/a",
-        ] {
-            assert!(inner_uri(&get, &u(bad), "origin.test").is_err(), "{bad}");
-        }
-        assert!(inner_uri(&Method::CONNECT, &u("origin.test:443"), "origin.test").is_err());
-        assert!(inner_uri(&get, &u("*"), "origin.test").is_err());
-    }
 
     #[test]
     fn sni_must_be_the_connect_host() {

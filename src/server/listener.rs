@@ -13,8 +13,8 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
 
-use super::intercept::Inside;
 use super::stall::Stall;
+use super::tunnel::Inside;
 use super::App;
 
 /// Request head bound: request line plus headers (431 beyond it).

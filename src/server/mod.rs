@@ -22,6 +22,7 @@ pub mod route;
 mod stall;
 mod status;
 mod tls;
+pub mod tunnel;
 mod zerocopy;
 
 use std::collections::HashMap;
