@@ -127,16 +127,7 @@ async fn workload_api_certificates_and_trust_bundle() {
     // A Delivery Optimization agent given an https URL keeps its scheme when it swaps in the cache
     // host: curl, trusting the edge CA as a device does, asks the TLS listener (the workload API's
     // certificate) in the cache-host form; the origin is asked over https, once.
-    if std::process::Command::new("curl")
-        .arg("--version")
-        .output()
-        .is_err()
-    {
-        assert!(
-            std::env::var_os("CISTERN_REQUIRE_CURL").is_none(),
-            "curl is not installed"
-        );
-        eprintln!("SKIPPED: the cache-host form over TLS (curl is not installed)");
+    if !have("curl", "CISTERN_REQUIRE_CURL") {
         return;
     }
     let edge_ca = tmp.path().join("edge-ca.pem");

@@ -65,18 +65,7 @@ async fn site(tune: impl FnOnce(&mut cistern::config::Config)) -> Site {
 
 /// Whether curl is here (else the test prints SKIPPED and passes, unless curl is required).
 fn have_curl() -> bool {
-    let here = std::process::Command::new("curl")
-        .arg("--version")
-        .output()
-        .is_ok();
-    if !here {
-        assert!(
-            std::env::var_os("CISTERN_REQUIRE_CURL").is_none(),
-            "curl is not installed (apt-get install curl)"
-        );
-        eprintln!("SKIPPED: curl is not installed (apt-get install curl)");
-    }
-    here
+    have("curl", "CISTERN_REQUIRE_CURL")
 }
 
 /// What curl saw: the CONNECT answer's status, the response's status, its header lines, the body.
@@ -360,22 +349,6 @@ async fn an_intermediate_ca_goes_out_with_its_leaves() {
     let r = curl(&s, &files.unwrap(), "https://origin.test/i.bin", &[]).await;
     assert!(r.ok, "curl refused the chain");
     assert_eq!(r.body, body);
-}
-
-/// Whether a Debian program is here (else SKIPPED, unless `CISTERN_REQUIRE_<NAME>` is set).
-fn have(program: &str, require: &str) -> bool {
-    let here = std::process::Command::new(program)
-        .arg("--version")
-        .output()
-        .is_ok();
-    if !here {
-        assert!(
-            std::env::var_os(require).is_none(),
-            "{program} is not installed (apt-get install {program})"
-        );
-        eprintln!("SKIPPED: {program} is not installed (apt-get install {program})");
-    }
-    here
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -12,16 +12,7 @@ use common::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_cache_host_form_over_tls_asks_its_origin_over_https() {
-    if std::process::Command::new("curl")
-        .arg("--version")
-        .output()
-        .is_err()
-    {
-        assert!(
-            std::env::var_os("CISTERN_REQUIRE_CURL").is_none(),
-            "curl is not installed"
-        );
-        eprintln!("SKIPPED: curl is not installed (apt-get install curl)");
+    if !have("curl", "CISTERN_REQUIRE_CURL") {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();

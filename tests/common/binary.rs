@@ -48,3 +48,20 @@ pub fn kill9(mut child: Child) {
     child.kill().unwrap();
     child.wait().unwrap();
 }
+
+/// Whether `program` runs here. Where it does not, the caller skips what needs it, with a SKIPPED line,
+/// unless `require` (a `CISTERN_REQUIRE_*` variable, which CI sets) says it must be there: then it fails.
+pub fn have(program: &str, require: &str) -> bool {
+    let here = std::process::Command::new(program)
+        .arg("--version")
+        .output()
+        .is_ok();
+    if !here {
+        assert!(
+            std::env::var_os(require).is_none(),
+            "{program} is not installed (apt-get install {program})"
+        );
+        eprintln!("SKIPPED: {program} is not installed (apt-get install {program})");
+    }
+    here
+}
