@@ -106,8 +106,9 @@ async fn an_invalidated_key_is_not_brought_back_by_kill_9() {
     assert_eq!(p.status, 200);
     kill9(child);
 
-    let _child = start_binary(&conf, port).await;
+    let child = start_binary(&conf, port).await;
     let g = get(&url).await;
+    stop(child);
     assert_eq!(g.body, body);
     assert_ne!(
         g.header("cache-status"),
@@ -150,8 +151,10 @@ async fn a_pin_and_an_unpin_survive_kill_9() {
     let g = admin_request("DELETE", &format!("{base}/pins/{hex}"), bytes::Bytes::new()).await;
     assert!(g.status.is_success(), "{}", g.status);
     kill9(child);
-    let _child = start_binary(&conf, port).await;
-    assert_eq!(pinned().await, Some(false), "the unpin was lost");
+    let child = start_binary(&conf, port).await;
+    let unpinned = pinned().await;
+    stop(child);
+    assert_eq!(unpinned, Some(false), "the unpin was lost");
 }
 
 /// SIGTERM as soon as `/readyz` answers is a graceful stop (exit 0), not the signal's default
