@@ -28,7 +28,7 @@ pub use super::policy::{host_of, port_of};
 use crate::store::Digest;
 pub use connect::{empty_body, ReqBody};
 pub use director::{Ask, Director, Hop, Outcome, ParentHealth};
-pub use redirect::resolve_location;
+pub use redirect::{on_origin_of, resolve_location};
 
 pub mod connect;
 pub mod director;

@@ -40,10 +40,16 @@ pub fn resolve_location(base: &Uri, loc: &str) -> Option<Uri> {
         let dir = base.path().rsplit_once('/').map(|(d, _)| d).unwrap_or("");
         format!("{dir}/{loc}")
     };
+    on_origin_of(base, path)
+}
+
+/// `path_and_query` on the origin (scheme and authority) of `base`; None when `base` has none or
+/// the path is not one a URL can carry.
+pub fn on_origin_of(base: &Uri, path_and_query: String) -> Option<Uri> {
     Uri::builder()
         .scheme(base.scheme()?.clone())
         .authority(base.authority()?.clone())
-        .path_and_query(path)
+        .path_and_query(path_and_query)
         .build()
         .ok()
 }

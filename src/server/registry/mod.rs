@@ -350,12 +350,7 @@ fn upstream_url(up: &Upstream<'_>, repo: &str, kind: &str, tail: &str, asked: &U
                 "{}/v2/{repo}/{kind}/{tail}",
                 base.path().trim_end_matches('/')
             );
-            Uri::builder()
-                .scheme(base.scheme()?.clone())
-                .authority(base.authority()?.clone())
-                .path_and_query(path)
-                .build()
-                .ok()
+            crate::fetch::upstream::on_origin_of(&base, path)
         }
     }
 }
