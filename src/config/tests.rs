@@ -195,3 +195,28 @@ fn registries_are_checked() {
         assert!(e.contains(key), "{bad}: {e}");
     }
 }
+
+#[test]
+fn uplink_and_peers_are_checked() {
+    let c = load(
+        "[uplink]\nmax_rate = \"8MiB\"\nwindows = [\"Mon-Fri 22:00-06:00\"]\ntimezone = \"Europe/Berlin\"\n",
+        &[("CISTERN_PEERS__MEMBERS", "http://a:8080, http://b:8080")],
+    )
+    .unwrap();
+    assert_eq!(c.uplink.max_rate, ByteSize(8 << 20));
+    assert_eq!(c.uplink.parsed_windows().len(), 1);
+    assert_eq!(c.peers.members.len(), 2);
+    for (text, key) in [
+        ("[uplink]\ntimezone = \"Mars/Olympus\"\n", "uplink.timezone"),
+        (
+            "[uplink]\nwindows = [\"Mon 25:00-01:00\"]\n",
+            "uplink.windows",
+        ),
+        ("[peers]\nmembers = [\"gw-a:8080\"]\n", "peers.members"),
+        ("[peers]\ndns = \"peers.site\"\n", "peers.dns"),
+        ("[peers]\nself = \"nope\"\n", "peers.self"),
+    ] {
+        let e = load(text, &[]).unwrap_err().to_string();
+        assert!(e.starts_with(key), "{text}: {e}");
+    }
+}
