@@ -166,6 +166,8 @@ pub fn prefetch(
     }
     let (files, pin) = cistern::fetch::prefetch::parse(&v, None)
         .map_err(|e| anyhow::anyhow!("{}: {e}", manifest.display()))?;
+    let plan = cistern::fetch::prefetch::plan(&v, pin)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", manifest.display()))?;
     let mut cfg = load(config)?;
     // No listener: this process only fetches into the store (a running gateway would hold it).
     cfg.server.listen = String::new();
@@ -183,13 +185,13 @@ pub fn prefetch(
                 .check(&f.url)
                 .map_err(|e| anyhow::anyhow!("{e}"))?;
         }
-        let id = gw.fetcher.prefetch(files, pin).await;
+        let id = gw.fetcher.prefetch(files, plan).await;
         let pb = indicatif::ProgressBar::new(0);
         pb.set_style(cistern::ops::remote::bar_style());
         let ok = loop {
             let job = serde_json::to_value(gw.fetcher.prefetch_job(&id)).unwrap_or_default();
             cistern::ops::remote::show(&pb, &job);
-            if job["state"] != "running" {
+            if matches!(job["state"].as_str(), Some("done" | "failed") | None) {
                 pb.finish_and_clear();
                 cistern::ops::remote::report(&job);
                 break job["state"] == "done";

@@ -284,9 +284,13 @@ fn upstream_client(cfg: &Config, director: Arc<Director>) -> anyhow::Result<Upst
         client_cert: u.client_cert.clone(),
         client_key: u.client_key.clone(),
         connect_to: u.connect_to.clone(),
+        recv_buffer: fetch::uplink::recv_buffer(&cfg.uplink),
     };
     let client = UpstreamClient::new(&client_cfg, policy, director).map_err(anyhow::Error::msg)?;
-    Ok(client.with_registries(registry_creds(cfg)?))
+    let uplink = Arc::new(fetch::uplink::Uplink::new(&cfg.uplink));
+    Ok(client
+        .with_registries(registry_creds(cfg)?)
+        .with_uplink(uplink))
 }
 
 /// Each `[[registries]]` entry's URL and credentials, its password read from `password_file`.

@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 pub use reference::REFERENCE;
-pub use site::{Peers, Uplink};
+pub use site::{Peers, Uplink, WallClock};
 pub use status::Status;
 pub use units::{ByteSize, Span};
 pub use window::Window;

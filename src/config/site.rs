@@ -17,6 +17,24 @@ pub struct Uplink {
     pub windows: Vec<String>,
     /// The IANA zone the windows are written in.
     pub timezone: String,
+    /// Not a configuration key (no file or variable sets it): the wall clock the windows are read
+    /// against, for a program embedding cistern (the integration tests move it instead of waiting).
+    #[serde(skip)]
+    pub clock: WallClock,
+}
+
+/// The time the uplink windows are read at; None = the system clock.
+#[derive(Clone, Default)]
+pub struct WallClock(pub Option<std::sync::Arc<dyn Fn() -> jiff::Timestamp + Send + Sync>>);
+
+impl std::fmt::Debug for WallClock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "injected"
+        } else {
+            "system"
+        })
+    }
 }
 
 impl Default for Uplink {
@@ -26,6 +44,7 @@ impl Default for Uplink {
             background_rate: ByteSize(0),
             windows: Vec::new(),
             timezone: "UTC".into(),
+            clock: WallClock::default(),
         }
     }
 }

@@ -15,6 +15,7 @@ use bytes::Bytes;
 use tokio::sync::{watch, Notify};
 
 use super::error::FetchError;
+use super::uplink::Priority;
 use crate::store::{now_ms, Digest, KeyMeta};
 pub use head::Head;
 pub use progress::Progress;
@@ -115,11 +116,20 @@ pub struct Flight {
     progress: watch::Sender<Progress>,
     /// A reader moved or left: what a pass-through transfer waits on (its back-pressure).
     readers_moved: Notify,
+    /// Whom the transfer's bytes are for (SPEC 4, uplink budget): raised to foreground when a client
+    /// joins a prefetch's fill.
+    priority: Priority,
 }
 
 impl Flight {
+    /// The transfer's class in the uplink budget.
+    pub fn priority(&self) -> &Priority {
+        &self.priority
+    }
+
     pub fn new() -> Arc<Flight> {
         Arc::new(Flight {
+            priority: Priority::for_new_transfer(),
             state: Mutex::new(State {
                 window: VecDeque::new(),
                 window_start: 0,

@@ -23,8 +23,36 @@ pub struct FileState {
 #[derive(Serialize, Deserialize, Clone, Debug)]
 pub struct Job {
     pub id: String,
+    /// `running`, `waiting-window` (outside the uplink's windows), `queued` (before `notBefore`),
+    /// `done` or `failed`.
     pub state: String,
     pub files: Vec<FileState>,
+    /// Not started before this time (RFC 3339).
+    #[serde(rename = "notBefore", default, skip_serializing_if = "Option::is_none")]
+    pub not_before: Option<String>,
+}
+
+impl Job {
+    /// Still to run on: not ended.
+    pub fn unfinished(&self) -> bool {
+        !matches!(self.state.as_str(), "done" | "failed")
+    }
+}
+
+/// How a job runs (SPEC 6): pinned, held to the uplink's windows, not before a time.
+#[derive(Serialize, Deserialize, Clone, Debug)]
+pub struct Plan {
+    pub pin: bool,
+    /// Runs only inside `uplink.windows` (the default; `"window": false` runs it outside them too,
+    /// still as background work).
+    #[serde(default = "yes")]
+    pub window: bool,
+    #[serde(default)]
+    pub not_before: Option<jiff::Timestamp>,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// A job as it is kept on disk (`store` record `prefetch/<id>`): what it shows, the whole URLs to fetch
@@ -35,6 +63,9 @@ pub(super) struct Saved {
     pub job: Job,
     pub urls: Vec<String>,
     pub pin: bool,
+    /// Absent from the records of before windows: those ran at once.
+    #[serde(default)]
+    pub plan: Option<Plan>,
 }
 
 /// Ended jobs kept readable (on disk and in memory); older ones are forgotten at start.

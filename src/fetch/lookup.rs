@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use super::freshness::{self, RequestCc, Reuse};
 use super::key::{variant_key, vary_for};
+use super::uplink::{Class, Priority};
 use super::{collapse, transfer, FetchError, Fetcher, HitKind, Lookup, Target};
 use super::{End, Flight, FlightReader, Joined};
 use crate::store::{now_ms, Digest, Hit, KeyMeta};
@@ -115,8 +116,14 @@ impl Fetcher {
             Reuse::Fresh => Stored::Serve(e.digest, Some(e.meta), HitKind::Fresh),
             Reuse::Stale => Stored::Serve(e.digest, Some(e.meta), HitKind::Stale),
             Reuse::StaleRevalidating => {
-                // Served now; the revalidation runs on as a transfer of its own.
-                drop(self.join_or_start(t, Some(e.clone()), &e.meta.vary, !t.authorized()));
+                // Served now; the revalidation runs on as a transfer of its own, as background
+                // work: only inside the uplink's windows (SPEC 4).
+                if self.uplink().open() {
+                    let shared = !t.authorized();
+                    Priority::background().sync_scope(|| {
+                        drop(self.join_or_start(t, Some(e.clone()), &e.meta.vary, shared))
+                    });
+                }
                 Stored::Serve(e.digest, Some(e.meta), HitKind::Stale)
             }
             Reuse::Revalidate => Stored::Revalidate(e),
@@ -280,6 +287,9 @@ impl Fetcher {
             .ask(&t.key, &t.headers, vary, stale.is_some(), shared);
         let (flight, permit) = match asked {
             collapse::Ask::Follow(f, joined) => {
+                if Priority::current().class() == Class::Foreground {
+                    f.priority().raise();
+                }
                 let reader = f.reader(0, None);
                 return (f, joined, reader);
             }
@@ -295,10 +305,11 @@ impl Fetcher {
             permit: Arc::new(permit),
         };
         let running = self.running();
-        tokio::spawn(async move {
+        let priority = flight.priority().clone();
+        tokio::spawn(priority.scope(async move {
             job.run().await;
             drop(running);
-        });
+        }));
         (flight, Joined::Leader, reader)
     }
 }

@@ -17,6 +17,7 @@ mod rate;
 pub mod registry;
 mod sink;
 mod transfer;
+pub mod uplink;
 pub mod upstream;
 
 use std::collections::HashMap;
@@ -24,8 +25,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use crate::fetch::uplink::Metered;
 use http::{HeaderMap, Method, Response, Uri};
-use hyper::body::Incoming;
 use serde::Serialize;
 
 use crate::store::{Digest, Hit, KeyMeta, Store};
@@ -265,6 +266,11 @@ impl Fetcher {
         &self.inner.store
     }
 
+    /// The node's uplink budget (SPEC 4).
+    pub fn uplink(&self) -> &Arc<uplink::Uplink> {
+        self.client().uplink()
+    }
+
     fn client(&self) -> &UpstreamClient {
         &self.inner.client
     }
@@ -306,7 +312,7 @@ impl Fetcher {
         &self,
         method: Method,
         t: &Target,
-    ) -> Result<Response<Incoming>, FetchError> {
+    ) -> Result<Response<Metered>, FetchError> {
         let mut h = headers::end_to_end(&t.headers);
         headers::add_ours(&mut h, &self.inner.cfg.node_id);
         self.inner
@@ -325,7 +331,7 @@ impl Fetcher {
         t: &Target,
         strip: &[String],
         body: upstream::ReqBody,
-    ) -> Result<Response<Incoming>, FetchError> {
+    ) -> Result<Response<Metered>, FetchError> {
         let Some(url) = &t.url else {
             return Err(FetchError::NotFound("no upstream for this request".into()));
         };

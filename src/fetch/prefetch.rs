@@ -10,7 +10,9 @@ use std::sync::{Arc, Mutex};
 use http::Uri;
 use serde_json::Value;
 
+pub use super::jobs::Plan;
 use super::jobs::{job_order, lock, FileState, Job, Saved, KEPT_JOBS, RECORDS};
+use super::uplink::Priority;
 use super::{End, Fetcher, Flight, Lookup, Target};
 use crate::store::Digest;
 
@@ -122,9 +124,35 @@ pub fn parse(v: &Value, base_url: Option<&str>) -> Result<(Vec<Wanted>, bool), B
     Ok((out, pin))
 }
 
+/// How the job asked runs: `pin`, `window` (default true) and `notBefore` (RFC 3339).
+pub fn plan(v: &Value, pin: bool) -> Result<Plan, BadManifest> {
+    let window = match v.get("window") {
+        None | Some(Value::Null) => true,
+        Some(Value::Bool(b)) => *b,
+        Some(other) => return Err(bad(format!("window: `{other}` is not true or false"))),
+    };
+    let not_before = match v.get("notBefore") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(t)) => Some(t.parse::<jiff::Timestamp>().map_err(|_| {
+            bad(format!(
+                "notBefore: `{t}` is not an RFC 3339 time (2026-12-24T22:00:00Z)"
+            ))
+        })?),
+        Some(other) => return Err(bad(format!("notBefore: `{other}` is not a time"))),
+    };
+    Ok(Plan {
+        pin,
+        window,
+        not_before,
+    })
+}
+
+/// How long a job waiting for its time or window sleeps before it looks at the clock again.
+const LOOK_AGAIN: std::time::Duration = std::time::Duration::from_millis(250);
+
 impl Fetcher {
     /// Starts a prefetch job; returns its id.
-    pub async fn prefetch(&self, files: Vec<Wanted>, pin: bool) -> String {
+    pub async fn prefetch(&self, files: Vec<Wanted>, plan: Plan) -> String {
         let jobs = &self.jobs();
         let id = format!(
             "{:x}-{}",
@@ -134,6 +162,7 @@ impl Fetcher {
         let job = Job {
             id: id.clone(),
             state: "running".into(),
+            not_before: plan.not_before.map(|t| t.to_string()),
             files: files
                 .iter()
                 .map(|w| FileState {
@@ -149,17 +178,65 @@ impl Fetcher {
         let job = Arc::new(Mutex::new(job));
         lock(&jobs.jobs).insert(id.clone(), job.clone());
         let urls: Vec<String> = files.iter().map(|w| w.url.to_string()).collect();
-        self.save_job(&job, &urls, pin).await;
-        tokio::spawn(self.clone().run_job(job, files, urls, pin));
+        self.save_job(&job, &urls, &plan).await;
+        tokio::spawn(self.clone().run_job(job, files, urls, plan));
         id
     }
 
+    /// Runs a job as background work (SPEC 4): its transfers yield to clients' and stay within
+    /// `uplink.background_rate`.
+    async fn run_job(
+        self,
+        job: Arc<Mutex<Job>>,
+        files: Vec<Wanted>,
+        urls: Vec<String>,
+        plan: Plan,
+    ) {
+        Priority::background()
+            .scope(self.run_files(job, files, urls, plan))
+            .await
+    }
+
+    /// Waits for the job's turn before its next file: `notBefore` (state `queued`), then an open
+    /// uplink window when the job keeps to them (state `waiting-window`).
+    async fn wait_turn(&self, job: &Arc<Mutex<Job>>, urls: &[String], plan: &Plan) {
+        let mut shown = lock(job).state.clone();
+        loop {
+            let now = self.uplink().now();
+            let state = if plan.not_before.is_some_and(|t| now < t) {
+                "queued"
+            } else if plan.window && !self.uplink().open() {
+                "waiting-window"
+            } else {
+                "running"
+            };
+            if state != shown {
+                tracing::info!(job = %lock(job).id, state, "prefetch job");
+                lock(job).state = state.into();
+                self.save_job(job, urls, plan).await;
+                shown = state.into();
+            }
+            if state == "running" {
+                return;
+            }
+            tokio::time::sleep(LOOK_AGAIN).await;
+        }
+    }
+
     /// Fetches the job's files not stored yet, one after the other, saving its state after each.
-    async fn run_job(self, job: Arc<Mutex<Job>>, files: Vec<Wanted>, urls: Vec<String>, pin: bool) {
+    async fn run_files(
+        self,
+        job: Arc<Mutex<Job>>,
+        files: Vec<Wanted>,
+        urls: Vec<String>,
+        plan: Plan,
+    ) {
+        let pin = plan.pin;
         for (i, w) in files.into_iter().enumerate() {
             if lock(&job).files[i].state == "stored" {
                 continue;
             }
+            self.wait_turn(&job, &urls, &plan).await;
             lock(&job).files[i].state = "fetching".into();
             let r = self.stage_one(&w, pin, &job, i).await;
             {
@@ -179,22 +256,23 @@ impl Fetcher {
             if lock(&job).files[i].state == "failed" {
                 self.unstage_unanswered(&w);
             }
-            self.save_job(&job, &urls, pin).await;
+            self.save_job(&job, &urls, &plan).await;
         }
         {
             let mut j = lock(&job);
             let done = j.files.iter().all(|f| f.state == "stored");
             j.state = if done { "done" } else { "failed" }.into();
         }
-        self.save_job(&job, &urls, pin).await;
+        self.save_job(&job, &urls, &plan).await;
     }
 
     /// Writes the job's record (off the runtime's threads: it fsyncs).
-    async fn save_job(&self, job: &Arc<Mutex<Job>>, urls: &[String], pin: bool) {
+    async fn save_job(&self, job: &Arc<Mutex<Job>>, urls: &[String], plan: &Plan) {
         let saved = Saved {
             job: lock(job).clone(),
             urls: urls.to_vec(),
-            pin,
+            pin: plan.pin,
+            plan: Some(plan.clone()),
         };
         let store = self.store().clone();
         let r = tokio::task::spawn_blocking(move || {
@@ -225,7 +303,7 @@ impl Fetcher {
                     continue;
                 }
             };
-            let running = saved.job.state == "running";
+            let running = saved.job.unfinished();
             if n < ended && !running {
                 self.store().remove_record(RECORDS, &id);
                 continue;
@@ -251,7 +329,12 @@ impl Fetcher {
             match (running, files) {
                 (true, Some(files)) if files.len() == saved.urls.len() => {
                     tracing::info!(job = %id, "carrying on a prefetch job after a restart");
-                    tokio::spawn(self.clone().run_job(job, files, saved.urls, saved.pin));
+                    let plan = saved.plan.unwrap_or(Plan {
+                        pin: saved.pin,
+                        window: false,
+                        not_before: None,
+                    });
+                    tokio::spawn(self.clone().run_job(job, files, saved.urls, plan));
                 }
                 (true, _) => tracing::warn!(job = %id, "a prefetch job record names a bad URL"),
                 _ => {}

@@ -5,10 +5,10 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+use crate::fetch::uplink::Metered;
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method, Response, StatusCode};
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
 use sha2::Digest as _;
 use tokio::sync::OwnedSemaphorePermit;
 
@@ -80,7 +80,7 @@ enum Step {
 pub(super) struct Reading {
     /// The request fields sent upstream (a resume adds Range and If-Range to them).
     headers: HeaderMap,
-    body: Incoming,
+    body: Metered,
     sink: Sink,
     /// The response whose bytes are being taken.
     now: Answered,
@@ -195,7 +195,7 @@ impl Transfer {
         let mut request_ms = now_ms();
         let resp = match self.resume_partial(&headers).await {
             FromPartial::Resumed(prior) => return Step::Take(prior, request_ms, headers),
-            FromPartial::Fresh(r) => r,
+            FromPartial::Fresh(r) => *r,
             FromPartial::None => match self.answer(&mut headers, &mut request_ms).await {
                 Ok(r) => r,
                 Err(end) => return Step::Done(end),
@@ -216,7 +216,7 @@ impl Transfer {
     }
 
     /// Asks upstream (the parents, or the origin) for the target.
-    async fn upstream(&self, headers: &HeaderMap) -> Result<Response<Incoming>, FetchError> {
+    async fn upstream(&self, headers: &HeaderMap) -> Result<Response<Metered>, FetchError> {
         let client = &self.fetcher.client();
         client
             .fetch(
@@ -459,7 +459,7 @@ impl Transfer {
     }
 }
 
-async fn error_status(resp: Response<Incoming>) -> FetchError {
+async fn error_status(resp: Response<Metered>) -> FetchError {
     let status = resp.status();
     let headers = Box::new(headers::end_to_end(resp.headers()));
     let content_type = resp

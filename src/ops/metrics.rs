@@ -105,6 +105,8 @@ struct Snapshot {
     gauges: Vec<Value>,
     upstream_errors: Vec<(&'static str, u64)>,
     parents: Vec<(String, bool)>,
+    /// Bytes read from upstream by uplink class (SPEC 4).
+    uplink: [(&'static str, u64); 2],
 }
 
 fn v(name: &'static str, help: &'static str, unit: Option<Unit>, v: u64) -> Value {
@@ -268,11 +270,17 @@ impl Snapshot {
             .into_iter()
             .map(|p| (p.url, p.healthy))
             .collect();
+        use crate::fetch::uplink::Class;
+        let up = ops.fetcher.uplink();
         Snapshot {
             counters,
             gauges,
             upstream_errors,
             parents,
+            uplink: [
+                ("foreground", up.bytes(Class::Foreground)),
+                ("background", up.bytes(Class::Background)),
+            ],
         }
     }
 }
@@ -295,6 +303,16 @@ impl Collector for Snapshot {
         )?;
         for (kind, n) in &self.upstream_errors {
             let labels = [("kind", *kind)];
+            ConstCounter::new(*n).encode(fam.encode_family(&labels)?)?;
+        }
+        let mut fam = enc.encode_descriptor(
+            "cistern_uplink",
+            "Bytes read from upstream, by class: foreground (a client waits), background (prefetch)",
+            Some(&Unit::Bytes),
+            MetricType::Counter,
+        )?;
+        for (class, n) in &self.uplink {
+            let labels = [("class", *class)];
             ConstCounter::new(*n).encode(fam.encode_family(&labels)?)?;
         }
         let mut fam = enc.encode_descriptor(

@@ -65,6 +65,11 @@ impl OwnEndpoints for Ops {
                 "application/json",
                 self.summary().to_string(),
             ),
+            "/v1/uplink" => text(
+                StatusCode::OK,
+                "application/json",
+                serde_json::to_string(&self.fetcher.uplink().status()).unwrap_or_default(),
+            ),
             "/metrics" => {
                 let accept = req.headers().get(http::header::ACCEPT);
                 let accept = accept.and_then(|v| v.to_str().ok()).unwrap_or("");

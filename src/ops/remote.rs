@@ -218,7 +218,7 @@ impl Remote {
                 )
                 .await?;
             show(&pb, &job);
-            if job["state"] != "running" {
+            if matches!(job["state"].as_str(), Some("done" | "failed") | None) {
                 pb.finish_and_clear();
                 report(&job);
                 return Ok(job["state"] == "done");

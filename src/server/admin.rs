@@ -32,6 +32,8 @@ pub async fn handle(app: &App, req: Request<Incoming>) -> Response<Body> {
         (_, "/relay/retry") => Err(not_allowed("POST")),
         (_, "/relay/set-aside") => Err(not_allowed("DELETE")),
         (Method::POST, "/prefetch") => prefetch(app, req).await,
+        (Method::PUT, "/uplink") => uplink(app, req).await,
+        (_, "/uplink") => Err(not_allowed("PUT")),
         (Method::GET, p) if p.starts_with("/prefetch/") => app
             .fetcher
             .prefetch_job(&p["/prefetch/".len()..])
@@ -238,8 +240,49 @@ async fn prefetch(app: &App, req: Request<Incoming>) -> Result<Response<Body>, A
             ApiError::new(StatusCode::FORBIDDEN, "origin-not-allowed", e.to_string())
         })?;
     }
-    let id = app.fetcher.prefetch(files, pin).await;
+    let plan = crate::fetch::prefetch::plan(&v, pin)
+        .map_err(|e| ApiError::bad_request("bad-manifest", e.to_string()))?;
+    let id = app.fetcher.prefetch(files, plan).await;
     Ok(json(StatusCode::ACCEPTED, &serde_json::json!({"id": id})))
+}
+
+/// `PUT /v1/admin/uplink` `{"max_rate": "20MiB", "background_rate": "5MiB"}`: the uplink caps at run
+/// time (not persisted); a key left out keeps its value, "0" lifts the cap. Answers the new status.
+async fn uplink(app: &App, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+    let raw = read_json_body(req).await?;
+    let v: serde_json::Value = serde_json::from_slice(&raw)
+        .map_err(|e| ApiError::bad_request("bad-json", e.to_string()))?;
+    let Some(o) = v.as_object() else {
+        return Err(ApiError::bad_request("bad-json", "expected a JSON object"));
+    };
+    if let Some(k) = o
+        .keys()
+        .find(|k| !matches!(k.as_str(), "max_rate" | "background_rate"))
+    {
+        return Err(ApiError::bad_request(
+            "bad-json",
+            format!("unknown key `{k}` (max_rate, background_rate)"),
+        ));
+    }
+    let size = |k: &str| -> Result<Option<u64>, ApiError> {
+        let bad = |e: String| ApiError::bad_request("bad-json", format!("{k}: {e}"));
+        match o.get(k) {
+            None => Ok(None),
+            Some(serde_json::Value::Number(n)) => n
+                .as_u64()
+                .map(Some)
+                .ok_or_else(|| bad(format!("`{n}` is not a byte count"))),
+            Some(serde_json::Value::String(s)) => crate::config::ByteSize::parse(s)
+                .map(|b| Some(b.0))
+                .map_err(bad),
+            Some(other) => Err(bad(format!("`{other}` is not a size"))),
+        }
+    };
+    let (max, background) = (size("max_rate")?, size("background_rate")?);
+    let uplink = app.fetcher.uplink();
+    uplink.set_caps(max, background);
+    tracing::info!(?max, ?background, "uplink caps changed");
+    Ok(json(StatusCode::OK, &uplink.status()))
 }
 
 /// `POST /v1/admin/verify` `{"repair": bool}`: re-hashes every object.

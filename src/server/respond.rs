@@ -470,7 +470,7 @@ fn stream(mut reader: FlightReader, from: u64, to: Option<u64>) -> Body {
 }
 
 /// Passes an upstream response through (HEAD on a miss, requests with Authorization, bypass).
-pub fn pass(resp: Response<hyper::body::Incoming>, member: &str) -> Response<Body> {
+pub fn pass(resp: Response<crate::fetch::uplink::Metered>, member: &str) -> Response<Body> {
     let (mut parts, body) = resp.into_parts();
     parts.headers = headers::end_to_end(&parts.headers);
     let upstream = parts

@@ -73,6 +73,10 @@ pub struct Origin {
     pub bytes_sent: Arc<AtomicUsize>,
     /// Connections that came over TLS (an origin started with `start_tls`).
     pub tls_connections: Arc<AtomicUsize>,
+    /// The kernel send buffer of connections accepted from now on (0: autotuned), for tests that
+    /// count bytes as a link would: on loopback an autotuned buffer takes megabytes at once, which
+    /// `bytes_sent` would count as sent.
+    pub send_buffer: Arc<AtomicUsize>,
 }
 
 impl Origin {
@@ -107,11 +111,17 @@ impl Origin {
         let c = conns.clone();
         let tls_connections = Arc::new(AtomicUsize::new(0));
         let tc = tls_connections.clone();
+        let send_buffer = Arc::new(AtomicUsize::new(0));
+        let sndbuf = send_buffer.clone();
         let task = tokio::spawn(async move {
             loop {
                 let Ok((sock, _)) = listener.accept().await else {
                     break;
                 };
+                let bound = sndbuf.load(Ordering::Relaxed);
+                if bound > 0 {
+                    let _ = socket2::SockRef::from(&sock).set_send_buffer_size(bound);
+                }
                 let (f, l, b, s) = (f.clone(), l.clone(), b.clone(), s.clone());
                 let (tls, tc) = (tls.clone(), tc.clone());
                 let h = tokio::spawn(async move {
@@ -156,6 +166,7 @@ impl Origin {
             conns,
             bytes_sent,
             tls_connections,
+            send_buffer,
         }
     }
 

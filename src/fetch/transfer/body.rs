@@ -5,11 +5,11 @@
 
 use std::sync::atomic::Ordering;
 
+use crate::fetch::uplink::Metered;
 use bytes::Bytes;
 use futures_util::FutureExt;
 use http::{HeaderMap, HeaderValue, Response, StatusCode};
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
 use sha2::{Digest as _, Sha256};
 
 use super::super::framing::{content_length, continues, same_etag};
@@ -25,9 +25,9 @@ const BATCH: usize = 256 << 10;
 /// How a broken body goes on.
 pub(super) enum Resumed {
     /// A 206 that continues the bytes held.
-    Continue(Incoming),
+    Continue(Metered),
     /// A 200 from byte 0, to compare with the bytes held, and when it was asked for.
-    Restart(Response<Incoming>, u64),
+    Restart(Response<Metered>, u64),
 }
 
 /// The first wait before a resume request; it doubles per attempt, up to the max.
@@ -104,12 +104,12 @@ impl Transfer {
     /// difference; at once when nothing is held to compare with, or the new response is not stored.
     pub(super) fn restart(
         &self,
-        resp: Response<Incoming>,
+        resp: Response<Metered>,
         request_ms: u64,
         sink: &mut Sink,
         compare_until: &mut u64,
         now: &mut Answered,
-    ) -> Incoming {
+    ) -> Metered {
         let (parts, body) = resp.into_parts();
         let storing = sink.fill.is_some() && self.storable(parts.status, &parts.headers);
         if sink.fill.is_some() && !storing {
@@ -164,7 +164,7 @@ impl Transfer {
     /// Moves body bytes into the sink and the flight until the body ends or breaks.
     pub(super) async fn pump(
         &self,
-        body: &mut Incoming,
+        body: &mut Metered,
         sink: &mut Sink,
         compare_until: &mut u64,
     ) -> BodyEnd {
@@ -174,8 +174,16 @@ impl Transfer {
             let mut batch: Vec<Bytes> = Vec::new();
             let mut batch_len = 0usize;
             let mut ended = None;
-            // Wait for one frame, then take whatever else is ready, up to BATCH.
-            match tokio::time::timeout(idle, body.frame()).await {
+            // Wait for one frame, then take whatever else is ready, up to BATCH. Time a frame is
+            // held back by the uplink budget is neither idleness nor slowness of the upstream.
+            let first = loop {
+                match tokio::time::timeout(idle, body.frame()).await {
+                    Err(_) if body.held() => continue,
+                    other => break other,
+                }
+            };
+            rate.paused(body.take_held_time());
+            match first {
                 Err(_) => {
                     return BodyEnd::Broken(format!(
                         "no byte from upstream for {}s",

@@ -3,8 +3,8 @@
 //! for again unconditionally; an unreachable or failing upstream leaves the stored copy to be served
 //! stale where it allows (RFC 9111 §4.2.4).
 
+use crate::fetch::uplink::Metered;
 use http::{HeaderMap, Response, StatusCode};
-use hyper::body::Incoming;
 
 use super::super::flight::End;
 use super::super::{freshness, headers, FetchError};
@@ -20,7 +20,7 @@ impl Transfer {
         &self,
         headers: &mut HeaderMap,
         request_ms: &mut u64,
-    ) -> Result<Response<Incoming>, End> {
+    ) -> Result<Response<Metered>, End> {
         let mut conditional = self.stale.is_some();
         // At most twice: the second request is unconditional, so its 304 is not taken as one.
         for _ in 0..2 {

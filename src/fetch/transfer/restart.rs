@@ -10,8 +10,8 @@ use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 use std::time::Instant;
 
+use crate::fetch::uplink::Metered;
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
-use hyper::body::Incoming;
 use sha2::{Digest as _, Sha256};
 
 use super::super::flight::Head;
@@ -24,7 +24,7 @@ pub(super) enum FromPartial {
     /// No partial, or none usable: ask as usual.
     None,
     /// The upstream no longer serves what the partial holds: this 200 starts the fill over.
-    Fresh(http::Response<Incoming>),
+    Fresh(Box<http::Response<Metered>>),
     /// Resumed: the fill goes on from the bytes held.
     Resumed(Box<Prior>),
 }
@@ -36,14 +36,14 @@ pub(super) struct Prior {
     pub hasher: Sha256,
     pub status: StatusCode,
     pub headers: HeaderMap,
-    pub body: Incoming,
+    pub body: Metered,
     /// Bytes per second the fill was receiving before the restart.
     pub rate: u64,
 }
 
 impl Prior {
     /// The start of a fill with nothing held.
-    pub fn fresh(resp: http::Response<Incoming>) -> Prior {
+    pub fn fresh(resp: http::Response<Metered>) -> Prior {
         let (parts, body) = resp.into_parts();
         Prior {
             fill: None,
@@ -119,7 +119,7 @@ impl Transfer {
             }
             StatusCode::OK => {
                 tracing::info!("a partial fill's validator no longer matches; starting over");
-                FromPartial::Fresh(resp)
+                FromPartial::Fresh(Box::new(resp))
             }
             status => {
                 tracing::info!(%status, "a partial fill cannot be resumed; asking again");

@@ -47,6 +47,17 @@ pub fn connector(tls: rustls::ClientConfig, connect_timeout: Option<Duration>) -
     connector_with(HttpConnector::new(), tls, connect_timeout)
 }
 
+/// `connector`, its sockets' kernel receive buffer bounded to `recv` bytes (None: autotuned).
+pub fn connector_bounded(
+    tls: rustls::ClientConfig,
+    connect_timeout: Option<Duration>,
+    recv: Option<usize>,
+) -> Https {
+    let mut http = HttpConnector::new();
+    http.set_recv_buffer_size(recv);
+    connector_with(http, tls, connect_timeout)
+}
+
 /// An HTTPS-or-HTTP connector over a given TCP connector (e.g. one with a checking resolver).
 pub fn connector_with<R>(
     mut http: HttpConnector<R>,

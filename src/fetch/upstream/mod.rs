@@ -12,8 +12,8 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use super::uplink::{Metered, Uplink};
 use http::{HeaderMap, Method, Response, Uri};
-use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::dns::Name;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
@@ -102,6 +102,9 @@ pub struct ClientConfig {
     pub client_key: Option<PathBuf>,
     /// `upstream.connect_to`: names the embedding program resolves itself.
     pub connect_to: Vec<(String, SocketAddr)>,
+    /// The kernel receive buffer of upstream sockets; None: autotuned. Set when the uplink is capped,
+    /// so that what a held-back transfer leaves unread stops the sender soon (SPEC 4).
+    pub recv_buffer: Option<usize>,
 }
 
 #[derive(Clone)]
@@ -118,14 +121,16 @@ pub struct UpstreamClient {
     proxy: Option<ProxyClients>,
     /// The container registries' credentials and tokens (SPEC 9); empty without `[[registries]]`.
     registries: Arc<registry::RegistryAuth>,
+    /// The node's uplink budget: every response body read from upstream is metered by it.
+    uplink: Arc<Uplink>,
 }
 
 /// What came of asking one parent.
 enum Attempt {
     /// An answer to pass on.
-    Answer(Response<Incoming>),
+    Answer(Response<Metered>),
     /// 502, 503 or 504: the next hop is tried; passed on when this was the last.
-    Retry(Response<Incoming>),
+    Retry(Response<Metered>),
     /// No answer: the next hop is tried.
     Failed(FetchError),
 }
@@ -146,19 +151,22 @@ impl UpstreamClient {
             client_key: cfg.client_key.as_deref(),
         })?;
         let timeout = Some(cfg.connect_timeout);
-        let https = connect::connector_with(
-            HttpConnector::new_with_resolver(resolver),
-            tls.clone(),
-            timeout,
-        );
+        let mut http = HttpConnector::new_with_resolver(resolver);
+        http.set_recv_buffer_size(cfg.recv_buffer);
+        let https = connect::connector_with(http, tls.clone(), timeout);
         // Title case upstream (here, to parents and through proxies) is enough: field names are
         // case-insensitive (RFC 9110 §5.1) and servers look them up so; only devices need SPEC 3's
         // canonical case, which the server side gives (server::case).
-        let client = Client::builder(TokioExecutor::new())
+        let mut builder = Client::builder(TokioExecutor::new());
+        builder
             .http1_title_case_headers(true)
             .pool_idle_timeout(Duration::from_secs(90))
-            .pool_max_idle_per_host(32)
-            .build(https);
+            .pool_max_idle_per_host(32);
+        if let Some(n) = cfg.recv_buffer {
+            // Capped: hyper's own read-ahead kept as small as the kernel's.
+            builder.http1_max_buf_size(n.max(8192));
+        }
+        let client = builder.build(https);
         // A parent was named by the operator: its address needs no allowlist check.
         let parents = director
             .parent_urls()
@@ -166,7 +174,10 @@ impl UpstreamClient {
             .map(|u| {
                 (
                     u.clone(),
-                    Parent::new(u, connect::connector(tls.clone(), timeout)),
+                    Parent::new(
+                        u,
+                        connect::connector_bounded(tls.clone(), timeout, cfg.recv_buffer),
+                    ),
                 )
             })
             .collect();
@@ -187,6 +198,7 @@ impl UpstreamClient {
             parents: Arc::new(parents),
             proxy,
             registries: Arc::default(),
+            uplink: Arc::new(Uplink::new(&crate::config::Uplink::default())),
         })
     }
 
@@ -194,6 +206,16 @@ impl UpstreamClient {
     pub fn with_registries(mut self, creds: Vec<registry::RegistryCred>) -> UpstreamClient {
         self.registries = Arc::new(registry::RegistryAuth::new(creds));
         self
+    }
+
+    /// The client with the node's uplink budget (SPEC 4); without one, nothing is capped.
+    pub fn with_uplink(mut self, uplink: Arc<Uplink>) -> UpstreamClient {
+        self.uplink = uplink;
+        self
+    }
+
+    pub fn uplink(&self) -> &Arc<Uplink> {
+        &self.uplink
     }
 
     pub fn policy(&self) -> &OriginPolicy {
@@ -223,7 +245,7 @@ impl UpstreamClient {
         url: Option<&Uri>,
         digest: Option<Digest>,
         headers: &HeaderMap,
-    ) -> Result<Response<Incoming>, FetchError> {
+    ) -> Result<Response<Metered>, FetchError> {
         // A URL with neither scheme nor host names a path of the parent's own (`/v2/...`).
         let origin = url.filter(|u| u.scheme().is_some());
         if let (true, Some(u)) = (self.director.has_parents(), origin) {
@@ -285,6 +307,7 @@ impl UpstreamClient {
             .await;
         match sent {
             Ok(r) => {
+                let r = r.map(|b| Metered::new(b, &self.uplink));
                 self.director.record(hop, Outcome::Answered(r.status()));
                 match r.status().as_u16() {
                     502..=504 => Ok(Attempt::Retry(r)),
@@ -350,7 +373,7 @@ impl UpstreamClient {
         method: Method,
         url: Uri,
         headers: &HeaderMap,
-    ) -> Result<(Uri, Response<Incoming>), FetchError> {
+    ) -> Result<(Uri, Response<Metered>), FetchError> {
         let mut url = url;
         self.check(&url)?;
         // A registry's redirect to its blob storage needs no allowlist entry of its own (SPEC 9).
@@ -404,7 +427,7 @@ impl UpstreamClient {
         url: &Uri,
         headers: &HeaderMap,
         body: ReqBody,
-    ) -> Result<Response<Incoming>, FetchError> {
+    ) -> Result<Response<Metered>, FetchError> {
         let req = super::headers::upstream_request(method, url.clone(), headers, body)
             .map_err(|e| FetchError::Internal(e.to_string()))?;
         let fut = match &self.proxy {
@@ -415,7 +438,7 @@ impl UpstreamClient {
         match tokio::time::timeout(self.head_timeout, fut).await {
             Err(_) => Err(FetchError::Timeout(host_of(url))),
             Ok(Err(e)) => Err(classify(url, &e)),
-            Ok(Ok(r)) => Ok(r),
+            Ok(Ok(r)) => Ok(r.map(|b| Metered::new(b, &self.uplink))),
         }
     }
 
@@ -427,7 +450,7 @@ impl UpstreamClient {
         url: &Uri,
         headers: &HeaderMap,
         body: ReqBody,
-    ) -> Result<Response<Incoming>, FetchError> {
+    ) -> Result<Response<Metered>, FetchError> {
         self.host_check(url)?;
         let first = self
             .director

@@ -198,7 +198,7 @@ impl UpstreamClient {
         method: http::Method,
         url: &Uri,
         headers: &HeaderMap,
-    ) -> Result<http::Response<hyper::body::Incoming>, FetchError> {
+    ) -> Result<http::Response<super::super::uplink::Metered>, FetchError> {
         let auth = &self.registries;
         if auth.registry_of(url).is_none() {
             return self.send_once(method, url, headers, empty_body()).await;

@@ -1,0 +1,111 @@
+//! An upstream response body read under the uplink budget: each frame is counted, and held back
+//! until the budget lets its bytes pass. While a frame is held the socket is not read, so the sender
+//! is slowed by TCP's flow control.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+
+use super::{Priority, Uplink};
+
+type Wait = Pin<Box<dyn Future<Output = ()> + Send + Sync>>;
+
+pub struct Metered {
+    inner: Incoming,
+    uplink: Arc<Uplink>,
+    priority: Priority,
+    /// The frame read and its wait for the budget, since when.
+    held: Option<(Frame<Bytes>, Wait)>,
+    held_since: Option<std::time::Instant>,
+    /// Time frames spent held back, not yet taken by `take_held_time`.
+    held_time: std::time::Duration,
+}
+
+impl Metered {
+    /// `inner` metered as the class of the task that opens it (`Priority::current`).
+    pub fn new(inner: Incoming, uplink: &Arc<Uplink>) -> Metered {
+        Metered {
+            inner,
+            uplink: uplink.clone(),
+            priority: Priority::current(),
+            held: None,
+            held_since: None,
+            held_time: std::time::Duration::ZERO,
+        }
+    }
+
+    /// A frame is read and held back by the budget: the upstream is not idle, this node is.
+    pub fn held(&self) -> bool {
+        self.held.is_some()
+    }
+
+    /// Time frames were held back by the budget since the last call (an upstream's pace is
+    /// measured without it, `upstream.min_rate`).
+    pub fn take_held_time(&mut self) -> std::time::Duration {
+        let now = std::time::Instant::now();
+        if let Some(since) = self.held_since.as_mut() {
+            self.held_time += now - *since;
+            *since = now;
+        }
+        std::mem::take(&mut self.held_time)
+    }
+}
+
+impl Body for Metered {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = self.get_mut();
+        if let Some((_, wait)) = this.held.as_mut() {
+            ready!(wait.as_mut().poll(cx));
+            if let Some(since) = this.held_since.take() {
+                this.held_time += since.elapsed();
+            }
+            return Poll::Ready(this.held.take().map(|(f, _)| Ok(f)));
+        }
+        let frame = match ready!(Pin::new(&mut this.inner).poll_frame(cx)) {
+            Some(Ok(f)) => f,
+            other => return Poll::Ready(other),
+        };
+        let n = frame.data_ref().map_or(0, |d| d.len() as u64);
+        let class = this.priority.class();
+        if n == 0 || this.uplink.count(class, n) {
+            return Poll::Ready(Some(Ok(frame)));
+        }
+        let uplink = this.uplink.clone();
+        let mut wait: Wait = Box::pin(async move { uplink.wait(class, n).await });
+        if wait.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Some(Ok(frame)));
+        }
+        this.held = Some((frame, wait));
+        this.held_since = Some(std::time::Instant::now());
+        Poll::Pending
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.held.is_none() && self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        let held = self.held.as_ref();
+        let n = held
+            .and_then(|(f, _)| f.data_ref())
+            .map_or(0, |d| d.len() as u64);
+        let inner = self.inner.size_hint();
+        let mut hint = SizeHint::new();
+        hint.set_lower(inner.lower() + n);
+        if let Some(upper) = inner.upper() {
+            hint.set_upper(upper + n);
+        }
+        hint
+    }
+}

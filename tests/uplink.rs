@@ -1,0 +1,373 @@
+//! The uplink budget (SPEC 4, "Uplink budget"), measured where it matters: bytes the origin sends per
+//! 100 ms, and bytes a client receives. One cap over every transfer; clients before prefetch jobs;
+//! prefetch jobs inside the windows (the clock moved, not waited for); caps changed at run time; a
+//! child's cap limiting what it asks of its parent.
+
+mod common;
+
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::*;
+use http_body_util::{BodyExt, Empty};
+
+const MIB: f64 = (1 << 20) as f64;
+
+/// Every 100 ms, the origin's total of bytes sent, until `stop` says so (bounded to 60 s).
+fn sample_origin(
+    origin: &Origin,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> tokio::task::JoinHandle<Vec<usize>> {
+    let sent = origin.bytes_sent.clone();
+    tokio::spawn(async move {
+        let mut out = Vec::new();
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        for _ in 0..600 {
+            tick.tick().await;
+            out.push(sent.load(Ordering::Relaxed));
+            if stop.load(Ordering::Relaxed) {
+                break;
+            }
+        }
+        out
+    })
+}
+
+/// Downloads `url`, noting when each body byte arrived: (ms since the request, bytes so far).
+async fn timed_get(url: &str) -> Vec<(u64, usize)> {
+    let uri: http::Uri = url.parse().unwrap();
+    let mut sender = connect_to(&uri).await;
+    let req = http::Request::get(uri.path_and_query().unwrap().as_str())
+        .header("host", uri.authority().unwrap().as_str())
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    let started = Instant::now();
+    let resp = sender.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200, "{url}");
+    let mut body = resp.into_body();
+    let (mut n, mut marks) = (0usize, Vec::new());
+    while let Some(f) = body.frame().await {
+        if let Ok(d) = f.unwrap().into_data() {
+            n += d.len();
+            marks.push((started.elapsed().as_millis() as u64, n));
+        }
+    }
+    marks
+}
+
+/// Bytes per second a download received between `from_ms` and `to_ms`.
+fn rate_between(marks: &[(u64, usize)], from_ms: u64, to_ms: u64) -> f64 {
+    let at = |t: u64| {
+        marks
+            .iter()
+            .take_while(|m| m.0 <= t)
+            .last()
+            .map_or(0, |m| m.1)
+    };
+    (at(to_ms) - at(from_ms)) as f64 * 1000.0 / (to_ms - from_ms) as f64
+}
+
+async fn put_json(url: &str, body: String) -> Got {
+    request_body(
+        "PUT",
+        url,
+        &[("content-type", "application/json")],
+        body.into(),
+    )
+    .await
+}
+
+fn fast(rate: u64) -> Behaviour {
+    Behaviour {
+        rate: Some(rate),
+        chunk: Some(64 << 10),
+        ..Behaviour::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn four_misses_together_keep_to_the_cap_over_every_ten_seconds() {
+    let origin = Origin::start().await;
+    origin.send_buffer.store(64 << 10, Ordering::Relaxed);
+    let size = 26 << 20;
+    for i in 0..4 {
+        origin.put(&format!("/f{i}"), random_bytes(size, i), fast(50 << 20));
+    }
+    let node = Node::start(&origin, "[uplink]\nmax_rate = \"8MiB\"\n").await;
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = sample_origin(&origin, stop.clone());
+    let gets: Vec<_> = (0..4)
+        .map(|i| tokio::spawn(timed_get_owned(node.url(&format!("/o/t/f{i}")))))
+        .collect();
+    let mut first_done = u64::MAX;
+    for g in gets {
+        let marks = g.await.unwrap();
+        eprintln!(
+            "done at {} ms; up {}",
+            marks.last().unwrap().0,
+            get(&node.url("/v1/uplink")).await.json()
+        );
+        assert_eq!(marks.last().unwrap().1, size);
+        first_done = first_done.min(marks.last().unwrap().0);
+    }
+    stop.store(true, Ordering::Relaxed);
+    let samples = sampler.await.unwrap();
+    // Every 10 s window (100 ms apart) while all four were running: within 5 % of 8 MiB/s.
+    let last = (first_done / 100) as usize;
+    assert!(
+        last > 100,
+        "the transfers ended after {first_done} ms: too soon to measure"
+    );
+    let w: Vec<String> = (0..=(last - 100))
+        .step_by(5)
+        .map(|s| format!("{:.2}", (samples[s + 100] - samples[s]) as f64 / 10.0 / MIB))
+        .collect();
+    eprintln!("windows {w:?} first100ms {:?}", &samples[..20]);
+    for start in 0..=(last - 100) {
+        let rate = (samples[start + 100] - samples[start]) as f64 / 10.0 / MIB;
+        assert!(
+            (7.6..=8.4).contains(&rate),
+            "{rate:.2} MiB/s from {:.1} s to {:.1} s",
+            start as f64 / 10.0,
+            start as f64 / 10.0 + 10.0
+        );
+    }
+    let up = get(&node.url("/v1/uplink")).await.json();
+    assert_eq!(up["max_rate"], 8 << 20);
+    assert_eq!(up["bytes"]["foreground"], 4 * size as u64);
+}
+
+async fn timed_get_owned(url: String) -> Vec<(u64, usize)> {
+    timed_get(&url).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_client_miss_takes_the_uplink_from_a_running_prefetch() {
+    let origin = Origin::start().await;
+    let big = random_bytes(64 << 20, 1);
+    origin.put("/staged", big.clone(), fast(50 << 20));
+    origin.put("/wanted", random_bytes(24 << 20, 2), fast(50 << 20));
+    let node = Node::start(&origin, "[uplink]\nmax_rate = \"8MiB\"\n").await;
+    let job = serde_json::json!({"files": [{
+        "url": format!("{}/staged", origin.url()), "sha256": sha256_hex(&big), "size": big.len()
+    }]});
+    let r = admin_request(
+        "POST",
+        &node.url("/v1/admin/prefetch"),
+        job.to_string().into(),
+    )
+    .await;
+    assert_eq!(r.status, 202);
+    // The prefetch has the whole uplink to itself first.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let up = get(&node.url("/v1/uplink")).await.json();
+    let bg = up["rate"]["background"].as_f64().unwrap() / MIB;
+    assert!(bg > 6.0, "the prefetch alone got {bg:.2} MiB/s");
+    let bg_before = up["bytes"]["background"].as_u64().unwrap();
+    let marks = timed_get(&node.url("/o/t/wanted")).await;
+    // From 2 s after it asked, the client gets at least 80 % of the cap.
+    let done = marks.last().unwrap().0;
+    let fg = rate_between(&marks, 2000, done.min(4000)) / MIB;
+    assert!(fg >= 6.4, "the client got {fg:.2} MiB/s after 2 s");
+    // Meanwhile the prefetch fell back to what was left.
+    let up = get(&node.url("/v1/uplink")).await.json();
+    let bg_during = up["bytes"]["background"].as_u64().unwrap() - bg_before;
+    let bg_rate = bg_during as f64 / (done as f64 / 1000.0) / MIB;
+    assert!(bg_rate < 2.0, "the prefetch kept {bg_rate:.2} MiB/s");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn caps_changed_at_run_time_hold_within_a_second() {
+    let origin = Origin::start().await;
+    origin.put("/f", random_bytes(30 << 20, 3), fast(50 << 20));
+    let node = Node::start(&origin, "[uplink]\nmax_rate = \"2MiB\"\n").await;
+    let url = node.url("/o/t/f");
+    let spawned = Instant::now();
+    let download = tokio::spawn(async move { timed_get(&url).await });
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let put = Instant::now();
+    let body = serde_json::json!({"max_rate": "8MiB"}).to_string();
+    let r = put_json(&node.url("/v1/admin/uplink"), body).await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(r.json()["max_rate"], 8 << 20);
+    let marks = download.await.unwrap();
+    let at_put = put.duration_since(spawned).as_millis() as u64;
+    let before = rate_between(&marks, 500, 2000) / MIB;
+    let after = rate_between(&marks, at_put + 1000, at_put + 2000) / MIB;
+    assert!(
+        (1.7..=2.3).contains(&before),
+        "{before:.2} MiB/s under the 2 MiB/s cap"
+    );
+    assert!(
+        after >= 7.0,
+        "{after:.2} MiB/s a second after the cap went to 8 MiB/s"
+    );
+    for bad in [r#"{"max_rate": "lots"}"#, r#"{"speed": 1}"#, "[]"] {
+        let r = put_json(&node.url("/v1/admin/uplink"), bad.to_string()).await;
+        assert_eq!(r.status, 400, "{bad}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_childs_cap_limits_what_it_asks_of_its_parent() {
+    let origin = Origin::start().await;
+    origin.send_buffer.store(64 << 10, Ordering::Relaxed);
+    origin.put("/f", random_bytes(12 << 20, 4), fast(50 << 20));
+    let top = Node::start(&origin, "").await;
+    let extra = format!(
+        "[uplink]\nmax_rate = \"4MiB\"\n[upstream]\nparents = [\"http://{}\"]\n",
+        top.addr
+    );
+    let child = child_of(&origin, &extra).await;
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = sample_origin(&origin, stop.clone());
+    let marks = timed_get(&child.url("/o/t/f")).await;
+    stop.store(true, Ordering::Relaxed);
+    let samples = sampler.await.unwrap();
+    let client = rate_between(&marks, 1000, 3000) / MIB;
+    assert!(
+        (3.6..=4.4).contains(&client),
+        "the child's client got {client:.2} MiB/s"
+    );
+    // The parent reads from the origin no faster than the child takes from it (plus what the
+    // buffers between them hold).
+    let at = |s: usize| samples[s.min(samples.len() - 1)];
+    let from_origin = (at(30) - at(10)) as f64 / 2.0 / MIB;
+    assert!(from_origin <= 5.0, "the origin sent {from_origin:.2} MiB/s");
+}
+
+/// A node whose `extra` config names its parent (the harness's `[upstream]` is replaced, so that the
+/// parent's address is the only way up).
+async fn child_of(origin: &Origin, extra: &str) -> Node {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cfg = config(tmp.path(), origin, "");
+    cfg.node.id = "child".into();
+    let parsed = cistern::config::Config::from_toml_str(extra, "extra", &[]).unwrap();
+    cfg.upstream.parents = parsed.upstream.parents;
+    cfg.uplink = parsed.uplink;
+    let mut n = Node::start_with(cfg).await;
+    n.keep(tmp);
+    n
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_prefetch_job_keeps_to_the_windows() {
+    let origin = Origin::start().await;
+    let files: Vec<Bytes> = (0..3).map(|i| random_bytes(1 << 20, 10 + i)).collect();
+    for (i, b) in files.iter().enumerate() {
+        // 1 s each, so that the window can close while one is being fetched.
+        origin.put(&format!("/w{i}"), b.clone(), fast(1 << 20));
+    }
+    // Monday 2026-12-07 09:59 UTC; the window is Mondays 10:00-11:00.
+    let clock = Arc::new(AtomicI64::new(at("2026-12-07T09:59:00Z")));
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cfg = config(
+        tmp.path(),
+        &origin,
+        "[uplink]\nwindows = [\"Mon 10:00-11:00\"]\n",
+    );
+    let c = clock.clone();
+    cfg.uplink.clock = cistern::config::WallClock(Some(Arc::new(move || {
+        jiff::Timestamp::from_second(c.load(Ordering::Relaxed)).unwrap()
+    })));
+    let mut node = Node::start_with(cfg).await;
+    node.keep(tmp);
+    let job = serde_json::json!({"files": files.iter().enumerate().map(|(i, b)| serde_json::json!({
+        "url": format!("{}/w{i}", origin.url()), "sha256": sha256_hex(b), "size": b.len()
+    })).collect::<Vec<_>>()});
+    let r = admin_request(
+        "POST",
+        &node.url("/v1/admin/prefetch"),
+        job.to_string().into(),
+    )
+    .await;
+    let id = r.json()["id"].as_str().unwrap().to_string();
+    let state = |j: &serde_json::Value| j["state"].as_str().unwrap_or_default().to_string();
+    let job_url = node.url(&format!("/v1/admin/prefetch/{id}"));
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(state(&get(&job_url).await.json()), "waiting-window");
+    assert_eq!(
+        origin.gets("/w0"),
+        0,
+        "nothing is fetched outside the window"
+    );
+    let up = get(&node.url("/v1/uplink")).await.json();
+    assert_eq!(up["window_open"], false);
+    assert_eq!(up["next_window"], "2026-12-07T10:00:00Z");
+    // The window opens: the job runs; it closes while the first file is fetched: the job stops
+    // after that file.
+    clock.store(at("2026-12-07T10:00:00Z"), Ordering::Relaxed);
+    eventually(5, "the first file is asked for", || origin.gets("/w0") == 1).await;
+    clock.store(at("2026-12-07T11:00:00Z"), Ordering::Relaxed);
+    let mut j = serde_json::Value::Null;
+    for _ in 0..50 {
+        j = get(&job_url).await.json();
+        if j["files"][0]["state"] == "stored" && state(&j) == "waiting-window" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(j["files"][0]["state"], "stored", "{j}");
+    assert_eq!(state(&j), "waiting-window", "{j}");
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(
+        origin.gets("/w1"),
+        0,
+        "the next file waits for the next window"
+    );
+    // A week later the window opens again and the job ends.
+    clock.store(at("2026-12-14T10:00:00Z"), Ordering::Relaxed);
+    for _ in 0..80 {
+        j = get(&job_url).await.json();
+        if state(&j) == "done" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(state(&j), "done", "{j}");
+}
+
+fn at(t: &str) -> i64 {
+    t.parse::<jiff::Timestamp>().unwrap().as_second()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_not_before_its_time_waits_and_bad_plans_are_refused() {
+    let origin = Origin::start().await;
+    let b = random_bytes(64 << 10, 20);
+    origin.put("/n", b.clone(), Behaviour::default());
+    let node = Node::start(&origin, "").await;
+    let file =
+        serde_json::json!([{"url": format!("{}/n", origin.url()), "sha256": sha256_hex(&b)}]);
+    let later = jiff::Timestamp::now() + jiff::SignedDuration::from_hours(1);
+    let job = serde_json::json!({"files": file, "notBefore": later.to_string()});
+    let r = admin_request(
+        "POST",
+        &node.url("/v1/admin/prefetch"),
+        job.to_string().into(),
+    )
+    .await;
+    assert_eq!(r.status, 202);
+    let id = r.json()["id"].as_str().unwrap().to_string();
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let j = get(&node.url(&format!("/v1/admin/prefetch/{id}")))
+        .await
+        .json();
+    assert_eq!(j["state"], "queued", "{j}");
+    assert_eq!(j["notBefore"], later.to_string());
+    assert_eq!(origin.gets("/n"), 0);
+    for bad in [
+        serde_json::json!({"files": file, "notBefore": "tomorrow"}),
+        serde_json::json!({"files": file, "window": "yes"}),
+    ] {
+        let r = admin_request(
+            "POST",
+            &node.url("/v1/admin/prefetch"),
+            bad.to_string().into(),
+        )
+        .await;
+        assert_eq!(r.status, 400, "{bad}");
+    }
+}
