@@ -293,6 +293,7 @@ impl Fetcher {
             target: t.clone(),
             stale,
             permit: Arc::new(permit),
+            from_peer: Default::default(),
         };
         let running = self.running();
         tokio::spawn(async move {

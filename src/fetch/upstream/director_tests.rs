@@ -20,7 +20,10 @@ fn parent(u: &str) -> Hop {
     Hop::Parent(u.parse().unwrap())
 }
 
-const OBJECT: Ask = Ask::Object { origin: true };
+const OBJECT: Ask = Ask::Object {
+    origin: true,
+    peer: None,
+};
 
 #[test]
 fn hops_are_the_healthy_parents_in_order_then_the_origin_when_allowed() {
@@ -30,7 +33,10 @@ fn hops_are_the_healthy_parents_in_order_then_the_origin_when_allowed() {
     let (d, _) = director(true);
     assert_eq!(d.hops(OBJECT), vec![parent(A), parent(B), Hop::Origin]);
     // No origin URL (content by digest), or status reports: never the origin.
-    let by_digest = Ask::Object { origin: false };
+    let by_digest = Ask::Object {
+        origin: false,
+        peer: None,
+    };
     assert_eq!(d.hops(by_digest), vec![parent(A), parent(B)]);
     assert_eq!(d.hops(Ask::Status), vec![parent(A), parent(B)]);
     d.record(&parent(A), Outcome::Failed("refused".into()));
