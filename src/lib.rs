@@ -328,6 +328,13 @@ fn upstream_client(cfg: &Config, director: Arc<Director>) -> anyhow::Result<Upst
         client_cert: u.client_cert.clone(),
         client_key: u.client_key.clone(),
         connect_to: u.connect_to.clone(),
+        peer_source: cfg
+            .server
+            .listen
+            .parse::<std::net::SocketAddr>()
+            .ok()
+            .map(|a| a.ip())
+            .filter(|ip| cfg.peers.enabled() && !ip.is_unspecified()),
     };
     let client = UpstreamClient::new(&client_cfg, policy, director).map_err(anyhow::Error::msg)?;
     Ok(client.with_registries(registry_creds(cfg)?))

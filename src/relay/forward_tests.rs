@@ -58,6 +58,7 @@ async fn wired(
         client_cert: None,
         client_key: None,
         connect_to: Vec::new(),
+        peer_source: None,
     };
     let client = UpstreamClient::new(&cfg, policy, d.clone()).unwrap();
     let rc = crate::relay::tests::cfg();

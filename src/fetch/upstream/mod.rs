@@ -107,6 +107,9 @@ pub struct ClientConfig {
     pub client_key: Option<PathBuf>,
     /// `upstream.connect_to`: names the embedding program resolves itself.
     pub connect_to: Vec<(String, SocketAddr)>,
+    /// The address connections to the site's peers leave from (this node's listen address, when it
+    /// names one), so that a peer tells who asked it.
+    pub peer_source: Option<IpAddr>,
 }
 
 #[derive(Clone)]
@@ -121,8 +124,8 @@ pub struct UpstreamClient {
     parents: Arc<HashMap<Uri, Arc<Parent>>>,
     /// The connections to the site's peers, by URL, made as members appear.
     peer_links: Arc<peer::Links>,
-    /// What a parent's or peer's connections are made with (TLS, connect timeout).
-    link_connector: proxy::Inner,
+    /// What a peer's connections are made with (TLS, connect timeout, source address).
+    peer_connector: proxy::Inner,
     /// Set with `upstream.proxy`: origin traffic goes through the site's proxy.
     proxy: Option<ProxyClients>,
     /// The container registries' credentials and tokens (SPEC 9); empty without `[[registries]]`.
@@ -179,7 +182,9 @@ impl UpstreamClient {
                 )
             })
             .collect();
-        let link_connector = connect::connector(tls.clone(), timeout);
+        let mut from = HttpConnector::new();
+        from.set_local_address(cfg.peer_source);
+        let peer_connector = connect::connector_with(from, tls.clone(), timeout);
         let proxy = match cfg.proxy.as_str() {
             "" => None,
             p => {
@@ -196,7 +201,7 @@ impl UpstreamClient {
             director,
             parents: Arc::new(parents),
             peer_links: Arc::default(),
-            link_connector,
+            peer_connector,
             proxy,
             registries: Arc::default(),
         })
@@ -340,7 +345,7 @@ impl UpstreamClient {
     fn link(&self, hop: &Hop) -> Option<Arc<Parent>> {
         match hop {
             Hop::Parent(u) => self.parents.get(u).cloned(),
-            Hop::Peer(u) => Some(self.peer_links.get(u, &self.link_connector)),
+            Hop::Peer(u) => Some(self.peer_links.get(u, &self.peer_connector)),
             Hop::Origin => None,
         }
     }

@@ -109,7 +109,7 @@ impl UpstreamClient {
             let Some(target) = own_url(&url, "/healthz") else {
                 continue;
             };
-            let link = self.peer_links.get(&url, &self.link_connector);
+            let link = self.peer_links.get(&url, &self.peer_connector);
             let sent = link
                 .request(
                     Method::GET,
