@@ -75,7 +75,12 @@ async fn ask_all(nodes: &[&Node], objects: &[usize], pick: impl Fn(usize) -> usi
         }
         while let Some(r) = set.join_next().await {
             let (i, got) = r.unwrap();
-            assert_eq!(got.status, 200, "object {i}: {}", String::from_utf8_lossy(&got.body));
+            assert_eq!(
+                got.status,
+                200,
+                "object {i}: {}",
+                String::from_utf8_lossy(&got.body)
+            );
             assert!(got.body == body(i), "object {i}: wrong bytes");
         }
         assert!(Instant::now() < end, "the requests took over a minute");
@@ -98,13 +103,24 @@ async fn stored_once(nodes: &[&Node], objects: &[usize]) -> HashMap<usize, usize
     let end = Instant::now() + Duration::from_secs(10);
     loop {
         let h = holders(nodes);
-        let at: Vec<Option<&Vec<usize>>> =
-            objects.iter().map(|&i| h.get(&sha256_hex(&body(i)))).collect();
+        let at: Vec<Option<&Vec<usize>>> = objects
+            .iter()
+            .map(|&i| h.get(&sha256_hex(&body(i))))
+            .collect();
         if at.iter().all(|a| a.is_some_and(|v| v.len() == 1)) {
-            return objects.iter().zip(at).map(|(&i, a)| (i, a.unwrap()[0])).collect();
+            return objects
+                .iter()
+                .zip(at)
+                .map(|(&i, a)| (i, a.unwrap()[0]))
+                .collect();
         }
         if Instant::now() > end {
-            let bad: Vec<_> = objects.iter().zip(&at).filter(|(_, a)| a.is_none_or(|v| v.len() != 1)).take(5).collect();
+            let bad: Vec<_> = objects
+                .iter()
+                .zip(&at)
+                .filter(|(_, a)| a.is_none_or(|v| v.len() != 1))
+                .take(5)
+                .collect();
             panic!("objects not stored exactly once: {bad:?}");
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -134,8 +150,16 @@ async fn each_object_crosses_once_lives_on_one_node_and_moves_only_with_its_owne
     ask_all(&all, &objects, scatter(0)).await;
     ask_all(&all, &objects, scatter(1)).await;
     for &i in &objects {
-        if origin.gets(&path(i)) != 1 { for (m, h) in origin.requests(&path(i)) { eprintln!("{m} {:?} {:?}", h.get("via"), h.get("cistern-peer")); } }
-        assert_eq!(origin.gets(&path(i)), 1, "object {i} crossed the origin link again");
+        if origin.gets(&path(i)) != 1 {
+            for (m, h) in origin.requests(&path(i)) {
+                eprintln!("{m} {:?} {:?}", h.get("via"), h.get("cistern-peer"));
+            }
+        }
+        assert_eq!(
+            origin.gets(&path(i)),
+            1,
+            "object {i} crossed the origin link again"
+        );
     }
     let owner = stored_once(&all, &objects).await;
     let mut per_node = [0usize; 5];
@@ -143,22 +167,44 @@ async fn each_object_crosses_once_lives_on_one_node_and_moves_only_with_its_owne
         per_node[*n] += 1;
     }
     eprintln!("objects per node: {per_node:?}");
-    assert!(per_node.iter().all(|&c| c > OBJECTS / 10), "uneven: {per_node:?}");
+    assert!(
+        per_node.iter().all(|&c| c > OBJECTS / 10),
+        "uneven: {per_node:?}"
+    );
     let p = peers_json(&nodes[0]).await;
     assert_eq!(p["members"].as_array().unwrap().len(), 5, "{p}");
-    let sent: u64 = p["members"].as_array().unwrap().iter().map(|m| m["sent_ok"].as_u64().unwrap()).sum();
+    let sent: u64 = p["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["sent_ok"].as_u64().unwrap())
+        .sum();
     assert!(sent > 0, "{p}");
 
     // Node 2 stops: only its objects move, each fetched from the origin once more.
     let gone = 2;
     nodes[gone].stop().await;
-    let live: Vec<&Node> = nodes.iter().enumerate().filter(|(n, _)| *n != gone).map(|(_, x)| x).collect();
+    let live: Vec<&Node> = nodes
+        .iter()
+        .enumerate()
+        .filter(|(n, _)| *n != gone)
+        .map(|(_, x)| x)
+        .collect();
     ask_all(&live, &objects, scatter(2)).await;
     ask_all(&live, &objects, scatter(3)).await;
-    let moved: Vec<usize> = objects.iter().copied().filter(|i| owner[i] == gone).collect();
+    let moved: Vec<usize> = objects
+        .iter()
+        .copied()
+        .filter(|i| owner[i] == gone)
+        .collect();
     for &i in &objects {
         let want = if owner[&i] == gone { 2 } else { 1 };
-        assert_eq!(origin.gets(&path(i)), want, "object {i} (owner {})", owner[&i]);
+        assert_eq!(
+            origin.gets(&path(i)),
+            want,
+            "object {i} (owner {})",
+            owner[&i]
+        );
     }
     let now = stored_once(&live, &moved).await;
     assert_eq!(now.len(), moved.len());
@@ -173,7 +219,12 @@ async fn each_object_crosses_once_lives_on_one_node_and_moves_only_with_its_owne
     for n in [0, 1, 3, 4] {
         loop {
             let p = peers_json(&nodes[n]).await;
-            if p["members"].as_array().unwrap().iter().all(|m| m["up"] == true) {
+            if p["members"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|m| m["up"] == true)
+            {
                 break;
             }
             assert!(Instant::now() < end, "node {gone} not seen up again: {p}");
@@ -188,9 +239,132 @@ async fn each_object_crosses_once_lives_on_one_node_and_moves_only_with_its_owne
         assert_eq!(origin.gets(&path(i)), 2, "object {i} fetched again");
     }
     let p = peers_json(&nodes[gone]).await;
-    let served: u64 = p["members"].as_array().unwrap().iter().map(|m| m["served"].as_u64().unwrap()).sum();
+    let served: u64 = p["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["served"].as_u64().unwrap())
+        .sum();
     assert!(served > 0, "node {gone} served nothing from its disk: {p}");
     for n in &mut nodes {
         n.stop().await;
     }
+}
+
+/// Two nodes that name each other differently rank members differently: for some keys each takes the
+/// other for the owner. A request from a peer never goes to another peer, so asking both at once for
+/// such keys ends at the origin, quickly, with neither marked down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn nodes_with_different_member_lists_do_not_loop() {
+    use cistern::fetch::key::cache_key;
+    use cistern::fetch::upstream::rendezvous::owner;
+    let origin = Origin::start().await;
+    let (a, b) = (free_addr(2), free_addr(3));
+    let a_list = vec![format!("http://{a}"), format!("http://{b}")];
+    // B names A with a path: another member name, the same node.
+    let b_list = vec![format!("http://{a}/a"), format!("http://{b}")];
+    let hashed = |l: &[String]| -> Vec<String> {
+        l.iter()
+            .map(|u| u.parse::<http::Uri>().unwrap().to_string())
+            .collect()
+    };
+    let (ha, hb) = (hashed(&a_list), hashed(&b_list));
+    let crossed: Vec<usize> = (0..400)
+        .filter(|&i| {
+            let url: http::Uri = format!("{}{}", origin.url(), path(i)).parse().unwrap();
+            let k = cache_key(&url, &[]);
+            owner(&ha, &k) == Some(ha[1].as_str()) && owner(&hb, &k) == Some(hb[0].as_str())
+        })
+        .take(20)
+        .collect();
+    assert!(
+        crossed.len() >= 10,
+        "too few keys that each takes the other to own"
+    );
+    for &i in &crossed {
+        origin.put(&path(i), body(i), fresh());
+    }
+    let na = peer_node(&origin, a, &a_list, 0).await;
+    let nb = peer_node(&origin, b, &b_list, 1).await;
+    let started = Instant::now();
+    let mut set = tokio::task::JoinSet::new();
+    for &i in &crossed {
+        for n in [&na, &nb] {
+            let url = n.url(&format!("/o/t{}", path(i)));
+            set.spawn(async move { (i, get(&url).await) });
+        }
+    }
+    while let Some(r) = set.join_next().await {
+        let (i, got) = r.unwrap();
+        assert_eq!(
+            got.status,
+            200,
+            "object {i}: {}",
+            String::from_utf8_lossy(&got.body)
+        );
+        assert!(got.body == body(i));
+    }
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(3),
+        "took {took:?}: requests waited on each other"
+    );
+    for n in [&na, &nb] {
+        let p = peers_json(n).await;
+        let all_up = p["members"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|m| m["up"] == true);
+        assert!(all_up, "a peer was marked down: {p}");
+    }
+    for &i in &crossed {
+        let gets = origin.gets(&path(i));
+        assert!(
+            (1..=2).contains(&gets),
+            "object {i}: {gets} origin requests"
+        );
+    }
+    // Asked again, each node answers without the origin: one holds it, the other asks it.
+    let before: usize = crossed.iter().map(|&i| origin.gets(&path(i))).sum();
+    for &i in &crossed {
+        for n in [&na, &nb] {
+            assert!(get(&n.url(&format!("/o/t{}", path(i)))).await.body == body(i));
+        }
+    }
+    let after: usize = crossed.iter().map(|&i| origin.gets(&path(i))).sum();
+    assert_eq!(before, after);
+}
+
+/// A node whose peers are all down works alone: every object from the origin once, stored here.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_every_peer_down_a_node_works_alone() {
+    let origin = Origin::start().await;
+    let me = free_addr(2);
+    let members = vec![
+        format!("http://{me}"),
+        format!("http://{}", free_addr(3)),
+        format!("http://{}", free_addr(4)),
+    ];
+    let node = peer_node(&origin, me, &members, 0).await;
+    let objects: Vec<usize> = (0..40).collect();
+    for &i in &objects {
+        origin.put(&path(i), body(i), fresh());
+    }
+    let started = Instant::now();
+    ask_all(&[&node], &objects, |_| 0).await;
+    ask_all(&[&node], &objects, |_| 0).await;
+    assert!(started.elapsed() < Duration::from_secs(10));
+    for &i in &objects {
+        assert_eq!(origin.gets(&path(i)), 1, "object {i}");
+    }
+    stored_once(&[&node], &objects).await;
+    let p = peers_json(&node).await;
+    let down = p["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|m| m["up"] == false)
+        .count();
+    assert_eq!(down, 2, "{p}");
 }

@@ -100,6 +100,23 @@ pub fn mark(hop: &Hop, mut r: Response<Incoming>) -> Response<Incoming> {
 }
 
 impl UpstreamClient {
+    /// Whether a request from a peer (carrying `Cistern-Peer`) finds this node taking another member
+    /// for the owner of `key` (their member lists differ, or are changing). Such a request must not
+    /// join a fill of this node that may itself be waiting on that peer: each would wait on the other.
+    pub fn peer_disagrees(&self, key: &str, digest: Option<Digest>, headers: &HeaderMap) -> bool {
+        let Some(p) = self.director.peers() else {
+            return false;
+        };
+        if !headers.contains_key(CISTERN_PEER) {
+            return false;
+        }
+        let k = match digest {
+            Some(d) => Cow::Owned(d.to_string()),
+            None => Cow::Borrowed(key),
+        };
+        !p.ahead(&k).is_empty()
+    }
+
     /// Asks every member marked down for its `/healthz`; one that answers 2xx is up again.
     pub async fn probe_peers(&self) {
         let Some(peers) = self.director.peers() else {
