@@ -20,14 +20,14 @@ pub async fn resolve(
             .map_err(|e| format!("peers.dns {name}: {e}"))?;
         return Ok(found.collect());
     };
-    let mut out = Vec::new();
-    for qtype in [1u16, 28] {
-        let ips = query(server, name, qtype)
-            .await
-            .map_err(|e| format!("peers.dns {name} at {server}: {e}"))?;
-        out.extend(ips.into_iter().map(|ip| SocketAddr::new(ip, port)));
-    }
-    Ok(out)
+    // A server that holds only A records may refuse AAAA (dnsmasq without upstreams does): the name
+    // fails only when both fail.
+    let (a, aaaa) = (query(server, name, 1).await, query(server, name, 28).await);
+    let ips = match (a, aaaa) {
+        (Err(e), Err(_)) => return Err(format!("peers.dns {name} at {server}: {e}")),
+        (a, aaaa) => a.into_iter().chain(aaaa).flatten(),
+    };
+    Ok(ips.map(|ip| SocketAddr::new(ip, port)).collect())
 }
 
 /// One query for `qtype` (1 = A, 28 = AAAA) records of `name`.
