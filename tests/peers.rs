@@ -367,4 +367,9 @@ async fn with_every_peer_down_a_node_works_alone() {
         .filter(|m| m["up"] == false)
         .count();
     assert_eq!(down, 2, "{p}");
+    // The dashboard's table of peers.
+    let page = get(&node.url("/")).await;
+    let html = String::from_utf8_lossy(&page.body);
+    assert!(html.contains("Site peers") && html.contains("<td>this node</td>"));
+    assert_eq!(html.matches("<td>down</td>").count(), 2, "{html}");
 }
