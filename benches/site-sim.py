@@ -78,7 +78,7 @@ class Origin:
                     if method == "GET":
                         writer.write(body)
                 await writer.drain()
-        except (asyncio.IncompleteReadError, ConnectionError, ValueError):
+        except (asyncio.IncompleteReadError, asyncio.CancelledError, ConnectionError, ValueError):
             pass
         finally:
             writer.close()
@@ -202,6 +202,11 @@ async def main(a):
         sem = asyncio.Semaphore(a.concurrency)
         rng = random.Random(1)
         asks = [(rng.choice(leaves), rng.randrange(a.objects)) for _ in range(a.clients)]
+        # The objects asked in each group: what its middle node should fetch, once each.
+        group_of = {addr: int(role[4:].split(".")[0]) for role, addr, _ in nodes if role.startswith("leaf")}
+        wanted = [set() for _ in range(MIDDLES)]
+        for addr, k in asks:
+            wanted[group_of[addr]].add(k)
         ttfbs, failures = [], []
 
         async def client(addr, k):
@@ -233,12 +238,13 @@ async def main(a):
               + (f"; more than once: {over}" if over else " (each once)"))
         ok &= not over
         await asyncio.sleep(0.5)
-        for role, addr, _ in nodes[1:1 + MIDDLES]:
+        for m, (role, addr, _) in enumerate(nodes[1:1 + MIDDLES]):
             body = await text(addr, "/metrics")
             fetches = metric(body, "cistern_upstream_fetches_total")
             served = metric(body, "cistern_requests_total")
-            line = f"{role}: {fetches:.0f} upstream transfers, {served:.0f} requests served"
-            if fetches > asked or served > asked:
+            want = len(wanted[m])
+            line = f"{role}: {fetches:.0f} upstream transfers, {served:.0f} requests served, {want} objects asked in its group"
+            if fetches != want or served != want:
                 line += "  <-- more than once per object"
                 ok = False
             print(line)

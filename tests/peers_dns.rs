@@ -218,14 +218,9 @@ async fn members_follow_the_dns_records_and_a_removed_one_moves_only_its_keys() 
     for i in 0..OBJECTS {
         ask(all[(i + 1) % gone], i).await;
     }
-    for i in 0..OBJECTS {
-        let want = if owner[i] == gone { 2 } else { 1 };
-        assert_eq!(
-            origin.gets(&path(i)),
-            want,
-            "object {i} (owner {})",
-            owner[i]
-        );
+    for (i, &o) in owner.iter().enumerate() {
+        let want = if o == gone { 2 } else { 1 };
+        assert_eq!(origin.gets(&path(i)), want, "object {i} (owner {o})");
     }
     // The node that left counts every object it holds as moved; those that stay count at most the
     // objects that came to them from it (stored before their own view changed), none of their own.
