@@ -339,6 +339,39 @@ async fn nodes_with_different_member_lists_do_not_loop() {
     }
     let after: usize = crossed.iter().map(|&i| origin.gets(&path(i))).sum();
     assert_eq!(before, after);
+    // A peer is asked only for what this node may fetch itself: another origin is refused here, and
+    // no peer hears of it.
+    async fn served(nodes: [&Node; 2]) -> u64 {
+        let mut n = 0;
+        for node in nodes {
+            let p = peers_json(node).await;
+            n += p["members"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|m| m["served"].as_u64().unwrap())
+                .sum::<u64>();
+        }
+        n
+    }
+    let before = served([&na, &nb]).await;
+    assert!(before > 0, "the peers served each other nothing");
+    let other = Origin::start().await;
+    // A path that A takes B to own: A would send it to B if it did not check first.
+    let x = (0..)
+        .map(|j| format!("/x{j}.bin"))
+        .find(|p| {
+            let url: http::Uri = format!("{}{p}", other.url()).parse().unwrap();
+            owner(&ha, &cache_key(&url, &[])) == Some(ha[1].as_str())
+        })
+        .unwrap();
+    other.put(&x, body(1), fresh());
+    for n in [&na, &nb] {
+        let got = proxy_get(n.addr, &format!("{}{x}", other.url()), &[]).await;
+        assert_eq!(got.status, 403, "{}", String::from_utf8_lossy(&got.body));
+    }
+    assert_eq!(other.gets(&x), 0);
+    assert_eq!(served([&na, &nb]).await, before);
 }
 
 /// A node whose peers are all down works alone: every object from the origin once, stored here.
