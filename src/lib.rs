@@ -147,10 +147,9 @@ impl Gateway {
         let c2 = cfg.clone();
         let store = tokio::task::spawn_blocking(move || open_store(&c2)).await??;
         // One director for the process: fills and the relay's forwarder choose parents by it.
-        let director = Arc::new(
-            Director::new(&cfg.upstream.parents, cfg.upstream.allow_direct)
-                .map_err(anyhow::Error::msg)?,
-        );
+        let director = Director::new(&cfg.upstream.parents, cfg.upstream.allow_direct)
+            .map_err(anyhow::Error::msg)?;
+        let director = Arc::new(site_peers(&cfg, &listeners, director)?);
         let client = upstream_client(&cfg, director.clone())?;
         let fetcher = Fetcher::new(store.clone(), client, fetch_config(&cfg));
         // Prefetch jobs a restart interrupted carry on.
@@ -167,6 +166,7 @@ impl Gateway {
             samples: ops::dashboard::samples::Samples::default(),
         });
         let sampler = tokio::spawn(ops::dashboard::samples::run(ops.clone()));
+        let peering = tokio::spawn(fetch::peering::run(fetcher.clone(), peering_config(&cfg)));
         let app = Arc::new(server::App {
             cfg: cfg.clone(),
             fetcher: fetcher.clone(),
@@ -188,7 +188,7 @@ impl Gateway {
             store: store.clone(),
             fetcher: fetcher.clone(),
             relay,
-            background: vec![forwarder, sampler],
+            background: vec![forwarder, sampler, peering],
         };
         let task = tokio::spawn(serving.run(stopped));
         tracing::info!(addr = ?addr, node = %cfg.node.id, store = %cfg.store.dir.display(), "cistern serving");
@@ -206,6 +206,49 @@ impl Gateway {
     pub async fn shutdown(self) {
         let _ = self.stop.send(());
         let _ = self.task.await;
+    }
+}
+
+/// The director with `[peers]` (SPEC 10), when it names any: this node is `peers.self`, else the
+/// member at one of its listen addresses, else the one at one of its interface addresses.
+fn site_peers(
+    cfg: &Config,
+    listeners: &server::Listeners,
+    director: Director,
+) -> anyhow::Result<Director> {
+    let p = &cfg.peers;
+    if !p.enabled() {
+        return Ok(director);
+    }
+    let me = fetch::upstream::peers::SelfRule {
+        url: (!p.self_url.is_empty())
+            .then(|| p.self_url.parse().ok())
+            .flatten(),
+        listen: [listeners.local_addr(), listeners.tls_addr()]
+            .into_iter()
+            .flatten()
+            .collect(),
+        local: if_addrs::get_if_addrs()
+            .map(|v| v.into_iter().map(|i| i.ip()).collect())
+            .unwrap_or_default(),
+    };
+    let clock: fetch::upstream::director::Clock = Arc::new(std::time::Instant::now);
+    let peers =
+        fetch::upstream::peers::Peers::new(&p.members, me, clock).map_err(anyhow::Error::msg)?;
+    Ok(director.with_peers(Arc::new(peers)))
+}
+
+/// `[peers]` as the background task (probes, DNS refresh) needs it.
+fn peering_config(cfg: &Config) -> fetch::peering::PeeringConfig {
+    let p = &cfg.peers;
+    let dns = p
+        .dns
+        .rsplit_once(':')
+        .and_then(|(h, port)| Some((h.to_string(), port.parse().ok()?)));
+    fetch::peering::PeeringConfig {
+        dns,
+        refresh: p.refresh.0,
+        resolver: p.resolver,
     }
 }
 
@@ -268,6 +311,7 @@ fn upstream_client(cfg: &Config, director: Arc<Director>) -> anyhow::Result<Upst
         .map(|o| &o.url)
         .chain(cfg.registries.iter().map(|r| &r.url))
         .chain(cfg.upstream.parents.iter())
+        .chain(cfg.peers.members.iter())
         .filter_map(|u| u.parse::<http::Uri>().ok())
         .map(|uri| {
             let host = uri.host().unwrap_or_default().to_string();
@@ -285,6 +329,13 @@ fn upstream_client(cfg: &Config, director: Arc<Director>) -> anyhow::Result<Upst
         client_key: u.client_key.clone(),
         connect_to: u.connect_to.clone(),
         recv_buffer: fetch::uplink::recv_buffer(&cfg.uplink),
+        peer_source: cfg
+            .server
+            .listen
+            .parse::<std::net::SocketAddr>()
+            .ok()
+            .map(|a| a.ip())
+            .filter(|ip| cfg.peers.enabled() && !ip.is_unspecified()),
     };
     let client = UpstreamClient::new(&client_cfg, policy, director).map_err(anyhow::Error::msg)?;
     let uplink = Arc::new(fetch::uplink::Uplink::new(&cfg.uplink));

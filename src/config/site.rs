@@ -86,6 +86,10 @@ pub struct Peers {
     /// This node's member URL; empty = the member whose address is one of this node's.
     #[serde(rename = "self")]
     pub self_url: String,
+    /// A DNS server asked for `dns` instead of the system resolver: set by tests (which cannot change
+    /// the system's), never read from a file.
+    #[serde(skip)]
+    pub resolver: Option<std::net::SocketAddr>,
 }
 
 impl Default for Peers {
@@ -95,11 +99,17 @@ impl Default for Peers {
             dns: String::new(),
             refresh: Span::secs(10),
             self_url: String::new(),
+            resolver: None,
         }
     }
 }
 
 impl Peers {
+    /// Whether the site has peers: members listed, or a DNS name.
+    pub fn enabled(&self) -> bool {
+        !self.members.is_empty() || !self.dns.is_empty()
+    }
+
     pub(super) fn validate(&self) -> Result<(), ConfigError> {
         for m in &self.members {
             check_url("peers.members", m)?;

@@ -242,8 +242,9 @@ impl Fetcher {
             Some(e) => e.meta.vary.clone(),
             None => self.base_vary(&t.key),
         };
-        // A request with credentials never shares a transfer, and none joins its own.
-        let shared = !t.authorized();
+        // A request with credentials never shares a transfer, and none joins its own; nor does a
+        // request from a peer that this node would send to a peer (SPEC 10: no wait on each other).
+        let shared = !t.authorized() && !self.client().peer_disagrees(&t.key, t.digest, &t.headers);
         for _ in 0..2 {
             let (flight, joined, reader) = self.join_or_start(t, stale.clone(), &vary, shared);
             if joined != Joined::InFlight {
@@ -303,6 +304,7 @@ impl Fetcher {
             target: t.clone(),
             stale,
             permit: Arc::new(permit),
+            from_peer: Default::default(),
         };
         let running = self.running();
         let priority = flight.priority().clone();

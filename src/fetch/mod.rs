@@ -11,6 +11,7 @@ pub mod headers;
 mod jobs;
 pub mod key;
 mod lookup;
+pub mod peering;
 pub mod policy;
 pub mod prefetch;
 mod rate;
@@ -271,6 +272,18 @@ impl Fetcher {
         self.client().uplink()
     }
 
+    /// The site's peers (SPEC 10), when `[peers]` names any.
+    pub fn peers(&self) -> Option<&Arc<upstream::peers::Peers>> {
+        self.client().director().peers()
+    }
+
+    /// A request carrying `Cistern-Peer` arrived from `from`: counted as served for that member.
+    pub fn served_peer(&self, from: std::net::IpAddr) {
+        if let Some(p) = self.peers() {
+            p.served_from(from);
+        }
+    }
+
     fn client(&self) -> &UpstreamClient {
         &self.inner.client
     }
@@ -317,7 +330,7 @@ impl Fetcher {
         headers::add_ours(&mut h, &self.inner.cfg.node_id);
         self.inner
             .client
-            .fetch(method, t.url.as_ref(), t.digest, &h)
+            .fetch_keyed(method, t.url.as_ref(), t.digest, Some(&t.key), &h)
             .await
             .inspect_err(|e| self.count_error(e))
     }

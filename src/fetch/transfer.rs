@@ -2,7 +2,7 @@
 //! revalidate), hash and write the bytes as they arrive, resume a broken body with Range + If-Range, and
 //! at the end verify and commit, or give up leaving nothing stored (SPEC 4).
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use crate::fetch::uplink::Metered;
@@ -16,6 +16,7 @@ use super::collapse::Permit;
 use super::flight::{End, Flight, Head};
 use super::framing::{content_length, strong_date};
 use super::sink::Sink;
+use super::upstream::PeerAnswer;
 use super::{freshness, headers, FetchError, Fetcher, Target};
 use crate::store::{now_ms, Digest, KeyEntry, KeyMeta, StoreError};
 use body::{BodyEnd, Resumed};
@@ -52,6 +53,8 @@ pub(super) struct Transfer {
     pub stale: Option<KeyEntry>,
     /// Its place in the one-fetch-per-object table, given up when it ends.
     pub permit: Arc<Permit>,
+    /// The last answer came from a peer (SPEC 10): streamed, not stored.
+    pub from_peer: AtomicBool,
 }
 
 /// The steps of a fill, in the shape of Varnish's `vbf_stp_*` (cache_fetch.c): each step is one
@@ -215,17 +218,23 @@ impl Transfer {
         Step::Take(Box::new(Prior::fresh(resp)), request_ms, headers)
     }
 
-    /// Asks upstream (the parents, or the origin) for the target.
+    /// Asks upstream (the owner among the site's peers, the parents, or the origin) for the target.
     async fn upstream(&self, headers: &HeaderMap) -> Result<Response<Metered>, FetchError> {
         let client = &self.fetcher.client();
-        client
-            .fetch(
+        let r = client
+            .fetch_keyed(
                 Method::GET,
                 self.target.url.as_ref(),
                 self.target.digest,
+                Some(&self.target.key),
                 headers,
             )
-            .await
+            .await;
+        if let Ok(r) = &r {
+            let peer = r.extensions().get::<PeerAnswer>().is_some();
+            self.from_peer.store(peer, Ordering::Relaxed);
+        }
+        r
     }
 
     /// What the response's head says: how it is framed, whether it is stored, and for whom.
@@ -259,8 +268,8 @@ impl Transfer {
         }
     }
 
-    /// Whether the response is to be stored: cacheable, Vary usable, a digest when one is required, and
-    /// a request that allows storing. A content coding does not matter: the bytes are stored as they
+    /// Whether the response is to be stored: cacheable, Vary usable, a digest when one is required, a
+    /// request that allows storing, and not from a peer (its owner stores it: SPEC 10). A content coding does not matter: the bytes are stored as they
     /// came, with their Content-Encoding, and a digest is of those bytes (RFC 9530 Repr-Digest; SPEC 4).
     fn storable(&self, status: StatusCode, h: &HeaderMap) -> bool {
         let digest = self
@@ -269,6 +278,7 @@ impl Transfer {
             .or_else(|| Digest::from_headers(h))
             .or_else(|| super::registry::manifest_digest(h));
         !self.target.no_store
+            && !self.from_peer.load(Ordering::Relaxed)
             && freshness::storable(status, h, self.target.authorized())
             && freshness::vary_of(h, &self.target.headers).is_some()
             && !(self.fetcher.config().require_digest && digest.is_none())

@@ -82,6 +82,9 @@ fn render(ops: &Ops) -> String {
         s.ttfb.clone(),
     );
     reg.register_collector(Box::new(Snapshot::take(ops)));
+    if let Some(p) = super::peers::PeerMetrics::take(ops) {
+        reg.register_collector(Box::new(p));
+    }
     let mut out = String::new();
     if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &reg) {
         tracing::error!(error = %e, "encoding the metrics failed");

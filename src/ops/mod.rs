@@ -1,4 +1,5 @@
-//! Operations endpoints (SPEC 7): `/healthz`, `/readyz`, `/summary`, `/metrics` and the dashboard at `/`.
+//! Operations endpoints (SPEC 7): `/healthz`, `/readyz`, `/summary`, `/metrics`, `/v1/peers` (SPEC 10)
+//! and the dashboard at `/`.
 //! Reads the counters that `server`, `fetch` and `store` expose; nothing calls into this module except
 //! through the [`OwnEndpoints`] hook it is wired in with.
 
@@ -7,6 +8,7 @@ pub mod dashboard;
 pub mod doctor;
 pub mod health;
 mod metrics;
+mod peers;
 pub mod remote;
 
 use std::sync::atomic::Ordering;
@@ -69,6 +71,11 @@ impl OwnEndpoints for Ops {
                 StatusCode::OK,
                 "application/json",
                 serde_json::to_string(&self.fetcher.uplink().status()).unwrap_or_default(),
+            ),
+            "/v1/peers" => text(
+                StatusCode::OK,
+                "application/json",
+                peers::json(self).to_string(),
             ),
             "/metrics" => {
                 let accept = req.headers().get(http::header::ACCEPT);

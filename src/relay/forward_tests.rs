@@ -59,6 +59,7 @@ async fn wired(
         client_key: None,
         connect_to: Vec::new(),
         recv_buffer: None,
+        peer_source: None,
     };
     let client = UpstreamClient::new(&cfg, policy, d.clone()).unwrap();
     let rc = crate::relay::tests::cfg();

@@ -205,6 +205,12 @@ impl App {
             );
             return (e.into_response(), None, None);
         }
+        if req
+            .headers()
+            .contains_key(crate::fetch::upstream::CISTERN_PEER)
+        {
+            self.fetcher.served_peer(ip);
+        }
         let arrival = req.extensions().get::<listener::Arrival>().cloned();
         if let Some(listener::Arrival::Tunnel(inside)) = &arrival {
             if let Err(e) = inside.rewrite(&mut req) {

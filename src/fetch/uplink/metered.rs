@@ -17,7 +17,8 @@ type Wait = Pin<Box<dyn Future<Output = ()> + Send + Sync>>;
 
 pub struct Metered {
     inner: Incoming,
-    uplink: Arc<Uplink>,
+    /// None: bytes that do not cross the uplink (a site peer's answer, SPEC 10).
+    uplink: Option<Arc<Uplink>>,
     priority: Priority,
     /// The frame read and its wait for the budget, since when.
     held: Option<(Frame<Bytes>, Wait)>,
@@ -29,9 +30,18 @@ pub struct Metered {
 impl Metered {
     /// `inner` metered as the class of the task that opens it (`Priority::current`).
     pub fn new(inner: Incoming, uplink: &Arc<Uplink>) -> Metered {
+        Metered::with(inner, Some(uplink.clone()))
+    }
+
+    /// `inner` read as it comes, neither counted nor held: it came over the site's own network.
+    pub fn local(inner: Incoming) -> Metered {
+        Metered::with(inner, None)
+    }
+
+    fn with(inner: Incoming, uplink: Option<Arc<Uplink>>) -> Metered {
         Metered {
             inner,
-            uplink: uplink.clone(),
+            uplink,
             priority: Priority::current(),
             held: None,
             held_since: None,
@@ -78,10 +88,12 @@ impl Body for Metered {
         };
         let n = frame.data_ref().map_or(0, |d| d.len() as u64);
         let class = this.priority.class();
-        if n == 0 || this.uplink.count(class, n) {
+        let Some(uplink) = this.uplink.clone() else {
+            return Poll::Ready(Some(Ok(frame)));
+        };
+        if n == 0 || uplink.count(class, n) {
             return Poll::Ready(Some(Ok(frame)));
         }
-        let uplink = this.uplink.clone();
         let mut wait: Wait = Box::pin(async move { uplink.wait(class, n).await });
         if wait.as_mut().poll(cx).is_ready() {
             return Poll::Ready(Some(Ok(frame)));

@@ -1,6 +1,8 @@
 //! The upstream director (SPEC 3 "Chains", SPEC 5's "first healthy parent"): for what is to be sent, the
 //! next hops in order, and what this node knows of their health. Members are named by their URL, never
-//! by a position in a list (SPEC 10 names peers the same way; they will be another kind of hop here).
+//! by a position in a list. A site's peers (SPEC 10, `peers`) are another kind of hop: for an object,
+//! the member that owns it comes first when it is another live member and the request did not come
+//! from a peer.
 //!
 //! Health is passive: a parent that cannot be connected to, times out or answers 503 is skipped for
 //! 30 s (`SKIP_FOR`); 502 and 504 are about the object or the parent's own upstream, not the parent, and
@@ -17,6 +19,8 @@ use std::time::{Duration, Instant};
 use http::{StatusCode, Uri};
 use serde::Serialize;
 
+use super::peers::Peers;
+
 /// How long a parent that failed to connect, timed out or answered 503 is skipped.
 pub const SKIP_FOR: Duration = Duration::from_secs(30);
 
@@ -25,15 +29,19 @@ pub const SKIP_FOR: Duration = Duration::from_secs(30);
 pub enum Hop {
     /// A parent gateway, by its configured URL.
     Parent(Uri),
+    /// A member of the site's peers (SPEC 10), by its URL.
+    Peer(Uri),
     /// The origin itself (no parents, or `upstream.allow_direct` when every parent failed).
     Origin,
 }
 
 /// What is to be sent, as far as the choice of next hop goes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Ask {
-    /// An object; `origin`: an origin URL is known, so the origin is a possible hop.
-    Object { origin: bool },
+pub enum Ask<'a> {
+    /// An object; `origin`: an origin URL is known, so the origin is a possible hop. `peer`: the key
+    /// that decides its owner among the peers (the digest's hex, else the cache key), when it may go
+    /// to a peer (None: no peers, or the request came from one).
+    Object { origin: bool, peer: Option<&'a str> },
     /// Status reports (SPEC 5): to parents only.
     Status,
 }
@@ -64,6 +72,8 @@ pub struct Director {
     parents: Vec<Member>,
     allow_direct: bool,
     clock: Clock,
+    /// The site's peers, when `[peers]` names any.
+    peers: Option<Arc<Peers>>,
 }
 
 struct Member {
@@ -125,7 +135,18 @@ impl Director {
             parents: members,
             allow_direct,
             clock,
+            peers: None,
         })
+    }
+
+    /// The director with the site's peers (SPEC 10).
+    pub fn with_peers(mut self, peers: Arc<Peers>) -> Director {
+        self.peers = Some(peers);
+        self
+    }
+
+    pub fn peers(&self) -> Option<&Arc<Peers>> {
+        self.peers.as_ref()
     }
 
     pub fn has_parents(&self) -> bool {
@@ -137,22 +158,31 @@ impl Director {
         self.parents.iter().map(|m| m.url.clone()).collect()
     }
 
-    /// The next hops for `ask`, in the order to try them: the healthy parents in order of preference
+    /// The next hops for `ask`, in the order to try them: for an object that may go to a peer, the live
+    /// members that rank ahead of this node for its key (the owner first; none when this node owns
+    /// it); then the healthy parents in order of preference
     /// (every parent when all are being skipped: asking beats failing without asking), then the origin
     /// when it may be asked (an object with an origin URL, and no parents or `allow_direct`).
     pub fn hops(&self, ask: Ask) -> Vec<Hop> {
         let now = (self.clock)();
-        let mut order: Vec<Hop> = self
-            .parents
-            .iter()
-            .filter(|m| m.healthy(now))
-            .map(|m| Hop::Parent(m.url.clone()))
-            .collect();
-        if order.is_empty() {
-            order = self.parent_urls().into_iter().map(Hop::Parent).collect();
+        let mut order: Vec<Hop> = match (&self.peers, ask) {
+            (Some(p), Ask::Object { peer: Some(k), .. }) => {
+                p.ahead(k).into_iter().map(Hop::Peer).collect()
+            }
+            _ => Vec::new(),
+        };
+        let peers = order.len();
+        order.extend(
+            self.parents
+                .iter()
+                .filter(|m| m.healthy(now))
+                .map(|m| Hop::Parent(m.url.clone())),
+        );
+        if order.len() == peers {
+            order.extend(self.parent_urls().into_iter().map(Hop::Parent));
         }
         let direct = self.parents.is_empty() || self.allow_direct;
-        if ask == (Ask::Object { origin: true }) && direct {
+        if matches!(ask, Ask::Object { origin: true, .. }) && direct {
             order.push(Hop::Origin);
         }
         order
@@ -160,8 +190,10 @@ impl Director {
 
     /// Records what came of sending to `hop`. The origin has no health kept.
     pub fn record(&self, hop: &Hop, outcome: Outcome) {
-        let Hop::Parent(url) = hop else {
-            return;
+        let url = match (hop, &self.peers) {
+            (Hop::Parent(url), _) => url,
+            (Hop::Peer(url), Some(p)) => return p.record(url, &outcome),
+            _ => return,
         };
         let Some(m) = self.parents.iter().find(|m| &m.url == url) else {
             return;

@@ -20,7 +20,10 @@ fn parent(u: &str) -> Hop {
     Hop::Parent(u.parse().unwrap())
 }
 
-const OBJECT: Ask = Ask::Object { origin: true };
+const OBJECT: Ask = Ask::Object {
+    origin: true,
+    peer: None,
+};
 
 #[test]
 fn hops_are_the_healthy_parents_in_order_then_the_origin_when_allowed() {
@@ -30,7 +33,10 @@ fn hops_are_the_healthy_parents_in_order_then_the_origin_when_allowed() {
     let (d, _) = director(true);
     assert_eq!(d.hops(OBJECT), vec![parent(A), parent(B), Hop::Origin]);
     // No origin URL (content by digest), or status reports: never the origin.
-    let by_digest = Ask::Object { origin: false };
+    let by_digest = Ask::Object {
+        origin: false,
+        peer: None,
+    };
     assert_eq!(d.hops(by_digest), vec![parent(A), parent(B)]);
     assert_eq!(d.hops(Ask::Status), vec![parent(A), parent(B)]);
     d.record(&parent(A), Outcome::Failed("refused".into()));
@@ -95,4 +101,47 @@ fn members_are_urls_not_positions() {
     d.record(&parent(A), Outcome::Failed("refused".into()));
     assert_eq!(d.hops(Ask::Status), vec![parent(B)]);
     assert!(Director::new(&["not a url".to_string()], false).is_err());
+}
+
+#[test]
+fn the_owner_among_the_peers_comes_first_unless_the_request_came_from_a_peer() {
+    use super::super::peers::{Peers, SelfRule};
+    let members = [
+        "http://10.0.0.1:8080".to_string(),
+        "http://10.0.0.2:8080".to_string(),
+    ];
+    let me = SelfRule {
+        listen: vec!["10.0.0.1:8080".parse().unwrap()],
+        ..SelfRule::default()
+    };
+    let peers = Peers::new(&members, me, Arc::new(Instant::now)).unwrap();
+    let (d, _) = director(false);
+    let d = d.with_peers(Arc::new(peers));
+    let names = ["http://10.0.0.1:8080/", "http://10.0.0.2:8080/"];
+    let theirs = (0..)
+        .map(|i| format!("k{i}"))
+        .find(|k| super::super::rendezvous::owner(&names, k) == Some(names[1]))
+        .unwrap();
+    let ours = (0..)
+        .map(|i| format!("k{i}"))
+        .find(|k| super::super::rendezvous::owner(&names, k) == Some(names[0]))
+        .unwrap();
+    let ask = |k: Option<&str>| {
+        d.hops(Ask::Object {
+            origin: true,
+            peer: k,
+        })
+    };
+    let peer = Hop::Peer(members[1].parse().unwrap());
+    assert_eq!(ask(Some(&theirs)), vec![peer.clone(), parent(A), parent(B)]);
+    assert_eq!(ask(Some(&ours)), vec![parent(A), parent(B)]);
+    // From a peer (no key given): never another peer.
+    assert_eq!(ask(None), vec![parent(A), parent(B)]);
+    // A peer that failed is skipped, as a parent is.
+    d.record(&peer, Outcome::Failed("refused".into()));
+    assert_eq!(ask(Some(&theirs)), vec![parent(A), parent(B)]);
+    assert!(
+        d.health().iter().all(|h| h.healthy),
+        "a peer is not a parent"
+    );
 }

@@ -28,14 +28,19 @@ pub use super::policy::{host_of, port_of};
 use crate::store::Digest;
 pub use connect::{empty_body, ReqBody};
 pub use director::{Ask, Director, Hop, Outcome, ParentHealth};
+pub use peer::{PeerAnswer, CISTERN_PEER};
 pub use redirect::{on_origin_of, resolve_location};
 
 pub mod connect;
 pub mod director;
+pub mod dns;
 mod parent;
+mod peer;
+pub mod peers;
 mod proxy;
 mod redirect;
 pub mod registry;
+pub mod rendezvous;
 
 const MAX_REDIRECTS: usize = 5;
 
@@ -105,6 +110,9 @@ pub struct ClientConfig {
     /// The kernel receive buffer of upstream sockets; None: autotuned. Set when the uplink is capped,
     /// so that what a held-back transfer leaves unread stops the sender soon (SPEC 4).
     pub recv_buffer: Option<usize>,
+    /// The address connections to the site's peers leave from (this node's listen address, when it
+    /// names one), so that a peer tells who asked it.
+    pub peer_source: Option<IpAddr>,
 }
 
 #[derive(Clone)]
@@ -116,7 +124,11 @@ pub struct UpstreamClient {
     /// Which hop to ask, and their health (shared with the relay).
     director: Arc<Director>,
     /// The connections to each of the director's parents, by URL.
-    parents: Arc<HashMap<Uri, Parent>>,
+    parents: Arc<HashMap<Uri, Arc<Parent>>>,
+    /// The connections to the site's peers, by URL, made as members appear.
+    peer_links: Arc<peer::Links>,
+    /// What a peer's connections are made with (TLS, connect timeout, source address).
+    peer_connector: proxy::Inner,
     /// Set with `upstream.proxy`: origin traffic goes through the site's proxy.
     proxy: Option<ProxyClients>,
     /// The container registries' credentials and tokens (SPEC 9); empty without `[[registries]]`.
@@ -174,13 +186,16 @@ impl UpstreamClient {
             .map(|u| {
                 (
                     u.clone(),
-                    Parent::new(
+                    Arc::new(Parent::new(
                         u,
                         connect::connector_bounded(tls.clone(), timeout, cfg.recv_buffer),
-                    ),
+                    )),
                 )
             })
             .collect();
+        let mut from = HttpConnector::new();
+        from.set_local_address(cfg.peer_source);
+        let peer_connector = connect::connector_with(from, tls.clone(), timeout);
         let proxy = match cfg.proxy.as_str() {
             "" => None,
             p => {
@@ -196,6 +211,8 @@ impl UpstreamClient {
             head_timeout: cfg.connect_timeout + cfg.idle_timeout,
             director,
             parents: Arc::new(parents),
+            peer_links: Arc::default(),
+            peer_connector,
             proxy,
             registries: Arc::default(),
             uplink: Arc::new(Uplink::new(&crate::config::Uplink::default())),
@@ -235,10 +252,7 @@ impl UpstreamClient {
         self.director.has_parents()
     }
 
-    /// Sends a request for an object along the chain (SPEC 3): to the hops the director gives in order
-    /// (the first healthy parent, with an origin URL in forward-proxy form and a digest as
-    /// `/v1/content/sha256/<hex>`; the next one on a connection error, a timeout, 502, 503 or 504), and
-    /// to the origin itself only without parents or with `allow_direct`.
+    /// Sends a request for an object along the chain (SPEC 3), without peers: `fetch_keyed` with no key.
     pub async fn fetch(
         &self,
         method: Method,
@@ -246,14 +260,35 @@ impl UpstreamClient {
         digest: Option<Digest>,
         headers: &HeaderMap,
     ) -> Result<Response<Metered>, FetchError> {
+        self.fetch_keyed(method, url, digest, None, headers).await
+    }
+
+    /// Sends a request for an object along the chain (SPEC 3): to the hops the director gives in order
+    /// (the owner among the site's peers when it is another member, SPEC 10; the first healthy parent,
+    /// with an origin URL in forward-proxy form and a digest as `/v1/content/sha256/<hex>`; the next
+    /// one on a connection error, a timeout, 502, 503 or 504), and to the origin itself only without
+    /// parents or with `allow_direct`. `key` is the cache key, which names the owner when no digest
+    /// does; a request carrying `Cistern-Peer` is never sent to a peer. A peer's answer carries
+    /// [`PeerAnswer`] in its extensions (not to be stored here: the owner stores it).
+    pub async fn fetch_keyed(
+        &self,
+        method: Method,
+        url: Option<&Uri>,
+        digest: Option<Digest>,
+        key: Option<&str>,
+        headers: &HeaderMap,
+    ) -> Result<Response<Metered>, FetchError> {
         // A URL with neither scheme nor host names a path of the parent's own (`/v2/...`).
         let origin = url.filter(|u| u.scheme().is_some());
-        if let (true, Some(u)) = (self.director.has_parents(), origin) {
-            // Never an open proxy, not even towards a parent.
+        let peering = self.director.peers().is_some();
+        if let (true, Some(u)) = (self.director.has_parents() || peering, origin) {
+            // Never an open proxy, not even towards a parent or a peer.
             self.host_check(u)?;
         }
+        let (owner_key, sent) = peer::owner_key(peering, digest, key, headers);
         let hops = self.director.hops(Ask::Object {
             origin: origin.is_some(),
+            peer: owner_key.as_deref(),
         });
         let mut last = match self.director.has_parents() {
             true => FetchError::Unreachable("no parent answered".into()),
@@ -263,26 +298,29 @@ impl UpstreamClient {
         };
         let n = hops.len();
         for (i, hop) in hops.iter().enumerate() {
-            let Hop::Parent(at) = hop else {
+            let (Hop::Parent(at) | Hop::Peer(at)) = hop else {
                 let Some(u) = origin else { break };
                 if self.director.has_parents() {
                     tracing::warn!(
                         "every parent failed; going to the origin directly (upstream.allow_direct)"
                     );
                 }
-                return self.send(method, u.clone(), headers).await.map(|(_, r)| r);
+                return self
+                    .send(method, u.clone(), &sent.onward)
+                    .await
+                    .map(|(_, r)| r);
             };
             let Some((target, own)) = parent_target(at, url, digest)? else {
                 continue;
             };
-            let req = (method.clone(), target, own, headers, empty_body());
+            let h = sent.for_hop(hop);
+            let req = (method.clone(), target, own, h.as_ref(), empty_body());
             match self.ask_parent(hop, req).await? {
-                Attempt::Answer(r) => return Ok(r),
-                Attempt::Retry(r) if i + 1 == n => return Ok(r),
+                Attempt::Answer(r) => return Ok(peer::mark(hop, r)),
+                Attempt::Retry(r) if i + 1 == n => return Ok(peer::mark(hop, r)),
                 Attempt::Retry(r) => {
                     let host = host_of(at);
-                    last =
-                        FetchError::Unreachable(format!("parent {host} answered {}", r.status()));
+                    last = FetchError::Unreachable(format!("{host} answered {}", r.status()));
                 }
                 Attempt::Failed(e) => last = e,
             }
@@ -307,7 +345,11 @@ impl UpstreamClient {
             .await;
         match sent {
             Ok(r) => {
-                let r = r.map(|b| Metered::new(b, &self.uplink));
+                // A peer's bytes stay on the site's network: only the owner's uplink counts them.
+                let r = match hop {
+                    Hop::Peer(_) => r.map(Metered::local),
+                    _ => r.map(|b| Metered::new(b, &self.uplink)),
+                };
                 self.director.record(hop, Outcome::Answered(r.status()));
                 match r.status().as_u16() {
                     502..=504 => Ok(Attempt::Retry(r)),
@@ -326,10 +368,11 @@ impl UpstreamClient {
         }
     }
 
-    /// The connections to the parent a hop names.
-    fn link(&self, hop: &Hop) -> Option<&Parent> {
+    /// The connections to the parent or peer a hop names.
+    fn link(&self, hop: &Hop) -> Option<Arc<Parent>> {
         match hop {
-            Hop::Parent(u) => self.parents.get(u),
+            Hop::Parent(u) => self.parents.get(u).cloned(),
+            Hop::Peer(u) => Some(self.peer_links.get(u, &self.peer_connector)),
             Hop::Origin => None,
         }
     }
@@ -454,11 +497,14 @@ impl UpstreamClient {
         self.host_check(url)?;
         let first = self
             .director
-            .hops(Ask::Object { origin: true })
+            .hops(Ask::Object {
+                origin: true,
+                peer: None,
+            })
             .into_iter()
             .next();
         match first {
-            Some(hop @ Hop::Parent(_)) => {
+            Some(hop @ (Hop::Parent(_) | Hop::Peer(_))) => {
                 let req = (method, url.clone(), false, headers, body);
                 match self.ask_parent(&hop, req).await? {
                     Attempt::Answer(r) | Attempt::Retry(r) => Ok(r),

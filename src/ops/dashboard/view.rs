@@ -29,6 +29,8 @@ pub struct View {
     /// "50 of 812" when the list is cut.
     pub objects_shown: String,
     pub parents: Vec<ParentRow>,
+    /// The site's peers (SPEC 10); empty without `[peers]`.
+    pub peers: Vec<PeerRow>,
     pub prefetch: Vec<JobRow>,
     pub deployments: DeploymentsView,
     pub relay: RelayView,
@@ -83,6 +85,19 @@ pub struct ParentRow {
     pub state: &'static str,
     pub last_ok: String,
     pub last_error: String,
+}
+
+/// A member of the site's peers.
+#[derive(Serialize)]
+pub struct PeerRow {
+    pub url: String,
+    /// "this node", "up" or "down".
+    pub state: &'static str,
+    /// How long it has been in that state.
+    pub since: String,
+    /// Requests sent to it: "12 ok, 1 failed".
+    pub sent: String,
+    pub served: u64,
 }
 
 #[derive(Serialize)]
@@ -171,6 +186,7 @@ impl View {
             objects,
             objects_shown,
             parents: parents(ops),
+            peers: peers(ops),
             prefetch: prefetch(ops),
             deployments: deployments(&ops.relay.deployments()),
             relay: relay(&ops.relay.status()),
@@ -256,6 +272,30 @@ fn parents(ops: &Ops) -> Vec<ParentRow> {
                 .map(|s| format!("{} ago", age(s)))
                 .unwrap_or_else(|| "never".into()),
             last_error: p.last_error.unwrap_or_default(),
+        })
+        .collect()
+}
+
+fn peers(ops: &Ops) -> Vec<PeerRow> {
+    let Some(p) = ops.fetcher.peers() else {
+        return Vec::new();
+    };
+    let now = crate::store::now_ms() / 1000;
+    p.status()
+        .into_iter()
+        .map(|m| PeerRow {
+            url: m.url,
+            state: match (m.is_self, m.up) {
+                (true, _) => "this node",
+                (false, true) => "up",
+                (false, false) => "down",
+            },
+            since: age(now.saturating_sub(m.since)),
+            sent: format!(
+                "{} ok, {} 5xx, {} failed",
+                m.sent_ok, m.sent_5xx, m.sent_failed
+            ),
+            served: m.served,
         })
         .collect()
 }
