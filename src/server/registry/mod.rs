@@ -29,6 +29,7 @@ use name::{Object, Reference, Refusal};
 const CHILD_TAG_TTL: std::time::Duration = std::time::Duration::from_secs(300);
 
 /// Where a `/v2/` request goes.
+#[derive(Clone, Copy)]
 enum Upstream<'a> {
     /// A configured registry; the repository path is relative to it.
     Registry(&'a Registry),
