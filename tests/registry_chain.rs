@@ -84,3 +84,38 @@ async fn a_child_stages_images_through_its_parent() {
     let g = admin_request("POST", &url, body.to_string().into()).await;
     assert_eq!(g.status, StatusCode::BAD_REQUEST);
 }
+
+/// A parent with `server.pull_token`: a child that requires the same token presents it on its `/v2/`
+/// requests up, and stores what it passes; a child without it is refused by the parent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_child_presents_its_pull_token_to_its_parent() {
+    let Some(s) = site("").await else { return };
+    let mut cfg = s.node.cfg.clone();
+    cfg.server.pull_token = "pt-1234".into();
+    cfg.store.dir = s.tmp.path().join("locked");
+    let parent = Node::start_with(cfg).await;
+    let child = child_of(&parent, "pull_token = \"pt-1234\"").await;
+    let src = format!("docker://{}/test/app:1", child.addr);
+    for i in 0..2 {
+        let out = s.tmp.path().join(format!("out{i}"));
+        let args = [
+            "copy",
+            "--src-tls-verify=false",
+            "--src-creds",
+            "site:pt-1234",
+            &src,
+            &format!("oci:{}:1", out.display()),
+        ];
+        let o = skopeo(args.iter().map(|a| a.to_string()).collect()).await;
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        same_blobs(&s.image, &out);
+    }
+    assert_eq!(s.front.blob_gets(), 3, "each blob crossed the uplink once");
+    for hex in s.image.layers.iter().chain([&s.image.config]) {
+        assert!(child.blobs().contains(hex), "the child stored {hex}");
+    }
+    let open = child_of(&parent, "").await;
+    let layer = &s.image.layers[0];
+    let g = get(&open.url(&format!("/v2/test/app/blobs/sha256:{layer}"))).await;
+    assert_eq!(g.status, StatusCode::UNAUTHORIZED, "the parent refused it");
+}
