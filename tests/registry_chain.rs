@@ -1,6 +1,6 @@
 //! Container images on a child gateway (SPEC 6, 9): a child with no `[[registries]]` stages images
-//! through its parent's `/v2/`, and presents the parent's `pull_token`. Plain chains of two nodes:
-//! tests/registry.rs.
+//! through its parent's `/v2/`, and presents the parent's `pull_token`; an expired tag asked by many
+//! clients at once is revalidated with one HEAD. Plain chains of two nodes: tests/registry.rs.
 
 mod common;
 
@@ -118,4 +118,40 @@ async fn a_child_presents_its_pull_token_to_its_parent() {
     let layer = &s.image.layers[0];
     let g = get(&open.url(&format!("/v2/test/app/blobs/sha256:{layer}"))).await;
     assert_eq!(g.status, StatusCode::UNAUTHORIZED, "the parent refused it");
+}
+
+/// Sixteen clients asking a tag whose `tag_ttl` has passed, at once: one HEAD to the registry renews it
+/// for all of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_expired_tag_is_revalidated_once_for_concurrent_clients() {
+    let Some(s) = site("tag_ttl = \"1s\"").await else {
+        return;
+    };
+    let url = s.node.url("/v2/test/app/manifests/1");
+    let accept = [("accept", "application/vnd.oci.image.manifest.v1+json")];
+    let g = request("GET", &url, &accept).await;
+    assert_eq!(g.status, StatusCode::OK);
+    tokio::time::sleep(std::time::Duration::from_millis(1200)).await;
+    let asks: Vec<_> = (0..16)
+        .map(|_| {
+            let url = url.clone();
+            tokio::spawn(async move { request("GET", &url, &accept).await })
+        })
+        .collect();
+    for a in asks {
+        let g = tokio::time::timeout(std::time::Duration::from_secs(20), a)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(g.status, StatusCode::OK);
+        assert_eq!(sha256_hex(&g.body), s.image.manifest);
+    }
+    let heads = s
+        .front
+        .count(|m, p| m == "HEAD" && p.contains("/manifests/1"));
+    assert_eq!(heads, 1, "one revalidation for sixteen clients");
+    let gets = s
+        .front
+        .count(|m, p| m == "GET" && p.contains("/manifests/1"));
+    assert_eq!(gets, 1, "renewed, not fetched again");
 }
