@@ -115,6 +115,8 @@ pub struct FrontState {
     pub basic: AtomicBool,
     /// The client's `Authorization` goes on to the registry (which asks for credentials itself).
     pub pass_auth: AtomicBool,
+    /// Blob GETs are answered 307 to the same path on this address (blob storage elsewhere).
+    pub redirect_blobs: Mutex<Option<SocketAddr>>,
 }
 
 pub struct Front {
@@ -225,6 +227,13 @@ async fn answer(
         let mut r = status(StatusCode::UNAUTHORIZED);
         let c = "Basic realm=\"front\"".parse().unwrap();
         r.headers_mut().insert("www-authenticate", c);
+        return Ok(r);
+    }
+    let storage = *st.redirect_blobs.lock().unwrap();
+    if let (Some(to), true) = (storage, method == "GET" && pq.contains("/blobs/")) {
+        let mut r = status(StatusCode::TEMPORARY_REDIRECT);
+        let at = format!("http://{to}{pq}?sig=1");
+        r.headers_mut().insert("location", at.parse().unwrap());
         return Ok(r);
     }
     let tamper = method == "GET"
