@@ -8,6 +8,7 @@ mod common;
 use std::sync::atomic::Ordering;
 
 use common::registry::*;
+use common::upstream_auth::{auth_site, RegistryAuth};
 use common::*;
 use http::StatusCode;
 
@@ -177,4 +178,55 @@ async fn a_pull_token_asks_for_a_login() {
     let o = common::registry::skopeo(args.iter().map(|a| a.to_string()).collect()).await;
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     same_blobs(&s.image, &out);
+}
+
+/// Two pulls through cistern with the registry's credentials; each blob crossed the uplink once; the
+/// password (and the Basic value made of it) nowhere in the store.
+async fn pulls_twice_with_credentials(s: &Site) {
+    for i in 0..2 {
+        let out = s.tmp.path().join(format!("out{i}"));
+        pull(&s.node, &out).await.unwrap();
+        same_blobs(&s.image, &out);
+    }
+    assert_eq!(s.front.blob_gets(), 3, "each blob crossed the uplink once");
+    let text = all_text(&s.node.dir);
+    assert!(!text.contains("secret") && !text.contains("dXNlcjpzZWNyZXQ"));
+}
+
+/// `docker-registry` asking for Basic credentials from its htpasswd file: cistern answers with the
+/// registry's `username` and `password_file`; without them the registry's 401 goes to the client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn docker_registry_with_htpasswd() {
+    let Some((s, _)) = auth_site(RegistryAuth::Htpasswd, true).await else {
+        return;
+    };
+    pulls_twice_with_credentials(&s).await;
+    let anon = registry_node(&s.front, "").await;
+    let accept = [("accept", "application/vnd.oci.image.manifest.v1+json")];
+    let g = request("GET", &anon.url("/v2/test/app/manifests/1"), &accept).await;
+    assert_eq!(g.status, StatusCode::UNAUTHORIZED);
+    let layer = &s.image.layers[0];
+    let g = get(&anon.url(&format!("/v2/test/app/blobs/sha256:{layer}"))).await;
+    assert_eq!(g.status, StatusCode::UNAUTHORIZED);
+}
+
+/// `docker-registry` with its `token` auth: cistern asks the token service named in the challenge with
+/// the registry's credentials, and reuses the token: one per scope for two pulls; the token is not on
+/// disk either.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn docker_registry_with_token_auth() {
+    let Some((s, Some(tokens))) = auth_site(RegistryAuth::Token, true).await else {
+        return;
+    };
+    pulls_twice_with_credentials(&s).await;
+    let issued = tokens.issued.lock().unwrap().clone();
+    let want = std::collections::HashMap::from([("repository:test/app:pull".to_string(), 1)]);
+    assert_eq!(issued, want, "one token for the repository, reused");
+    let jwt = tokens.last.lock().unwrap().clone();
+    assert!(!jwt.is_empty() && !all_text(&s.node.dir).contains(&jwt));
+    // Without credentials, the token service refuses and the registry's 401 goes to the client.
+    let anon = registry_node_allowing(&s.front, &[tokens.addr.to_string()], "").await;
+    let g = get(&anon.url(&format!("/v2/test/app/blobs/sha256:{}", s.image.config))).await;
+    assert_eq!(g.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(tokens.total(), 1, "the refused asks got no token");
 }

@@ -160,6 +160,8 @@ struct Inner {
     slots: Arc<tokio::sync::Semaphore>,
     /// Prefetch jobs and the mappings staged manifests made.
     jobs: jobs::Jobs,
+    /// Tags being revalidated: one upstream HEAD per tag at a time (`registry`).
+    tag_checks: registry::TagChecks,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -173,6 +175,7 @@ impl Fetcher {
                 store,
                 client,
                 collapse: collapse::Collapse::default(),
+                tag_checks: registry::TagChecks::default(),
                 mismatches: Mutex::new(HashMap::new()),
                 unstored: Mutex::new(HashMap::new()),
                 stats: FetchStats::default(),

@@ -4,7 +4,9 @@
 //! from the cloud can still start its modules. The answer itself (its bytes by digest, the tag's key)
 //! is stored by the ordinary fill; this file only decides whether the stored one may answer.
 
+use std::collections::HashMap;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use http::{HeaderMap, Method, Uri};
@@ -25,6 +27,27 @@ pub enum TagState {
     Fetch,
 }
 
+/// The tags whose stored answer is being revalidated, each with a lock: the requests that find a tag
+/// expired at once wait for the first one's HEAD and read its outcome from the store, instead of
+/// asking the registry each (SPEC 4: collapsed).
+#[derive(Default)]
+pub struct TagChecks(Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>);
+
+impl TagChecks {
+    fn lock_of(&self, key: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        m.entry(key.to_string()).or_default().clone()
+    }
+
+    /// Forgets a tag's lock once nobody holds or waits for it.
+    fn release(&self, key: &str) {
+        let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if m.get(key).is_some_and(|l| Arc::strong_count(l) == 1) {
+            m.remove(key);
+        }
+    }
+}
+
 impl Fetcher {
     /// Whether `/v2/` misses may go to a parent (a child gateway needs no registries of its own).
     pub fn has_parents(&self) -> bool {
@@ -32,7 +55,8 @@ impl Fetcher {
     }
 
     /// Decides whether the stored answer under `key` (a tag's, for one `Accept`) may answer a request,
-    /// asking the registry at `url` with a HEAD once it is older than `ttl`.
+    /// asking the registry at `url` with a HEAD once it is older than `ttl`: one HEAD for all the
+    /// requests that find it expired together.
     pub async fn tag_state(
         &self,
         key: &str,
@@ -40,15 +64,43 @@ impl Fetcher {
         ttl: Duration,
         client: &HeaderMap,
     ) -> TagState {
+        if let Some(fresh) = self.fresh_tag(key, ttl) {
+            return fresh;
+        }
+        let checks = &self.inner.tag_checks;
+        let lock = checks.lock_of(key);
+        let state = {
+            let _one = lock.lock().await;
+            // The HEAD of a request that held the lock before may have renewed it.
+            match self.fresh_tag(key, ttl) {
+                Some(fresh) => fresh,
+                None => self.revalidate_tag(key, url, client).await,
+            }
+        };
+        drop(lock);
+        checks.release(key);
+        state
+    }
+
+    /// `Fresh` when the stored answer under `key` is younger than `ttl`; `Fetch` when there is none.
+    fn fresh_tag(&self, key: &str, ttl: Duration) -> Option<TagState> {
+        let Some(e) = self.store().lookup(key) else {
+            return Some(TagState::Fetch);
+        };
+        if e.meta.status != 200 || !self.store().contains(&e.digest) {
+            return Some(TagState::Fetch);
+        }
+        let age = now_ms().saturating_sub(e.meta.fetched_at);
+        (u128::from(age) < ttl.as_millis()).then_some(TagState::Fresh(e.digest))
+    }
+
+    /// Asks the registry whether an expired tag still names the stored answer.
+    async fn revalidate_tag(&self, key: &str, url: &Uri, client: &HeaderMap) -> TagState {
         let Some(e) = self.store().lookup(key) else {
             return TagState::Fetch;
         };
         if e.meta.status != 200 || !self.store().contains(&e.digest) {
             return TagState::Fetch;
-        }
-        let age = now_ms().saturating_sub(e.meta.fetched_at);
-        if u128::from(age) < ttl.as_millis() {
-            return TagState::Fresh(e.digest);
         }
         let mut h = headers::for_fill(client);
         headers::add_ours(&mut h, &self.inner.cfg.node_id);

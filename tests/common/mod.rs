@@ -19,6 +19,7 @@ mod origin;
 mod raw;
 pub mod registry;
 mod tls;
+pub mod upstream_auth;
 #[allow(unused_imports)]
 pub use binary::*;
 pub use origin::*;

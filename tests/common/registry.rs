@@ -44,12 +44,18 @@ pub fn programs_present() -> bool {
 
 impl DistRegistry {
     pub async fn start() -> DistRegistry {
+        DistRegistry::start_with("").await
+    }
+
+    /// With `auth` (YAML at the top level of its config, e.g. `auth:\n  htpasswd: ...`); it is up
+    /// when `/v2/` answers (200, or 401 when it asks for credentials).
+    pub async fn start_with(auth: &str) -> DistRegistry {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
         let conf = dir.path().join("config.yml");
         let text = format!(
             "version: 0.1\nlog:\n  level: error\n  accesslog:\n    disabled: true\nstorage:\n  \
-             filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n",
+             filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n{auth}",
             dir.path().join("storage").display()
         );
         std::fs::write(&conf, text).unwrap();
@@ -69,7 +75,8 @@ impl DistRegistry {
         let end = std::time::Instant::now() + std::time::Duration::from_secs(20);
         loop {
             if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
-                && super::get(&url).await.status == StatusCode::OK
+                && [StatusCode::OK, StatusCode::UNAUTHORIZED]
+                    .contains(&super::get(&url).await.status)
             {
                 return r;
             }
@@ -106,6 +113,10 @@ pub struct FrontState {
     pub tokens: AtomicUsize,
     /// Requests need `Authorization: Basic` of `user:secret`.
     pub basic: AtomicBool,
+    /// The client's `Authorization` goes on to the registry (which asks for credentials itself).
+    pub pass_auth: AtomicBool,
+    /// Blob GETs are answered 307 to the same path on this address (blob storage elsewhere).
+    pub redirect_blobs: Mutex<Option<SocketAddr>>,
 }
 
 pub struct Front {
@@ -218,12 +229,20 @@ async fn answer(
         r.headers_mut().insert("www-authenticate", c);
         return Ok(r);
     }
+    let storage = *st.redirect_blobs.lock().unwrap();
+    if let (Some(to), true) = (storage, method == "GET" && pq.contains("/blobs/")) {
+        let mut r = status(StatusCode::TEMPORARY_REDIRECT);
+        let at = format!("http://{to}{pq}?sig=1");
+        r.headers_mut().insert("location", at.parse().unwrap());
+        return Ok(r);
+    }
     let tamper = method == "GET"
         && ((st.tamper.load(Ordering::SeqCst) && pq.contains("/blobs/"))
             || (st.tamper_manifests.load(Ordering::SeqCst) && pq.contains("/manifests/")));
     let mut out = Request::builder().method(req.method()).uri(&pq);
     for (k, v) in req.headers() {
-        if k != "authorization" && k != "host" {
+        let auth_ok = k != "authorization" || st.pass_auth.load(Ordering::SeqCst);
+        if auth_ok && k != "host" {
             out = out.header(k, v);
         }
     }
@@ -413,7 +432,7 @@ pub struct Site {
     pub image: Image,
     pub front: Front,
     pub node: Node,
-    _reg: DistRegistry,
+    pub reg: DistRegistry,
     pub tmp: tempfile::TempDir,
 }
 
@@ -442,7 +461,7 @@ pub async fn site(extra: &str) -> Option<Site> {
         image,
         front,
         node,
-        _reg: reg,
+        reg,
         tmp,
     })
 }
@@ -457,14 +476,19 @@ pub async fn pushed_image(port: u16, repo: &str, tag: &str) -> Image {
     )
     .await;
     assert_eq!(g.status, StatusCode::OK);
+    image_of_manifest(&g.body)
+}
+
+/// The digests and sizes of an image, from its manifest's bytes.
+pub fn image_of_manifest(body: &[u8]) -> Image {
     let hex = |v: &serde_json::Value| {
         v.as_str()
             .unwrap()
             .trim_start_matches("sha256:")
             .to_string()
     };
-    let m = g.json();
-    let size = g.body.len() as u64
+    let m: serde_json::Value = serde_json::from_slice(body).unwrap();
+    let size = body.len() as u64
         + m["config"]["size"].as_u64().unwrap()
         + m["layers"]
             .as_array()
@@ -475,7 +499,7 @@ pub async fn pushed_image(port: u16, repo: &str, tag: &str) -> Image {
     Image {
         dir: std::path::PathBuf::new(),
         size,
-        manifest: sha256_hex(&g.body),
+        manifest: sha256_hex(body),
         config: hex(&m["config"]["digest"]),
         sizes: m["layers"]
             .as_array()
@@ -493,10 +517,17 @@ pub async fn pushed_image(port: u16, repo: &str, tag: &str) -> Image {
 }
 
 pub async fn registry_node(front: &Front, extra: &str) -> Node {
+    registry_node_allowing(front, &[], extra).await
+}
+
+/// A node as `registry_node`, with `allowed` as its `upstream.allowed_origins` (a token service on a
+/// loopback address of its own must be named there).
+pub async fn registry_node_allowing(front: &Front, allowed: &[String], extra: &str) -> Node {
     let tmp = tempfile::tempdir().unwrap();
+    let allowed = serde_json::to_string(allowed).unwrap();
     let text = format!(
         "[node]\nid = \"top\"\n[server]\nlisten = \"127.0.0.1:0\"\n[store]\ndir = \"{}\"\nmin_free = \"0\"\n\
-         [upstream]\nallowed_origins = []\nconnect_timeout = \"2s\"\nidle_timeout = \"2s\"\nretries = 2\n\
+         [upstream]\nallowed_origins = {allowed}\nconnect_timeout = \"2s\"\nidle_timeout = \"2s\"\nretries = 2\n\
          [[registries]]\nname = \"local\"\nurl = \"http://{}\"\n{extra}\n",
         tmp.path().join("data").display(),
         front.addr

@@ -29,6 +29,7 @@ use name::{Object, Reference, Refusal};
 const CHILD_TAG_TTL: std::time::Duration = std::time::Duration::from_secs(300);
 
 /// Where a `/v2/` request goes.
+#[derive(Clone, Copy)]
 enum Upstream<'a> {
     /// A configured registry; the repository path is relative to it.
     Registry(&'a Registry),
@@ -65,6 +66,12 @@ impl App {
         let mut headers = std::mem::take(req.headers_mut());
         headers.remove(http::header::AUTHORIZATION);
         headers.remove(http::header::COOKIE);
+        if let (Upstream::Parent, Some(token)) = (&up, &self.pull_token) {
+            // A child that requires `pull_token` presents the same one to its parent (README).
+            if let Some(v) = parent_authorization(token) {
+                headers.insert(http::header::AUTHORIZATION, v);
+            }
+        }
         let (repo, what) = match object {
             Object::Base => return (wire::base(), None),
             Object::Token => {
@@ -298,6 +305,13 @@ fn target(key: String, url: Uri, digest: Option<Digest>, headers: HeaderMap) -> 
         no_store: RequestCc::parse(&headers).no_store,
         headers,
     }
+}
+
+/// `Bearer <pull_token>`, for a child's `/v2/` requests to its parent (never logged: sensitive).
+fn parent_authorization(token: &str) -> Option<HeaderValue> {
+    let mut v = HeaderValue::from_str(&format!("Bearer {token}")).ok()?;
+    v.set_sensitive(true);
+    Some(v)
 }
 
 /// A refused path in the distribution spec's terms.

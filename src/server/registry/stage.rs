@@ -2,7 +2,8 @@
 //! "registry.example.net/line/app@sha256:<hex>"], "platforms": ["linux/amd64"]}`. Each image's manifest
 //! (an index: those of its manifests whose platform is asked, every one when `platforms` is empty) is
 //! fetched now, as a client's pull would fetch it, and each manifest, config and layer becomes a file
-//! of the job (its URL, digest and size), staged in the background like any other.
+//! of the job (its URL, digest and size), staged in the background like any other. On a child with no
+//! registries those URLs are paths of the parent's `/v2/` (SPEC 6: a child fetches through its parents).
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Uri};
@@ -10,7 +11,6 @@ use oci_spec::image::{ImageIndex, ImageManifest, MediaType};
 
 use super::name::{parse_digest, valid_name, valid_tag};
 use super::{registry_host, same_registry, tag_key, target, upstream_url, Upstream};
-use crate::config::Registry;
 use crate::fetch::freshness::RequestCc;
 use crate::fetch::prefetch::Wanted;
 use crate::fetch::{End, Lookup, Target};
@@ -34,7 +34,10 @@ pub enum StageError {
 
 /// An image as a prefetch names it.
 struct ImageName<'a> {
-    registry: &'a Registry,
+    /// A configured registry, or (on a child with no registries) the parent's `/v2/`.
+    up: Upstream<'a>,
+    /// For the parent: the registry host the image named (sent as `?ns=`).
+    ns: Option<String>,
     repo: String,
     /// A tag, or `sha256:<hex>`.
     reference: String,
@@ -65,12 +68,9 @@ impl App {
     }
 
     /// `[host/]repo[:tag|@sha256:<hex>]`: the host names a configured registry (by host, or by its
-    /// `name`), else the first registry.
+    /// `name`), else the first registry. On a child with no registries, the parent's `/v2/` is asked,
+    /// with the host as `?ns=` (SPEC 6: a child asked to prefetch fetches through its parents).
     fn image_name<'a>(&'a self, image: &str) -> Result<ImageName<'a>, String> {
-        let regs = &self.cfg.registries;
-        let first = regs
-            .first()
-            .ok_or("images are staged on a gateway with [[registries]]")?;
         let (rest, reference) = match image.rsplit_once('@') {
             Some((r, d)) => (r, d.to_string()),
             None => match image.rsplit_once(':').filter(|(_, t)| !t.contains('/')) {
@@ -78,29 +78,58 @@ impl App {
                 None => (image, "latest".to_string()),
             },
         };
-        let (registry, repo) = match rest.split_once('/') {
+        let host = match rest.split_once('/') {
             Some((h, repo)) if h.contains(['.', ':']) || h == "localhost" => {
-                let h = h.to_ascii_lowercase();
+                Some((h.to_ascii_lowercase(), repo))
+            }
+            _ => None,
+        };
+        let (up, ns, repo) = self.image_upstream(image, rest, host)?;
+        let ok_ref = parse_digest(&reference).is_some() || valid_tag(&reference);
+        if !valid_name(repo) || !ok_ref {
+            return Err(format!("{image}: not an image name"));
+        }
+        Ok(ImageName {
+            up,
+            ns,
+            repo: repo.to_string(),
+            reference,
+        })
+    }
+
+    /// Where an image is fetched from, the `ns` a parent is told, and the repository path.
+    fn image_upstream<'a, 'i>(
+        &'a self,
+        image: &str,
+        rest: &'i str,
+        host: Option<(String, &'i str)>,
+    ) -> Result<(Upstream<'a>, Option<String>, &'i str), String> {
+        let regs = &self.cfg.registries;
+        let Some(first) = regs.first() else {
+            if !self.fetcher.has_parents() {
+                return Err("images are staged on a gateway with [[registries]] or parents".into());
+            }
+            return Ok(match host {
+                Some((h, repo)) => (Upstream::Parent, Some(h), repo),
+                None => (Upstream::Parent, None, rest),
+            });
+        };
+        let r = match host {
+            Some((h, repo)) => {
                 let r = regs
                     .iter()
                     .find(|r| registry_host(r).is_some_and(|rh| same_registry(&rh, &h)))
                     .ok_or(format!("{image}: registry {h} is not configured"))?;
                 (r, repo)
             }
-            Some((n, repo)) if regs.iter().any(|r| r.name == n) => {
-                (regs.iter().find(|r| r.name == n).unwrap_or(first), repo)
-            }
-            _ => (first, rest),
+            None => match rest.split_once('/') {
+                Some((n, repo)) if regs.iter().any(|r| r.name == n) => {
+                    (regs.iter().find(|r| r.name == n).unwrap_or(first), repo)
+                }
+                _ => (first, rest),
+            },
         };
-        let ok_ref = parse_digest(&reference).is_some() || valid_tag(&reference);
-        if !valid_name(repo) || !ok_ref {
-            return Err(format!("{image}: not an image name"));
-        }
-        Ok(ImageName {
-            registry,
-            repo: repo.to_string(),
-            reference,
-        })
+        Ok((Upstream::Registry(r.0), None, r.1))
     }
 
     /// The manifests, configs and layers of one image.
@@ -170,12 +199,20 @@ impl App {
             http::header::ACCEPT,
             HeaderValue::from_str(&accept).map_err(|e| e.to_string())?,
         );
+        if let (Upstream::Parent, Some(token)) = (&n.up, &self.pull_token) {
+            if let Some(v) = super::parent_authorization(token) {
+                h.insert(http::header::AUTHORIZATION, v);
+            }
+        }
         let t: Target = match parse_digest(reference) {
             Some(d) => target(format!("sha256/{d}"), url, Some(d), h),
             None => {
-                let up = Upstream::Registry(n.registry);
-                let key = tag_key(&up, &url, &url, &h);
-                self.tag_target(key, url, n.registry.tag_ttl.0, h).await.0
+                let key = tag_key(&n.up, &url, &url, &h);
+                let ttl = match n.up {
+                    Upstream::Registry(r) => r.tag_ttl.0,
+                    Upstream::Parent => super::CHILD_TAG_TTL,
+                };
+                self.tag_target(key, url, ttl, h).await.0
             }
         };
         let d = self.fetched(&t).await?;
@@ -210,9 +247,20 @@ impl App {
         }
     }
 
+    /// The URL of a blob or manifest: on the registry, or (for the parent) the path of its `/v2/`
+    /// with the registry host as `?ns=`.
     fn url_of(&self, n: &ImageName<'_>, kind: &str, tail: &str) -> Result<Uri, String> {
-        let none: Uri = Uri::from_static("/");
-        upstream_url(&Upstream::Registry(n.registry), &n.repo, kind, tail, &none)
+        let path = format!("/v2/{}/{kind}/{tail}", n.repo);
+        let asked = match &n.ns {
+            Some(ns) => {
+                let ns =
+                    percent_encoding::utf8_percent_encode(ns, percent_encoding::NON_ALPHANUMERIC);
+                format!("{path}?ns={ns}")
+            }
+            None => path,
+        };
+        let asked: Uri = asked.parse().map_err(|_| "not an image name".to_string())?;
+        upstream_url(&n.up, &n.repo, kind, tail, &asked)
             .ok_or_else(|| "cannot build the registry URL".to_string())
     }
 }
