@@ -184,7 +184,7 @@ impl Fetcher {
     }
 
     /// Runs a job as background work (SPEC 4): its transfers yield to clients' and stay within
-    /// `uplink.background_rate`.
+    /// `uplink.background_rate`, and inside the windows unless the job says `window: false`.
     async fn run_job(
         self,
         job: Arc<Mutex<Job>>,
@@ -192,34 +192,57 @@ impl Fetcher {
         urls: Vec<String>,
         plan: Plan,
     ) {
-        Priority::background()
-            .scope(self.run_files(job, files, urls, plan))
-            .await
+        let priority = match plan.window {
+            true => Priority::background(),
+            false => Priority::background_anytime(),
+        };
+        priority.scope(self.run_files(job, files, urls, plan)).await
     }
 
     /// Waits for the job's turn before its next file: `notBefore` (state `queued`), then an open
     /// uplink window when the job keeps to them (state `waiting-window`).
     async fn wait_turn(&self, job: &Arc<Mutex<Job>>, urls: &[String], plan: &Plan) {
-        let mut shown = lock(job).state.clone();
-        loop {
-            let now = self.uplink().now();
-            let state = if plan.not_before.is_some_and(|t| now < t) {
-                "queued"
-            } else if plan.window && !self.uplink().open() {
-                "waiting-window"
-            } else {
-                "running"
-            };
-            if state != shown {
-                tracing::info!(job = %lock(job).id, state, "prefetch job");
-                lock(job).state = state.into();
-                self.save_job(job, urls, plan).await;
-                shown = state.into();
-            }
-            if state == "running" {
-                return;
-            }
+        while self.show_turn(job, urls, plan).await != "running" {
             tokio::time::sleep(LOOK_AGAIN).await;
+        }
+    }
+
+    /// The job's state as its plan and the clock make it now, saved when it changed.
+    async fn show_turn(&self, job: &Arc<Mutex<Job>>, urls: &[String], plan: &Plan) -> &'static str {
+        let now = self.uplink().now();
+        let state = if plan.not_before.is_some_and(|t| now < t) {
+            "queued"
+        } else if plan.window && !self.uplink().open() {
+            "waiting-window"
+        } else {
+            "running"
+        };
+        if lock(job).state != state {
+            tracing::info!(job = %lock(job).id, state, "prefetch job");
+            lock(job).state = state.into();
+            self.save_job(job, urls, plan).await;
+        }
+        state
+    }
+
+    /// Stages one file, showing `waiting-window` while a closing window holds its transfer.
+    async fn stage_shown(
+        &self,
+        w: &Wanted,
+        job: &Arc<Mutex<Job>>,
+        i: usize,
+        urls: &[String],
+        plan: &Plan,
+    ) -> Result<(), String> {
+        let staged = self.stage_one(w, plan.pin, job, i);
+        tokio::pin!(staged);
+        loop {
+            tokio::select! {
+                r = &mut staged => return r,
+                _ = tokio::time::sleep(LOOK_AGAIN) => {
+                    self.show_turn(job, urls, plan).await;
+                }
+            }
         }
     }
 
@@ -231,14 +254,13 @@ impl Fetcher {
         urls: Vec<String>,
         plan: Plan,
     ) {
-        let pin = plan.pin;
         for (i, w) in files.into_iter().enumerate() {
             if lock(&job).files[i].state == "stored" {
                 continue;
             }
             self.wait_turn(&job, &urls, &plan).await;
             lock(&job).files[i].state = "fetching".into();
-            let r = self.stage_one(&w, pin, &job, i).await;
+            let r = self.stage_shown(&w, &job, i, &urls, &plan).await;
             {
                 let mut j = lock(&job);
                 match r {

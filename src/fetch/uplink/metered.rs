@@ -87,14 +87,24 @@ impl Body for Metered {
             other => return Poll::Ready(other),
         };
         let n = frame.data_ref().map_or(0, |d| d.len() as u64);
-        let class = this.priority.class();
         let Some(uplink) = this.uplink.clone() else {
             return Poll::Ready(Some(Ok(frame)));
         };
-        if n == 0 || uplink.count(class, n) {
+        let class = this.priority.class();
+        let window_shut = this.priority.windowed() && !uplink.open();
+        if n == 0 || (!window_shut && uplink.count(class, n)) {
             return Poll::Ready(Some(Ok(frame)));
         }
-        let mut wait: Wait = Box::pin(async move { uplink.wait(class, n).await });
+        let priority = this.priority.clone();
+        let mut wait: Wait = Box::pin(async move {
+            if window_shut {
+                uplink.until_let_through(&priority).await;
+                if uplink.count(priority.class(), n) {
+                    return;
+                }
+            }
+            uplink.wait(priority.class(), n).await
+        });
         if wait.as_mut().poll(cx).is_ready() {
             return Poll::Ready(Some(Ok(frame)));
         }

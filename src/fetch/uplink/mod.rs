@@ -7,8 +7,9 @@
 //! jobs, background revalidation) takes from its own bucket (`background_rate`) and then from the common
 //! one, but only while no foreground transfer has had to wait in the last `YIELD_FOR`: it gets what
 //! foreground leaves. A transfer's class lives in a `Priority` that a client joining a prefetch's fill
-//! raises to foreground. Background work runs only inside `uplink.windows` (the prefetch jobs ask
-//! `Uplink::open` between their files). With no cap set, a take is two counter additions.
+//! raises to foreground. Background work runs only inside `uplink.windows`: a prefetch job asks
+//! `Uplink::open` before each file, and a background body whose window closes is held after its
+//! current frame until the next one opens. With no cap and no windows, a take is two counter additions.
 
 mod bucket;
 mod meter;
@@ -28,6 +29,8 @@ pub use schedule::Schedule;
 
 /// Background work stands back while a foreground transfer has waited for the bucket this recently.
 const YIELD_FOR: Duration = Duration::from_millis(100);
+/// How often background work held by a closed window looks at the clock again.
+const WINDOW_LOOK: Duration = Duration::from_millis(250);
 /// How often background work standing back looks again.
 const LOOK_AGAIN: Duration = Duration::from_millis(20);
 
@@ -57,27 +60,52 @@ pub enum Class {
 
 /// A transfer's class, shared by its body and by whoever may raise it to foreground.
 #[derive(Clone, Debug)]
-pub struct Priority(Arc<AtomicBool>);
+pub struct Priority(Arc<Standing>);
+
+#[derive(Debug)]
+struct Standing {
+    background: AtomicBool,
+    /// Background work held outside `uplink.windows` (a prefetch job with `window: false` is not).
+    windowed: bool,
+}
 
 impl Priority {
-    pub fn foreground() -> Priority {
-        Priority(Arc::new(AtomicBool::new(false)))
+    fn of(background: bool, windowed: bool) -> Priority {
+        Priority(Arc::new(Standing {
+            background: AtomicBool::new(background),
+            windowed,
+        }))
     }
 
+    pub fn foreground() -> Priority {
+        Priority::of(false, true)
+    }
+
+    /// Background work that runs only inside the windows.
     pub fn background() -> Priority {
-        Priority(Arc::new(AtomicBool::new(true)))
+        Priority::of(true, true)
+    }
+
+    /// Background work that may run outside the windows too.
+    pub fn background_anytime() -> Priority {
+        Priority::of(true, false)
     }
 
     pub fn class(&self) -> Class {
-        match self.0.load(Ordering::Relaxed) {
+        match self.0.background.load(Ordering::Relaxed) {
             true => Class::Background,
             false => Class::Foreground,
         }
     }
 
+    /// Background work that the windows hold back (while they are closed).
+    pub fn windowed(&self) -> bool {
+        self.0.windowed && self.class() == Class::Background
+    }
+
     /// A client is waiting for this transfer now.
     pub fn raise(&self) {
-        self.0.store(false, Ordering::Relaxed);
+        self.0.background.store(false, Ordering::Relaxed);
     }
 
     /// The priority of the task this runs in: background inside `in_background`, else foreground.
@@ -90,10 +118,8 @@ impl Priority {
     /// A new priority of the current task's class, for a transfer that task starts (so that raising
     /// the transfer does not raise the task's other transfers).
     pub fn for_new_transfer() -> Priority {
-        match Priority::current().class() {
-            Class::Foreground => Priority::foreground(),
-            Class::Background => Priority::background(),
-        }
+        let now = Priority::current();
+        Priority::of(now.class() == Class::Background, now.0.windowed)
     }
 
     /// Runs `f` (which starts transfers but does not wait for them) with this priority.
@@ -250,7 +276,14 @@ impl Uplink {
 
     /// Whether background work may use the uplink now (inside a window, or no windows set).
     pub fn open(&self) -> bool {
-        self.schedule.open_at((self.clock)())
+        self.windows.is_empty() || self.schedule.open_at((self.clock)())
+    }
+
+    /// Waits while the windows hold `priority`'s work back (until one opens, or a client raises it).
+    pub async fn until_let_through(&self, priority: &Priority) {
+        while priority.windowed() && !self.open() {
+            tokio::time::sleep(WINDOW_LOOK).await;
+        }
     }
 
     /// How long until the windows next open (None: open now, or never within a week).
