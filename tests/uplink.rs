@@ -223,10 +223,43 @@ async fn a_childs_cap_limits_what_it_asks_of_its_parent() {
     let child = child_of(&origin, &extra).await;
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let sampler = sample_origin(&origin, stop.clone());
-    let marks = timed_get(&child.url("/o/t/f")).await;
+    let download = tokio::spawn(timed_get_owned(child.url("/o/t/f")));
+    // A device's status report meanwhile is relayed up at once: it does not wait behind the payload
+    // that holds the child's whole uplink.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let report = serde_json::json!({
+        "reportId": "r-1", "deviceId": "dev-1", "workflowId": "wf-1", "state": 4,
+        "updateId": {"provider": "Contoso", "name": "Sensor", "version": "1.2.0"},
+        "resultCode": 700, "extendedResultCode": 0, "resultDetails": "",
+    });
+    let posted = std::time::Instant::now();
+    let r = request_body(
+        "POST",
+        &child.url("/v1/status"),
+        &[("content-type", "application/json")],
+        report.to_string().into(),
+    )
+    .await;
+    assert_eq!(r.status, 202);
+    let top_dev = top.url("/v1/devices/dev-1");
+    let mut arrived = None;
+    while posted.elapsed() < Duration::from_secs(2) {
+        if get(&top_dev).await.status == 200 {
+            arrived = Some(posted.elapsed());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        !download.is_finished(),
+        "the payload still holds the uplink"
+    );
+    let arrived = arrived.expect("the report reached the parent within 2 s");
+    let marks = download.await.unwrap();
     stop.store(true, Ordering::Relaxed);
     let samples = sampler.await.unwrap();
     let client = rate_between(&marks, 1000, 3000) / MIB;
+    assert!(arrived < Duration::from_secs(1), "relayed in {arrived:?}");
     assert!(
         (3.6..=4.4).contains(&client),
         "the child's client got {client:.2} MiB/s"
