@@ -339,9 +339,11 @@ fn upstream_client(cfg: &Config, director: Arc<Director>) -> anyhow::Result<Upst
     };
     let client = UpstreamClient::new(&client_cfg, policy, director).map_err(anyhow::Error::msg)?;
     let uplink = Arc::new(fetch::uplink::Uplink::new(&cfg.uplink));
-    Ok(client
+    client
         .with_registries(registry_creds(cfg)?)
-        .with_uplink(uplink))
+        .with_uplink(uplink)
+        .with_pull_token(cfg.pull_token()?.as_deref())
+        .map_err(anyhow::Error::msg)
 }
 
 /// Each `[[registries]]` entry's URL and credentials, its password read from `password_file`.

@@ -1,22 +1,29 @@
 //! Container images on a child gateway (SPEC 6, 9): a child with no `[[registries]]` stages images
-//! through its parent's `/v2/`, and presents the parent's `pull_token`; an expired tag asked by many
-//! clients at once is revalidated with one HEAD. Plain chains of two nodes: tests/registry.rs.
+//! through its parent's `/v2/`, and presents the parent's `pull_token` (on pulls and on a prefetch's
+//! every request); an expired tag asked by many clients at once is revalidated with one HEAD. Plain
+//! chains of two nodes: tests/registry.rs.
 
 mod common;
 
 use common::registry::*;
 use common::*;
 use http::StatusCode;
+use std::sync::atomic::Ordering;
 
 /// A child node of `parent` with no registries; `server` is added to its `[server]` section.
 async fn child_of(parent: &Node, server: &str) -> Node {
+    child_at(parent.addr, server).await
+}
+
+/// A child node whose parent is at `parent` (a node, or a front before one).
+async fn child_at(parent: std::net::SocketAddr, server: &str) -> Node {
     let tmp = tempfile::tempdir().unwrap();
     let text = format!(
         "[node]\nid = \"child\"\n[server]\nlisten = \"127.0.0.1:0\"\n{server}\n[store]\ndir = \"{}\"\n\
          min_free = \"0\"\n[upstream]\nparents = [\"http://{}\"]\nallowed_origins = []\n\
          connect_timeout = \"2s\"\nidle_timeout = \"2s\"\n",
         tmp.path().join("data").display(),
-        parent.addr
+        parent
     );
     let cfg = cistern::config::Config::from_toml_str(&text, "child", &[]).unwrap();
     let mut child = Node::start_with(cfg).await;
@@ -118,6 +125,52 @@ async fn a_child_presents_its_pull_token_to_its_parent() {
     let layer = &s.image.layers[0];
     let g = get(&open.url(&format!("/v2/test/app/blobs/sha256:{layer}"))).await;
     assert_eq!(g.status, StatusCode::UNAUTHORIZED, "the parent refused it");
+}
+
+/// A prefetch of an image on a child whose parent requires `server.pull_token`: every request of the
+/// job to the parent's `/v2/`, its blobs' as well as its manifests', carries the child's token (which
+/// a front before the parent records); the job ends `done`, and the child serves the image's blobs
+/// with its parent gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_child_stages_images_through_a_parent_that_requires_its_pull_token() {
+    let Some(s) = site("").await else { return };
+    let mut cfg = s.node.cfg.clone();
+    cfg.server.pull_token = "pt-1234".into();
+    cfg.store.dir = s.tmp.path().join("locked");
+    let parent = Node::start_with(cfg).await;
+    let tap = Front::start(parent.addr.port()).await;
+    tap.state.pass_auth.store(true, Ordering::SeqCst);
+    let child = child_at(tap.addr, "pull_token = \"pt-1234\"").await;
+    let image = format!("{}/test/app:1", s.front.addr);
+    let job = prefetch(&child, serde_json::json!({"images": [image]})).await;
+    assert_eq!(job["state"], "done", "{job}");
+    let log = tap.state.log.lock().unwrap().clone();
+    let auths = tap.state.authorizations.lock().unwrap().clone();
+    for ((m, p), a) in log.iter().zip(&auths) {
+        assert_eq!(a, "Bearer pt-1234", "{m} {p} without the token");
+    }
+    assert_eq!(
+        tap.blob_gets(),
+        3,
+        "the blobs came through the parent: {log:?}"
+    );
+    assert_eq!(s.front.blob_gets(), 3, "each blob crossed the uplink once");
+    tap.state.down.store(true, Ordering::SeqCst);
+    s.front.state.down.store(true, Ordering::SeqCst);
+    let token = [("authorization", "Bearer pt-1234")];
+    for hex in s.image.layers.iter().chain([&s.image.config]) {
+        let url = child.url(&format!("/v2/test/app/blobs/sha256:{hex}"));
+        let g = request("GET", &url, &token).await;
+        assert_eq!(g.status, StatusCode::OK, "{hex} served offline");
+        assert_eq!(sha256_hex(&g.body), *hex);
+    }
+    let url = child.url(&format!(
+        "/v2/test/app/manifests/sha256:{}",
+        s.image.manifest
+    ));
+    let g = request("GET", &url, &token).await;
+    assert_eq!(g.status, StatusCode::OK, "the manifest served offline");
+    assert_eq!(sha256_hex(&g.body), s.image.manifest);
 }
 
 /// Sixteen clients asking a tag whose `tag_ttl` has passed, at once: one HEAD to the registry renews it

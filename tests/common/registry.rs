@@ -101,6 +101,9 @@ impl Drop for DistRegistry {
 pub struct FrontState {
     /// Every request: method and path with query.
     pub log: Mutex<Vec<(String, String)>>,
+    /// Every request's `Authorization` ("" without one), in the order of `log` (a front before a
+    /// parent gateway shows what its children present).
+    pub authorizations: Mutex<Vec<String>>,
     /// Blob bodies come back with one byte changed (same length).
     pub tamper: AtomicBool,
     /// So do manifest bodies.
@@ -189,6 +192,12 @@ async fn answer(
         .map_or("/", |p| p.as_str())
         .to_string();
     st.log.lock().unwrap().push((method.clone(), pq.clone()));
+    let auth = req
+        .headers()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok());
+    let auth = auth.unwrap_or_default().to_string();
+    st.authorizations.lock().unwrap().push(auth);
     if st.bearer.load(Ordering::SeqCst) {
         if pq.starts_with("/token") {
             let ok = req

@@ -19,7 +19,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
-use self::parent::Parent;
+use self::parent::{parent_target, Parent, PullToken};
 use self::proxy::ProxyClients;
 use self::redirect::{is_redirect, origin_of, CREDENTIALS};
 use super::error::FetchError;
@@ -135,6 +135,8 @@ pub struct UpstreamClient {
     registries: Arc<registry::RegistryAuth>,
     /// The node's uplink budget: every response body read from upstream is metered by it.
     uplink: Arc<Uplink>,
+    /// `server.pull_token`, presented to the `/v2/` of the parents and peers (SPEC 9).
+    pull_token: PullToken,
 }
 
 /// What came of asking one parent.
@@ -216,6 +218,7 @@ impl UpstreamClient {
             proxy,
             registries: Arc::default(),
             uplink: Arc::new(Uplink::new(&crate::config::Uplink::default())),
+            pull_token: PullToken::default(),
         })
     }
 
@@ -229,6 +232,14 @@ impl UpstreamClient {
     pub fn with_uplink(mut self, uplink: Arc<Uplink>) -> UpstreamClient {
         self.uplink = uplink;
         self
+    }
+
+    /// The client presenting `server.pull_token` to the parents' and peers' `/v2/` (SPEC 9): every
+    /// request for a path there carries it, whatever asked (a client's pull, a tag's revalidation, a
+    /// prefetch job's manifests and blobs, a job resumed after a restart).
+    pub fn with_pull_token(mut self, token: Option<&str>) -> Result<UpstreamClient, String> {
+        self.pull_token = PullToken::new(token)?;
+        Ok(self)
     }
 
     pub fn uplink(&self) -> &Arc<Uplink> {
@@ -340,8 +351,9 @@ impl UpstreamClient {
                 "no such parent".into(),
             )));
         };
+        let headers = self.pull_token.on(&target, own, headers);
         let sent = p
-            .request(method, target, own, headers, body, self.head_timeout)
+            .request(method, target, own, &headers, body, self.head_timeout)
             .await;
         match sent {
             Ok(r) => {
@@ -523,16 +535,6 @@ impl UpstreamClient {
     }
 }
 
-/// The URL of a parent's own path (`/v1/content/sha256/<hex>`).
-fn own_url(parent: &Uri, path: &str) -> Option<Uri> {
-    Uri::builder()
-        .scheme(parent.scheme()?.clone())
-        .authority(parent.authority()?.clone())
-        .path_and_query(path)
-        .build()
-        .ok()
-}
-
 fn classify(url: &Uri, e: &hyper_util::client::legacy::Error) -> FetchError {
     let mut src: Option<&(dyn std::error::Error + 'static)> = Some(e);
     let mut unreadable = false;
@@ -577,24 +579,4 @@ fn tls_failure(e: &(dyn std::error::Error + 'static)) -> Option<String> {
         e = inner;
     }
     None
-}
-
-/// What a parent at `at` is asked for: the origin URL in absolute form, or (for a digest alone) its
-/// own content-addressed path; None when its URL cannot carry that path.
-fn parent_target(
-    at: &Uri,
-    url: Option<&Uri>,
-    digest: Option<Digest>,
-) -> Result<Option<(Uri, bool)>, FetchError> {
-    match (url, digest) {
-        (Some(u), _) if u.scheme().is_none() => {
-            let path = u.path_and_query().map_or("/", |p| p.as_str());
-            Ok(own_url(at, path).map(|u| (u, true)))
-        }
-        (Some(u), _) => Ok(Some((u.clone(), false))),
-        (None, Some(d)) => Ok(own_url(at, &format!("/v1/content/sha256/{d}")).map(|u| (u, true))),
-        (None, None) => Err(FetchError::NotFound(
-            "nothing to ask the parents for".into(),
-        )),
-    }
 }

@@ -9,9 +9,10 @@ use std::time::Duration;
 
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Response, Uri};
 
+use super::parent::own_url;
 use super::parent::Parent;
 use super::proxy::Inner;
-use super::{empty_body, own_url, Hop, UpstreamClient};
+use super::{empty_body, Hop, UpstreamClient};
 use crate::store::Digest;
 
 /// Carried by a request from one peer to another: its receiver never sends it on to a peer.

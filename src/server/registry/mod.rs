@@ -62,16 +62,11 @@ impl App {
             Ok(o) => o,
             Err(e) => return (refused(e), None),
         };
-        // The client's credentials are for cistern (`pull_token`), never for the registry.
+        // The client's credentials are for cistern (`pull_token`), never for the registry. A child
+        // presents its own `pull_token` to its parent's `/v2/` (`fetch::upstream`), on every request.
         let mut headers = std::mem::take(req.headers_mut());
         headers.remove(http::header::AUTHORIZATION);
         headers.remove(http::header::COOKIE);
-        if let (Upstream::Parent, Some(token)) = (&up, &self.pull_token) {
-            // A child that requires `pull_token` presents the same one to its parent (README).
-            if let Some(v) = parent_authorization(token) {
-                headers.insert(http::header::AUTHORIZATION, v);
-            }
-        }
         let (repo, what) = match object {
             Object::Base => return (wire::base(), None),
             Object::Token => {
@@ -305,13 +300,6 @@ fn target(key: String, url: Uri, digest: Option<Digest>, headers: HeaderMap) -> 
         no_store: RequestCc::parse(&headers).no_store,
         headers,
     }
-}
-
-/// `Bearer <pull_token>`, for a child's `/v2/` requests to its parent (never logged: sensitive).
-fn parent_authorization(token: &str) -> Option<HeaderValue> {
-    let mut v = HeaderValue::from_str(&format!("Bearer {token}")).ok()?;
-    v.set_sensitive(true);
-    Some(v)
 }
 
 /// A refused path in the distribution spec's terms.

@@ -199,11 +199,6 @@ impl App {
             http::header::ACCEPT,
             HeaderValue::from_str(&accept).map_err(|e| e.to_string())?,
         );
-        if let (Upstream::Parent, Some(token)) = (&n.up, &self.pull_token) {
-            if let Some(v) = super::parent_authorization(token) {
-                h.insert(http::header::AUTHORIZATION, v);
-            }
-        }
         let t: Target = match parse_digest(reference) {
             Some(d) => target(format!("sha256/{d}"), url, Some(d), h),
             None => {
