@@ -231,6 +231,39 @@ async fn with_the_registry_stopped_stored_images_pull_and_tags_are_stale() {
     assert_eq!(g.status, StatusCode::GATEWAY_TIMEOUT);
 }
 
+/// dockerd and containerd resolve a tag with a HEAD alone, then ask for the manifest by digest: the
+/// HEAD stores the tag's manifest, so that the tag still resolves once the registry is out of reach.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_tag_resolved_by_head_alone_resolves_offline() {
+    let Some(s) = site("tag_ttl = \"0s\"").await else {
+        return;
+    };
+    let accept = ("accept", "application/vnd.oci.image.manifest.v1+json");
+    let tag = s.node.url("/v2/test/app/manifests/1");
+    let digest = format!("sha256:{}", s.image.manifest);
+    let h = request("HEAD", &tag, &[accept]).await;
+    assert_eq!(h.status, StatusCode::OK);
+    assert_eq!(h.header("docker-content-digest"), digest);
+    let by_digest = s.node.url(&format!("/v2/test/app/manifests/{digest}"));
+    assert_eq!(
+        request("GET", &by_digest, &[accept]).await.status,
+        StatusCode::OK
+    );
+    let manifest_gets = s
+        .front
+        .count(|m, p| m == "GET" && p.contains("/manifests/"));
+    assert_eq!(
+        manifest_gets, 1,
+        "the HEAD's fetch served the GET by digest"
+    );
+    s.front.state.down.store(true, Ordering::SeqCst);
+    for method in ["HEAD", "GET"] {
+        let g = request(method, &tag, &[accept]).await;
+        assert_eq!(g.status, StatusCode::OK, "{method} of the tag offline");
+        assert_eq!(g.header("docker-content-digest"), digest, "{method}");
+    }
+}
+
 /// A layer shared by two images crosses the uplink once; a tag pushed again is seen once `tag_ttl` has
 /// passed (the HEAD names another digest: the new manifest is fetched).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -436,13 +469,17 @@ async fn a_tampered_manifest_by_tag_is_refused() {
     s.front.state.tamper_manifests.store(true, Ordering::SeqCst);
     let accept = ("accept", "application/vnd.oci.image.manifest.v1+json");
     let url = s.node.url("/v2/test/app/manifests/1");
-    let g = request("GET", &url, &[accept]).await;
-    assert!(
-        g.aborted || g.status != StatusCode::OK,
-        "a tampered manifest came through whole"
-    );
-    let g = request("GET", &url, &[accept]).await;
-    assert_eq!(g.status, StatusCode::BAD_GATEWAY);
+    for _ in 0..2 {
+        // A connection closed before any status line (the request panics) delivers nothing either.
+        let url = url.clone();
+        let first = tokio::spawn(async move { request("GET", &url, &[accept]).await });
+        if let Ok(g) = first.await {
+            assert!(
+                g.aborted || g.status != StatusCode::OK,
+                "a tampered manifest came through whole"
+            );
+        }
+    }
     let out = s.tmp.path().join("out");
     assert!(
         pull(&s.node, &out).await.is_err(),

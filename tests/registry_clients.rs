@@ -346,6 +346,20 @@ async fn dockerd_pulls_through_registry_mirrors() {
         3,
         "each blob crossed the uplink once: {log:?}"
     );
+    // The registry out of reach: a third daemon pulls what cistern holds (dockerd resolved the tag
+    // by HEAD alone, which stored it).
+    s.front
+        .state
+        .down
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let dir = s.tmp.path().join("docker-offline");
+    let offline =
+        tokio::task::spawn_blocking(move || docker_pulls(&dir, &daemon, &["app:1".into()]));
+    let pulled = offline.await.unwrap().unwrap_or_else(|why| panic!("{why}"));
+    for (image, id) in pulled {
+        let id = id.unwrap_or_else(|e| panic!("docker pull {image} offline: {e}"));
+        assert_eq!(id.trim(), format!("sha256:{}", s.image.config), "{image}");
+    }
     let asked = |p: &str| {
         ["/v2/library/app/", "/v2/test/app/"]
             .iter()

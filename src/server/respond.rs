@@ -386,6 +386,11 @@ async fn flight_response(
     ask: &Ask,
 ) -> Response<Body> {
     let member = flight_member(joined, &head);
+    if let Some(crate::fetch::End::Failed(e)) = flight.end() {
+        // Failed before its head went out (a small body whose check failed at once): an error the
+        // client can read, not a connection closed before any status line.
+        return fetch_error_response(e);
+    }
     if head.digest.is_some() && head.size.is_none_or(|s| s == 0) {
         // The body may be empty: with no last byte to hold back, the head waits for the check (or,
         // when the length is unknown, for a first byte), and a mismatch is a 502 (SPEC 4).

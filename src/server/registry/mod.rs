@@ -222,7 +222,9 @@ impl App {
     }
 
     /// A manifest by tag: the stored answer while fresh or revalidated, stale when the registry cannot
-    /// be asked, else fetched with the client's `Accept`.
+    /// be asked, else fetched with the client's `Accept`. A HEAD of a tag not stored fetches and
+    /// stores the manifest (it is small): dockerd and containerd resolve a tag by HEAD alone and then
+    /// ask by digest, and a tag never stored could not be resolved once the registry is out of reach.
     async fn by_tag(
         &self,
         req: Request<Incoming>,
@@ -233,7 +235,10 @@ impl App {
     ) -> Response<Body> {
         let (t, stale) = self.tag_target(key, url, ttl, headers).await;
         let digest = t.digest;
-        let r = self.object(req, t, super::FormKind::Registry).await;
+        let r = match req.method() == Method::HEAD && digest.is_none() {
+            true => self.fill_for_head(t).await,
+            false => self.object(req, t, super::FormKind::Registry).await,
+        };
         let r = wire::object(r, digest);
         match stale {
             true => wire::stale(r),
@@ -360,13 +365,7 @@ fn upstream_url(up: &Upstream<'_>, repo: &str, kind: &str, tail: &str, asked: &U
 /// The key of a tag's answer: the manifest URL, and the client's `Accept` (the answer depends on it:
 /// a secondary key, SPEC 9).
 fn tag_key(up: &Upstream<'_>, url: &Uri, asked: &Uri, h: &HeaderMap) -> String {
-    let accept: Vec<&str> = h
-        .get_all(http::header::ACCEPT)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .collect();
-    let sum = sha2::Sha256::digest(accept.join(",").as_bytes());
-    let accept = hex::encode(&sum[..8]);
+    let accept = accept_hash(h);
     match up {
         Upstream::Registry(_) => {
             format!("{}#accept={accept}", crate::fetch::key::cache_key(url, &[]))
@@ -378,9 +377,43 @@ fn tag_key(up: &Upstream<'_>, url: &Uri, asked: &Uri, h: &HeaderMap) -> String {
     }
 }
 
+/// The media types a client accepts, as a set: dockerd lists them in another order on every start
+/// (it ranges over a Go map), and each order must find the same stored tag.
+fn accept_hash(h: &HeaderMap) -> String {
+    let mut types: Vec<String> = h
+        .get_all(http::header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|t| t.trim().to_ascii_lowercase())
+        .filter(|t| !t.is_empty())
+        .collect();
+    types.sort();
+    types.dedup();
+    let sum = sha2::Sha256::digest(types.join(",").as_bytes());
+    hex::encode(&sum[..8])
+}
+
 #[cfg(test)]
 mod tests {
-    use super::same_registry;
+    use super::{accept_hash, same_registry};
+
+    #[test]
+    fn the_accepted_types_count_in_any_order() {
+        let of = |values: &[&str]| {
+            let mut h = http::HeaderMap::new();
+            for v in values {
+                h.append(http::header::ACCEPT, v.parse().unwrap());
+            }
+            accept_hash(&h)
+        };
+        let a = "application/vnd.oci.image.manifest.v1+json";
+        let b = "application/vnd.docker.distribution.manifest.v2+json";
+        let one = of(&[&format!("{a}, {b}")]);
+        assert_eq!(one, of(&[&format!("{b},{a}")]));
+        assert_eq!(one, of(&[b, a]));
+        assert_ne!(one, of(&[a]));
+    }
 
     #[test]
     fn docker_hub_by_its_short_name() {
