@@ -140,17 +140,18 @@ async fn a_person_sees_progress_failed_devices_and_plots_in_a_browser() {
         "5 devices: 2 downloading, 2 failed, 1 installed: {body}"
     );
 
-    // Each plot is an inline SVG with its data lines (2 px wide) drawn, two of them in each.
+    // Each plot is an inline SVG with its data lines (2 px wide) drawn, two of them in each (traffic,
+    // uplink by class without a cap, store).
     let lines = b
         .until(
-            "both plots drawn with their data",
+            "the plots drawn with their data",
             r#"const n = [...document.querySelectorAll('figure[data-plot]')].map(f =>
                    [...f.querySelectorAll('svg polyline[stroke-width="2"]')]
                        .filter(l => l.getAttribute('points').trim().split(' ').length >= 2).length);
-               return n.length === 2 && n.every(x => x === 2) ? n : null;"#,
+               return n.length === 3 && n.every(x => x === 2) ? n : null;"#,
         )
         .await;
-    assert_eq!(lines, json!([2, 2]));
+    assert_eq!(lines, json!([2, 2, 2]));
 
     let state = b
         .js("return document.getElementById('refresh-state').innerText;")
@@ -187,7 +188,11 @@ async fn the_page_fetches_nothing_from_elsewhere() {
         );
     }
     assert!(html.contains("<svg") && html.contains("fetch("), "{html}");
-    for path in ["/dashboard/plot/traffic.svg", "/dashboard/plot/store.svg"] {
+    for path in [
+        "/dashboard/plot/traffic.svg",
+        "/dashboard/plot/store.svg",
+        "/dashboard/plot/uplink.svg",
+    ] {
         let svg = get(&node.url(path)).await;
         assert_eq!(svg.header("content-type"), "image/svg+xml", "{path}");
         assert!(svg.body.starts_with(b"<svg"), "{path}");

@@ -49,7 +49,9 @@ impl Bucket {
     fn cells(&self, n: u64) -> u64 {
         let before = self
             .carry
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |c| Some((c + n) % CELL))
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |c| {
+                Some((c + n) % CELL)
+            })
             .unwrap_or_else(|c| c);
         (before + n) / CELL
     }
