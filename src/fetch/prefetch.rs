@@ -10,8 +10,8 @@ use std::sync::{Arc, Mutex};
 use http::Uri;
 use serde_json::Value;
 
-pub use super::jobs::Plan;
-use super::jobs::{job_order, lock, FileState, Job, Saved, KEPT_JOBS, RECORDS};
+use super::jobs::{job_order, lock, FileState, Saved, KEPT_JOBS, RECORDS};
+pub use super::jobs::{Job, Plan};
 use super::uplink::Priority;
 use super::{End, Fetcher, Flight, Lookup, Target};
 use crate::store::Digest;

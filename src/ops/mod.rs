@@ -21,7 +21,7 @@ use hyper::body::Incoming;
 use crate::fetch::Fetcher;
 use crate::relay::Relay;
 use crate::server::body::full;
-use crate::server::{Body, OwnEndpoints, ServerStats};
+use crate::server::{Body, OwnAnswer, OwnEndpoints, ServerStats};
 use crate::store::Store;
 
 pub struct Ops {
@@ -47,11 +47,11 @@ fn text(status: StatusCode, ct: &'static str, body: String) -> Response<Body> {
 }
 
 impl OwnEndpoints for Ops {
-    fn handle(&self, req: &Request<Incoming>) -> Option<Response<Body>> {
+    fn handle<'a>(&'a self, req: &'a Request<Incoming>) -> OwnAnswer<'a> {
         if req.method() != Method::GET && req.method() != Method::HEAD {
-            return None;
+            return Box::pin(std::future::ready(None));
         }
-        Some(match req.uri().path() {
+        let answer = match req.uri().path() {
             "/healthz" => text(
                 StatusCode::OK,
                 "application/json",
@@ -83,8 +83,10 @@ impl OwnEndpoints for Ops {
                 let (ct, body) = metrics::scrape(self, accept);
                 text(StatusCode::OK, ct, body)
             }
-            path => return dashboard::handle(self, path),
-        })
+            // The dashboard reads the stored manifests (its table of images): a future of its own.
+            path => return Box::pin(dashboard::handle(self, path)),
+        };
+        Box::pin(std::future::ready(Some(answer)))
     }
 }
 

@@ -43,6 +43,7 @@ use metered::{FormLabel, Metered, RequestLabels};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+pub use registry::images::{list as stored_images, ImageEntry};
 pub use tls::tls_acceptor;
 
 use crate::config::Config;
@@ -57,9 +58,14 @@ const AHEAD: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Endpoints served by another module (ops) under cistern's own paths.
 pub trait OwnEndpoints: Send + Sync {
-    /// Answers the request, or None when the path is not one of these endpoints.
-    fn handle(&self, req: &Request<Incoming>) -> Option<Response<Body>>;
+    /// Answers the request, or None when the path is not one of these endpoints. A future, so that
+    /// an endpoint may read files (the dashboard's list of images) without blocking a runtime thread.
+    fn handle<'a>(&'a self, req: &'a Request<Incoming>) -> OwnAnswer<'a>;
 }
+
+/// What [`OwnEndpoints::handle`] gives.
+pub type OwnAnswer<'a> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Option<Response<Body>>> + Send + 'a>>;
 
 /// Counters other modules read (ops renders them).
 pub struct ServerStats {
@@ -402,7 +408,7 @@ impl App {
             Err(req) => req,
         };
         if let Some(own) = &self.own {
-            if let Some(r) = own.handle(&req) {
+            if let Some(r) = own.handle(&req).await {
                 return r;
             }
         }

@@ -296,6 +296,11 @@ impl Uplink {
         Some(now.duration_until(at).unsigned_abs())
     }
 
+    /// The common cap in force (`uplink.max_rate`, or as `PUT /v1/admin/uplink` set it); 0: none.
+    pub fn max_rate(&self) -> u64 {
+        self.caps.read().unwrap_or_else(|p| p.into_inner()).max_rate
+    }
+
     /// Bytes read from upstream by `class` since start.
     pub fn bytes(&self, class: Class) -> u64 {
         self.bytes[class as usize].load(Ordering::Relaxed)

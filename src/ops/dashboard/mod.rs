@@ -1,6 +1,7 @@
 //! The dashboard (SPEC 7): the page at `/`, rendered from `src/ops/dashboard/templates/dashboard/` (askama, which escapes
 //! every value), the `/dashboard/state.json` it refreshes itself from, and its plots as SVG under
-//! `/dashboard/plot/`. Everything it needs is in the binary: the page works on a site with no internet.
+//! `/dashboard/plot/` (store, traffic, uplink use by class). Everything it needs is in the binary: the
+//! page works on a site with no internet.
 //! Reads only what `store`, `fetch`, `server` and `relay` expose, through [`Ops`].
 
 pub mod plot;
@@ -13,6 +14,7 @@ use askama::Template;
 use http::{Response, StatusCode};
 
 use super::{text, Ops};
+use crate::fetch::uplink::Class;
 use crate::server::Body;
 use samples::Sample;
 use view::View;
@@ -24,39 +26,56 @@ struct Page<'a> {
     v: &'a View,
     store_svg: &'a str,
     traffic_svg: &'a str,
+    uplink_svg: &'a str,
 }
 
 /// Answers the dashboard's paths; None for any other.
-pub fn handle(ops: &Ops, path: &str) -> Option<Response<Body>> {
+pub async fn handle(ops: &Ops, path: &str) -> Option<Response<Body>> {
     Some(match path {
-        "/" => page(ops),
-        "/dashboard/state.json" => match serde_json::to_string(&View::of(ops)) {
+        "/" => page(ops).await,
+        "/dashboard/state.json" => match serde_json::to_string(&view(ops).await) {
             Ok(json) => text(StatusCode::OK, "application/json", json),
             Err(e) => failed(&e),
         },
         "/dashboard/plot/store.svg" => svg(plot::store(&ops.samples_until_now(), now_ms())),
         "/dashboard/plot/traffic.svg" => svg(plot::traffic(&ops.samples_until_now(), now_ms())),
+        "/dashboard/plot/uplink.svg" => svg(plot::uplink(&ops.samples_until_now(), now_ms())),
         _ => return None,
     })
 }
 
-fn page(ops: &Ops) -> Response<Body> {
-    let samples = ops.samples_until_now();
-    let plots = plot::store(&samples, now_ms())
-        .and_then(|s| plot::traffic(&samples, now_ms()).map(|t| (s, t)));
-    let (store_svg, traffic_svg) = match plots {
+/// The view as it is now, with the stored images as `GET /v1/admin/images` lists them (read from
+/// the stored manifests, hence a future).
+async fn view(ops: &Ops) -> View {
+    let images = crate::server::stored_images(&ops.store).await;
+    View::of(ops, images)
+}
+
+async fn page(ops: &Ops) -> Response<Body> {
+    let v = view(ops).await;
+    let (store_svg, traffic_svg, uplink_svg) = match plots(&ops.samples_until_now(), now_ms()) {
         Ok(p) => p,
         Err(e) => return failed(&e),
     };
     let page = Page {
-        v: &View::of(ops),
+        v: &v,
         store_svg: &store_svg,
         traffic_svg: &traffic_svg,
+        uplink_svg: &uplink_svg,
     };
     match page.render() {
         Ok(html) => text(StatusCode::OK, "text/html; charset=utf-8", html),
         Err(e) => failed(&e),
     }
+}
+
+/// The page's three plots: store, traffic, uplink.
+fn plots(samples: &[Sample], now: u64) -> Result<(String, String, String), plot::PlotError> {
+    Ok((
+        plot::store(samples, now)?,
+        plot::traffic(samples, now)?,
+        plot::uplink(samples, now)?,
+    ))
 }
 
 fn svg(r: Result<String, plot::PlotError>) -> Response<Body> {
@@ -85,6 +104,7 @@ impl Ops {
     /// The counters the plots follow, as they are now.
     pub fn sample(&self) -> Sample {
         let u = self.store.usage();
+        let up = self.fetcher.uplink();
         Sample {
             at_ms: now_ms(),
             served: self.server.hit_bytes.load(Ordering::Relaxed)
@@ -92,6 +112,9 @@ impl Ops {
             fetched: self.fetcher.stats().bytes_fetched.load(Ordering::Relaxed),
             store_used: u.bytes,
             store_budget: u.may_use(),
+            uplink_foreground: up.bytes(Class::Foreground),
+            uplink_background: up.bytes(Class::Background),
+            uplink_cap: up.max_rate(),
         }
     }
 

@@ -1,5 +1,6 @@
-//! The dashboard's two plots, drawn here as SVG (plotters' SVG backend) from the kept samples: store
-//! use against its budget, and bytes served against bytes fetched from upstream. Time runs along x as
+//! The dashboard's plots, drawn here as SVG (plotters' SVG backend) from the kept samples: store use
+//! against its budget, bytes served against bytes fetched from upstream, and the uplink's use by class
+//! (foreground, background) under its cap. Time runs along x as
 //! minutes before now, so that the page needs no clock of its own.
 
 use plotters::prelude::*;
@@ -14,6 +15,8 @@ const MIN_SPAN_MINUTES: f64 = 2.0;
 const SERVED: RGBColor = RGBColor(0x1f, 0x77, 0xb4);
 const FETCHED: RGBColor = RGBColor(0xd6, 0x62, 0x0a);
 const BUDGET: RGBColor = RGBColor(0xb0, 0x20, 0x20);
+const FOREGROUND: RGBColor = SERVED;
+const BACKGROUND: RGBColor = RGBColor(0x2c, 0xa0, 0x2c);
 
 #[derive(Debug, thiserror::Error)]
 #[error("cannot draw the {plot} plot: {cause}")]
@@ -22,7 +25,8 @@ pub struct PlotError {
     cause: String,
 }
 
-/// One line to draw: its points (minutes before now, value in the plot's unit), name and colour.
+/// One line to draw: its points (minutes before now, value in the plot's unit), name (none: no entry in
+/// the legend) and colour.
 struct Line {
     points: Vec<(f64, f64)>,
     name: &'static str,
@@ -32,38 +36,17 @@ struct Line {
 /// Bytes per second served to clients and fetched from upstream, each interval between two samples
 /// drawn as a step at its average rate.
 pub fn traffic(samples: &[Sample], now_ms: u64) -> Result<String, PlotError> {
-    let rates = |v: fn(&Sample) -> u64| -> Vec<(u64, f64)> {
-        let mut out = Vec::new();
-        for w in samples.windows(2) {
-            let secs = w[1].at_ms.saturating_sub(w[0].at_ms) as f64 / 1000.0;
-            if secs <= 0.0 {
-                continue;
-            }
-            let rate = v(&w[1]).saturating_sub(v(&w[0])) as f64 / secs;
-            out.push((w[0].at_ms, rate));
-            out.push((w[1].at_ms, rate));
-        }
-        out
-    };
-    let served = rates(|s| s.served);
-    let fetched = rates(|s| s.fetched);
+    let served = rates(samples, |s| s.served);
+    let fetched = rates(samples, |s| s.fetched);
     let top = served
         .iter()
         .chain(&fetched)
         .map(|p| p.1)
         .fold(0.0, f64::max);
     let (div, unit) = unit_of(top);
-    let line = |pts: &[(u64, f64)], name, colour| Line {
-        points: pts
-            .iter()
-            .map(|&(at, v)| (minutes_before(now_ms, at), v / div))
-            .collect(),
-        name,
-        colour,
-    };
     let lines = [
-        line(&served, "served to clients", SERVED),
-        line(&fetched, "fetched from upstream", FETCHED),
+        scaled(&served, div, now_ms, "served to clients", SERVED),
+        scaled(&fetched, div, now_ms, "fetched from upstream", FETCHED),
     ];
     draw(
         "traffic",
@@ -71,6 +54,109 @@ pub fn traffic(samples: &[Sample], now_ms: u64) -> Result<String, PlotError> {
         span(samples, now_ms),
         &lines,
     )
+}
+
+/// Bytes per second the uplink carried for clients waiting (foreground) and for background work,
+/// each interval a step at its average rate as in [`traffic`], under the cap (`uplink.max_rate`)
+/// wherever one was set.
+pub fn uplink(samples: &[Sample], now_ms: u64) -> Result<String, PlotError> {
+    let foreground = rates(samples, |s| s.uplink_foreground);
+    let background = rates(samples, |s| s.uplink_background);
+    let caps = cap_runs(samples);
+    let top = foreground
+        .iter()
+        .chain(&background)
+        .chain(caps.iter().flatten())
+        .map(|p| p.1)
+        .fold(0.0, f64::max);
+    let (div, unit) = unit_of(top);
+    let mut lines = vec![
+        scaled(
+            &foreground,
+            div,
+            now_ms,
+            "foreground (clients waiting)",
+            FOREGROUND,
+        ),
+        scaled(
+            &background,
+            div,
+            now_ms,
+            "background (prefetch jobs)",
+            BACKGROUND,
+        ),
+    ];
+    for (i, run) in caps.iter().enumerate() {
+        // One legend entry for the cap, however often it was lifted and set again.
+        let name = if i == 0 { "cap (max_rate)" } else { "" };
+        lines.push(scaled(run, div, now_ms, name, BUDGET));
+    }
+    draw(
+        "uplink",
+        &format!("{unit}/s"),
+        span(samples, now_ms),
+        &lines,
+    )
+}
+
+/// The rate of counter `v` over each interval between two samples, as a step: (start, rate),
+/// (end, rate). Intervals of no length are left out.
+fn rates(samples: &[Sample], v: fn(&Sample) -> u64) -> Vec<(u64, f64)> {
+    let mut out = Vec::new();
+    for w in samples.windows(2) {
+        let secs = w[1].at_ms.saturating_sub(w[0].at_ms) as f64 / 1000.0;
+        if secs <= 0.0 {
+            continue;
+        }
+        let rate = v(&w[1]).saturating_sub(v(&w[0])) as f64 / secs;
+        out.push((w[0].at_ms, rate));
+        out.push((w[1].at_ms, rate));
+    }
+    out
+}
+
+/// The cap over time, one run of points per stretch of samples that had one; a change of the cap
+/// between two samples is drawn as a step at the later one.
+fn cap_runs(samples: &[Sample]) -> Vec<Vec<(u64, f64)>> {
+    let mut runs: Vec<Vec<(u64, f64)>> = Vec::new();
+    let mut capped = false;
+    for s in samples {
+        if s.uplink_cap == 0 {
+            capped = false;
+            continue;
+        }
+        if !capped {
+            runs.push(Vec::new());
+            capped = true;
+        }
+        let Some(run) = runs.last_mut() else { continue };
+        let cap = s.uplink_cap as f64;
+        if let Some(&(_, before)) = run.last() {
+            if before != cap {
+                run.push((s.at_ms, before));
+            }
+        }
+        run.push((s.at_ms, cap));
+    }
+    runs
+}
+
+/// Points (time, value in bytes) as a line in the plot's unit (`div` bytes).
+fn scaled(
+    points: &[(u64, f64)],
+    div: f64,
+    now_ms: u64,
+    name: &'static str,
+    colour: RGBColor,
+) -> Line {
+    Line {
+        points: points
+            .iter()
+            .map(|&(at, v)| (minutes_before(now_ms, at), v / div))
+            .collect(),
+        name,
+        colour,
+    }
 }
 
 /// Bytes the store holds, and what it may use.
@@ -159,14 +245,17 @@ fn draw(plot: &'static str, unit: &str, span: f64, lines: &[Line]) -> Result<Str
             .map_err(|e| fail(&e))?;
         for l in lines {
             let colour = l.colour;
-            chart
+            let series = chart
                 .draw_series(LineSeries::new(
                     l.points.iter().copied(),
                     colour.stroke_width(2),
                 ))
-                .map_err(|e| fail(&e))?
-                .label(l.name)
-                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], colour));
+                .map_err(|e| fail(&e))?;
+            if !l.name.is_empty() {
+                series
+                    .label(l.name)
+                    .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], colour));
+            }
         }
         chart
             .configure_series_labels()
@@ -192,6 +281,18 @@ mod tests {
             fetched,
             store_used: served,
             store_budget: 10 << 20,
+            ..Sample::default()
+        }
+    }
+
+    /// A sample of the uplink's counters: foreground and background bytes so far, and the cap.
+    fn up(at_s: u64, foreground: u64, background: u64, cap: u64) -> Sample {
+        Sample {
+            at_ms: at_s * 1000,
+            uplink_foreground: foreground,
+            uplink_background: background,
+            uplink_cap: cap,
+            ..Sample::default()
         }
     }
 
@@ -238,5 +339,36 @@ mod tests {
         );
         assert_eq!(lines(&svg, SERVED)[0].split(' ').count(), 2, "{svg}");
         assert_eq!(lines(&svg, BUDGET)[0].split(' ').count(), 2, "{svg}");
+    }
+
+    #[test]
+    fn uplink_draws_each_class_and_the_cap_only_where_set() {
+        // 1 MiB/s foreground then 2 MiB/s background, without a cap.
+        let s = [
+            up(0, 0, 0, 0),
+            up(10, 10 << 20, 0, 0),
+            up(20, 10 << 20, 20 << 20, 0),
+        ];
+        let svg = uplink(&s, 20_000).unwrap();
+        assert!(svg.contains("MiB/s") && svg.contains("foreground (clients waiting)"));
+        assert!(!svg.contains("cap (max_rate)"), "{svg}");
+        let (fg, bg) = (lines(&svg, FOREGROUND), lines(&svg, BACKGROUND));
+        assert_eq!((fg.len(), bg.len()), (1, 1), "{svg}");
+        assert_ne!(fg[0], bg[0], "the classes are drawn apart: {svg}");
+        assert!(lines(&svg, BUDGET).is_empty(), "{svg}");
+        // A cap set, lifted, and set again: two stretches of the cap line, one legend entry.
+        let capped = [
+            up(0, 0, 0, 4 << 20),
+            up(10, 0, 0, 4 << 20),
+            up(20, 0, 0, 0),
+            up(30, 0, 0, 8 << 20),
+            up(40, 0, 0, 6 << 20),
+        ];
+        let svg = uplink(&capped, 40_000).unwrap();
+        assert_eq!(svg.matches("cap (max_rate)").count(), 1, "{svg}");
+        let cap = lines(&svg, BUDGET);
+        assert_eq!(cap.len(), 2, "{svg}");
+        // 8 MiB/s then 6 MiB/s: a step of three points.
+        assert_eq!(cap[1].split(' ').count(), 3, "{svg}");
     }
 }

@@ -1,6 +1,7 @@
 //! The dashboard's memory of the last hours: one [`Sample`] of the counters other modules expose every
 //! [`PERIOD`], kept in a ring of fixed capacity ([`CAPACITY`]), so that the plots can show how the store
-//! and the traffic went without any of it touching the disk.
+//! and the traffic (served, fetched, and the uplink's use by class) went without any of it touching the
+//! disk.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
@@ -28,6 +29,13 @@ pub struct Sample {
     pub store_used: u64,
     /// What the store may use (its budget), which moves with the filesystem's free space.
     pub store_budget: u64,
+    /// Bytes read from upstream for clients waiting for them (the uplink's foreground class).
+    pub uplink_foreground: u64,
+    /// Bytes read from upstream for background work (prefetch jobs, background revalidation).
+    pub uplink_background: u64,
+    /// `uplink.max_rate` at that moment in bytes per second (0: no cap); sampled because
+    /// `PUT /v1/admin/uplink` changes it at run time.
+    pub uplink_cap: u64,
 }
 
 /// A bounded ring of samples, oldest first.

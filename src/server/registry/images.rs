@@ -1,7 +1,7 @@
 //! `GET /v1/admin/images` (SPEC 9): the images whose tags are stored, each with its registry,
 //! repository, tag, manifest digest, platforms and size, read from the stored manifests with the
 //! `oci-spec` types (an image manifest, or an index / Docker manifest list and the manifests of it
-//! that are stored).
+//! that are stored). The dashboard's table of images reads the same [`list`] (`server::stored_images`).
 
 use std::collections::BTreeSet;
 

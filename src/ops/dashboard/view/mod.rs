@@ -1,6 +1,10 @@
 //! What the dashboard shows, as one [`View`] made from what `store`, `fetch`, `server` and `relay`
 //! expose. The page's template renders it, and `/dashboard/state.json` serves it for the page to refresh
 //! itself: every figure is formatted here, once, so the template and the page's script only place text.
+//! The uplink budget and the prefetch jobs are in `uplink.rs`, the stored images in `images.rs`.
+
+mod images;
+mod uplink;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::Ordering;
@@ -9,6 +13,9 @@ use serde::Serialize;
 use serde_json::Value;
 
 use super::super::Ops;
+use crate::server::ImageEntry;
+pub use images::ImageRow;
+pub use uplink::{JobRow, UplinkView};
 
 /// Stored objects listed at most (the most recently used first).
 const OBJECTS_SHOWN: usize = 50;
@@ -24,6 +31,8 @@ pub struct View {
     pub generated_at: String,
     pub store: StoreView,
     pub traffic: TrafficView,
+    /// The uplink budget (SPEC 4): caps, rates by class, windows.
+    pub uplink: UplinkView,
     pub transfers: Vec<TransferRow>,
     pub objects: Vec<ObjectRow>,
     /// "50 of 812" when the list is cut.
@@ -32,6 +41,10 @@ pub struct View {
     /// The site's peers (SPEC 10); empty without `[peers]`.
     pub peers: Vec<PeerRow>,
     pub prefetch: Vec<JobRow>,
+    /// The stored images (SPEC 9), as `GET /v1/admin/images` lists them.
+    pub images: Vec<ImageRow>,
+    /// "3", or "the first 50 of 72" when the list is cut.
+    pub images_shown: String,
     pub deployments: DeploymentsView,
     pub relay: RelayView,
 }
@@ -100,15 +113,6 @@ pub struct PeerRow {
     pub served: u64,
 }
 
-#[derive(Serialize)]
-pub struct JobRow {
-    pub id: String,
-    pub state: String,
-    pub files: String,
-    pub progress: Bar,
-    pub errors: String,
-}
-
 /// The deployments table: one row per update and workflow, one column per state any device is in.
 #[derive(Serialize)]
 pub struct DeploymentsView {
@@ -174,20 +178,31 @@ pub struct SetAsideRow {
 }
 
 impl View {
-    pub fn of(ops: &Ops) -> View {
+    /// The view of `ops` now, with `images` (what `server::stored_images` lists).
+    pub fn of(ops: &Ops, images: Vec<ImageEntry>) -> View {
         let (objects, objects_shown) = objects(ops);
+        let (images, images_shown) = images::images(images);
+        let up = ops.fetcher.uplink().status();
         View {
             node: ops.node_id.clone(),
             generated_at: humantime::format_rfc3339_seconds(std::time::SystemTime::now())
                 .to_string(),
             store: store(ops),
             traffic: traffic(ops),
+            uplink: uplink::uplink(&up),
             transfers: transfers(ops),
             objects,
             objects_shown,
             parents: parents(ops),
             peers: peers(ops),
-            prefetch: prefetch(ops),
+            prefetch: ops
+                .fetcher
+                .prefetch_jobs(JOBS_SHOWN)
+                .into_iter()
+                .map(|j| uplink::job(j, &up))
+                .collect(),
+            images,
+            images_shown,
             deployments: deployments(&ops.relay.deployments()),
             relay: relay(&ops.relay.status()),
         }
@@ -296,30 +311,6 @@ fn peers(ops: &Ops) -> Vec<PeerRow> {
                 m.sent_ok, m.sent_5xx, m.sent_failed
             ),
             served: m.served,
-        })
-        .collect()
-}
-
-fn prefetch(ops: &Ops) -> Vec<JobRow> {
-    ops.fetcher
-        .prefetch_jobs(JOBS_SHOWN)
-        .into_iter()
-        .map(|j| {
-            let stored = j.files.iter().filter(|f| f.state == "stored").count();
-            let done: u64 = j.files.iter().map(|f| f.bytes).sum();
-            let size: Option<u64> = j.files.iter().map(|f| f.size).sum();
-            let errors: Vec<String> = j
-                .files
-                .iter()
-                .filter_map(|f| f.error.as_ref().map(|e| format!("{}: {e}", f.url)))
-                .collect();
-            JobRow {
-                id: j.id,
-                state: j.state,
-                files: format!("{stored} of {} stored", j.files.len()),
-                progress: progress(done, size),
-                errors: errors.join("; "),
-            }
         })
         .collect()
 }
