@@ -14,15 +14,13 @@
 //! the fetch path.
 
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use http::{StatusCode, Uri};
 use serde::Serialize;
 
+pub use super::health::{Clock, Outcome, SKIP_FOR};
 use super::peers::Peers;
-
-/// How long a parent that failed to connect, timed out or answered 503 is skipped.
-pub const SKIP_FOR: Duration = Duration::from_secs(30);
 
 /// A next hop.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -46,15 +44,6 @@ pub enum Ask<'a> {
     Status,
 }
 
-/// What came of sending to a hop.
-#[derive(Clone, Debug)]
-pub enum Outcome {
-    /// It answered with this status.
-    Answered(StatusCode),
-    /// It could not be connected to, timed out, or answered with something that is not HTTP.
-    Failed(String),
-}
-
 /// A parent's health as ops shows it.
 #[derive(Serialize, Debug, Clone)]
 pub struct ParentHealth {
@@ -63,9 +52,6 @@ pub struct ParentHealth {
     pub last_error: Option<String>,
     pub seconds_since_ok: Option<u64>,
 }
-
-/// Where the director reads the time (a test moves it on).
-pub type Clock = Arc<dyn Fn() -> Instant + Send + Sync>;
 
 pub struct Director {
     /// In order of preference.

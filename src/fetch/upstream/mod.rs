@@ -34,6 +34,7 @@ pub use redirect::{on_origin_of, resolve_location};
 pub mod connect;
 pub mod director;
 pub mod dns;
+mod health;
 mod parent;
 mod peer;
 pub mod peers;

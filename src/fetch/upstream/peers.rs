@@ -3,7 +3,7 @@
 //! position: a new list (from `peers.dns`) keeps the health and counts of the members it still names.
 //!
 //! Health is kept as the director keeps parents': a member that cannot be connected to, times out or
-//! answers 5xx is down for 30 s (`super::director::SKIP_FOR`); a `/healthz` probe (every 5 s, run by
+//! answers 5xx is down for 30 s (`super::health::SKIP_FOR`); a `/healthz` probe (every 5 s, run by
 //! `fetch::peering`) or any other answer brings it back.
 
 use std::net::IpAddr;
@@ -14,7 +14,7 @@ use std::time::Instant;
 use http::{StatusCode, Uri};
 use serde::Serialize;
 
-use super::director::{Clock, Outcome, SKIP_FOR};
+use super::health::{Clock, Outcome, SKIP_FOR};
 use super::rendezvous;
 
 /// How many members ahead of this node one request may try (the owner, then the next when the owner
