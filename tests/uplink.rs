@@ -175,6 +175,7 @@ async fn a_client_miss_takes_the_uplink_from_a_running_prefetch() {
     let up = get(&node.url("/v1/uplink")).await.json();
     let bg_during = up["bytes"]["background"].as_u64().unwrap() - bg_before;
     let bg_rate = bg_during as f64 / (done as f64 / 1000.0) / MIB;
+    eprintln!("client {fg:.2} MiB/s from 2 s on; prefetch meanwhile {bg_rate:.2} MiB/s");
     assert!(bg_rate < 2.0, "the prefetch kept {bg_rate:.2} MiB/s");
 }
 
@@ -259,6 +260,7 @@ async fn a_childs_cap_limits_what_it_asks_of_its_parent() {
     stop.store(true, Ordering::Relaxed);
     let samples = sampler.await.unwrap();
     let client = rate_between(&marks, 1000, 3000) / MIB;
+    eprintln!("report relayed in {arrived:?}; the child's client got {client:.2} MiB/s");
     assert!(arrived < Duration::from_secs(1), "relayed in {arrived:?}");
     assert!(
         (3.6..=4.4).contains(&client),
