@@ -495,12 +495,16 @@ async fn follow(flight: &Flight, job: &Arc<Mutex<Job>>, i: usize) -> Result<Dige
     }
 }
 
-/// A URL as it may be shown: without its query, which may hold a SAS `sig`.
+/// A URL as it may be shown: without its query, which may hold a SAS `sig`. A path of the parent's
+/// own (an image staged through its `/v2/`) is shown as the path.
 fn redact(u: &Uri) -> String {
+    let Some(authority) = u.authority() else {
+        return u.path().to_string();
+    };
     format!(
         "{}://{}{}",
         u.scheme_str().unwrap_or("http"),
-        u.authority().map(|a| a.as_str()).unwrap_or(""),
+        authority.as_str(),
         u.path()
     )
 }
@@ -517,6 +521,14 @@ mod tests {
         let (f, pin) = parse(&json!({"files": [{"url": "http://x.example/a.swu", "sha256": HEX, "size": 3}], "pin": true}), None).unwrap();
         assert!(pin);
         assert_eq!(f[0].url.to_string(), "http://x.example/a.swu");
+        assert_eq!(
+            redact(&"/v2/app/blobs/sha256:00?ns=r".parse().unwrap()),
+            "/v2/app/blobs/sha256:00"
+        );
+        assert_eq!(
+            redact(&"http://x.example/a?sig=S".parse().unwrap()),
+            "http://x.example/a"
+        );
         let b64 = "ungWv48Bz+pBQUDeXa4iI7ADYaOWF3qctBD/YfIAFa0=";
         let (f, _) = parse(
             &json!({"baseUrl": "http://x.example/c/", "files": [{"filename": "fw 1.swu", "sizeInBytes": 3, "hashes": {"sha256": b64}}]}),
