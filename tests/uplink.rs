@@ -406,3 +406,52 @@ async fn a_job_not_before_its_time_waits_and_bad_plans_are_refused() {
         assert_eq!(r.status, 400, "{bad}");
     }
 }
+
+/// A client that gives up leaves the fill it started going on (to store the object), but as background
+/// work: the next client's miss gets the uplink, and a client that asks for the first object again
+/// raises it back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_fill_nobody_waits_for_leaves_the_uplink_to_one_somebody_waits_for() {
+    let origin = Origin::start().await;
+    origin.send_buffer.store(64 << 10, Ordering::Relaxed);
+    origin.put("/left", random_bytes(24 << 20, 5), fast(50 << 20));
+    origin.put("/wanted", random_bytes(24 << 20, 6), fast(50 << 20));
+    let node = Node::start(&origin, "[uplink]\nmax_rate = \"8MiB\"\n").await;
+    // A client reads a second of /left, then goes away.
+    let uri: http::Uri = node.url("/o/t/left").parse().unwrap();
+    let mut sender = connect_to(&uri).await;
+    let req = http::Request::get(uri.path_and_query().unwrap().as_str())
+        .header("host", uri.authority().unwrap().as_str())
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    let resp = sender.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.into_body();
+    let until = Instant::now() + Duration::from_secs(1);
+    while Instant::now() < until {
+        if body.frame().await.is_none() {
+            break;
+        }
+    }
+    drop(body);
+    drop(sender);
+    let marks = timed_get(&node.url("/o/t/wanted")).await;
+    let done = marks.last().unwrap().0;
+    let fg = rate_between(&marks, 1000, done.min(3000)) / MIB;
+    eprintln!("the client waiting got {fg:.2} MiB/s from 1 s on");
+    assert!(fg >= 6.4, "the client waiting got {fg:.2} MiB/s");
+    let up = get(&node.url("/v1/uplink")).await.json();
+    assert!(
+        up["bytes"]["background"].as_u64().unwrap() > 0,
+        "the left fill went on as background: {up}"
+    );
+    // The left fill goes on and stores /left: asked again, it is whole.
+    let again = get(&node.url("/o/t/left")).await;
+    assert_eq!(again.status, 200);
+    assert_eq!(again.body.len(), 24 << 20);
+    assert_eq!(
+        origin.gets("/left"),
+        1,
+        "one transfer, raised again by the second client"
+    );
+}

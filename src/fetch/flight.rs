@@ -371,9 +371,17 @@ impl Flight {
         self.readers_moved.notify_waiters();
     }
 
-    /// A reader left.
+    /// A reader left. The last one to leave a fill that goes on leaves it as background work: the
+    /// uplink is for those who wait (SPEC 4); a client joining later raises it again.
     fn left(&self, id: u64) {
-        self.state().readers.remove(&id);
+        let none_left = {
+            let mut st = self.state();
+            st.readers.remove(&id);
+            st.readers.is_empty()
+        };
+        if none_left && self.progress.borrow().end.is_none() {
+            self.priority.lower();
+        }
         self.readers_moved.notify_waiters();
     }
 

@@ -77,8 +77,10 @@ impl Priority {
         }))
     }
 
+    /// A client waits. Should every client leave, the transfer goes on as background work that the
+    /// windows do not hold (a client's fill is not staging).
     pub fn foreground() -> Priority {
-        Priority::of(false, true)
+        Priority::of(false, false)
     }
 
     /// Background work that runs only inside the windows.
@@ -106,6 +108,12 @@ impl Priority {
     /// A client is waiting for this transfer now.
     pub fn raise(&self) {
         self.0.background.store(false, Ordering::Relaxed);
+    }
+
+    /// No client waits for this transfer any more (it goes on to store the object): it takes what
+    /// clients' transfers leave.
+    pub fn lower(&self) {
+        self.0.background.store(true, Ordering::Relaxed);
     }
 
     /// The priority of the task this runs in: background inside `in_background`, else foreground.
