@@ -286,6 +286,17 @@ mod failpoints {
             .expect("a hit waited for the commit");
         assert_eq!(g.header("cache-status"), "cistern; hit", "{step:?}");
         assert!(g.body == body);
+        // So is a HEAD (with a set of ranges): the object is held, not a miss to ask upstream about.
+        let h = request("HEAD", &url, &[("range", "bytes=0-99, 200-299")]).await;
+        assert_eq!(
+            h.status.as_u16(),
+            206,
+            "{step:?}: HEAD while the commit is held"
+        );
+        assert!(
+            origin.requests(PATH).iter().all(|(m, _)| m != "HEAD"),
+            "{step:?}: a HEAD went upstream while the object was being stored"
+        );
         assert!(
             p.listed().await.is_empty(),
             "listed before the commit ended"

@@ -179,12 +179,19 @@ impl Fetcher {
 
     /// Whether the store holds what a target names (a HEAD on a miss goes upstream as a HEAD): its
     /// digest for the content-addressed form; for a URL, its key's (or variant's) response, and when
-    /// the target's digest is known, only if the URL answered that digest (SPEC 6).
+    /// the target's digest is known, only if the URL answered that digest (SPEC 6). A fill that has
+    /// verified its bytes and is storing them holds them already: its commit may take a while (an
+    /// fsync on a busy disk), and the object must not look like a miss meanwhile.
     pub fn holds(&self, t: &Target) -> bool {
         match t.digest {
-            Some(d) if t.key.starts_with("sha256/") => self.store().contains(&d),
-            Some(d) => self.stored(t).is_some_and(|e| e.digest == d),
-            None => self.stored(t).is_some(),
+            Some(d) if t.key.starts_with("sha256/") => {
+                self.store().contains(&d) || self.collapse().committing_digest(d).is_some()
+            }
+            Some(d) => {
+                self.stored(t).is_some_and(|e| e.digest == d)
+                    || self.committing(t).is_some_and(|f| f.digest() == Some(d))
+            }
+            None => self.stored(t).is_some() || self.committing(t).is_some(),
         }
     }
 
