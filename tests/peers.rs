@@ -41,6 +41,17 @@ fn fresh() -> Behaviour {
     }
 }
 
+/// Object `i` came whole and right.
+fn assert_object(i: usize, got: &Got) {
+    assert_eq!(
+        got.status,
+        200,
+        "object {i}: {}",
+        String::from_utf8_lossy(&got.body)
+    );
+    assert!(got.body == body(i), "object {i}: wrong bytes");
+}
+
 fn body(i: usize) -> Bytes {
     random_bytes(2048 + i, i as u64 + 1)
 }
@@ -80,13 +91,7 @@ async fn ask_all(nodes: &[&Node], objects: &[usize], pick: impl Fn(usize) -> usi
         }
         while let Some(r) = set.join_next().await {
             let (i, got) = r.unwrap();
-            assert_eq!(
-                got.status,
-                200,
-                "object {i}: {}",
-                String::from_utf8_lossy(&got.body)
-            );
-            assert!(got.body == body(i), "object {i}: wrong bytes");
+            assert_object(i, &got);
         }
         assert!(Instant::now() < end, "the requests took over a minute");
     }
@@ -301,13 +306,7 @@ async fn nodes_with_different_member_lists_do_not_loop() {
     }
     while let Some(r) = set.join_next().await {
         let (i, got) = r.unwrap();
-        assert_eq!(
-            got.status,
-            200,
-            "object {i}: {}",
-            String::from_utf8_lossy(&got.body)
-        );
-        assert!(got.body == body(i));
+        assert_object(i, &got);
     }
     let took = started.elapsed();
     assert!(

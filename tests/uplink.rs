@@ -36,17 +36,22 @@ fn sample_origin(
 }
 
 /// Downloads `url`, noting when each body byte arrived: (ms since the request, bytes so far).
-async fn timed_get(url: &str) -> Vec<(u64, usize)> {
+/// A GET on a connection of its own, answered 200: its body, to be read as the test likes.
+async fn open_get(url: &str) -> hyper::body::Incoming {
     let uri: http::Uri = url.parse().unwrap();
     let mut sender = connect_to(&uri).await;
     let req = http::Request::get(uri.path_and_query().unwrap().as_str())
         .header("host", uri.authority().unwrap().as_str())
         .body(Empty::<Bytes>::new())
         .unwrap();
-    let started = Instant::now();
     let resp = sender.send_request(req).await.unwrap();
     assert_eq!(resp.status(), 200, "{url}");
-    let mut body = resp.into_body();
+    resp.into_body()
+}
+
+async fn timed_get(url: &str) -> Vec<(u64, usize)> {
+    let started = Instant::now();
+    let mut body = open_get(url).await;
     let (mut n, mut marks) = (0usize, Vec::new());
     while let Some(f) = body.frame().await {
         if let Ok(d) = f.unwrap().into_data() {
@@ -418,15 +423,7 @@ async fn a_fill_nobody_waits_for_leaves_the_uplink_to_one_somebody_waits_for() {
     origin.put("/wanted", random_bytes(24 << 20, 6), fast(50 << 20));
     let node = Node::start(&origin, "[uplink]\nmax_rate = \"8MiB\"\n").await;
     // A client reads a second of /left, then goes away.
-    let uri: http::Uri = node.url("/o/t/left").parse().unwrap();
-    let mut sender = connect_to(&uri).await;
-    let req = http::Request::get(uri.path_and_query().unwrap().as_str())
-        .header("host", uri.authority().unwrap().as_str())
-        .body(Empty::<Bytes>::new())
-        .unwrap();
-    let resp = sender.send_request(req).await.unwrap();
-    assert_eq!(resp.status(), 200);
-    let mut body = resp.into_body();
+    let mut body = open_get(&node.url("/o/t/left")).await;
     let until = Instant::now() + Duration::from_secs(1);
     while Instant::now() < until {
         if body.frame().await.is_none() {
@@ -434,7 +431,6 @@ async fn a_fill_nobody_waits_for_leaves_the_uplink_to_one_somebody_waits_for() {
         }
     }
     drop(body);
-    drop(sender);
     let marks = timed_get(&node.url("/o/t/wanted")).await;
     let done = marks.last().unwrap().0;
     let fg = rate_between(&marks, 1000, done.min(3000)) / MIB;
