@@ -86,19 +86,13 @@ fn zchunk(dir: &Path, name: &str, content: &str, extra: &[&str]) -> Bytes {
 async fn zckdl(work: &Path, run: &str, old: &Path, url: &str) -> (Bytes, String) {
     let dir = work.join(run);
     std::fs::create_dir_all(&dir).unwrap();
-    let child = tokio::process::Command::new("zckdl")
+    let mut zckdl = tokio::process::Command::new("zckdl");
+    zckdl
         .current_dir(&dir)
         .args(["-v", "--fail-no-ranges", "-s"])
         .arg(old)
-        .arg(url)
-        .env_remove("http_proxy")
-        .env_remove("HTTP_PROXY")
-        .kill_on_drop(true)
-        .output();
-    let out = tokio::time::timeout(Duration::from_secs(60), child)
-        .await
-        .expect("zckdl took more than 60 s")
-        .unwrap();
+        .arg(url);
+    let out = run_direct(zckdl, "zckdl").await;
     let log = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
@@ -377,20 +371,14 @@ async fn swupdate_delta_handler_installs_through_cistern() {
 async fn run_swupdate(dir: &Path, swu: &Path, cert: &Path) -> (String, String) {
     let mut last = (String::new(), String::new());
     for _ in 0..3 {
-        let child = tokio::process::Command::new("swupdate")
+        let mut swupdate = tokio::process::Command::new("swupdate");
+        swupdate
             .args(["-v", "-M", "-m", "-H", "test:1.0", "-k"])
             .arg(cert)
             .arg("-i")
             .arg(swu)
-            .env("TMPDIR", dir)
-            .env_remove("http_proxy")
-            .env_remove("HTTP_PROXY")
-            .kill_on_drop(true)
-            .output();
-        let out = tokio::time::timeout(Duration::from_secs(60), child)
-            .await
-            .expect("swupdate took more than 60 s")
-            .unwrap();
+            .env("TMPDIR", dir);
+        let out = run_direct(swupdate, "swupdate").await;
         let log = String::from_utf8_lossy(&out.stdout).to_string();
         let errors = String::from_utf8_lossy(&out.stderr).to_string();
         let failed_on_its_own =
@@ -401,4 +389,17 @@ async fn run_swupdate(dir: &Path, swu: &Path, cert: &Path) -> (String, String) {
         }
     }
     last
+}
+
+/// Runs a device-side program straight at cistern (no proxy from the environment), for at most 60 s.
+async fn run_direct(mut cmd: tokio::process::Command, name: &str) -> std::process::Output {
+    let child = cmd
+        .env_remove("http_proxy")
+        .env_remove("HTTP_PROXY")
+        .kill_on_drop(true)
+        .output();
+    tokio::time::timeout(Duration::from_secs(60), child)
+        .await
+        .unwrap_or_else(|_| panic!("{name} took more than 60 s"))
+        .unwrap()
 }
