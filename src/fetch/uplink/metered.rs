@@ -87,7 +87,7 @@ impl Body for Metered {
             other => return Poll::Ready(other),
         };
         let n = frame.data_ref().map_or(0, |d| d.len() as u64);
-        let Some(uplink) = this.uplink.clone() else {
+        let Some(uplink) = this.uplink.as_ref() else {
             return Poll::Ready(Some(Ok(frame)));
         };
         let class = this.priority.class();
@@ -95,7 +95,8 @@ impl Body for Metered {
         if n == 0 || (!window_shut && uplink.count(class, n)) {
             return Poll::Ready(Some(Ok(frame)));
         }
-        let priority = this.priority.clone();
+        // Only a frame that has to wait takes its own handles on the budget and the class.
+        let (uplink, priority) = (uplink.clone(), this.priority.clone());
         let mut wait: Wait = Box::pin(async move {
             if window_shut {
                 uplink.until_let_through(&priority).await;
