@@ -171,6 +171,13 @@ impl Flight {
         self.publish(|p| p.head = Some(head));
     }
 
+    /// The fill's file, made after the head was published and before any byte is appended.
+    pub fn attach(&self, file: Arc<File>, map: Option<Bytes>) {
+        let mut st = self.state();
+        st.file = Some(file);
+        st.map = map;
+    }
+
     /// A restart took a new response: clients that come after are answered with its head. The bytes
     /// held stay readable (until they turn out to differ: `diverge`).
     pub fn restarted(&self, head: Head) {

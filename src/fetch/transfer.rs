@@ -18,7 +18,7 @@ use super::framing::{content_length, strong_date};
 use super::sink::Sink;
 use super::upstream::PeerAnswer;
 use super::{freshness, headers, FetchError, Fetcher, Target};
-use crate::store::{now_ms, Digest, KeyEntry, KeyMeta, StoreError};
+use crate::store::{now_ms, Digest, KeyEntry, KeyMeta, Room, StoreError};
 use body::{BodyEnd, Resumed};
 use restart::{FromPartial, Prior};
 
@@ -287,35 +287,39 @@ impl Transfer {
     /// Takes upstream's answer: whether it is stored (a fill begun, or the partial's kept), the head
     /// published to the clients waiting, then on to its body.
     async fn take(&self, headers: HeaderMap, start: Prior, request_ms: u64) -> Step {
-        let store = self.fetcher.store();
         let (h, status, held) = (start.headers, start.status, start.held);
         let size = content_length(&h);
-        let mut fill = if start.fill.is_some() {
-            start.fill
-        } else if self.storable(status, &h) {
-            let store = store.clone();
-            match tokio::task::spawn_blocking(move || store.begin_fill(size)).await {
-                Ok(Ok(f)) => Some(f),
-                Ok(Err(e)) => {
-                    tracing::info!(error = %e, "not storing; streaming through");
-                    None
-                }
-                Err(_) => None,
-            }
-        } else {
-            None
-        };
-        let head = self.head_of(status, &h, fill.is_some());
-        let map = match (fill.as_mut(), size) {
-            (Some(f), Some(n)) => f.map(n),
+        // Whether the object is stored is known before the head goes out (Cache-Status says it):
+        // room is reserved now; the file is made after.
+        let room = match start.fill {
+            None if self.storable(status, &h) => self
+                .fetcher
+                .store()
+                .reserve_room(size)
+                .map_err(|e| tracing::info!(error = %e, "not storing; streaming through"))
+                .ok(),
             _ => None,
         };
+        let storing = start.fill.is_some() || room.is_some();
+        let mut head = self.head_of(status, &h, storing);
         if let Some(vary) = head.vary.as_ref().filter(|_| head.storing) {
             // Before the head is published: a client that finds it is not for it asks again.
             self.permit.varies(vary);
         }
-        self.flight
-            .set_head(head.clone(), fill.as_ref().map(|f| f.file()), map);
+        let mut fill = start.fill;
+        if let Some(f) = fill.as_mut() {
+            let map = size.and_then(|n| f.map(n));
+            self.flight.set_head(head.clone(), Some(f.file()), map);
+        } else {
+            // The head goes to the clients before the fill's file is made: creating and sizing it
+            // waits on the filesystem's journal, which a commit's fsync may hold for tens of ms, and
+            // at every level of a chain of gateways. No byte is read before the file is attached.
+            self.flight.set_head(head.clone(), None, None);
+            if let Some(room) = room {
+                fill = self.begin_fill(room, size).await;
+                head.storing = fill.is_some();
+            }
+        }
         self.flight.held(held, start.rate);
         if held == 0 {
             fill = self.keep_partial(fill, &head, &h).await;
@@ -342,6 +346,27 @@ impl Transfer {
             attempts: 0,
             compare_until: 0,
         }))
+    }
+
+    /// Makes the fill's file in the room reserved (sized and mapped) and gives it to the flight's
+    /// readers; when that fails, the flight goes on as a pass-through.
+    async fn begin_fill(&self, room: Room, size: Option<u64>) -> Option<crate::store::Fill> {
+        let made = tokio::task::spawn_blocking(move || {
+            let mut f = room.fill()?;
+            let map = size.and_then(|n| f.map(n));
+            Ok::<_, StoreError>((f, map))
+        })
+        .await;
+        match made {
+            Ok(Ok((f, map))) => {
+                self.flight.attach(f.file(), map);
+                return Some(f);
+            }
+            Ok(Err(e)) => tracing::warn!(error = %e, "fill file not made; streaming through"),
+            Err(e) => tracing::error!(error = %e, "making the fill file failed"),
+        }
+        self.flight.stop_storing(0);
+        None
     }
 
     /// Reads the body until it ends or breaks. A body is complete only when its framing says so: hyper

@@ -18,6 +18,7 @@ mod meta;
 mod partial;
 mod records;
 mod recover;
+mod room;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -33,6 +34,7 @@ pub use fill::Fill;
 pub use index::KeyEntry;
 pub use meta::{now_ms, KeyMeta, ObjectMeta, StoredHeaders};
 pub use partial::PartialRecord;
+pub use room::Room;
 
 pub use budget::free_bytes;
 use budget::Budget;
@@ -415,57 +417,11 @@ impl Store {
         self.map_key(key, &e.digest, meta)
     }
 
-    /// Starts a fill. `expected` is the Content-Length when known: room for it is reserved now, evicting
-    /// as needed; NoRoom means the caller streams the object through without storing it.
-    pub fn begin_fill(&self, expected: Option<u64>) -> Result<Fill, StoreError> {
-        let want = expected.unwrap_or(0);
-        if self.shared.max_object_size > 0 && want > self.shared.max_object_size {
-            return Err(StoreError::NoRoom(want));
-        }
-        self.reserve(want)?;
-        match Fill::create(self.clone(), self.tmp_path(), want) {
-            Ok(f) => Ok(f),
-            Err(e) => {
-                self.release(want, 0);
-                Err(e)
-            }
-        }
-    }
-
     /// A temp file name no other fill of this process uses.
     pub(super) fn tmp_path(&self) -> std::path::PathBuf {
         let n = self.shared.next_tmp.fetch_add(1, Ordering::Relaxed);
         let pid = std::process::id();
         self.shared.tmp_dir.join(format!("fill-{pid}-{n}"))
-    }
-
-    /// Reserves `n` more bytes, evicting least-recently-used unpinned objects that nobody is reading,
-    /// and giving up partial fills kept from before a restart (oldest first) when that is not enough.
-    pub(crate) fn reserve(&self, n: u64) -> Result<(), StoreError> {
-        loop {
-            match self.reserve_now(n) {
-                Err(StoreError::NoRoom(_)) if self.drop_oldest_partial() => {}
-                r => return r,
-            }
-        }
-    }
-
-    fn reserve_now(&self, n: u64) -> Result<(), StoreError> {
-        if n == 0 {
-            return Ok(());
-        }
-        let victims = {
-            let mut st = self.state();
-            let victims = self.shared.budget.make_room(&mut st, n)?;
-            st.reserved += n;
-            victims
-        };
-        for d in victims {
-            self.unlink(&d, true);
-            self.shared.stats.evictions.fetch_add(1, Ordering::Relaxed);
-            tracing::info!(digest = %d, "evicted");
-        }
-        Ok(())
     }
 
     /// Gives back a reservation of `n` bytes, `on_disk` of which a fill occupied on the filesystem.

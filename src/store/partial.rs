@@ -93,7 +93,7 @@ impl Store {
             .unwrap_or_else(|p| p.into_inner())
     }
 
-    fn remove_partial_files(&self, id: &str) {
+    pub(super) fn remove_partial_files(&self, id: &str) {
         let dir = self.partial_dir();
         let _ = std::fs::remove_file(dir.join(format!("{id}.data")));
         let _ = std::fs::remove_file(dir.join(format!("{id}.json")));
@@ -128,10 +128,13 @@ impl Store {
         found.sort_by_key(|f| std::cmp::Reverse(f.0));
         for (_, id, record, alloc) in found {
             let reserved = record.size.unwrap_or(record.valid).max(record.valid);
-            if self.reserve_now(reserved).is_err() {
-                tracing::info!(partial = %id, "no room for a partial fill; removed");
-                self.remove_partial_files(&id);
-                continue;
+            match self.take_room(reserved) {
+                Ok(victims) => self.evict(victims),
+                Err(_) => {
+                    tracing::info!(partial = %id, "no room for a partial fill; removed");
+                    self.remove_partial_files(&id);
+                    continue;
+                }
             }
             let on_disk = alloc.min(reserved);
             self.note_on_disk(on_disk);
@@ -145,6 +148,13 @@ impl Store {
         }
     }
 
+    /// Whether a partial of `key` is parked, waiting to be resumed. Not blocking: a miss asks it before
+    /// going to the disk for the partial.
+    pub fn has_partial(&self, key: &str) -> bool {
+        let p = self.partials();
+        !p.parked.is_empty() && p.parked.contains_key(&id_of(key))
+    }
+
     /// Bytes reserved by parked partials (for the budget's tests and ops).
     pub fn parked_partials(&self) -> (usize, u64) {
         let p = self.partials();
@@ -152,24 +162,22 @@ impl Store {
         (p.parked.len(), bytes)
     }
 
-    /// Gives up the oldest parked partial, for room; false when there is none. Blocking.
-    pub(super) fn drop_oldest_partial(&self) -> bool {
-        let oldest = {
+    /// Gives up the oldest parked partial, for room: its reservation is released now, and its id
+    /// returned for its files to be removed (`remove_partial_files`). None when there is none.
+    pub(super) fn give_up_oldest_partial(&self) -> Option<String> {
+        let (id, parked) = {
             let mut p = self.partials();
             let id = p
                 .parked
                 .iter()
                 .min_by_key(|(_, x)| x.record.updated_ms)
-                .map(|(id, _)| id.clone());
-            id.and_then(|id| p.parked.remove(&id).map(|x| (id, x)))
-        };
-        let Some((id, parked)) = oldest else {
-            return false;
+                .map(|(id, _)| id.clone())?;
+            let parked = p.parked.remove(&id)?;
+            (id, parked)
         };
         tracing::info!(partial = %id, "partial fill given up for room");
-        self.remove_partial_files(&id);
         self.release(parked.reserved, parked.on_disk);
-        true
+        Some(id)
     }
 
     /// The partial kept of `key`, as a fill positioned at its `valid` bytes, with its record. The fill

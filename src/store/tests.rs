@@ -244,3 +244,40 @@ fn an_index_older_than_the_meta_files_yields_to_them() {
         .collect();
     assert_eq!(pinned, vec![a]);
 }
+
+/// Room is reserved in memory: no file is made and nothing evicted on disk until the fill's file
+/// is made; room dropped unused is given back, and what made way for it still goes.
+#[test]
+fn room_is_reserved_before_any_disk_work() {
+    let t = tempfile::tempdir().unwrap();
+    let mut c = cfg(t.path());
+    c.max_size = 8 << 20;
+    let s = Store::open(&c).unwrap();
+    let old = put(&s, &vec![1u8; 3 << 20], Some("k/old"));
+    let next = put(&s, &vec![3u8; 3 << 20], Some("k/next"));
+    let tmp_files = || std::fs::read_dir(t.path().join("tmp")).unwrap().count();
+
+    let room = s.reserve_room(Some(3 << 20)).unwrap();
+    assert_eq!(s.usage().reserved, 3 << 20);
+    assert_eq!(tmp_files(), 0, "a file made while reserving");
+    assert!(
+        s.blob_path(&old).exists(),
+        "evicted on disk while reserving"
+    );
+    let f = room.fill().unwrap();
+    assert_eq!(tmp_files(), 1);
+    assert!(!s.blob_path(&old).exists(), "the victim's file is left");
+    assert!(s.lookup("k/old").is_none());
+    drop(f);
+    assert_eq!(s.usage().reserved, 0);
+
+    // Now `next` is the least recently used.
+    put(&s, &vec![2u8; 3 << 20], Some("k/old"));
+    drop(s.reserve_room(Some(3 << 20)).unwrap());
+    assert_eq!(s.usage().reserved, 0, "unused room not given back");
+    assert!(!s.blob_path(&next).exists(), "an evicted file stayed");
+    assert!(
+        s.reserve_room(Some(9 << 20)).is_err(),
+        "more than the store"
+    );
+}

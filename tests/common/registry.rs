@@ -66,7 +66,7 @@ impl DistRegistry {
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        let r = DistRegistry {
+        let mut r = DistRegistry {
             child,
             port,
             _dir: dir,
@@ -74,12 +74,22 @@ impl DistRegistry {
         let url = format!("http://127.0.0.1:{port}/v2/");
         let end = std::time::Instant::now() + std::time::Duration::from_secs(20);
         loop {
-            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
-                && [StatusCode::OK, StatusCode::UNAUTHORIZED]
-                    .contains(&super::get(&url).await.status)
-            {
+            // The check runs in its own task: a connection refused between the probe and the
+            // request (the registry still starting) is a retry, not a failed test.
+            let up = std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+                && tokio::spawn({
+                    let url = url.clone();
+                    async move { super::get(&url).await }
+                })
+                .await
+                .is_ok_and(|g| [StatusCode::OK, StatusCode::UNAUTHORIZED].contains(&g.status));
+            if up {
                 return r;
             }
+            assert!(
+                r.child.try_wait().unwrap().is_none(),
+                "docker-registry exited at start"
+            );
             assert!(
                 std::time::Instant::now() < end,
                 "docker-registry did not start"

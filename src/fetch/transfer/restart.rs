@@ -60,10 +60,10 @@ impl Prior {
 impl Transfer {
     /// Resumes the partial kept of the target's key, if any (not for a revalidation).
     pub(super) async fn resume_partial(&self, headers: &HeaderMap) -> FromPartial {
-        if self.stale.is_some() {
+        let store = self.fetcher.store().clone();
+        if self.stale.is_some() || !store.has_partial(&self.target.key) {
             return FromPartial::None;
         }
-        let store = self.fetcher.store().clone();
         let key = self.target.key.clone();
         let taken = tokio::task::spawn_blocking(move || store.take_partial(&key)).await;
         let Ok(Some((rec, fill))) = taken else {
