@@ -98,14 +98,9 @@ impl Room {
     pub fn fill(mut self) -> Result<Fill, StoreError> {
         self.clear();
         failpoint!("store-fill-begin");
-        let store = self.store.clone();
-        match Fill::create(store.clone(), store.tmp_path(), self.bytes) {
-            Ok(f) => {
-                self.taken = true;
-                Ok(f)
-            }
-            Err(e) => Err(e),
-        }
+        let f = Fill::create(self.store.clone(), self.store.tmp_path(), self.bytes)?;
+        self.taken = true;
+        Ok(f)
     }
 
     /// Removes the files of the objects evicted and the partials given up. Blocking.
