@@ -43,13 +43,7 @@ fn fresh() -> Behaviour {
 
 /// Object `i` came whole and right.
 fn assert_object(i: usize, got: &Got) {
-    assert_eq!(
-        got.status,
-        200,
-        "object {i}: {}",
-        String::from_utf8_lossy(&got.body)
-    );
-    assert!(got.body == body(i), "object {i}: wrong bytes");
+    got.assert_whole(&format!("object {i}"), &body(i));
 }
 
 fn body(i: usize) -> Bytes {

@@ -112,13 +112,7 @@ async fn wait_members(nodes: &[&Node], n: usize) {
 
 async fn ask(node: &Node, i: usize) {
     let got = get(&node.url(&format!("/o/t{}", path(i)))).await;
-    assert_eq!(
-        got.status,
-        200,
-        "object {i}: {}",
-        String::from_utf8_lossy(&got.body)
-    );
-    assert!(got.body == body(i), "object {i}: wrong bytes");
+    got.assert_whole(&format!("object {i}"), &body(i));
 }
 
 /// Which node holds object `i`, waiting for its commit; panics unless exactly one does.

@@ -222,6 +222,17 @@ impl Got {
             .to_string()
     }
 
+    /// A 200 with exactly `want` as its body (`what` names it in the failure, with the body sent).
+    pub fn assert_whole(&self, what: &str, want: &[u8]) {
+        assert_eq!(
+            self.status,
+            200,
+            "{what}: {}",
+            String::from_utf8_lossy(&self.body)
+        );
+        assert!(self.body == want, "{what}: wrong bytes");
+    }
+
     pub fn json(&self) -> serde_json::Value {
         serde_json::from_slice(&self.body).unwrap_or(serde_json::Value::Null)
     }
