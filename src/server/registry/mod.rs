@@ -216,7 +216,7 @@ impl App {
     async fn by_digest(&self, req: Request<Incoming>, t: Target) -> Response<Body> {
         let head = req.method() == Method::HEAD;
         if head && t.headers.contains_key(http::header::VIA) && !self.fetcher.holds(&t) {
-            return self.fill_for_head(t).await;
+            return self.fill_for_head(t, false).await;
         }
         self.object(req, t, super::FormKind::Registry).await
     }
@@ -236,7 +236,7 @@ impl App {
         let (t, stale) = self.tag_target(key, url, ttl, headers).await;
         let digest = t.digest;
         let r = match req.method() == Method::HEAD && digest.is_none() {
-            true => self.fill_for_head(t).await,
+            true => self.fill_for_head(t, true).await,
             false => self.object(req, t, super::FormKind::Registry).await,
         };
         let r = wire::object(r, digest);
@@ -273,8 +273,10 @@ impl App {
         (t, stale)
     }
 
-    /// Starts (or joins) the fill of an object and answers a HEAD from it.
-    async fn fill_for_head(&self, t: Target) -> Response<Body> {
+    /// Starts (or joins) the fill of an object and answers a HEAD from it: at its head, or once it is
+    /// stored when `stored` (a tag's manifest, small: the client's next request, by digest, is then
+    /// answered from the store instead of fetching the manifest again).
+    async fn fill_for_head(&self, t: Target, stored: bool) -> Response<Body> {
         let ask = Ask::from_headers(&t.headers, true, self.cfg.server.max_ranges);
         let cc = RequestCc::parse(&t.headers);
         match self.fetcher.get(&t, &cc).await {
@@ -284,7 +286,15 @@ impl App {
                 joined,
                 reader,
             }) => match flight.head().await {
-                Ok(h) => respond::flight(flight, joined, h, reader, &ask).await,
+                Ok(h) => {
+                    // Only while storing: a pass-through waits for its readers (this one among them).
+                    if stored && h.storing {
+                        if let End::Failed(e) = flight.wait_end().await {
+                            return error::fetch_error_response(e);
+                        }
+                    }
+                    respond::flight(flight, joined, h, reader, &ask).await
+                }
                 Err(End::Failed(e)) => error::fetch_error_response(e),
                 Err(_) => {
                     error::fetch_error_response(FetchError::Internal("transfer ended oddly".into()))
