@@ -215,12 +215,17 @@ impl Origin {
             .collect()
     }
 
-    /// Stops answering: the listener closes, connections are refused.
-    pub fn stop(&self) {
-        self.task.abort();
+    /// Drops every open connection (an idle timeout, a NAT forgetting it) and goes on listening.
+    pub fn drop_connections(&self) {
         for c in self.conns.lock().unwrap().drain(..) {
             c.abort();
         }
+    }
+
+    /// Stops answering: the listener closes, connections are refused.
+    pub fn stop(&self) {
+        self.task.abort();
+        self.drop_connections();
     }
 }
 
