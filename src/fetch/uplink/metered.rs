@@ -8,9 +8,11 @@ use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
 use bytes::Bytes;
+use http::Response;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
+use super::gather::LowWater;
 use super::{Priority, Uplink};
 
 type Wait = Pin<Box<dyn Future<Output = ()> + Send + Sync>>;
@@ -25,28 +27,33 @@ pub struct Metered {
     held_since: Option<std::time::Instant>,
     /// Time frames spent held back, not yet taken by `take_held_time`.
     held_time: std::time::Duration,
+    /// The connection's low-water mark, told how much of the body is still to come.
+    low_water: Option<LowWater>,
 }
 
 impl Metered {
-    /// `inner` metered as the class of the task that opens it (`Priority::current`).
-    pub fn new(inner: Incoming, uplink: &Arc<Uplink>) -> Metered {
-        Metered::with(inner, Some(uplink.clone()))
+    /// A response's body metered as the class of the task that opens it (`Priority::current`).
+    pub fn new(r: Response<Incoming>, uplink: &Arc<Uplink>) -> Response<Metered> {
+        Metered::with(r, Some(uplink.clone()))
     }
 
-    /// `inner` read as it comes, neither counted nor held: it came over the site's own network.
-    pub fn local(inner: Incoming) -> Metered {
-        Metered::with(inner, None)
+    /// A response's body read as it comes, neither counted nor held: it came over the site's own
+    /// network.
+    pub fn local(r: Response<Incoming>) -> Response<Metered> {
+        Metered::with(r, None)
     }
 
-    fn with(inner: Incoming, uplink: Option<Arc<Uplink>>) -> Metered {
-        Metered {
+    fn with(r: Response<Incoming>, uplink: Option<Arc<Uplink>>) -> Response<Metered> {
+        let low_water = r.extensions().get::<LowWater>().cloned();
+        r.map(|inner| Metered {
             inner,
             uplink,
             priority: Priority::current(),
             held: None,
             held_since: None,
             held_time: std::time::Duration::ZERO,
-        }
+            low_water,
+        })
     }
 
     /// A frame is read and held back by the budget: the upstream is not idle, this node is.
@@ -86,6 +93,9 @@ impl Body for Metered {
             Some(Ok(f)) => f,
             other => return Poll::Ready(other),
         };
+        if let Some(w) = &this.low_water {
+            w.expect(this.inner.size_hint().exact());
+        }
         let n = frame.data_ref().map_or(0, |d| d.len() as u64);
         let Some(uplink) = this.uplink.as_ref() else {
             return Poll::Ready(Some(Ok(frame)));

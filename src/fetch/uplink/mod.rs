@@ -12,6 +12,7 @@
 //! current frame until the next one opens. With no cap and no windows, a take is two counter additions.
 
 mod bucket;
+pub mod gather;
 mod meter;
 mod metered;
 mod schedule;

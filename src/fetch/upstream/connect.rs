@@ -19,6 +19,8 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
+use crate::fetch::uplink::gather::Gathering;
+
 /// The body of an upstream request: empty for cistern's own requests, a client's streamed body for
 /// the other methods it passes through.
 pub type ReqBody = http_body_util::combinators::BoxBody<Bytes, hyper::Error>;
@@ -30,8 +32,9 @@ pub fn empty_body() -> ReqBody {
         .boxed()
 }
 
-/// TCP, then TLS when the URL is https; names resolved by `R`.
-pub type Https<R = GaiResolver> = hyper_rustls::HttpsConnector<HttpConnector<R>>;
+/// TCP (read in gathered bursts: `uplink::gather`), then TLS when the URL is https; names resolved
+/// by `R`.
+pub type Https<R = GaiResolver> = hyper_rustls::HttpsConnector<Gathering<HttpConnector<R>>>;
 
 /// Where a connection's certificates come from: `upstream.ca_file`, `upstream.client_cert` and
 /// `upstream.client_key` (None: none).
@@ -60,9 +63,30 @@ pub fn connector_bounded(
 
 /// An HTTPS-or-HTTP connector over a given TCP connector (e.g. one with a checking resolver).
 pub fn connector_with<R>(
+    http: HttpConnector<R>,
+    tls: rustls::ClientConfig,
+    connect_timeout: Option<Duration>,
+) -> Https<R> {
+    build(http, tls, connect_timeout, false)
+}
+
+/// `connector_with` for origins: their connections read bodies in gathered bursts
+/// (`uplink::gather`). Not for parents: a parent forwards what it gets as it gets it, and a child
+/// that waited for half a MiB of it added that wait at every level of a chain (measured: the last
+/// client of a three-level chain 15 ms later than with origins alone gathering).
+pub fn origin_connector<R>(
+    http: HttpConnector<R>,
+    tls: rustls::ClientConfig,
+    connect_timeout: Option<Duration>,
+) -> Https<R> {
+    build(http, tls, connect_timeout, true)
+}
+
+fn build<R>(
     mut http: HttpConnector<R>,
     tls: rustls::ClientConfig,
     connect_timeout: Option<Duration>,
+    gather: bool,
 ) -> Https<R> {
     http.enforce_http(false);
     http.set_connect_timeout(connect_timeout);
@@ -71,7 +95,7 @@ pub fn connector_with<R>(
         .with_tls_config(tls)
         .https_or_http()
         .enable_http1()
-        .wrap_connector(http)
+        .wrap_connector(Gathering::new(http, gather))
 }
 
 /// A client with hyper's defaults over `connector(tls, connect_timeout)`: for cistern's own small

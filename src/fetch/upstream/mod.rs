@@ -168,7 +168,7 @@ impl UpstreamClient {
         let timeout = Some(cfg.connect_timeout);
         let mut http = HttpConnector::new_with_resolver(resolver);
         http.set_recv_buffer_size(cfg.recv_buffer);
-        let https = connect::connector_with(http, tls.clone(), timeout);
+        let https = connect::origin_connector(http, tls.clone(), timeout);
         // Title case upstream (here, to parents and through proxies) is enough: field names are
         // case-insensitive (RFC 9110 §5.1) and servers look them up so; only devices need SPEC 3's
         // canonical case, which the server side gives (server::case).
@@ -360,8 +360,8 @@ impl UpstreamClient {
             Ok(r) => {
                 // A peer's bytes stay on the site's network: only the owner's uplink counts them.
                 let r = match hop {
-                    Hop::Peer(_) => r.map(Metered::local),
-                    _ => r.map(|b| Metered::new(b, &self.uplink)),
+                    Hop::Peer(_) => Metered::local(r),
+                    _ => Metered::new(r, &self.uplink),
                 };
                 self.director.record(hop, Outcome::Answered(r.status()));
                 match r.status().as_u16() {
@@ -498,7 +498,7 @@ impl UpstreamClient {
         match tokio::time::timeout(self.head_timeout, fut).await {
             Err(_) => Err(FetchError::Timeout(host_of(url))),
             Ok(Err(e)) => Err(classify(url, &e)),
-            Ok(Ok(r)) => Ok(r.map(|b| Metered::new(b, &self.uplink))),
+            Ok(Ok(r)) => Ok(Metered::new(r, &self.uplink)),
         }
     }
 
