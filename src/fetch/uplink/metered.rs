@@ -94,7 +94,13 @@ impl Body for Metered {
             other => return Poll::Ready(other),
         };
         if let Some(w) = &this.low_water {
-            w.expect(this.inner.size_hint().exact());
+            // Under a cap, bytes are read as they come: the budget meters them in small steps and
+            // the kernel's buffers hold no more than the cap's own bound (`recv_buffer`).
+            let capped = this.uplink.as_ref().is_some_and(|u| u.is_capped());
+            w.expect(match capped {
+                true => None,
+                false => this.inner.size_hint().exact(),
+            });
         }
         let n = frame.data_ref().map_or(0, |d| d.len() as u64);
         let Some(uplink) = this.uplink.as_ref() else {

@@ -237,6 +237,11 @@ impl Uplink {
         !self.capped.load(Ordering::Relaxed)
     }
 
+    /// Whether a cap is set (bytes may have to wait).
+    pub fn is_capped(&self) -> bool {
+        self.capped.load(Ordering::Relaxed)
+    }
+
     /// Waits until `n` bytes of `class` (counted already) may pass.
     pub async fn wait(&self, class: Class, n: u64) {
         let (all, background) = {

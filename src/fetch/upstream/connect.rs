@@ -47,7 +47,7 @@ pub struct Trust<'a> {
 
 /// An HTTPS-or-HTTP connector resolving with the system resolver.
 pub fn connector(tls: rustls::ClientConfig, connect_timeout: Option<Duration>) -> Https {
-    connector_with(HttpConnector::new(), tls, connect_timeout)
+    connector_with(HttpConnector::new(), tls, connect_timeout, false)
 }
 
 /// `connector`, its sockets' kernel receive buffer bounded to `recv` bytes (None: autotuned).
@@ -58,31 +58,15 @@ pub fn connector_bounded(
 ) -> Https {
     let mut http = HttpConnector::new();
     http.set_recv_buffer_size(recv);
-    connector_with(http, tls, connect_timeout)
+    connector_with(http, tls, connect_timeout, false)
 }
 
-/// An HTTPS-or-HTTP connector over a given TCP connector (e.g. one with a checking resolver).
+/// An HTTPS-or-HTTP connector over a given TCP connector (e.g. one with a checking resolver), its
+/// connections reading bodies in gathered bursts when `gather` (`uplink::gather`). Gathering is for
+/// origins, not parents nor site peers: a parent forwards what it gets as it gets it, and a child that
+/// waited for half a MiB of it added that wait at every level of a chain (measured: the last client of
+/// a three-level chain 15 ms later than with the origin's connections alone gathering).
 pub fn connector_with<R>(
-    http: HttpConnector<R>,
-    tls: rustls::ClientConfig,
-    connect_timeout: Option<Duration>,
-) -> Https<R> {
-    build(http, tls, connect_timeout, false)
-}
-
-/// `connector_with` for origins: their connections read bodies in gathered bursts
-/// (`uplink::gather`). Not for parents: a parent forwards what it gets as it gets it, and a child
-/// that waited for half a MiB of it added that wait at every level of a chain (measured: the last
-/// client of a three-level chain 15 ms later than with origins alone gathering).
-pub fn origin_connector<R>(
-    http: HttpConnector<R>,
-    tls: rustls::ClientConfig,
-    connect_timeout: Option<Duration>,
-) -> Https<R> {
-    build(http, tls, connect_timeout, true)
-}
-
-fn build<R>(
     mut http: HttpConnector<R>,
     tls: rustls::ClientConfig,
     connect_timeout: Option<Duration>,

@@ -168,7 +168,7 @@ impl UpstreamClient {
         let timeout = Some(cfg.connect_timeout);
         let mut http = HttpConnector::new_with_resolver(resolver);
         http.set_recv_buffer_size(cfg.recv_buffer);
-        let https = connect::origin_connector(http, tls.clone(), timeout);
+        let https = connect::connector_with(http, tls.clone(), timeout, true);
         // Title case upstream (here, to parents and through proxies) is enough: field names are
         // case-insensitive (RFC 9110 §5.1) and servers look them up so; only devices need SPEC 3's
         // canonical case, which the server side gives (server::case).
@@ -198,7 +198,7 @@ impl UpstreamClient {
             .collect();
         let mut from = HttpConnector::new();
         from.set_local_address(cfg.peer_source);
-        let peer_connector = connect::connector_with(from, tls.clone(), timeout);
+        let peer_connector = connect::connector_with(from, tls.clone(), timeout, false);
         let proxy = match cfg.proxy.as_str() {
             "" => None,
             p => {
